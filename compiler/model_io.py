@@ -1,0 +1,130 @@
+"""Reading and writing ONNX models safely.
+
+* Models load lazily through ``onnx_ir``: external data stays on disk until a pass touches it, so a
+  model over 2 GB is never forced into one protobuf.
+* External-data locations must stay inside the model's directory (no ``..``, no absolute path,
+  no symlink leading out): the class of bug behind CVE-2024-27318/27319.
+* Writes are atomic: the model (and its external data) is written into a temporary directory
+  beside the output and renamed into place, so a failed compile never leaves a half-written file.
+* Every model written carries ONNX IR version 10: ORT 1.31 refuses IR > 13 and onnx 1.23
+  writes 14 by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from .errors import ModelLoadError
+
+__all__ = ["load_onnx", "save_onnx", "atomic_output", "IR_VERSION", "EXTERNAL_DATA_THRESHOLD"]
+
+logger = logging.getLogger(__name__)
+
+IR_VERSION = 10
+# Above this many bytes of initializers, weights are written to an external data file.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def _check_external_location(tensor: ir.ExternalTensor, model_path: Path) -> None:
+    base = model_path.parent.resolve()
+    location = tensor.location
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in Path(location).parts:
+        raise ModelLoadError(
+            f"{model_path}: initializer '{tensor.name}' points to external data '{location}' "
+            "outside the model's directory",
+            hint="external data must be a relative path inside the model's folder; re-export the model",
+        )
+    target = (base / location).resolve()
+    if base != target and base not in target.parents:
+        raise ModelLoadError(
+            f"{model_path}: external data '{location}' of initializer '{tensor.name}' resolves to "
+            f"'{target}', outside the model's directory (a symlink?)",
+            hint="copy the data file into the model's folder instead of linking it",
+        )
+    if not target.is_file():
+        raise ModelLoadError(
+            f"{model_path}: external data file '{location}' of initializer '{tensor.name}' is missing",
+            hint="keep the .onnx file and its data file in the same folder",
+        )
+
+
+def load_onnx(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file into onnx_ir, lazily and safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file", hint="check the model path")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise ModelLoadError(f"{path}: the file is empty", hint="re-export or re-download the model")
+    if head.startswith((b"\x89HDF", b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05", b"GGUF")):
+        raise ModelLoadError(
+            f"{path}: this is not an ONNX protobuf (looks like an archive, pickle or GGUF file)",
+            hint="export the model to ONNX first, or pass a llama2.c .bin / Hugging Face folder",
+        )
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf DecodeError, onnx errors: all mean "not a readable model"
+        raise ModelLoadError(
+            f"{path}: cannot be parsed as an ONNX model ({type(exc).__name__}: {exc})",
+            hint="the file may be truncated or corrupted; re-export or re-download it",
+        ) from exc
+    if model.graph is None or (not model.graph.outputs):
+        raise ModelLoadError(f"{path}: the ONNX model has no graph outputs", hint="is this really a model file?")
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            _check_external_location(tensor, path)
+    return model
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary directory; on success, move every file in it next to ``path``.
+
+    The main file is moved last so that a reader never sees it before its data file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmpdir
+        files = sorted(tmpdir.iterdir(), key=lambda p: p.name == path.name)
+        for f in files:
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically, with IR version 10.
+
+    ``external_data=None`` chooses: weights go to ``<name>.data`` when they exceed 1 GiB.
+    """
+    path = Path(path)
+    model.ir_version = IR_VERSION
+    if external_data is None:
+        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    with atomic_output(path) as tmp:
+        target = tmp / path.name
+        if external_data:
+            ir.save(model, target, external_data=path.name + ".data")
+        else:
+            ir.save(model, target)
+    logger.info("wrote %s", path)
+    return path
