@@ -69,7 +69,7 @@ class VerifyInstrument(Instrument):
         return feeds[: self.max_probes]
 
     def _outputs(self, model, feeds):
-        from ..runtime.session import make_session
+        from .runtime.session import make_session
 
         sess = make_session(model, optimize=False)
         return [sess.run(None, f) for f in feeds]
@@ -82,7 +82,7 @@ class VerifyInstrument(Instrument):
     def after_pass(self, p, model, result, seconds):
         import onnx
 
-        from ..runtime.session import to_proto
+        from .runtime.session import to_proto
 
         try:
             onnx.checker.check_model(to_proto(model), full_check=False)
@@ -117,7 +117,7 @@ class ReproducerInstrument(Instrument):
         self._names: list[str] = []
 
     def before_pass(self, p, model):
-        from ..runtime.session import to_proto
+        from .runtime.session import to_proto
 
         self._names.append(str(p.item))
         try:

@@ -60,9 +60,10 @@ def register_pass(name: str):
 
 def _load_builtin_passes() -> None:
     # Importing the packages registers their passes.
-    from .. import backends as _backends  # noqa: F401
-    from .. import passes as _passes  # noqa: F401
-    from . import calibration as _calibration  # noqa: F401
+    import lowbit.backends  # noqa: F401
+    import lowbit.passes  # noqa: F401
+
+    from . import calibration  # noqa: F401
 
 
 def registered_passes() -> dict[str, type["Pass"]]:

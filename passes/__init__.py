@@ -1,0 +1,3 @@
+"""lowbit's rewrite passes, one per file; importing this package registers them."""
+
+from . import quantize, smooth  # noqa: F401

@@ -1,0 +1,51 @@
+"""Frontends: every source becomes one ``ir.Model`` (ONNX IR version <= 13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ..errors import ModelLoadError
+
+__all__ = ["load_model"]
+
+
+def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=None, **kwargs) -> ir.Model:
+    """Load an ``.onnx`` file, a llama2.c ``.bin`` (+ tokenizer), a Hugging Face folder, an
+    ``nn.Module`` (with ``example_inputs``), an ``ir.Model``, or the name ``minilm``."""
+    if isinstance(source, ir.Model):
+        return source
+    if not isinstance(source, (str, Path)):
+        if hasattr(source, "forward") and hasattr(source, "parameters"):
+            from .torch_module import export_module
+
+            if example_inputs is None:
+                raise ModelLoadError("a torch module needs example_inputs=(...) to be exported")
+            return export_module(source, tuple(example_inputs), **kwargs)
+        raise ModelLoadError(f"cannot load a model from a {type(source).__name__}",
+                             hint="pass a path (.onnx, llama2.c .bin, HF folder), an nn.Module or an ir.Model")
+    if str(source) == "minilm":
+        from .huggingface import load_hf_encoder, packaged_minilm_path
+
+        return load_hf_encoder(packaged_minilm_path())
+    path = Path(source)
+    if path.is_dir():
+        from .huggingface import load_hf_encoder
+
+        return load_hf_encoder(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder", hint="check the model path")
+    if path.suffix == ".bin":
+        from .llama2c import load_llama2c
+
+        if tokenizer is None:
+            guess = [p for p in path.parent.glob("tok*.bin")]
+            tokenizer = guess[0] if len(guess) == 1 else None
+        return load_llama2c(path, tokenizer)
+    if path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
+        raise ModelLoadError(f"{path}: pickled checkpoints are not loaded (they can run arbitrary code)",
+                             hint="export to ONNX, or save the weights as safetensors in a Hugging Face folder")
+    from .onnx_file import load_onnx_model
+
+    return load_onnx_model(path)

@@ -1,0 +1,200 @@
+"""Graph analysis: linear layers, their producers, and groups of consumers sharing a producer.
+
+A *linear* is ``MatMul(x, W)`` with a constant 2-D ``W`` of shape [in, out], optionally followed by
+``Add(·, b)`` with a constant 1-D bias.  Its input ``x`` is *produced* by:
+
+* a norm (LayerNormalization, RMSNormalization, SimplifiedLayerNormalization) whose output feeds
+  only linears — then all those linears form one group (q/k/v, gate/up) sharing one scale;
+* a previous linear through an operation that is linear per channel, so that a per-channel
+  scale on x can be moved into that linear's output columns:
+    - ``Mul(silu(gate), up)`` (SwiGLU): x's channel j is up's output channel j;
+    - attention ``P·V`` (V→O): O's input channel of head h, dim d is V's output channel
+      (h // group, d), with group = n_heads / n_kv_heads (GQA);
+  every value on the path must have a single consumer, so scaling changes nothing else.
+
+Anything else has no foldable producer; passes that need one skip it and count why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "linear_name", "const_array"]
+
+NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+_PASSTHROUGH = {"Reshape", "Transpose"}  # rearrange channels into heads and back
+_KV_REPEAT = {"Reshape", "Transpose", "Expand", "Unsqueeze"}
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+@dataclass(eq=False)
+class Linear:
+    node: ir.Node  # the MatMul
+    weight: ir.Value  # [in, out] initializer
+    bias: ir.Value | None = None
+    bias_node: ir.Node | None = None
+    name: str = ""
+
+    @property
+    def input(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def output(self) -> ir.Value:
+        return (self.bias_node or self.node).outputs[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.const_value.shape)
+
+
+@dataclass(eq=False)
+class Group:
+    """Linears reading one activation, and the producer a per-channel scale folds into."""
+
+    kind: str  # "norm" | "linear" | "none"
+    activation: ir.Value
+    consumers: list[Linear]
+    producer: ir.Node | None = None  # the norm node, or None
+    producer_linear: Linear | None = None
+    channel_map: np.ndarray | None = None  # consumer in-channel -> producer out-channel
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def linear_name(node: ir.Node, weight: ir.Value, bias: ir.Value | None) -> str:
+    for v, suffix in ((bias, ".bias"), (weight, ".weight")):
+        if v is not None and v.name and v.name.endswith(suffix):
+            return v.name[: -len(suffix)]
+    return node.name or weight.name
+
+
+def _is_initializer(graph: ir.Graph, value: ir.Value) -> bool:
+    return value.const_value is not None and (value.is_initializer() or value.producer() is None)
+
+
+def find_linears(graph: ir.Graph) -> list[Linear]:
+    out = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        w = node.inputs[1]
+        if w is None or not _is_initializer(graph, w) or len(w.const_value.shape) != 2:
+            continue
+        if w.name in graph.inputs:  # an initializer overridable as an input is not a constant
+            continue
+        bias = bias_node = None
+        uses = list(node.outputs[0].uses())
+        if len(uses) == 1 and uses[0].node.op_type == "Add" and node.outputs[0] not in graph.outputs:
+            add = uses[0].node
+            other = add.inputs[1 - uses[0].idx]
+            arr = const_array(other)
+            if arr is not None and arr.ndim == 1 and arr.shape[0] == w.const_value.shape[1]:
+                bias, bias_node = other, add
+        out.append(Linear(node, w, bias, bias_node, linear_name(node, w, bias)))
+    return out
+
+
+def _single_use(v: ir.Value, graph: ir.Graph) -> bool:
+    return len(list(v.uses())) == 1 and v not in graph.outputs
+
+
+def _trace_back(v: ir.Value, ops: set[str], graph: ir.Graph) -> tuple[ir.Value, list[ir.Node]]:
+    path = []
+    while True:
+        node = v.producer()
+        if node is None or node.op_type not in ops or not _single_use(v, graph):
+            return v, path
+        path.append(node)
+        v = node.inputs[0]
+
+
+def _by_output(linears: list[Linear]) -> dict[ir.Value, Linear]:
+    return {lin.output: lin for lin in linears}
+
+
+def _head_dim(path: list[ir.Node]) -> int | None:
+    for node in path:
+        if node.op_type == "Reshape":
+            shape = const_array(node.inputs[1])
+            if shape is not None and shape.size == 4 and shape[-1] > 0:
+                return int(shape[-1])
+    return None
+
+
+def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear | None, np.ndarray | None, str]:
+    """A previous linear that a per-channel scale on x folds into, with the channel map."""
+    node = x.producer()
+    if node is None:
+        return None, None, "graph input"
+    if node.op_type == "Mul" and _single_use(x, graph):
+        for side in (0, 1):
+            lin = by_out.get(node.inputs[side])
+            if lin is not None and _single_use(lin.output, graph) and lin.output is not node.inputs[1 - side]:
+                n = lin.shape[1]
+                return lin, np.arange(n), "gated product"
+        return None, None, "Mul without a linear operand"
+    # V→O: o_proj input <- Reshape/Transpose <- MatMul(P, V') <- Reshape/Transpose/Expand <- v_proj
+    src, path = _trace_back(x, _PASSTHROUGH, graph)
+    pv = src.producer()
+    if pv is None or pv.op_type != "MatMul" or not path or not _single_use(src, graph):
+        return None, None, f"produced by {node.op_type}"
+    vsrc, vpath = _trace_back(pv.inputs[1], _KV_REPEAT, graph)
+    lin = by_out.get(vsrc)
+    if lin is None or not _single_use(lin.output, graph):
+        return None, None, "attention output whose V is not a single-use linear"
+    n_in, n_v = None, lin.shape[1]
+    hd = _head_dim(vpath) or _head_dim(path)
+    return lin, ("vo", n_v, hd), "attention V→O"
+
+
+def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Group]:
+    """Group linears by the activation they read; classify each group's producer."""
+    linears = find_linears(graph) if linears is None else linears
+    by_input: dict[ir.Value, list[Linear]] = {}
+    for lin in linears:
+        by_input.setdefault(lin.input, []).append(lin)
+    by_out = _by_output(linears)
+    groups = []
+    for act, consumers in by_input.items():
+        node = act.producer()
+        n_in = consumers[0].shape[0]
+        if node is not None and node.op_type in NORM_OPS:
+            users = [u.node for u in act.uses()]
+            if act in graph.outputs or any(u not in {c.node for c in consumers} for u in users):
+                groups.append(Group("none", act, consumers, reason=f"{node.op_type} output also feeds non-linears"))
+            else:
+                groups.append(Group("norm", act, consumers, producer=node))
+            continue
+        if len(consumers) != len(list(act.uses())):
+            groups.append(Group("none", act, consumers, reason="activation also feeds non-linears"))
+            continue
+        lin, cmap, reason = _linear_producer(act, graph, by_out)
+        if lin is None:
+            groups.append(Group("none", act, consumers, reason=reason))
+            continue
+        if isinstance(cmap, tuple):  # V→O: build the GQA channel map
+            _, n_v, hd = cmap
+            if n_in == n_v:
+                cmap = np.arange(n_in)
+            elif hd and n_in % n_v == 0 and n_v % hd == 0:
+                group = n_in // n_v
+                c = np.arange(n_in)
+                cmap = (c // hd // group) * hd + c % hd
+            else:
+                groups.append(Group("none", act, consumers, reason="cannot map O channels to V channels"))
+                continue
+        if len(cmap) != n_in:
+            groups.append(Group("none", act, consumers, reason="channel count mismatch"))
+            continue
+        groups.append(Group("linear", act, consumers, producer=lin.node, producer_linear=lin,
+                            channel_map=cmap, reason=reason))
+    return groups

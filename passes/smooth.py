@@ -1,0 +1,140 @@
+"""Smoothing fusion (SmoothQuant).  X·W = (X·diag(s)⁻¹)·(diag(s)·W).
+
+Per input channel j of a group of linears reading one activation X:
+``s_j = max|X_j|^α / max_consumers max|W_j,:|^(1−α)``.  ``diag(s)`` multiplies the weight rows of
+every consumer; ``diag(s)⁻¹`` folds into the producer: a norm's γ (and β), or a previous linear's
+output columns and bias (SwiGLU up-projection for the down-projection; V for O, where with GQA
+every O channel of one KV head shares the V channel's scale).  No Mul node is left behind, and
+float outputs are unchanged up to rounding.  Groups without a foldable producer are skipped
+and counted.
+
+``search=true`` picks α per group from a grid by the W8A8 output error on calibration rows
+(needs ``calibrate{rows=N}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowbit.analysis import Group, find_groups
+from lowbit.calibration import act_stats
+from lowbit.passmanager import CALIBRATED, Pass, PassResult, register_pass
+from lowbit.rewrite import set_input_const
+
+__all__ = ["Smooth", "smoothing_scales"]
+
+_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def smoothing_scales(x_absmax: np.ndarray, w_rowmax: np.ndarray, alpha: float) -> np.ndarray:
+    """s = |X|^α / |W|^(1−α), with 1 where a channel is all zero; clipped to [1e-4, 1e4]."""
+    x = np.asarray(x_absmax, np.float64)
+    w = np.asarray(w_rowmax, np.float64)
+    ok = (x > 0) & (w > 0)
+    s = np.ones_like(x)
+    s[ok] = x[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    return np.clip(s, 1e-4, 1e4)
+
+
+def _fake_quant_error(rows: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
+    """Output error of static per-tensor u8 activations × per-channel int8 weights after smoothing."""
+    x = rows / s
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    step = (hi - lo) / 255 or 1.0
+    zp = np.round(-lo / step)
+    xq = (np.clip(np.round(x / step) + zp, 0, 255) - zp) * step
+    err = 0.0
+    for w in weights:
+        ws = w * s[:, None]
+        sw = np.abs(ws).max(axis=0) / 127
+        sw[sw == 0] = 1
+        wq = np.clip(np.round(ws / sw), -127, 127) * sw
+        err += float(np.sum((rows @ w - xq @ wq) ** 2))
+    return err
+
+
+@register_pass("smooth")
+class Smooth(Pass):
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = 0.5
+        search: bool = False
+        norms: bool = True  # fold into norm producers
+        linears: bool = True  # fold into previous linears (up→down, V→O)
+
+        def __post_init__(self):
+            if not 0 < self.alpha < 1:
+                raise ValueError(f"smooth: alpha must be in (0, 1), got {self.alpha}")
+
+    requires_properties = (CALIBRATED,)
+    float_equivalent = True
+
+    def _scales(self, group: Group, alpha: float) -> np.ndarray:
+        stats = act_stats(group.activation)
+        weights = [c.weight.const_value.numpy() for c in group.consumers]
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        xmax = stats.absmax
+        if group.kind == "linear":  # one scale per producer channel
+            n = group.producer_linear.shape[1]
+            px, pw = np.zeros(n), np.zeros(n)
+            np.maximum.at(px, group.channel_map, xmax)
+            np.maximum.at(pw, group.channel_map, wmax)
+            return smoothing_scales(px, pw, alpha)
+        return smoothing_scales(xmax, wmax, alpha)
+
+    def _consumer_scale(self, group: Group, s: np.ndarray) -> np.ndarray:
+        return s[group.channel_map] if group.kind == "linear" else s
+
+    def _choose_alpha(self, group: Group) -> float:
+        stats = act_stats(group.activation)
+        if not self.options.search or stats.rows is None:
+            return self.options.alpha
+        weights = [c.weight.const_value.numpy().astype(np.float64) for c in group.consumers]
+        errs = {a: _fake_quant_error(stats.rows.astype(np.float64), weights,
+                                     self._consumer_scale(group, self._scales(group, a))) for a in _GRID}
+        return min(errs, key=errs.get)
+
+    def call(self, model):
+        graph = model.graph
+        if self.options.search and not any(
+                (st := act_stats(v)) is not None and st.rows is not None for v in
+                {g.activation for g in find_groups(graph)}):
+            self.fail("search=true needs calibration rows", hint="run calibrate{rows=512} before smooth")
+        alphas = []
+        for group in find_groups(graph):
+            if group.kind == "none" or act_stats(group.activation) is None:
+                self.stats["skipped"] += 1
+                continue
+            if (group.kind == "norm" and not self.options.norms) or (group.kind == "linear" and not self.options.linears):
+                self.stats["skipped"] += 1
+                continue
+            alpha = self._choose_alpha(group)
+            alphas.append(alpha)
+            s = self._scales(group, alpha)
+            sc = self._consumer_scale(group, s)
+            for lin in group.consumers:  # s into the weight rows
+                w = lin.weight.const_value.numpy()
+                set_input_const(graph, lin.node, 1, w * sc[:, None].astype(w.dtype))
+            if group.kind == "norm":  # 1/s into γ (and β)
+                norm = group.producer
+                for idx in (1, 2):
+                    if idx < len(norm.inputs) and norm.inputs[idx] is not None:
+                        arr = norm.inputs[idx].const_value
+                        if arr is None:
+                            self.fail("norm scale is not a constant", node=norm)
+                        set_input_const(graph, norm, idx, arr.numpy() / s.astype(np.float32))
+            else:  # 1/s into the previous linear's output columns and bias
+                prev = group.producer_linear
+                w = prev.weight.const_value.numpy()
+                set_input_const(graph, prev.node, 1, w / s[None, :].astype(w.dtype))
+                if prev.bias is not None:
+                    idx = list(prev.bias_node.inputs).index(prev.bias)
+                    set_input_const(graph, prev.bias_node, idx, prev.bias.const_value.numpy() / s.astype(np.float32))
+            act_stats(group.activation).scale_channels(sc)
+            self.stats[f"groups_{group.kind}"] += 1
+        if alphas:
+            self.ctx.report.setdefault("smooth", {})["alpha"] = {"mean": float(np.mean(alphas)),
+                                                                  "min": min(alphas), "max": max(alphas)}
+        return PassResult(model, modified=bool(alphas))
