@@ -1,0 +1,60 @@
+"""The ``lowbit`` command line.  Each subcommand lives in ``lowbit.commands.<name>`` and exposes
+``register(subparsers)``; a :class:`LowbitError` becomes a clear message and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from .errors import LowbitError
+
+__all__ = ["main", "COMMANDS", "emit"]
+
+COMMANDS = ("compile", "eval", "inspect", "recipes")
+
+
+def emit(args, payload: dict, human) -> None:
+    """Print ``payload`` as JSON with --json, else call ``human()`` to render it."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        human()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="lowbit", description="A quantization compiler for transformers.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log pass progress (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"lowbit.commands.{name.replace('-', '_')}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LowbitError as exc:
+        print(f"lowbit {args.command}: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
