@@ -127,12 +127,10 @@ class Quantize(Pass):
         base = lin.input.name or lin.name
         s_v = add_initializer(graph, f"{base}.act_scale", np.array(step, np.float32))
         z_v = add_initializer(graph, f"{base}.act_zero_point", np.array(zp, np.uint8))
-        producer = lin.input.producer()
         q = make_node(graph, "QuantizeLinear", [lin.input, s_v, z_v], origin=self.name, name=f"{base}.act_q",
                       before=lin.node)
         dq = make_node(graph, "DequantizeLinear", [q.outputs[0], s_v, z_v], origin=self.name,
                        name=f"{base}.act_dq", before=lin.node)
-        del producer
         return dq.outputs[0]
 
     def _dynamic(self, graph: ir.Graph, lin: Linear, wq: np.ndarray, sw: np.ndarray) -> None:
@@ -164,4 +162,5 @@ class Quantize(Pass):
         replace_uses_in([u.node for u in out.uses()], out, y)
         if out in graph.outputs:
             graph.outputs[graph.outputs.index(out)] = y
+            y.dtype, y.shape = out.dtype, out.shape
             y.name, out.name = out.name, f"{out.name}_float"
