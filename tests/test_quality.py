@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import lowbit
 from lowbit.datasets import EVAL_STORIES, read_stories, read_sts

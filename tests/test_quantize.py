@@ -109,3 +109,21 @@ def test_nan_weights_are_refused_naming_the_initializer(stories_model):
     w.const_value = ir.tensor(arr, name=w.name)
     with pytest.raises(InvalidWeightsError, match="layers.1.mlp.up_proj.weight.*layers.1.mlp.up_proj"):
         lowbit.compile(stories_model, "w8a16", progress=False)
+
+
+def test_percentile_ranges_clip_outliers(stories_bin, stories_calibration):
+    def act_steps(recipe):
+        model = lowbit.compile(lowbit.load_model(stories_bin), recipe, calibration=stories_calibration[:4],
+                               progress=False).model
+        return {n.name: float(n.inputs[1].const_value.numpy()) for n in model.graph if n.op_type == "QuantizeLinear"}
+
+    full = act_steps("calibrate,quantize,lower-ort")
+    clipped = act_steps("calibrate{percentiles=true},quantize{percentile=99.9},lower-ort")
+    assert full.keys() == clipped.keys() and len(full) == 21
+    assert all(clipped[k] <= full[k] for k in full) and any(clipped[k] < 0.9 * full[k] for k in full)
+
+
+def test_percentile_without_samples_is_refused(stories_model, stories_calibration):
+    with pytest.raises(lowbit.LowbitError, match="percentiles=true"):
+        lowbit.compile(stories_model, "calibrate,quantize{percentile=99.9}", calibration=stories_calibration[:2],
+                       progress=False)
