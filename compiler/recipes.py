@@ -14,6 +14,8 @@ RECIPES: dict[str, str] = {
     # per-token dynamic activations (no calibration needed without smoothing)
     "w8a8-dynamic": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=dynamic},lower-ort",
     "w8a8-dynamic-nosmooth": "quantize{weights=8,acts=8,mode=dynamic},lower-ort",
+    # per-tensor dynamic activations: the form ORT fuses into DynamicQuantizeMatMul (fastest)
+    "w8a8-dynamic-tensor": "quantize{weights=8,acts=8,mode=dynamic-tensor},lower-ort",
     "w8a16": "quantize{weights=8,acts=16},lower-ort",
 }
 
