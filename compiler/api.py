@@ -63,6 +63,10 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
         from .errors import PipelineError
 
         raise PipelineError(f"unknown backend '{backend}'", hint="use 'ort' or 'tvm'")
+    if output is not None and Path(output).is_dir():
+        from .errors import LowbitError
+
+        raise LowbitError(f"output '{output}' is a folder", hint="give the path of the .onnx file to write")
     start = time.perf_counter()
     pipeline = resolve_recipe(recipe)
     if backend == "tvm" and "lower-tvm" not in pipeline:

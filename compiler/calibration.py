@@ -98,6 +98,9 @@ def check_feeds(model: ir.Model, feeds: list[dict]) -> None:
         raise CalibrationError("no calibration samples", hint="pass --calibration FILE_OR_DIR with at least one sample")
     inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
     for i, feed in enumerate(feeds):
+        if not isinstance(feed, dict):
+            raise CalibrationError(f"calibration sample {i} is a {type(feed).__name__}, not a dict of input arrays",
+                                   hint=f"give each sample as {{input_name: array}}; the model takes {sorted(inputs)}")
         missing = [n for n in inputs if n not in feed]
         extra = [n for n in feed if n not in inputs]
         if missing or extra:
@@ -134,8 +137,12 @@ def collect_stats(model: ir.Model, values: list[ir.Value], feeds: list[dict], *,
             proto.graph.output.add(name=n)
     sess = make_session(proto, optimize=False)
     stats: dict[str, ActStats] = {}
-    for feed in tqdm(feeds, desc="calibrate", unit="sample", disable=not progress, leave=False):
-        outs = sess.run(names, feed)
+    for i, feed in enumerate(tqdm(feeds, desc="calibrate", unit="sample", disable=not progress, leave=False)):
+        try:
+            outs = sess.run(names, feed)
+        except Exception as exc:  # ORT rejects the sample (token id out of range, shape clash, ...)
+            raise CalibrationError(f"calibration sample {i} does not run through the float model: {exc}",
+                                   hint="check the sample's shapes and values (e.g. token ids < vocab size)") from exc
         for n, x in zip(names, outs):
             if n not in stats:
                 c = x.shape[-1]
