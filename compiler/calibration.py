@@ -126,16 +126,17 @@ def collect_stats(model: ir.Model, values: list[ir.Value], feeds: list[dict], *,
     """Run ORT on ``feeds`` with ``values`` exposed as outputs; stream their statistics."""
     from tqdm.auto import tqdm
 
-    from .runtime.session import make_session, to_proto
+    from .runtime.session import make_session
 
     check_feeds(model, feeds)
-    proto = to_proto(model)
-    existing = {o.name for o in proto.graph.output}
     names = [v.name for v in values]
-    for n in names:
-        if n not in existing:
-            proto.graph.output.add(name=n)
-    sess = make_session(proto, optimize=False)
+    added = [v for v in values if v not in model.graph.outputs]
+    model.graph.outputs.extend(added)  # expose the activations for this session only
+    try:
+        sess = make_session(model, optimize=False)
+    finally:
+        for v in added:
+            model.graph.outputs.remove(v)
     stats: dict[str, ActStats] = {}
     for i, feed in enumerate(tqdm(feeds, desc="calibrate", unit="sample", disable=not progress, leave=False)):
         try:

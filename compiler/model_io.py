@@ -32,27 +32,58 @@ IR_VERSION = 10
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
-def _check_external_location(tensor: ir.ExternalTensor, model_path: Path) -> None:
+def _check_external_location(tensor: ir.ExternalTensor, model_path: Path, where: str) -> None:
+    """Refuse external data outside the model's folder, missing, or shorter than the tensor needs."""
     base = model_path.parent.resolve()
-    location = tensor.location
-    if os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in Path(location).parts:
+    location = str(tensor.location)
+    what = f"{model_path}: {where} '{tensor.name}'"
+    if (not location or "\0" in location or "\\" in location or os.path.isabs(location)
+            or location.startswith("/") or ".." in Path(location).parts):
         raise ModelLoadError(
-            f"{model_path}: initializer '{tensor.name}' points to external data '{location}' "
-            "outside the model's directory",
+            f"{what} points to external data '{location}' outside the model's directory",
             hint="external data must be a relative path inside the model's folder; re-export the model",
         )
     target = (base / location).resolve()
     if base != target and base not in target.parents:
         raise ModelLoadError(
-            f"{model_path}: external data '{location}' of initializer '{tensor.name}' resolves to "
-            f"'{target}', outside the model's directory (a symlink?)",
+            f"{what}: external data '{location}' resolves to '{target}', outside the model's directory (a symlink?)",
             hint="copy the data file into the model's folder instead of linking it",
         )
     if not target.is_file():
         raise ModelLoadError(
-            f"{model_path}: external data file '{location}' of initializer '{tensor.name}' is missing",
+            f"{what}: external data file '{location}' is missing",
             hint="keep the .onnx file and its data file in the same folder",
         )
+    if target.stat().st_nlink > 1:
+        raise ModelLoadError(
+            f"{what}: external data file '{location}' has {target.stat().st_nlink} hard links; a hard link can "
+            "smuggle a file from outside the model's folder", hint="copy the data file instead of hard-linking it")
+    offset, length, size = tensor.offset or 0, tensor.length, target.stat().st_size
+    if offset < 0 or (length is not None and (length < 0 or length != tensor.nbytes)) or offset + tensor.nbytes > size:
+        raise ModelLoadError(
+            f"{what}: external data '{location}' (offset {offset}, length {length}) does not hold the tensor's "
+            f"{tensor.nbytes} bytes (the file has {size})",
+            hint="the data file is truncated or belongs to another model; re-export it",
+        )
+
+
+def _external_tensors(model: ir.Model):
+    """(tensor, where) for every external tensor: initializers and tensor attributes, in every graph and function."""
+    graphs = [model.graph, *model.graph.subgraphs()]
+    for g in graphs:
+        for value in g.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value, "initializer"
+    nodes = [n for g in graphs for n in g] + [n for f in model.functions.values() for n in f.all_nodes()]
+    for node in nodes:
+        for attr in node.attributes.values():
+            if attr.is_ref():
+                continue
+            tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else (
+                list(attr.value) if attr.type == ir.AttributeType.TENSORS else [])
+            for t in tensors:
+                if isinstance(t, ir.ExternalTensor):
+                    yield t, f"attribute '{attr.name}' of node '{node.name or node.op_type}'"
 
 
 def load_onnx(path: str | os.PathLike) -> ir.Model:
@@ -78,10 +109,8 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
         ) from exc
     if model.graph is None or (not model.graph.outputs):
         raise ModelLoadError(f"{path}: the ONNX model has no graph outputs", hint="is this really a model file?")
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            _check_external_location(tensor, path)
+    for tensor, where in _external_tensors(model):
+        _check_external_location(tensor, path, where)
     return model
 
 
@@ -120,6 +149,11 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool |
     model.ir_version = IR_VERSION
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        # tensors still backed by the *input's* data file would be written as references to it
+        for value in model.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.tensor(value.const_value.numpy().copy(), name=value.name)
     with atomic_output(path) as tmp:
         target = tmp / path.name
         if external_data:
