@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
     ctx = CompileContext(calibration=feeds or None, probes=feeds[:2] or None, seed=seed, show_progress=progress)
     timing = TimingInstrument()
     instruments = [timing]
-    if verify:
+    if verify or os.environ.get("LOWBIT_VERIFY") == "1":  # tests turn it on for every compile
         instruments.append(VerifyInstrument())
     if dump_ir:
         instruments.append(DumpIRInstrument(dump_ir))

@@ -124,7 +124,12 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         raise CalibrationError(f"{path}: no such calibration file or folder")
     kind = model_kind(model)
     if kind == "encoder":
-        sentences = read_sentences(path)[: (limit or 0) * 16 or None]
+        if path.suffix == ".csv":  # an STS-benchmark file: use its sentences
+            a, b, _ = read_sts(path)
+            sentences = [x for pair in zip(a, b) for x in pair]
+        else:
+            sentences = read_sentences(path)
+        sentences = sentences[: (limit or 0) * 16 or None]
         tok_dir = tokenizer or model.metadata_props.get("lowbit.tokenizer")
         if not tok_dir:
             raise CalibrationError("text calibration for an encoder needs its tokenizer folder", hint="pass --tokenizer DIR")

@@ -23,7 +23,7 @@ __all__ = ["PipelineItem", "Pipeline", "parse_pipeline", "build_options", "forma
 
 _NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 _KEY = re.compile(r"[a-z_][a-z0-9_]*")
-_WORD = re.compile(r"[A-Za-z0-9_.+\-/:]+")
+_WORD = re.compile(r"[A-Za-z0-9_.+\-/:|*]+")
 
 
 def format_value(value) -> str:

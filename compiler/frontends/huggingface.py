@@ -59,13 +59,18 @@ def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
             super().__init__()
             self.inner = inner
 
-        def forward(self, *tensors):
-            return self.inner(**dict(zip(names, tensors))).last_hidden_state
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    class TypedEncoder(Encoder):
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
 
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2023, 102, 0]], dtype=torch.int64)
     args = (ids, (ids > 0).to(torch.int64)) + ((torch.zeros_like(ids),) if with_types else ())
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max(512, max_length))
     dyn = tuple({0: batch, 1: seq} for _ in names)
     meta = {"lowbit.kind": "encoder", "lowbit.tokenizer": str(path.resolve()), "lowbit.source": path.name}
-    return export_module(Encoder(model), args, input_names=names, output_names=["last_hidden_state"],
+    return export_module((TypedEncoder if with_types else Encoder)(model), args, input_names=names, output_names=["last_hidden_state"],
                          dynamic_shapes=dyn, metadata=meta)
