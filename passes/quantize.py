@@ -173,3 +173,4 @@ class Quantize(Pass):
         if out in graph.outputs:
             graph.outputs[graph.outputs.index(out)] = y
             y.name, out.name = out.name, f"{out.name}_float"
+            y.type, y.shape = out.type, out.shape  # a graph output needs its type

@@ -11,6 +11,7 @@ path; smaller in-memory models go to ORT as bytes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ import onnx_ir as ir
 
 from ..errors import LowbitError
 
-__all__ = ["make_session", "run_model", "to_proto", "session_options", "needs_file"]
+__all__ = ["make_session", "run_model", "to_proto", "session_options", "needs_file", "saved_copy"]
 
 IR_VERSION = 10
 # Above this many bytes of initializers a model goes to ORT through a file, never as one protobuf.
@@ -68,6 +69,16 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
     return so
 
 
+@contextlib.contextmanager
+def saved_copy(model: ir.Model):
+    """Yield the path of a temporary copy of ``model`` with its weights in an external data file."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        model.ir_version = IR_VERSION
+        ir.save(model, path, external_data="model.onnx.data")
+        yield path
+
+
 def make_session(model: ir.Model | str | os.PathLike | Any, **kwargs):
     """An ORT CPU session over an ``ir.Model``, a ModelProto or a path."""
     import onnxruntime as ort
@@ -75,10 +86,7 @@ def make_session(model: ir.Model | str | os.PathLike | Any, **kwargs):
     so = session_options(**kwargs)
     if isinstance(model, ir.Model) and needs_file(model):
         # ORT reads the weights while it builds the session; the folder may go away afterwards.
-        with tempfile.TemporaryDirectory(prefix="lowbit-session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            model.ir_version = IR_VERSION
-            ir.save(model, path, external_data="model.onnx.data")
+        with saved_copy(model) as path:
             return _open(str(path), so)
     if isinstance(model, ir.Model):
         payload = to_proto(model).SerializeToString()
