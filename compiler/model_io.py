@@ -111,7 +111,34 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path}: the ONNX model has no graph outputs", hint="is this really a model file?")
     for tensor, where in _external_tensors(model):
         _check_external_location(tensor, path, where)
+    _check_inline_tensors(model, path)
     return model
+
+
+def _check_inline_tensors(model: ir.Model, path: Path) -> None:
+    """Refuse undefined values, names that are not text, and inline tensors whose data does not match their shape."""
+    graphs = [model.graph, *model.graph.subgraphs()]
+    top_inputs = set(model.graph.inputs)
+    for node in model.graph:  # subgraphs may read outer-scope values; the main graph may not
+        for value in node.inputs:
+            if (value is not None and value.producer() is None and value not in top_inputs
+                    and not value.is_initializer()):
+                raise ModelLoadError(f"{path}: node '{node.name}' ({node.op_type}) reads '{value.name}', which no "
+                                     "node, input or initializer defines", hint="the file is corrupted or incomplete")
+    for g in graphs:
+        for node in g:
+            if not isinstance(node.op_type, str) or not isinstance(node.domain, str):
+                raise ModelLoadError(f"{path}: node '{node.name!r}' has an op type or domain that is not text "
+                                     f"({node.op_type!r}, {node.domain!r})", hint="the file is corrupted")
+        for value in g.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                continue
+            try:
+                tensor.numpy()  # inline data: a view, no copy
+            except Exception as exc:  # size/shape mismatch, unknown dtype
+                raise ModelLoadError(f"{path}: initializer '{value.name}' (shape {tensor.shape}, {tensor.dtype}) "
+                                     f"does not hold matching data ({exc})", hint="the file is corrupted") from exc
 
 
 def _initializer_bytes(model: ir.Model) -> int:
