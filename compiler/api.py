@@ -45,7 +45,11 @@ def check_weights(model: ir.Model) -> None:
         if t is None or t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             continue
         arr = t.numpy()
-        if not np.all(np.isfinite(arr)):
+        finite = bool(np.all(np.isfinite(arr)))
+        del arr
+        if isinstance(t, ir.ExternalTensor):
+            t.release()  # unmap: a model over RAM must not stay resident after the check
+        if not finite:
             users = ", ".join(sorted({u.node.name or u.node.op_type for u in v.uses()})) or "no node"
             raise InvalidWeightsError(f"initializer '{v.name}' (used by {users}) holds NaN or Inf",
                                       hint="fix or re-export the model; quantizing it would be meaningless")

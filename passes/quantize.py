@@ -102,6 +102,9 @@ class Quantize(Pass):
         for lin in linears:
             w = lin.weight.const_value.numpy()
             wq, sw = quantize_weight_int8(w, lin.name)
+            del w
+            if isinstance(lin.weight.const_value, ir.ExternalTensor):
+                lin.weight.const_value.release()  # layer by layer: the float weight leaves memory
             if self.options.acts == 8 and self.options.mode == "dynamic":
                 self._dynamic(graph, lin, wq, sw)
             else:
