@@ -61,7 +61,7 @@ class LowerOrt(Pass):
         quantized = 0
         for node in graph:
             if node.op_type == "MatMulInteger":
-                a, b = node.inputs[0], node.inputs[1]
+                b = node.inputs[1]
                 if b.const_value is not None and b.const_value.dtype != ir.DataType.INT8:
                     self.fail("integer GEMM weights must be int8", node=node)
                 quantized += 1

@@ -151,7 +151,7 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
     lin = by_out.get(vsrc)
     if lin is None or not _single_use(lin.output, graph):
         return None, None, "attention output whose V is not a single-use linear"
-    n_in, n_v = None, lin.shape[1]
+    n_v = lin.shape[1]
     hd = _head_dim(vpath) or _head_dim(path)
     return lin, ("vo", n_v, hd), "attention V→O"
 

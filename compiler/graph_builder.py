@@ -38,7 +38,7 @@ class GraphBuilder:
 
     def init(self, name: str, array: np.ndarray) -> str:
         name = self.fresh(name)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
     def const(self, values, dtype=np.int64) -> str:

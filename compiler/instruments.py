@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
 from .errors import PassFailure
-from .passmanager import Instrument, Pass, PassResult
+from .passmanager import Instrument, Pass
 
 __all__ = ["TimingInstrument", "DumpIRInstrument", "VerifyInstrument", "ReproducerInstrument"]
 
@@ -131,19 +129,14 @@ class ReproducerInstrument(Instrument):
             self._snapshot = None
 
     def on_failure(self, p, model, exc):
+        from .pipeline import parse_pipeline
+
         if self._snapshot is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "input.onnx").write_bytes(self._snapshot)
-        items = self.pipeline.split(",")
-        rest = self.pipeline
-        done = len(self._names) - 1
-        # the remaining pipeline, starting at the failing pass
-        from .pipeline import parse_pipeline
-
-        parsed = parse_pipeline(self.pipeline)
-        rest = ",".join(str(i) for i in parsed.items[done:]) if done < len(parsed) else rest
-        (self.dir / "pipeline.txt").write_text(rest + "\n")
+        items = parse_pipeline(self.pipeline).items
+        rest = items[len(self._names) - 1:]  # the failing pass and everything after it
+        (self.dir / "pipeline.txt").write_text(",".join(str(i) for i in rest) + "\n")
         (self.dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
         logger.error("reproducer written to %s", self.dir)
-        del items

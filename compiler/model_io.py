@@ -176,16 +176,14 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool |
     model.ir_version = IR_VERSION
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    if not external_data:
-        # tensors still backed by the *input's* data file would be written as references to it
-        for value in model.graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                value.const_value = ir.tensor(value.const_value.numpy().copy(), name=value.name)
     with atomic_output(path) as tmp:
         target = tmp / path.name
-        if external_data:
+        if external_data:  # every tensor, wherever it lives now, goes into the new data file
             ir.save(model, target, external_data=path.name + ".data")
         else:
+            # weights still in the input's external data file must be written into the output,
+            # or the artifact would silently depend on the input's files
+            ir.external_data.load_to_model(model)
             ir.save(model, target)
     logger.info("wrote %s", path)
     return path

@@ -27,7 +27,7 @@ def unique_name(graph: ir.Graph, base: str) -> str:
 
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     name = unique_name(graph, base)
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array, order="C"), name=name))
     value.shape = value.const_value.shape
     value.dtype = value.const_value.dtype
     graph.register_initializer(value)
@@ -41,7 +41,7 @@ def set_input_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarra
     initializer is made for this node alone, so that shared weights (tied embeddings) stay intact.
     """
     value = node.inputs[index]
-    array = np.ascontiguousarray(array.astype(value.const_value.numpy().dtype, copy=False))
+    array = np.asarray(array.astype(value.const_value.numpy().dtype, copy=False), order="C")
     users = list(value.uses())
     if len(users) == 1 and value.is_initializer() and value not in graph.inputs:
         value.const_value = ir.tensor(array, name=value.name)

@@ -9,7 +9,7 @@ Activations, ``acts=8``:
   ``step = (max(hi,0) − min(lo,0)) / 255``, ``zp = round(−lo/step)``; one QuantizeLinear →
   DequantizeLinear pair per activation, shared by every linear that reads it.  ORT fuses
   ``Q→DQ(u8)·DQ(s8 per-channel)→MatMul`` into ``MatMulIntegerToFloat`` (u8×s8 integer GEMM).
-* ``mode=dynamic`` (per token): ``t = max|x_row| / 127``; ``q = round(x/t) + 128`` as uint8;
+* ``mode=dynamic`` (per token): ``t = max|x_row| / 127``; ``q = round(x/t) + 128`` as uint8 (computed once per activation);
   ``MatMulInteger(q, Wq, a_zero_point=128)`` (u8×s8, int32 accumulator) × t × s_w.  ONNX has no
   per-token QuantizeLinear, so this mode is emitted directly as integer ops.
 
@@ -88,6 +88,8 @@ class Quantize(Pass):
         graph = model.graph
         ensure_opset(model, 13, "per-channel QDQ")
         static = self.options.acts == 8 and self.options.mode == "static"
+        if self.options.acts == 8 and not static:
+            ensure_opset(model, 18, "per-token dynamic quantization (ReduceMax with axes input)")
         if static and CALIBRATED not in self.ctx.properties:
             self.fail("static activation quantization needs calibration statistics",
                       hint="put 'calibrate' before 'quantize', or use mode=dynamic")
@@ -98,7 +100,7 @@ class Quantize(Pass):
                            "are not recognised")
         linears = [lin for lin in found if not self._excluded(lin)]
         self.stats["excluded"] = len(found) - len(linears)
-        act_qdq: dict[ir.Value, ir.Value] = {}
+        act_qdq: dict[ir.Value, object] = {}  # one activation quantizer per activation
         for lin in linears:
             w = lin.weight.const_value.numpy()
             wq, sw = quantize_weight_int8(w, lin.name)
@@ -106,7 +108,9 @@ class Quantize(Pass):
             if isinstance(lin.weight.const_value, ir.ExternalTensor):
                 lin.weight.const_value.release()  # layer by layer: the float weight leaves memory
             if self.options.acts == 8 and self.options.mode == "dynamic":
-                self._dynamic(graph, lin, wq, sw)
+                if lin.input not in act_qdq:
+                    act_qdq[lin.input] = self._dynamic_act(graph, lin)
+                self._dynamic(graph, lin, *act_qdq[lin.input], wq, sw)
             else:
                 wq_v = add_initializer(graph, f"{lin.name}.weight_q", wq)
                 sw_v = add_initializer(graph, f"{lin.name}.weight_scale", sw)
@@ -138,42 +142,53 @@ class Quantize(Pass):
         base = lin.input.name or lin.name
         s_v = add_initializer(graph, f"{base}.act_scale", np.array(step, np.float32))
         z_v = add_initializer(graph, f"{base}.act_zero_point", np.array(zp, np.uint8))
-        producer = lin.input.producer()
         q = make_node(graph, "QuantizeLinear", [lin.input, s_v, z_v], origin=self.name, name=f"{base}.act_q",
                       before=lin.node)
         dq = make_node(graph, "DequantizeLinear", [q.outputs[0], s_v, z_v], origin=self.name,
                        name=f"{base}.act_dq", before=lin.node)
-        del producer
         return dq.outputs[0]
 
-    def _dynamic(self, graph: ir.Graph, lin: Linear, wq: np.ndarray, sw: np.ndarray) -> None:
-        ensure_opset_18 = graph.opset_imports.get("", 1) >= 18
-        name, x, at = lin.name, lin.input, lin.node
-        o = self.name
+    def _dynamic_act(self, graph: ir.Graph, lin: Linear) -> tuple[ir.Value, ir.Value]:
+        """Per-token uint8 codes (zero point 128) and steps of ``lin``'s input, shared by its group.
+
+        ``|x / t| <= 127`` by construction of ``t = max|x_row| / 127``, so no clip is needed.
+        """
+        name, x, at = lin.input.name or lin.name, lin.input, lin.node
 
         def node(op, inputs, suffix, **attrs):
-            return make_node(graph, op, inputs, origin=o, name=f"{name}.{suffix}", attributes=attrs,
+            return make_node(graph, op, inputs, origin=self.name, name=f"{name}.{suffix}", attributes=attrs,
                              before=at).outputs[0]
 
-        c = lambda suffix, arr: add_initializer(graph, f"{name}.{suffix}", arr)  # noqa: E731
-        absx = node("Abs", [x], "act_abs")
-        if ensure_opset_18:
-            amax = node("ReduceMax", [absx, c("axes", np.array([-1], np.int64))], "act_absmax", keepdims=1)
-        else:
-            amax = node("ReduceMax", [absx], "act_absmax", axes=[-1], keepdims=1)
-        t = node("Div", [node("Max", [amax, c("eps", np.array(1e-12, np.float32))], "act_floor"),
-                         c("qmax", np.array(127.0, np.float32))], "act_step")
+        def const(suffix, arr):
+            return add_initializer(graph, f"{name}.{suffix}", arr)
+
+        amax = node("ReduceMax", [node("Abs", [x], "act_abs"), const("axes", np.array([-1], np.int64))],
+                    "act_absmax", keepdims=1)
+        t = node("Div", [node("Max", [amax, const("eps", np.array(1e-12, np.float32))], "act_floor"),
+                         const("qmax", np.array(127.0, np.float32))], "act_step")
         r = node("Round", [node("Div", [x, t], "act_scaled")], "act_round")
-        shifted = node("Add", [r, c("offset", np.array(128.0, np.float32))], "act_offset")
-        clipped = node("Clip", [shifted, c("lo", np.array(0.0, np.float32)), c("hi", np.array(255.0, np.float32))],
-                       "act_clip")
-        q = node("Cast", [clipped], "act_u8", to=ir.DataType.UINT8)
-        acc = node("MatMulInteger", [q, c("weight_q", wq), c("act_zero_point", np.array(128, np.uint8))], "matmul_int")
+        q = node("Cast", [node("Add", [r, const("offset", np.array(128.0, np.float32))], "act_offset")], "act_u8",
+                 to=ir.DataType.UINT8)
+        return q, t
+
+    def _dynamic(self, graph: ir.Graph, lin: Linear, q: ir.Value, t: ir.Value, wq: np.ndarray,
+                 sw: np.ndarray) -> None:
+        name = lin.name
+
+        def node(op, inputs, suffix, **attrs):
+            return make_node(graph, op, inputs, origin=self.name, name=f"{name}.{suffix}", attributes=attrs,
+                             before=lin.node).outputs[0]
+
+        def const(suffix, arr):
+            return add_initializer(graph, f"{name}.{suffix}", arr)
+
+        acc = node("MatMulInteger", [q, const("weight_q", wq), const("act_zero_point", np.array(128, np.uint8))],
+                   "matmul_int")
         y = node("Mul", [node("Mul", [node("Cast", [acc], "acc_f32", to=ir.DataType.FLOAT), t], "rescale_token"),
-                         c("weight_scale", sw)], "rescale_channel")
+                         const("weight_scale", sw)], "rescale_channel")
         out = lin.node.outputs[0]
         replace_uses_in([u.node for u in out.uses()], out, y)
         if out in graph.outputs:
             graph.outputs[graph.outputs.index(out)] = y
+            y.dtype, y.shape = out.dtype, out.shape
             y.name, out.name = out.name, f"{out.name}_float"
-            y.type, y.shape = out.type, out.shape  # a graph output needs its type

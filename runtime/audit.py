@@ -104,7 +104,8 @@ def quantized_layer(graph: ir.Graph, name: str):
     """(input value, output value, Ŵ, Δ) of linear ``name`` in a compiled graph, or None.
 
     Lowerings keep the linear's name on the MatMul (QDQ form: ``DQ(Q(x))·DQ(Wq)``) or emit
-    ``{name}.act_abs`` … ``{name}.matmul_int`` … ``{name}.rescale_channel`` (per-token dynamic).
+    ``{name}.matmul_int`` (fed by ``Cast(Add(Round(Div(x, t))))``) … ``{name}.rescale_channel``
+    (per-token dynamic).
     """
     nodes = {n.name: n for n in graph}
     node = nodes.get(name)
@@ -120,13 +121,21 @@ def quantized_layer(graph: ir.Graph, name: str):
             deq = _dequantize(wp)
             return (x, node.outputs[0], *deq) if deq else (x, node.outputs[0], None, None)
         return x, node.outputs[0], (w.const_value.numpy().astype(np.float64) if w.const_value is not None else None), None
-    mm, out, ab = nodes.get(f"{name}.matmul_int"), nodes.get(f"{name}.rescale_channel"), nodes.get(f"{name}.act_abs")
-    if mm is None or out is None or ab is None or mm.inputs[1].const_value is None or out.inputs[1].const_value is None:
+    mm, out = nodes.get(f"{name}.matmul_int"), nodes.get(f"{name}.rescale_channel")
+    if mm is None or out is None or mm.inputs[1].const_value is None or out.inputs[1].const_value is None:
         return None
+    x = mm.inputs[0]  # uint8 codes: Cast(Add(Round(Div(x, t)), 128)); walk back to x
+    for _ in range(8):
+        p = x.producer()
+        if p is None or p.op_type not in ("Cast", "Add", "Round", "Clip", "Div"):
+            break
+        x = p.inputs[0]
+        if p.op_type == "Div":
+            break
     wq = mm.inputs[1].const_value.numpy().astype(np.float64)
     zp = mm.inputs[3].const_value.numpy() if len(mm.inputs) > 3 and mm.inputs[3] is not None else 0
     scale = np.broadcast_to(out.inputs[1].const_value.numpy().astype(np.float64)[None, :], wq.shape)
-    return ab.inputs[0], out.outputs[0], (wq - zp) * scale, scale
+    return x, out.outputs[0], (wq - zp) * scale, scale
 
 
 def _masked_ls(w_hat, ref, mask, axis):

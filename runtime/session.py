@@ -41,9 +41,21 @@ def needs_file(model: ir.Model) -> bool:
 
 
 def to_proto(model: ir.Model):
-    """Serialize an ``ir.Model`` to a ModelProto with the IR version ORT accepts."""
+    """Serialize an ``ir.Model`` to a self-contained ModelProto with the IR version ORT accepts.
+
+    Weights still in external data files (lazily loaded models) are read into the proto, which
+    therefore must stay under protobuf's 2 GB limit.
+    """
     proto = ir.serde.serialize_model(model)
     proto.ir_version = IR_VERSION
+    base_dirs = {str(v.const_value.base_dir) for v in model.graph.initializers.values()
+                 if isinstance(v.const_value, ir.ExternalTensor)}
+    if base_dirs:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        if len(base_dirs) > 1:
+            raise LowbitError(f"external data spread over several folders: {sorted(base_dirs)}")
+        load_external_data_for_model(proto, base_dirs.pop())
     return proto
 
 

@@ -107,6 +107,11 @@ def test_onnx_file_with_external_data_loads_lazily(stories_model, tmp_path):
     a = make_session(path).run(None, {"tokens": ids})[0]
     b = make_session(stories_model).run(None, {"tokens": ids})[0]
     np.testing.assert_array_equal(a, b)
+    # a compiled copy written inline must not depend on the input's data file
+    result = lowbit.compile(model, "w8a16", output=tmp_path / "out" / "q.onnx", progress=False)
+    (tmp_path / "ext" / "m.onnx.data").unlink()
+    c = make_session(result.output).run(None, {"tokens": ids})[0]
+    assert np.max(np.abs(c - b)) < 0.05 * np.max(np.abs(b))
 
 
 def test_old_opset_onnx_is_upgraded(tmp_path):

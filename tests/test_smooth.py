@@ -116,3 +116,20 @@ def test_must_not_fire_when_the_norm_also_feeds_a_residual():
     assert pm.passes[1].stats["skipped"] == 1
     for name, arr in expected.items():
         np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), arr)
+
+
+def test_alpha_search_picks_per_group_alphas_and_stays_float_equivalent(stories_model, stories_calibration):
+    feeds = stories_calibration[:2]
+    before = _outputs(stories_model, feeds)
+    ctx = CompileContext(calibration=stories_calibration[:8], show_progress=False)
+    model = PassManager.from_pipeline("calibrate{rows=256},smooth{search=true}", ctx).run(stories_model)
+    alphas = ctx.report["smooth"]["alpha"]
+    assert 0.3 <= alphas["min"] <= alphas["max"] <= 0.9
+    _assert_close(before, _outputs(model, feeds), 1e-5)
+
+
+def test_alpha_search_without_rows_is_refused(stories_model, stories_calibration):
+    from lowbit.errors import PassFailure
+
+    with pytest.raises(PassFailure, match="calibrate\\{rows=512\\}"):
+        _run(stories_model, "calibrate,smooth{search=true}", stories_calibration[:2])

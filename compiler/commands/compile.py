@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..cli import emit
 
 _EPILOG = """MODEL is an .onnx file, a llama2.c .bin checkpoint (with --tokenizer, or a tok*.bin beside it),
@@ -55,5 +53,3 @@ def run(args) -> int:
     emit(args, result.report, human)
     return 0
 
-
-del Path

@@ -27,8 +27,6 @@ def register(sub) -> None:
 def _session(model_arg, tokenizer):
     from pathlib import Path
 
-    import onnx_ir as ir
-
     from ..frontends import load_model
     from ..runtime.session import make_session
 
@@ -65,7 +63,7 @@ def run(args) -> int:
     else:
         from ..datasets import read_sts
         from ..runtime.agreement import embedding_agreement
-        from ..runtime.encoder import embed, sts_spearman
+        from ..runtime.encoder import sts_spearman
 
         tok_dir = args.tokenizer or model.metadata_props.get("lowbit.tokenizer")
         if not tok_dir:

@@ -16,6 +16,11 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _describe(value) -> str:
+    dims = "?" if value.shape is None else "[" + ", ".join(str(d) if d is not None else "?" for d in value.shape) + "]"
+    return f"{value.dtype.name if value.dtype is not None else '?'} {dims}"
+
+
 def run(args) -> int:
     from ..analysis import find_groups, find_linears
     from ..frontends import load_model
@@ -26,8 +31,8 @@ def run(args) -> int:
     info = {
         "model": args.model,
         "opsets": dict(model.opset_imports),
-        "inputs": {v.name: f"{v.dtype} {v.shape}" for v in g.inputs},
-        "outputs": {v.name: f"{v.dtype} {v.shape}" for v in g.outputs},
+        "inputs": {v.name: _describe(v) for v in g.inputs},
+        "outputs": {v.name: _describe(v) for v in g.outputs},
         "metadata": dict(model.metadata_props),
         "ops": dict(collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in g).most_common()),
         "linears": [{"name": lin.name, "shape": list(lin.shape), "bias": lin.bias is not None} for lin in linears],
@@ -44,8 +49,10 @@ def run(args) -> int:
         from rich.table import Table
 
         c = Console()
+        from rich.markup import escape
+
         for key in ("model", "opsets", "inputs", "outputs"):
-            c.print(f"[bold]{key}[/]: {info[key]}")
+            c.print(f"[bold]{key}[/]: {escape(str(info[key]))}")
         c.print("[bold]ops[/]: " + ", ".join(f"{k}×{v}" for k, v in info["ops"].items()))
         if "ort_optimized_ops" in info:
             c.print("[bold]ORT runs[/]: " + ", ".join(f"{k}×{v}" for k, v in info["ort_optimized_ops"].items()))

@@ -43,6 +43,9 @@ def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
                              hint="convert the weights to safetensors (they cannot run code when loaded)")
     import torch
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "is_decoder", False) or config.model_type not in {"bert", "roberta", "xlm-roberta",

@@ -57,7 +57,6 @@ def load_onnx_model(path: str | Path) -> ir.Model:
 
 
 def _upgrade(model: ir.Model, path, opset: int) -> ir.Model:
-    import onnx
     from onnx import version_converter
 
     if opset < 7:
@@ -74,5 +73,4 @@ def _upgrade(model: ir.Model, path, opset: int) -> ir.Model:
         raise ModelLoadError(f"{path}: cannot upgrade opset {opset} to {MIN_OPSET}: {exc}",
                              hint=f"re-export the model with opset >= {MIN_OPSET}") from exc
     proto.ir_version = 10
-    del onnx
     return ir.serde.deserialize_model(proto)

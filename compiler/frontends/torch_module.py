@@ -22,18 +22,26 @@ logger = logging.getLogger(__name__)
 
 def export_module(module, args: tuple, *, input_names: list[str], output_names: list[str],
                   dynamic_shapes=None, opset: int = 21, metadata: dict[str, str] | None = None) -> ir.Model:
+    import warnings
+
     import torch
 
     module = module.eval()
     sink = io.StringIO()
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # "torchvision is not installed" notes are noise here
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(sink):
+        with torch.no_grad(), contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, external_data=False,
                                         dynamic_shapes=dynamic_shapes, input_names=input_names,
                                         output_names=output_names, verbose=False)
     except Exception as exc:
+        onnx_logger.setLevel(level)
         raise UnsupportedModelError(f"torch.onnx.export (dynamo) failed on {type(module).__name__}: {exc}",
                                     hint="export the model to ONNX yourself and pass the .onnx file") from exc
+    onnx_logger.setLevel(level)
     model = program.model  # an onnx_ir Model already
     model.ir_version = 10
     for k, v in (metadata or {}).items():
