@@ -185,6 +185,7 @@ def test_source_never_unpickles():
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow  # exports a tiny BERT through torch.export (≈20 s on 2 cores)
 def test_hf_folder_with_safetensors_ignores_the_pickle_beside_it(tmp_path, marker):
     """With both weights present, only the safetensors are read: the pickle is never touched."""
     pytest.importorskip("transformers")
