@@ -252,3 +252,20 @@ def test_all_zero_weights_and_channels_compile_exactly(recipe, tmp_path):
         arr = p.const_value.numpy() if p.const_value is not None else None
         if arr is not None and arr.dtype.kind == "f":
             assert np.all(np.isfinite(arr)), p.name
+
+
+def test_output_under_a_file_is_refused_before_compiling(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(LowbitError, match="is a file, not a folder"):
+        lowbit.compile(_tiny(tmp_path), DYN, output=tmp_path / "afile" / "sub" / "m.onnx", progress=False)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_external_data_vanishing_after_load_is_a_lowbit_error(tmp_path):
+    """Models load lazily: if the data file goes away before the weights are read, say so."""
+    (tmp_path / "m").mkdir()
+    model = lowbit.load_model(tiny_llama(tmp_path / "m" / "tiny.onnx", external_data=True))
+    (tmp_path / "m" / "tiny.onnx.data").unlink()
+    with pytest.raises(ModelLoadError, match="cannot read its data"):
+        lowbit.compile(model, DYN, output=_out(tmp_path), progress=False)
+    _assert_nothing_written(tmp_path)
