@@ -16,7 +16,7 @@ cannot explain.  The identity it relies on, per linear ``y = x·W``:
   it near 1 (a few at most), while rounding errors aligned with an input direction (a planted
   trigger) push it to the order of the layer's fan-in.  Layers over ``noise_threshold`` are flagged.
 
-It also reports each layer's propagated divergence ``‖y_q − y_f‖/‖y_f‖`` and output-level
+It also reports each layer's propagated divergence ``‖y_q − y_f·diag(b)‖/‖y_f·diag(b)‖`` and output-level
 divergence (KL and top-1 agreement for a causal LM, cosine for an encoder), with robust z-scores
 (median/MAD) over probes; probes far outside the rest are flagged as output outliers.
 """
@@ -144,15 +144,18 @@ def _masked_ls(w_hat, ref, mask, axis):
     return np.where(den > 0, num / np.where(den > 0, den, 1), 1.0), mask.sum(axis)
 
 
-def reference_weight(w_hat: np.ndarray, w: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``diag(a)·W·diag(b)`` closest to Ŵ, and per-element slack (in steps) for the scales' estimation error.
+def reference_weight(w_hat: np.ndarray, w: np.ndarray, step: np.ndarray):
+    """``diag(a)·W·diag(b)`` closest to Ŵ, per-element slack (in steps) for the scales' estimation error, a, b.
+
+    ``x_f ≈ x_q·diag(a)`` and ``y_q ≈ y_f·diag(b)`` up to one constant per layer (the fit's gauge), which
+    the audit fixes from the activations.
 
     a, b = 1 when Ŵ is a plain rounding of W.  Otherwise (smoothing folded scales into rows and/or
     columns) they are fitted by alternating least squares on entries of at least 8 steps, whose
     relative rounding error is small and unbiased (weights under half a step round to zero).
     """
     if np.all(np.abs(w_hat - w) <= (0.5 + 1e-3) * step):
-        return w, np.zeros_like(w)
+        return w, np.zeros_like(w), None, None
     q = np.abs(w_hat) / step
     big = q >= np.minimum(8.0, 0.25 * q.max(axis=1, keepdims=True))
     a, b = np.ones(w.shape[0]), np.ones(w.shape[1])
@@ -163,7 +166,7 @@ def reference_weight(w_hat: np.ndarray, w: np.ndarray, step: np.ndarray) -> tupl
     rel = np.where(big, (w_hat - w_ref) / np.where(w_ref == 0, 1, w_ref), 0.0)
     se_a = np.sqrt((rel ** 2).sum(1) / np.maximum(na, 1) ** 2)
     se_b = np.sqrt((rel ** 2).sum(0) / np.maximum(nb, 1) ** 2)
-    return w_ref, 4 * (se_a[:, None] + se_b[None, :]) * np.abs(w_ref) / step
+    return w_ref, 4 * (se_a[:, None] + se_b[None, :]) * np.abs(w_ref) / step, a, b
 
 
 def _session(model: ir.Model, values: list[ir.Value]):
@@ -214,9 +217,10 @@ def audit(float_model: ir.Model, quant_model: ir.Model, feeds: list[dict], *, ge
             continue
         x_q, y_q, w_hat, step = found
         w = lin.weight.const_value.numpy().astype(np.float64)
-        pair = {"y_f": lin.node.outputs[0], "x_q": x_q, "y_q": y_q, "noise": None}
+        pair = {"y_f": lin.node.outputs[0], "x_f": lin.input, "x_q": x_q, "y_q": y_q, "noise": None, "a": None,
+                "b": None}
         if w_hat is not None and step is not None and w_hat.shape == w.shape:
-            w_ref, slack = reference_weight(w_hat, w, step)
+            w_ref, slack, pair["a"], pair["b"] = reference_weight(w_hat, w, step)
             err = (w_hat - w_ref) / step
             tol = 0.5 + grid_slack + slack
             lay.off_grid = int((np.abs(err) > tol).sum())
@@ -224,10 +228,10 @@ def audit(float_model: ir.Model, quant_model: ir.Model, feeds: list[dict], *, ge
             pair["noise"] = (w_hat - w_ref, step ** 2 / 12)
         pairs.append((lay, pair))
     f_out, q_out = float_model.graph.outputs[0], quant_model.graph.outputs[0]
-    fs = _session(float_model, [f_out] + [p["y_f"] for _, p in pairs])
+    fs = _session(float_model, [f_out] + [v for _, p in pairs for v in (p["y_f"], p["x_f"])])
     qs = _session(quant_model, [q_out] + [v for _, p in pairs for v in (p["x_q"], p["y_q"])])
-    f_names = [f_out.name] + [p["y_f"].name for _, p in pairs]
-    q_names = [q_out.name] + [n for _, p in pairs for n in (p["x_q"].name, p["y_q"].name)]
+    f_names = list(dict.fromkeys([f_out.name] + [v.name for _, p in pairs for v in (p["y_f"], p["x_f"])]))
+    q_names = list(dict.fromkeys([q_out.name] + [n for _, p in pairs for n in (p["x_q"].name, p["y_q"].name)]))
     per_probe = []
     for feed in probes:
         fr = dict(zip(f_names, fs.run(f_names, feed)))
@@ -235,6 +239,12 @@ def audit(float_model: ir.Model, quant_model: ir.Model, feeds: list[dict], *, ge
         per_probe.append(_output_divergence(kind, fr[f_out.name], qr[q_out.name]))
         for lay, p in pairs:
             yf, yq = fr[p["y_f"].name].astype(np.float64), qr[p["y_q"].name].astype(np.float64)
+            if p["b"] is not None:  # smoothing rescaled rows/columns: compare in the compiled coordinates
+                if "gauge" not in p:
+                    xa = qr[p["x_q"].name].astype(np.float64) * p["a"]
+                    xf = fr[p["x_f"].name].astype(np.float64)
+                    p["gauge"] = float((xa * xf).sum() / max((xf * xf).sum(), 1e-30))
+                yf = yf * p["b"] * p["gauge"]
             lay.divergence.append(float(np.linalg.norm(yq - yf) / max(np.linalg.norm(yf), 1e-30)))
             if p["noise"] is not None:
                 e, var = p["noise"]
