@@ -1,5 +1,5 @@
-"""The ``lowbit`` command line.  Each subcommand lives in ``lowbit.commands.<name>`` and exposes
-``register(subparsers)``; a :class:`LowbitError` becomes a clear message and exit code 2."""
+"""The ``lowbit`` command line.  Each subcommand is a module ``lowbit.commands.<name>`` exposing
+``register(subparsers)`` (found automatically); a :class:`LowbitError` becomes a clear message and exit code 2."""
 
 from __future__ import annotations
 
@@ -11,9 +11,19 @@ import sys
 
 from .errors import LowbitError
 
-__all__ = ["main", "COMMANDS", "emit"]
+__all__ = ["main", "commands", "emit"]
 
-COMMANDS = ("compile", "eval", "inspect", "recipes", "audit")
+_FIRST = ("compile", "eval", "inspect")  # shown first in --help; the rest alphabetically
+
+
+def commands() -> list[str]:
+    """Every module in ``lowbit.commands`` is a subcommand."""
+    import pkgutil
+
+    from . import commands as package
+
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+    return [n for n in _FIRST if n in names] + [n for n in names if n not in _FIRST]
 
 
 def emit(args, payload: dict, human) -> None:
@@ -31,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log pass progress (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"lowbit.commands.{name.replace('-', '_')}").register(sub)
+    for name in commands():
+        importlib.import_module(f"lowbit.commands.{name}").register(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["set_input_const", "add_initializer", "make_node", "unique_name", "ensure_opset", "replace_uses_in"]
+__all__ = ["replace_value", "set_input_const", "add_initializer", "make_node", "unique_name", "ensure_opset", "replace_uses_in"]
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:
@@ -86,3 +86,14 @@ def ensure_opset(model: ir.Model, version: int, what: str) -> None:
     if have < version:
         raise UnsupportedModelError(f"{what} needs opset >= {version}, the model has opset {have}",
                                     hint="load the model through lowbit's frontend, which upgrades it")
+
+
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old`` reads ``new``; a graph output keeps its name, type and shape."""
+    was_output = old in graph.outputs
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output:
+        new.dtype, new.shape = old.dtype, old.shape
+        name = old.name
+        old.name = f"{name}_replaced"
+        new.name = name

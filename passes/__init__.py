@@ -1,3 +1,9 @@
-"""lowbit's rewrite passes, one per file; importing this package registers them."""
+"""lowbit's rewrite passes, one per file; importing this package registers them all."""
 
-from . import quantize, smooth  # noqa: F401
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

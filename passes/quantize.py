@@ -29,7 +29,7 @@ from lowbit.analysis import Linear, find_linears
 from lowbit.calibration import act_stats
 from lowbit.errors import InvalidWeightsError, UnsupportedModelError
 from lowbit.passmanager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, ensure_opset, make_node, replace_uses_in
+from lowbit.rewrite import add_initializer, ensure_opset, make_node, replace_value
 
 __all__ = ["Quantize", "quantize_weight_int8", "static_act_params"]
 
@@ -186,9 +186,4 @@ class Quantize(Pass):
                    "matmul_int")
         y = node("Mul", [node("Mul", [node("Cast", [acc], "acc_f32", to=ir.DataType.FLOAT), t], "rescale_token"),
                          const("weight_scale", sw)], "rescale_channel")
-        out = lin.node.outputs[0]
-        replace_uses_in([u.node for u in out.uses()], out, y)
-        if out in graph.outputs:
-            graph.outputs[graph.outputs.index(out)] = y
-            y.dtype, y.shape = out.dtype, out.shape
-            y.name, out.name = out.name, f"{out.name}_float"
+        replace_value(graph, lin.node.outputs[0], y)

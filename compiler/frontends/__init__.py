@@ -8,7 +8,7 @@ import onnx_ir as ir
 
 from ..errors import ModelLoadError
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "canonicalize"]
 
 
 def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=None, **kwargs) -> ir.Model:
@@ -22,7 +22,7 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
 
             if example_inputs is None:
                 raise ModelLoadError("a torch module needs example_inputs=(...) to be exported")
-            return export_module(source, tuple(example_inputs), **kwargs)
+            return canonicalize(export_module(source, tuple(example_inputs), **kwargs))
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}",
                              hint="pass a path (.onnx, llama2.c .bin, HF folder), an nn.Module or an ir.Model")
     if str(source) == "minilm":
@@ -48,4 +48,11 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
                              hint="export to ONNX, or save the weights as safetensors in a Hugging Face folder")
     from .onnx_file import load_onnx_model
 
-    return load_onnx_model(path)
+    return canonicalize(load_onnx_model(path))
+
+
+def canonicalize(model: ir.Model) -> ir.Model:
+    """Run the ``canonicalize`` pass (Gemm → MatMul + Add, norm fusion) on a freshly loaded model."""
+    from ..passmanager import CompileContext, PassManager
+
+    return PassManager.from_pipeline("canonicalize", CompileContext(show_progress=False)).run(model)

@@ -1,0 +1,68 @@
+"""canonicalize: Gemm → MatMul + Add and decomposed-norm fusion, float-equivalent."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import lowbit
+from lowbit.analysis import find_groups
+from lowbit.passmanager import CompileContext, PassManager
+from lowbit.runtime.session import make_session
+
+_DECOMPOSED = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[N, 4] x) => (float[N, 3] y) <float[4] gamma = {1.0, 2.0, 0.5, 1.5}, float[4] beta = {0.1, 0.0, -0.2, 0.3},
+  float[3, 4] w = {1,2,3,4,5,6,7,8,9,10,11,12}, float[3] c = {1, 2, 3}, float eps = {1e-5}, float two = {2.0},
+  int64[1] ax = {-1}> {
+    mean = ReduceMean <keepdims = 1> (x, ax)
+    d = Sub (x, mean)
+    sq = Pow (d, two)
+    var = ReduceMean <keepdims = 1> (sq, ax)
+    ve = Add (var, eps)
+    sd = Sqrt (ve)
+    n = Div (d, sd)
+    s = Mul (n, gamma)
+    h = Add (s, beta)
+    y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (h, w, c)
+}
+"""
+
+
+def test_gemm_and_decomposed_layernorm_become_canonical_and_smoothable():
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(_DECOMPOSED))
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32) * 3
+    before = make_session(model).run(None, {"x": x})[0]
+    pm = PassManager.from_pipeline("canonicalize", CompileContext())
+    model = pm.run(model)
+    assert [n.op_type for n in model.graph] == ["LayerNormalization", "MatMul", "Add"]
+    assert pm.passes[0].stats["gemm_to_matmul"] == 1 and pm.passes[0].stats["norms_fused"] == 1
+    after = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    assert [g.kind for g in find_groups(model.graph)] == ["norm"]  # smoothing can now fold into γ/β
+
+
+def test_onnx_frontend_canonicalizes_files(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.parser.parse_model(_DECOMPOSED), path)
+    model = lowbit.load_model(path)
+    assert "Gemm" not in {n.op_type for n in model.graph}
+
+
+def test_gemm_with_transposed_input_is_kept():
+    text = _DECOMPOSED.replace("y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (h, w, c)",
+                               "ht = Transpose (h)\n    y = Gemm <transA = 1, transB = 1> (ht, w, c)")
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    pm = PassManager.from_pipeline("canonicalize{norms=false}", CompileContext())
+    pm.run(model)
+    assert pm.passes[0].stats["gemm_kept"] == 1
+
+
+@pytest.mark.parametrize("model_fixture", ["stories_model"])
+def test_canonical_models_are_left_alone(model_fixture, request):
+    model = request.getfixturevalue(model_fixture)
+    ops = [n.op_type for n in model.graph]
+    PassManager.from_pipeline("canonicalize", CompileContext()).run(model)
+    assert [n.op_type for n in model.graph] == ops
