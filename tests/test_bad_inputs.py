@@ -269,3 +269,15 @@ def test_external_data_vanishing_after_load_is_a_lowbit_error(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot read its data"):
         lowbit.compile(model, DYN, output=_out(tmp_path), progress=False)
     _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["inspect", "eval", "audit"])
+def test_other_commands_report_bad_models(command, tmp_path, capsys):
+    bad = _mangled("truncated")(tmp_path)
+    args = {"inspect": ["inspect", str(bad)],
+            "eval": ["eval", str(bad), "--ppl", str(bad)],
+            "audit": ["audit", str(_tiny(tmp_path)), str(bad), "--calibration", str(tmp_path)]}[command]
+    capsys.readouterr()
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "error:" in err and "truncated.onnx: cannot be parsed" in err, err
