@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .datasets import load_calibration, model_kind
-from .errors import InvalidWeightsError
+from .errors import InvalidWeightsError, ModelLoadError
 from .frontends import load_model
 from .instruments import DumpIRInstrument, ReproducerInstrument, TimingInstrument, VerifyInstrument
 from .model_io import save_onnx
@@ -44,8 +44,16 @@ def check_weights(model: ir.Model) -> None:
         t = v.const_value
         if t is None or t.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
             continue
-        arr = t.numpy()
-        if not np.all(np.isfinite(arr)):
+        try:
+            arr = t.numpy()
+        except (OSError, ValueError) as exc:  # an external data file changed or vanished since loading
+            raise ModelLoadError(f"initializer '{v.name}': cannot read its data ({exc})",
+                                 hint="keep the model's files in place while lowbit runs") from exc
+        finite = bool(np.all(np.isfinite(arr)))
+        del arr
+        if isinstance(t, ir.ExternalTensor):
+            t.release()  # unmap: a model over RAM must not stay resident after the check
+        if not finite:
             users = ", ".join(sorted({u.node.name or u.node.op_type for u in v.uses()})) or "no node"
             raise InvalidWeightsError(f"initializer '{v.name}' (used by {users}) holds NaN or Inf",
                                       hint="fix or re-export the model; quantizing it would be meaningless")
@@ -64,6 +72,15 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
         from .errors import PipelineError
 
         raise PipelineError(f"unknown backend '{backend}'", hint="use 'ort' or 'tvm'")
+    if output is not None:
+        from .errors import LowbitError
+
+        if Path(output).is_dir():
+            raise LowbitError(f"output '{output}' is a folder", hint="give the path of the .onnx file to write")
+        blocker = next((p for p in Path(output).parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise LowbitError(f"output '{output}': '{blocker}' is a file, not a folder",
+                              hint="choose an output path inside a folder")
     start = time.perf_counter()
     pipeline = resolve_recipe(recipe)
     if backend == "tvm" and "lower-tvm" not in pipeline:
@@ -91,7 +108,12 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
     model.metadata_props["lowbit.pipeline"] = pipeline
     result = CompileResult(model, pipeline, report, timing=timing)
     if output is not None:
-        result.output = save_onnx(model, output)
+        try:
+            result.output = save_onnx(model, output)
+        except OSError as exc:  # disk full, permissions: nothing was left behind (atomic write)
+            from .errors import LowbitError
+
+            raise LowbitError(f"cannot write '{output}': {exc}", hint="check free space and permissions") from exc
         report["output"] = str(result.output)
         report["file_bytes"] = result.output.stat().st_size
     report["seconds"] = round(time.perf_counter() - start, 3)

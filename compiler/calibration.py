@@ -98,6 +98,9 @@ def check_feeds(model: ir.Model, feeds: list[dict]) -> None:
         raise CalibrationError("no calibration samples", hint="pass --calibration FILE_OR_DIR with at least one sample")
     inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
     for i, feed in enumerate(feeds):
+        if not isinstance(feed, dict):
+            raise CalibrationError(f"calibration sample {i} is a {type(feed).__name__}, not a dict of input arrays",
+                                   hint=f"give each sample as {{input_name: array}}; the model takes {sorted(inputs)}")
         missing = [n for n in inputs if n not in feed]
         extra = [n for n in feed if n not in inputs]
         if missing or extra:
@@ -123,19 +126,24 @@ def collect_stats(model: ir.Model, values: list[ir.Value], feeds: list[dict], *,
     """Run ORT on ``feeds`` with ``values`` exposed as outputs; stream their statistics."""
     from tqdm.auto import tqdm
 
-    from .runtime.session import make_session, to_proto
+    from .runtime.session import make_session
 
     check_feeds(model, feeds)
-    proto = to_proto(model)
-    existing = {o.name for o in proto.graph.output}
     names = [v.name for v in values]
-    for n in names:
-        if n not in existing:
-            proto.graph.output.add(name=n)
-    sess = make_session(proto, optimize=False)
+    added = [v for v in values if v not in model.graph.outputs]
+    model.graph.outputs.extend(added)  # expose the activations for this session only
+    try:
+        sess = make_session(model, optimize=False)
+    finally:
+        for v in added:
+            model.graph.outputs.remove(v)
     stats: dict[str, ActStats] = {}
-    for feed in tqdm(feeds, desc="calibrate", unit="sample", disable=not progress, leave=False):
-        outs = sess.run(names, feed)
+    for i, feed in enumerate(tqdm(feeds, desc="calibrate", unit="sample", disable=not progress, leave=False)):
+        try:
+            outs = sess.run(names, feed)
+        except Exception as exc:  # ORT rejects the sample (token id out of range, shape clash, ...)
+            raise CalibrationError(f"calibration sample {i} does not run through the float model: {exc}",
+                                   hint="check the sample's shapes and values (e.g. token ids < vocab size)") from exc
         for n, x in zip(names, outs):
             if n not in stats:
                 c = x.shape[-1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,12 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
             raise CalibrationError(f"{path}: no .npz files", hint="save each sample with np.savez(f, **inputs)")
         feeds = []
         for f in files[:limit] if limit else files:
-            with np.load(f, allow_pickle=False) as z:
-                feeds.append({k: z[k] for k in z.files})
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    feeds.append({k: z[k] for k in z.files})
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # object arrays, garbage, truncation
+                raise CalibrationError(f"{f}: not a readable .npz of numeric arrays ({exc})",
+                                       hint="save each sample with np.savez(f, **inputs); pickled objects are refused") from exc
         return feeds
     if not path.is_file():
         raise CalibrationError(f"{path}: no such calibration file or folder")

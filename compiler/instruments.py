@@ -80,10 +80,14 @@ class VerifyInstrument(Instrument):
     def after_pass(self, p, model, result, seconds):
         import onnx
 
-        from .runtime.session import to_proto
+        from .runtime.session import needs_file, saved_copy, to_proto
 
         try:
-            onnx.checker.check_model(to_proto(model), full_check=False)
+            if needs_file(model):  # external or > 2 GB weights: check a saved copy
+                with saved_copy(model) as path:
+                    onnx.checker.check_model(str(path), full_check=False)
+            else:
+                onnx.checker.check_model(to_proto(model), full_check=False)
         except Exception as exc:
             raise PassFailure(p.name, f"produced an invalid model: {exc}") from exc
         if self._before is None or not result.modified:

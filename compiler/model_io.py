@@ -32,27 +32,58 @@ IR_VERSION = 10
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
-def _check_external_location(tensor: ir.ExternalTensor, model_path: Path) -> None:
+def _check_external_location(tensor: ir.ExternalTensor, model_path: Path, where: str) -> None:
+    """Refuse external data outside the model's folder, missing, or shorter than the tensor needs."""
     base = model_path.parent.resolve()
-    location = tensor.location
-    if os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in Path(location).parts:
+    location = str(tensor.location)
+    what = f"{model_path}: {where} '{tensor.name}'"
+    if (not location or "\0" in location or "\\" in location or os.path.isabs(location)
+            or location.startswith("/") or ".." in Path(location).parts):
         raise ModelLoadError(
-            f"{model_path}: initializer '{tensor.name}' points to external data '{location}' "
-            "outside the model's directory",
+            f"{what} points to external data '{location}' outside the model's directory",
             hint="external data must be a relative path inside the model's folder; re-export the model",
         )
     target = (base / location).resolve()
     if base != target and base not in target.parents:
         raise ModelLoadError(
-            f"{model_path}: external data '{location}' of initializer '{tensor.name}' resolves to "
-            f"'{target}', outside the model's directory (a symlink?)",
+            f"{what}: external data '{location}' resolves to '{target}', outside the model's directory (a symlink?)",
             hint="copy the data file into the model's folder instead of linking it",
         )
     if not target.is_file():
         raise ModelLoadError(
-            f"{model_path}: external data file '{location}' of initializer '{tensor.name}' is missing",
+            f"{what}: external data file '{location}' is missing",
             hint="keep the .onnx file and its data file in the same folder",
         )
+    if target.stat().st_nlink > 1:
+        raise ModelLoadError(
+            f"{what}: external data file '{location}' has {target.stat().st_nlink} hard links; a hard link can "
+            "smuggle a file from outside the model's folder", hint="copy the data file instead of hard-linking it")
+    offset, length, size = tensor.offset or 0, tensor.length, target.stat().st_size
+    if offset < 0 or (length is not None and (length < 0 or length != tensor.nbytes)) or offset + tensor.nbytes > size:
+        raise ModelLoadError(
+            f"{what}: external data '{location}' (offset {offset}, length {length}) does not hold the tensor's "
+            f"{tensor.nbytes} bytes (the file has {size})",
+            hint="the data file is truncated or belongs to another model; re-export it",
+        )
+
+
+def _external_tensors(model: ir.Model):
+    """(tensor, where) for every external tensor: initializers and tensor attributes, in every graph and function."""
+    graphs = [model.graph, *model.graph.subgraphs()]
+    for g in graphs:
+        for value in g.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value, "initializer"
+    nodes = [n for g in graphs for n in g] + [n for f in model.functions.values() for n in f.all_nodes()]
+    for node in nodes:
+        for attr in node.attributes.values():
+            if attr.is_ref():
+                continue
+            tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else (
+                list(attr.value) if attr.type == ir.AttributeType.TENSORS else [])
+            for t in tensors:
+                if isinstance(t, ir.ExternalTensor):
+                    yield t, f"attribute '{attr.name}' of node '{node.name or node.op_type}'"
 
 
 def load_onnx(path: str | os.PathLike) -> ir.Model:
@@ -78,11 +109,36 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
         ) from exc
     if model.graph is None or (not model.graph.outputs):
         raise ModelLoadError(f"{path}: the ONNX model has no graph outputs", hint="is this really a model file?")
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            _check_external_location(tensor, path)
+    for tensor, where in _external_tensors(model):
+        _check_external_location(tensor, path, where)
+    _check_inline_tensors(model, path)
     return model
+
+
+def _check_inline_tensors(model: ir.Model, path: Path) -> None:
+    """Refuse undefined values, names that are not text, and inline tensors whose data does not match their shape."""
+    graphs = [model.graph, *model.graph.subgraphs()]
+    top_inputs = set(model.graph.inputs)
+    for node in model.graph:  # subgraphs may read outer-scope values; the main graph may not
+        for value in node.inputs:
+            if (value is not None and value.producer() is None and value not in top_inputs
+                    and not value.is_initializer()):
+                raise ModelLoadError(f"{path}: node '{node.name}' ({node.op_type}) reads '{value.name}', which no "
+                                     "node, input or initializer defines", hint="the file is corrupted or incomplete")
+    for g in graphs:
+        for node in g:
+            if not isinstance(node.op_type, str) or not isinstance(node.domain, str):
+                raise ModelLoadError(f"{path}: node '{node.name!r}' has an op type or domain that is not text "
+                                     f"({node.op_type!r}, {node.domain!r})", hint="the file is corrupted")
+        for value in g.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                continue
+            try:
+                tensor.numpy()  # inline data: a view, no copy
+            except Exception as exc:  # size/shape mismatch, unknown dtype
+                raise ModelLoadError(f"{path}: initializer '{value.name}' (shape {tensor.shape}, {tensor.dtype}) "
+                                     f"does not hold matching data ({exc})", hint="the file is corrupted") from exc
 
 
 def _initializer_bytes(model: ir.Model) -> int:

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from lowbit.analysis import Linear, find_linears
 from lowbit.calibration import act_stats
-from lowbit.errors import InvalidWeightsError
+from lowbit.errors import InvalidWeightsError, UnsupportedModelError
 from lowbit.passmanager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, ensure_opset, make_node, replace_value
 
@@ -38,6 +38,9 @@ __all__ = ["Quantize", "quantize_weight_int8", "static_act_params"]
 
 def quantize_weight_int8(w: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric int8: returns (Wq int8 [K, N], scale float32 [N])."""
+    if w.size == 0:
+        raise UnsupportedModelError(f"weight '{name}' has a zero-sized dimension (shape {tuple(w.shape)})",
+                                    hint="the layer computes nothing; remove it or fix the export")
     if not np.all(np.isfinite(w)):
         bad = np.argwhere(~np.isfinite(w))[0]
         raise InvalidWeightsError(f"weight '{name}' holds NaN/Inf (first at index {tuple(int(i) for i in bad)})",
@@ -92,12 +95,20 @@ class Quantize(Pass):
         if static and CALIBRATED not in self.ctx.properties:
             self.fail("static activation quantization needs calibration statistics",
                       hint="put 'calibrate' before 'quantize', or use mode=dynamic")
-        linears = [lin for lin in find_linears(graph) if not self._excluded(lin)]
-        self.stats["excluded"] = len(find_linears(graph)) - len(linears)
+        found = find_linears(graph)
+        if not found:
+            self.fail("the model has no linear layer to quantize (MatMul with a constant 2-D weight)",
+                      hint="run 'lowbit inspect MODEL'; weights fed as graph inputs or made by Constant nodes "
+                           "are not recognised")
+        linears = [lin for lin in found if not self._excluded(lin)]
+        self.stats["excluded"] = len(found) - len(linears)
         act_qdq: dict[ir.Value, object] = {}  # one activation quantizer per activation
         for lin in linears:
             w = lin.weight.const_value.numpy()
             wq, sw = quantize_weight_int8(w, lin.name)
+            del w
+            if isinstance(lin.weight.const_value, ir.ExternalTensor):
+                lin.weight.const_value.release()  # layer by layer: the float weight leaves memory
             if self.options.acts == 8 and self.options.mode == "dynamic":
                 if lin.input not in act_qdq:
                     act_qdq[lin.input] = self._dynamic_act(graph, lin)

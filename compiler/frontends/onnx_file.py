@@ -7,17 +7,48 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedModelError
 from ..model_io import load_onnx
 
-__all__ = ["load_onnx_model", "MIN_OPSET"]
+__all__ = ["load_onnx_model", "check_ops", "MIN_OPSET", "MAX_OPSET"]
 
 logger = logging.getLogger(__name__)
 MIN_OPSET = 21  # int4 QDQ and blocked quantization need 21
+MAX_OPSET = 26  # the newest default-domain opset ONNX Runtime 1.31 loads
+# Domains whose ops ONNX Runtime's CPU EP (or lowbit itself) implements.
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "lowbit"}
+
+
+def check_ops(model: ir.Model, path) -> None:
+    """Refuse opsets ORT cannot load and ops that no known domain (or model function) defines."""
+    import onnx.defs
+
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset > MAX_OPSET:
+        raise UnsupportedModelError(f"{path}: opset {opset} is newer than ONNX Runtime supports ({MAX_OPSET})",
+                                    hint=f"re-export the model with opset {MIN_OPSET}..{MAX_OPSET}")
+    if opset < 7:
+        return  # refused as too old to upgrade
+    functions = {(f.domain, f.name) for f in model.functions.values()}
+    for node in model.graph.all_nodes():
+        where = f"{path}: node '{node.name or '?'}' ({node.domain or 'ai.onnx'}::{node.op_type})"
+        if (node.domain, node.op_type) in functions:
+            continue
+        if node.domain not in KNOWN_DOMAINS:
+            raise UnsupportedModelError(f"{where} uses the unknown op domain '{node.domain}'",
+                                        hint="lowbit runs models of the standard ONNX ops (plus com.microsoft); "
+                                             "replace or export the custom op as standard ops")
+        if node.domain in ("", "ai.onnx"):
+            try:
+                onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                raise UnsupportedModelError(f"{where}: no op '{node.op_type}' exists in ONNX opset {opset}",
+                                            hint="the model is corrupted or needs a newer opset") from None
 
 
 def load_onnx_model(path: str | Path) -> ir.Model:
     model = load_onnx(path)
+    check_ops(model, path)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
         model = _upgrade(model, path, opset)
