@@ -1,0 +1,3 @@
+"""Backends: lowering lowbit's graphs to ONNX Runtime and Apache TVM (TVM imported lazily)."""
+
+from . import tvm_lower as _tvm_lower  # noqa: F401  (registers the 'lower-tvm' pass)

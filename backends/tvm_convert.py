@@ -1,0 +1,94 @@
+"""lowbit's converters added to TVM's ONNX importer, for the ops it lacks.
+
+TVM 0.27 looks converters up by op type in ``onnx_frontend._get_convert_map()``;
+:func:`lowbit_converters` wraps that function for the duration of one import, so TVM is never
+patched globally and importing lowbit never imports TVM.  Converters are registered here by
+decorator, one class per op, the way TVM's own are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+__all__ = ["lowbit_converters", "CONVERTERS"]
+
+logger = logging.getLogger(__name__)
+
+CONVERTERS: dict[str, "type"] = {}
+
+
+def _register(op_type: str):
+    def deco(factory):
+        CONVERTERS[op_type] = factory
+        return factory
+
+    return deco
+
+
+def _attr(attrs: dict, name: str):
+    v = attrs[name]
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@_register("NBitsMatMul")
+def _nbits_matmul():
+    """``lowbit.tvm::NBitsMatMul`` (written by tvm_prepare): A @ dequant(W) (+ bias)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from .tvm_kernels import TILE, nbits_matmul_cpu, nbits_matmul_te
+
+    class NBitsMatMul(OnnxOpConverter):
+        _funcs: dict = {}
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            a, w, s, z = inputs[:4]
+            bias = inputs[4] if len(inputs) > 4 else None
+            K, N, bits, bs = (int(attr[k]) for k in ("K", "N", "bits", "block_size"))
+            layout = _attr(attr, "layout")
+            if a.ty.dtype != "float32" and layout == "tiled":
+                raise NotImplementedError(f"NBitsMatMul: activations of {a.ty.dtype} on CPU (float32 only)")
+            lead = list(a.ty.shape)[:-1]
+            if layout == "tiled":
+                nt = int(w.ty.shape[0])
+                key = (K, nt, bits, bs)
+                if key not in cls._funcs or cls._funcs[key][0] is not bb:
+                    gv = bb.add_func(nbits_matmul_cpu(K, nt, bits, bs), f"lowbit_nbits_matmul_k{K}_t{nt}_b{bits}_g{bs}")
+                    cls._funcs[key] = (bb, gv)
+                gv = cls._funcs[key][1]
+                a2 = bb.normalize(relax.op.reshape(a, (-1, K)))
+                M = a2.ty.shape[0]
+                y = bb.emit(relax.call_tir(gv, [a2, w, s, z], relax.TensorType((M, nt * TILE), "float32")))
+                if nt * TILE != N:
+                    y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))
+                y = relax.op.reshape(y, (*lead, N))
+            else:
+                y = bb.emit_te(nbits_matmul_te, a, w, s, z, K, N, bits, bs, str(a.ty.dtype),
+                               primfunc_name_hint="lowbit_nbits_matmul")
+            if bias is not None:
+                y = relax.op.add(y, bias)
+            return y
+
+    return NBitsMatMul
+
+
+@contextlib.contextmanager
+def lowbit_converters():
+    """Within the block, TVM's ONNX importer also knows lowbit's converters."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    extra = {op: factory() for op, factory in CONVERTERS.items()}
+
+    def patched():
+        table = original()
+        table.update(extra)
+        return table
+
+    onnx_frontend._get_convert_map = patched
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original

@@ -1,0 +1,143 @@
+"""Hand-scheduled TIR kernels for lowbit's low-bit matmuls (TVM imported lazily, by the caller).
+
+``W[k, n] = (q[k, n] - z[k // bs, n]) * s[k // bs, n]``, ``Y = A @ W``; the codes come packed by
+:func:`lowbit.backends.tvm_prepare.pack_nbits` (2, 4 or 8 bits).
+
+* CPU (``layout="tiled"``): one parallel task per 64-lane output tile.  M == 1 (decode) streams the
+  packed codes once: each k broadcasts a[k] against 64 unpacked lanes (shift/and on contiguous
+  bytes, no gathers) and the zero point is applied once per group through
+  ``sum_k a_k (q_k - z) = sum_k a_k q_k - z sum_k a_k``.  M > 1 dequantizes a [bs, 64] tile into an
+  L1-resident float buffer once and reuses it for every row of A.
+* CUDA (``layout="rows"``): a TE dequantize + matmul (codes [N, K*bits/8]) left unscheduled here;
+  dlight's GEMV / Matmul rules schedule it (see ``tvm_lower.gpu_schedule``).
+* int8: u8 x s8 -> int32 GEMM with vectorised int32 accumulation (exact), for MatMulInteger with a
+  constant s8 weight in the tiled layout.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TILE", "nbits_matmul_cpu", "nbits_matmul_te", "int8_matmul_cpu"]
+
+TILE = 64
+
+
+def nbits_matmul_cpu(K: int, n_tiles: int, bits: int, block: int, unroll: int = 4):
+    """PrimFunc (A[M, K] f32, W[n_tiles, K, 8*bits] u8, S, Z [n_tiles, K/block, 64] f32) -> Y[M, 64*n_tiles]."""
+    from tvm.script import tirx as T
+
+    if bits not in (2, 4, 8) or K % block:
+        raise ValueError(f"nbits_matmul_cpu: bits={bits}, K={K}, block={block} not supported")
+    G, NB, PER, MASK = K // block, TILE * bits // 8, 8 // bits, (1 << bits) - 1
+    UK = unroll if block % unroll == 0 else 1
+    NT = n_tiles
+
+    @T.prim_func
+    def nbits_matmul(a: T.handle, w: T.handle, s: T.handle, z: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        M = T.int64()
+        A = T.match_buffer(a, (M, K), "float32")
+        W = T.match_buffer(w, (NT, K, NB), "uint8")
+        S = T.match_buffer(s, (NT, G, TILE), "float32")
+        Z = T.match_buffer(z, (NT, G, TILE), "float32")
+        O = T.match_buffer(o, (M, NT * TILE), "float32")
+        if M == T.int64(1):
+            for nt in T.parallel(NT):
+                acc = T.decl_buffer((TILE,), "float32", scope="local")
+                out = T.decl_buffer((TILE,), "float32", scope="local")
+                asum = T.decl_buffer((1,), "float32", scope="local")
+                for l in T.vectorized(TILE):
+                    out[l] = T.float32(0)
+                for g in range(G):
+                    for l in T.vectorized(TILE):
+                        acc[l] = T.float32(0)
+                    asum[0] = T.float32(0)
+                    for ko in range(block // UK):
+                        for ku in T.unroll(UK):
+                            for i in T.unroll(PER):
+                                for j in T.vectorized(NB):
+                                    acc[i * NB + j] = acc[i * NB + j] + A[0, g * block + ko * UK + ku] * T.Cast(
+                                        "float32", T.bitwise_and(T.shift_right(
+                                            W[nt, g * block + ko * UK + ku, j], T.uint8(i * bits)), T.uint8(MASK)))
+                            asum[0] = asum[0] + A[0, g * block + ko * UK + ku]
+                    for l in T.vectorized(TILE):
+                        out[l] = out[l] + S[nt, g, l] * (acc[l] - Z[nt, g, l] * asum[0])
+                for l in T.vectorized(TILE):
+                    O[0, nt * TILE + l] = out[l]
+        else:
+            for nt in T.parallel(NT):
+                wf = T.decl_buffer((block, TILE), "float32", scope="local")
+                acc = T.decl_buffer((TILE,), "float32", scope="local")
+                for g in range(G):
+                    for kk in range(block):
+                        for i in T.unroll(PER):
+                            for j in T.vectorized(NB):
+                                wf[kk, i * NB + j] = (T.Cast("float32", T.bitwise_and(T.shift_right(
+                                    W[nt, g * block + kk, j], T.uint8(i * bits)), T.uint8(MASK)))
+                                    - Z[nt, g, i * NB + j]) * S[nt, g, i * NB + j]
+                    for m in range(M):
+                        for l in T.vectorized(TILE):
+                            acc[l] = T.float32(0)
+                        for ko in range(block // UK):
+                            for ku in T.unroll(UK):
+                                for l in T.vectorized(TILE):
+                                    acc[l] = acc[l] + A[m, g * block + ko * UK + ku] * wf[ko * UK + ku, l]
+                        if g == 0:
+                            for l in T.vectorized(TILE):
+                                O[m, nt * TILE + l] = acc[l]
+                        else:
+                            for l in T.vectorized(TILE):
+                                O[m, nt * TILE + l] = O[m, nt * TILE + l] + acc[l]
+
+    return nbits_matmul
+
+
+def nbits_matmul_te(a, w, s, z, K: int, N: int, bits: int, block: int, out_dtype: str = "float32"):
+    """TE expression for the ``rows`` layout: a [..., K], w [N, K*bits/8] u8, s/z [N, K/block]."""
+    from tvm import te, tirx
+
+    per, mask = 8 // bits, (1 << bits) - 1
+    dq = te.compute(
+        (N, K),
+        lambda n, k: ((tirx.Cast(out_dtype, (w[n, k // per] >> tirx.Cast("uint8", (k % per) * bits))
+                                 & tirx.const(mask, "uint8")) - z[n, k // block].astype(out_dtype))
+                      * s[n, k // block].astype(out_dtype)),
+        name="dequantize",
+    )
+    lead = list(a.shape[:-1])
+    r = te.reduce_axis((0, K), name="k")
+    return te.compute(
+        (*lead, N),
+        lambda *idx: te.sum(a[(*idx[:-1], r)].astype(out_dtype) * dq[idx[-1], r], axis=r),
+        name="matmul",
+    )
+
+
+def int8_matmul_cpu(K: int, n_tiles: int, unroll: int = 4):
+    """PrimFunc (A[M, K] u8, za[] i32, B[n_tiles, K, 64] i8) -> Y[M, 64*n_tiles] i32 = (A - za) @ B."""
+    from tvm.script import tirx as T
+
+    NT = n_tiles
+    UK = unroll if K % unroll == 0 else 1
+
+    @T.prim_func
+    def int8_matmul(a: T.handle, za: T.handle, b: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        M = T.int64()
+        A = T.match_buffer(a, (M, K), "uint8")
+        ZA = T.match_buffer(za, (), "int32")
+        B = T.match_buffer(b, (NT, K, TILE), "int8")
+        O = T.match_buffer(o, (M, NT * TILE), "int32")
+        for nt in T.parallel(NT):
+            acc = T.decl_buffer((TILE,), "int32", scope="local")
+            for m in range(M):
+                for l in T.vectorized(TILE):
+                    acc[l] = 0
+                for ko in range(K // UK):
+                    for ku in T.unroll(UK):
+                        for l in T.vectorized(TILE):
+                            acc[l] = acc[l] + (T.Cast("int32", A[m, ko * UK + ku]) - ZA[()]) * T.Cast(
+                                "int32", B[nt, ko * UK + ku, l])
+                for l in T.vectorized(TILE):
+                    O[m, nt * TILE + l] = acc[l]
+
+    return int8_matmul
