@@ -55,7 +55,9 @@ def _nbits_matmul():
                 nt = int(w.ty.shape[0])
                 key = (K, nt, bits, bs)
                 if key not in cls._funcs or cls._funcs[key][0] is not bb:
-                    gv = bb.add_func(nbits_matmul_cpu(K, nt, bits, bs), f"lowbit_nbits_matmul_k{K}_t{nt}_b{bits}_g{bs}")
+                    name = f"lowbit_nbits_matmul_k{K}_t{nt}_b{bits}_g{bs}"
+                    func = nbits_matmul_cpu(K, nt, bits, bs).with_attr("global_symbol", name)
+                    gv = bb.add_func(func, name)
                     cls._funcs[key] = (bb, gv)
                 gv = cls._funcs[key][1]
                 a2 = bb.normalize(relax.op.reshape(a, (-1, K)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
     proto = to_proto(m)
     dtypes = {v.name: np.dtype(v.dtype.numpy()).name for v in m.graph.inputs}
     try:
-        with lowbit_converters():
+        with lowbit_converters(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Renaming name")
             mod = from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtypes, keep_params_in_input=False)
     except NotImplementedError as exc:
         raise LowbitError(f"TVM import failed: {exc}", hint="this op needs a converter in backends/tvm_convert.py") from exc

@@ -161,10 +161,12 @@ def _replace(graph: ir.Graph, node: ir.Node, a: ir.Value, codes, scale, zero, bi
                               ir.AttrInt64("block_size", bs), ir.AttrString("layout", layout)])
     new.outputs[0].name = None
     graph.insert_before(node, new)
-    ir.convenience.replace_all_uses_with(out, new.outputs[0])
-    if out in graph.outputs:
-        graph.outputs[graph.outputs.index(out)] = new.outputs[0]
-        new.outputs[0].name = out.name
+    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+    is_output = out in graph.outputs
+    ir.convenience.replace_all_uses_with(out, new.outputs[0], replace_graph_outputs=True)
+    if is_output:
+        name, out.name = out.name, None
+        new.outputs[0].name = name
     return new
 
 
