@@ -67,8 +67,10 @@ def _nbits_matmul():
                     y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))
                 y = relax.op.reshape(y, (*lead, N))
             else:
-                y = bb.emit_te(nbits_matmul_te, a, w, s, z, K, N, bits, bs, str(a.ty.dtype),
+                a2 = bb.normalize(relax.op.reshape(a, (-1, K)))
+                y = bb.emit_te(nbits_matmul_te, a2, w, s, z, K, N, bits, bs, str(a.ty.dtype),
                                primfunc_name_hint="lowbit_nbits_matmul")
+                y = relax.op.reshape(y, (*lead, N))
             if bias is not None:
                 y = relax.op.add(y, bias)
             return y

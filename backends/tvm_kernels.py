@@ -8,7 +8,7 @@
   bytes, no gathers) and the zero point is applied once per group through
   ``sum_k a_k (q_k - z) = sum_k a_k q_k - z sum_k a_k``.  M > 1 dequantizes a [bs, 64] tile into an
   L1-resident float buffer once and reuses it for every row of A.
-* CUDA (``layout="rows"``): a TE dequantize + matmul (codes [N, K*bits/8]) left unscheduled here;
+* CUDA (``layout="rows"``): a TE dequantize + matmul (codes [N, K*bits/32] u32) left unscheduled here;
   dlight's GEMV / Matmul rules schedule it (see ``tvm_lower.gpu_schedule``).
 * int8: u8 x s8 -> int32 GEMM with vectorised int32 accumulation (exact), for MatMulInteger with a
   constant s8 weight in the tiled layout.
@@ -92,24 +92,32 @@ def nbits_matmul_cpu(K: int, n_tiles: int, bits: int, block: int, unroll: int = 
 
 
 def nbits_matmul_te(a, w, s, z, K: int, N: int, bits: int, block: int, out_dtype: str = "float32"):
-    """TE expression for the ``rows`` layout: a [..., K], w [N, K*bits/8] u8, s/z [N, K/block]."""
+    """TE expression for the ``rows`` layout: a [..., K], w [N, K*bits/32] u32, s/z [N, K/block].
+
+    Codes are read as 32-bit words (so that dlight's GEMV rule issues 4-byte loads per thread) and
+    the reduction runs in float32 whatever the activation type, then casts to ``out_dtype``.
+    """
     from tvm import te, tirx
 
-    per, mask = 8 // bits, (1 << bits) - 1
+    per, mask = 32 // bits, (1 << bits) - 1
+    acc = "float32"
     dq = te.compute(
         (N, K),
-        lambda n, k: ((tirx.Cast(out_dtype, (w[n, k // per] >> tirx.Cast("uint8", (k % per) * bits))
-                                 & tirx.const(mask, "uint8")) - z[n, k // block].astype(out_dtype))
-                      * s[n, k // block].astype(out_dtype)),
+        lambda n, k: ((tirx.Cast(acc, (w[n, k // per] >> tirx.Cast("uint32", (k % per) * bits))
+                                 & tirx.const(mask, "uint32")) - z[n, k // block].astype(acc))
+                      * s[n, k // block].astype(acc)),
         name="dequantize",
     )
     lead = list(a.shape[:-1])
     r = te.reduce_axis((0, K), name="k")
-    return te.compute(
+    y = te.compute(
         (*lead, N),
-        lambda *idx: te.sum(a[(*idx[:-1], r)].astype(out_dtype) * dq[idx[-1], r], axis=r),
+        lambda *idx: te.sum(a[(*idx[:-1], r)].astype(acc) * dq[idx[-1], r], axis=r),
         name="matmul",
     )
+    if out_dtype == acc:
+        return y
+    return te.compute(y.shape, lambda *idx: y[idx].astype(out_dtype), name="cast")
 
 
 def int8_matmul_cpu(K: int, n_tiles: int, unroll: int = 4):

@@ -3,7 +3,7 @@
     model ─▶ prepare_for_tvm (low-bit weights → NBitsMatMul in the kernel's layout)
           ─▶ tvm.relax.frontend.onnx.from_onnx (+ lowbit's converters, tvm_convert.py)
           ─▶ [MetaScheduleApplyDatabase, if tuning records are given]
-          ─▶ tvm.compile (CPU: the default pipeline; CUDA: the default pipeline with dlight)
+          ─▶ tvm.compile with tvm_pipeline.lowbit_pipeline (TVM's default; dlight on CUDA)
           ─▶ <name>.so, <name>.params.npz, <name>.json (inputs, outputs, target)
 
 Large initializers become run-time parameters (graph inputs at import), so a large model links fast
@@ -148,19 +148,17 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
 
 
 def compile_relax(mod, target: Any = "llvm", tuning_db: str | os.PathLike | None = None):
-    """tvm.compile with the target's default pipeline, applying meta-schedule records if given."""
+    """tvm.compile with lowbit's pipeline (TVM's default + tuning records + robust dlight on GPUs)."""
     import tvm
-    from tvm import relax
+
+    from .tvm_pipeline import lowbit_pipeline
 
     tgt = make_target(target)
-    if tuning_db is not None and Path(tuning_db).is_dir():
-        with tgt, tvm.transform.PassContext(opt_level=3):
-            mod = relax.get_pipeline("zero")(mod)
-            mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_db))(mod)
-    elif tuning_db is not None:
-        raise LowbitError(f"tuning records {tuning_db}: no such directory", hint="create them with lowbit.backends.tvm_tune.tune")
+    if tuning_db is not None and not Path(tuning_db).is_dir():
+        raise LowbitError(f"tuning records {tuning_db}: no such directory",
+                          hint="create them with lowbit.backends.tvm_tune.tune")
     with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=tgt)
+        return tvm.compile(mod, target=tgt, relax_pipeline=lowbit_pipeline(tgt, tuning_db))
 
 
 def lower_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", name: str = "model",

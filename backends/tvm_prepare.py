@@ -39,8 +39,8 @@ _FOREIGN_OK = {("com.microsoft", "MatMulNBits"), (NBITS_DOMAIN, "NBitsMatMul")}
 def pack_nbits(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, layout: str):
     """Pack unsigned codes ``q`` [K, N] with per-group ``scale``/``zero`` [G, N] for a kernel.
 
-    ``layout="rows"`` (GPU): codes [N, K*bits/8], each byte holding 8/bits consecutive k, low bits
-    first; scales and zeros [N, G].  ``layout="tiled"`` (CPU): N padded to a multiple of TILE,
+    ``layout="rows"`` (GPU): codes [N, K*bits/32] uint32, each word holding 32/bits consecutive k,
+    low bits first (little-endian bytes); scales and zeros [N, G].  ``layout="tiled"`` (CPU): N padded to a multiple of TILE,
     codes [N/TILE, K, TILE*bits/8] where byte j of row (t, k) holds lanes j + i*TILE*bits/8 at bit
     offset i*bits; scales and zeros [N/TILE, G, TILE].  Zeros are returned as float32.
     """
@@ -52,7 +52,10 @@ def pack_nbits(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, la
         packed = np.zeros((N, K // per), np.uint8)
         for i in range(per):
             packed |= (qt[:, :, i] << (i * bits)).astype(np.uint8)
-        return packed, np.ascontiguousarray(scale.T, np.float32), np.ascontiguousarray(zero.T, np.float32)
+        if packed.shape[1] % 4:
+            raise LowbitError(f"rows layout: K*bits/8 = {packed.shape[1]} bytes is not a whole number of 32-bit words")
+        words = np.ascontiguousarray(packed).view("<u4")
+        return words, np.ascontiguousarray(scale.T, np.float32), np.ascontiguousarray(zero.T, np.float32)
     if layout != "tiled":
         raise ValueError(f"unknown layout {layout!r}")
     NT = -(-N // TILE)
