@@ -78,6 +78,36 @@ def _nbits_matmul():
     return NBitsMatMul
 
 
+@_register("Int8MatMul")
+def _int8_matmul():
+    """``lowbit.tvm::Int8MatMul(a u8, a_zp i32[], W tiled s8)`` = (a - a_zp) @ W in int32."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from .tvm_kernels import TILE, int8_matmul_cpu
+
+    class Int8MatMul(OnnxOpConverter):
+        _funcs: dict = {}
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            a, za, w = inputs[:3]
+            K, N = int(attr["K"]), int(attr["N"])
+            nt = int(w.ty.shape[0])
+            if (K, nt) not in cls._funcs or cls._funcs[(K, nt)][0] is not bb:
+                name = f"lowbit_int8_matmul_k{K}_t{nt}"
+                cls._funcs[(K, nt)] = (bb, bb.add_func(int8_matmul_cpu(K, nt).with_attr("global_symbol", name), name))
+            lead = list(a.ty.shape)[:-1]
+            a2 = bb.normalize(relax.op.reshape(a, (-1, K)))
+            y = bb.emit(relax.call_tir(cls._funcs[(K, nt)][1], [a2, za, w],
+                                       relax.TensorType((a2.ty.shape[0], nt * TILE), "int32")))
+            if nt * TILE != N:
+                y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))
+            return relax.op.reshape(y, (*lead, N))
+
+    return Int8MatMul
+
+
 @contextlib.contextmanager
 def lowbit_converters():
     """Within the block, TVM's ONNX importer also knows lowbit's converters."""

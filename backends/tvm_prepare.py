@@ -33,7 +33,7 @@ TILE = 64  # output lanes per tile in the CPU layout
 _LOW_BIT = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False), ir.DataType.INT2: (2, True),
             ir.DataType.UINT2: (2, False), ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
 # Standard ops plus the contrib ops with converters in tvm_convert.py.
-_FOREIGN_OK = {("com.microsoft", "MatMulNBits"), (NBITS_DOMAIN, "NBitsMatMul")}
+_FOREIGN_OK = {("com.microsoft", "MatMulNBits"), (NBITS_DOMAIN, "NBitsMatMul"), (NBITS_DOMAIN, "Int8MatMul")}
 
 
 def pack_nbits(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, layout: str):
@@ -173,10 +173,51 @@ def _replace(graph: ir.Graph, node: ir.Node, a: ir.Value, codes, scale, zero, bi
     return new
 
 
+def _int8_matmul(graph: ir.Graph, node: ir.Node) -> bool:
+    """MatMulInteger(a u8, W s8 const [K, N], a_zp scalar[, b_zp == 0]) -> lowbit.tvm::Int8MatMul
+    with W tiled [N/64, K, 64] for the CPU kernel (exact: both are int32 sums of products)."""
+    ins = list(node.inputs) + [None] * (4 - len(node.inputs))
+    a, b, azp, bzp = ins
+    wt = b.const_value if b is not None else None
+    a_dtype = a.dtype
+    if a_dtype is None and a.producer() is not None and a.producer().op_type == "Cast":
+        a_dtype = ir.DataType(a.producer().attributes["to"].as_int())
+    if wt is None or wt.dtype != ir.DataType.INT8 or len(wt.shape) != 2 or a_dtype != ir.DataType.UINT8:
+        return False
+    if azp is not None and (azp.const_value is None or azp.const_value.numpy().size != 1):
+        return False
+    if bzp is not None and (bzp.const_value is None or np.any(bzp.const_value.numpy() != 0)):
+        return False
+    w = wt.numpy()
+    K, N = w.shape
+    NT = -(-N // TILE)
+    tiled = np.ascontiguousarray(np.pad(w, ((0, 0), (0, NT * TILE - N))).reshape(K, NT, TILE).transpose(1, 0, 2))
+    za = np.array(0 if azp is None else int(azp.const_value.numpy().reshape(())), np.int32)
+    base = node.name or "int8_matmul"
+    vals = []
+    for suffix, arr in (("qweight", tiled), ("a_zero_point", za)):
+        v = ir.Value(name=f"{base}.tvm_{suffix}", const_value=ir.tensor(arr))
+        v.shape, v.type = ir.Shape(arr.shape), ir.TensorType(ir.DataType.from_numpy(arr.dtype))
+        graph.register_initializer(v)
+        vals.append(v)
+    new = ir.Node(NBITS_DOMAIN, "Int8MatMul", [a, vals[1], vals[0]], name=f"{base}.tvm",
+                  attributes=[ir.AttrInt64("K", K), ir.AttrInt64("N", N)])
+    out = node.outputs[0]
+    new.outputs[0].shape, new.outputs[0].type = out.shape, out.type
+    graph.insert_before(node, new)
+    is_output = out in graph.outputs
+    ir.convenience.replace_all_uses_with(out, new.outputs[0], replace_graph_outputs=True)
+    if is_output:
+        name, out.name = out.name, None
+        new.outputs[0].name = name
+    graph.remove(node, safe=True)
+    return True
+
+
 def prepare_for_tvm(model: ir.Model, layout: str = "tiled") -> dict[str, int]:
     """Rewrite ``model`` in place (see module docstring); returns counts of what changed."""
     graph = model.graph
-    stats = {"matmulnbits": 0, "blocked_dq_matmul": 0, "folded_dq": 0}
+    stats = {"matmulnbits": 0, "blocked_dq_matmul": 0, "folded_dq": 0, "int8_matmul": 0}
     for node in list(graph):
         dom = node.domain or ""
         if dom in ("", "ai.onnx"):
@@ -184,7 +225,9 @@ def prepare_for_tvm(model: ir.Model, layout: str = "tiled") -> dict[str, int]:
         elif (dom, node.op_type) not in _FOREIGN_OK:
             raise LowbitError(f"node '{node.name}': op {dom}::{node.op_type} has no TVM lowering",
                               hint="lower it with the ORT backend, or file an issue for a TVM converter")
-        if (dom, node.op_type) == ("com.microsoft", "MatMulNBits"):
+        if node.op_type == "MatMulInteger" and dom in ("", "ai.onnx") and layout == "tiled":
+            stats["int8_matmul"] += _int8_matmul(graph, node)
+        elif (dom, node.op_type) == ("com.microsoft", "MatMulNBits"):
             codes, scale, zero, bits, bs, bias = _unpack_matmulnbits(node)
             _replace(graph, node, node.inputs[0], codes, scale, zero, bits, bs, bias, layout, node.outputs[0])
             graph.remove(node, safe=True)

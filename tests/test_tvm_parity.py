@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,8 +25,10 @@ DATA = Path(os.environ.get("LOWBIT_DATA", ROOT / ".." / "shared" / "data"))
 TINY = LlamaConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, seq_len=32)
 
 
-def both(model, feeds, tmp_path, name="m"):
+def both(model, feeds, tmp_path, name="m", meta=None):
     art = lower_tvm(model, "llvm", tmp_path, name, shape_dict={k: list(v.shape) for k, v in feeds.items()})
+    if meta is not None:
+        meta.update(json.loads(art.meta.read_text()))
     tvm_out = TvmSession(art.lib).run(None, feeds)
     ort_out = make_session(model).run(None, feeds)
     return tvm_out, ort_out
@@ -68,7 +71,9 @@ def test_static_w8a8_linear(tmp_path, bias):
 def test_dynamic_w8a8_linear(tmp_path):
     model = ir.serde.deserialize_model(tg.single_linear("dynamic"))
     x = np.random.default_rng(3).standard_normal((6, 64)).astype(np.float32)
-    (ty, tacc), (oy, oacc) = both(model, {"x": x}, tmp_path)
+    meta = {}
+    (ty, tacc), (oy, oacc) = both(model, {"x": x}, tmp_path, meta=meta)
+    assert meta["prepare"]["int8_matmul"] == 1  # ran on lowbit's int8 kernel, not TVM's generic matmul
     assert tacc.dtype == np.int32 and np.array_equal(tacc, oacc)
     assert rel(ty, oy) <= 1e-4
 
@@ -77,7 +82,9 @@ def test_dynamic_w8a8_linear(tmp_path):
 def test_blocked_int4_dq_linear(tmp_path, zero_point):
     model = ir.serde.deserialize_model(tg.single_linear("int4", K=128, N=80, zero_point=zero_point))
     x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
-    (ty,), (oy,) = both(model, {"x": x}, tmp_path)
+    meta = {}
+    (ty,), (oy,) = both(model, {"x": x}, tmp_path, meta=meta)
+    assert meta["prepare"]["blocked_dq_matmul"] == 1
     assert rel(ty, oy) <= 1e-4
 
 
@@ -87,7 +94,9 @@ def test_matmulnbits_linear(tmp_path, bits, block, M):
     model = tg.matmulnbits(tg.float_linear(256, 160, bias=True), bits=bits, block=block)
     assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
     x = np.random.default_rng(5).standard_normal((M, 256)).astype(np.float32)
-    (ty,), (oy,) = both(ir.serde.deserialize_model(model), {"x": x}, tmp_path)
+    meta = {}
+    (ty,), (oy,) = both(ir.serde.deserialize_model(model), {"x": x}, tmp_path, meta=meta)
+    assert meta["prepare"]["matmulnbits"] == 1
     assert rel(ty, oy) <= 1e-4
 
 
