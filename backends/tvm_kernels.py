@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TILE", "nbits_matmul_cpu", "nbits_matmul_te", "int8_matmul_cpu"]
+__all__ = ["TILE", "nbits_matmul_cpu", "nbits_matmul_te", "nbits_gemv_cuda", "int8_matmul_cpu"]
 
 TILE = 64
 
@@ -118,6 +118,63 @@ def nbits_matmul_te(a, w, s, z, K: int, N: int, bits: int, block: int, out_dtype
     if out_dtype == acc:
         return y
     return te.compute(y.shape, lambda *idx: y[idx].astype(out_dtype), name="cast")
+
+
+def nbits_gemv_cuda(K: int, N: int, bits: int, block: int, dtype: str = "float16", rows: int = 2,
+                    warps: int = 4, unroll_k: int = 1):
+    """Scheduled PrimFunc (a [1, K], w [N, K*bits/32] u32, s, z [N, K/block]) -> y [1, N] for CUDA.
+
+    One warp per ``rows`` output rows; lane t of a warp owns 32 consecutive codes (one 16-byte
+    load of 4 words per row) of every 1024-code chunk of K, accumulates them in float32 for each
+    of its rows, and the warp finishes with a shuffle all-reduce (rfactor + cross-thread
+    reduction).  ``a`` is read with 16-byte loads too; ``unroll_k`` chunks are in flight at once.
+    """
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    per_lane = 32
+    if K % (32 * per_lane * unroll_k) or N % (rows * warps) or bits != 4:
+        raise ValueError(f"nbits_gemv_cuda: K={K}, N={N}, bits={bits} do not fit the schedule")
+    a = te.placeholder((1, K), dtype, name="a")
+    w = te.placeholder((N, K * bits // 32), "uint32", name="w")
+    s = te.placeholder((N, K // block), dtype, name="s")
+    z = te.placeholder((N, K // block), dtype, name="z")
+    y = nbits_matmul_te(a, w, s, z, K, N, bits, block, dtype)
+    sch = Schedule(te.create_prim_func([a, w, s, z, y]))
+    sch.compute_inline(sch.get_sblock("dequantize"))
+    mm = sch.get_sblock("matmul")
+    i, n, k = sch.get_loops(mm)
+    ko, ku, tx, kv = sch.split(k, [None, unroll_k, 32, per_lane])
+    bx, ty, nr = sch.split(n, [None, warps, rows])
+    sch.reorder(i, bx, ty, tx, ko, ku, nr, kv)
+    rf = sch.rfactor(tx, factor_axis=0)
+    i, bx, ty, tx, ko, ku, nr, kv = sch.get_loops(rf)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(rf, 0, "local")
+
+    def read_index(blk, name):
+        return next(j for j, r in enumerate(sch.get(blk).reads) if r.source.name == name)
+
+    wl = sch.cache_read(rf, read_index(rf, "w"), "local")
+    sch.compute_at(wl, ku)
+    sch.vectorize(sch.get_loops(wl)[-1])
+    al = sch.cache_read(rf, read_index(rf, "a"), "local")
+    sch.compute_at(al, ku)
+    sch.vectorize(sch.split(sch.get_loops(al)[-1], [None, 8])[-1])
+    for loop in (ku, nr, kv):
+        sch.unroll(loop)
+    sch.decompose_reduction(rf, ko)
+    sch.reverse_compute_at(mm, ty)
+    sch.set_scope(mm, 0, "local")
+    lp = sch.get_loops(mm)
+    if len(lp) > 4:
+        sch.reorder(lp[4], lp[3])  # the cross-thread reduction loop must be innermost
+    sch.bind(lp[3], "threadIdx.x")
+    sch.reverse_compute_at(sch.get_sblock("cast"), ty)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True).with_attr("global_symbol", "nbits_gemv")
 
 
 def int8_matmul_cpu(K: int, n_tiles: int, unroll: int = 4):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 GEMV = dict(K=16384, N=28672, bits=4, block=128)  # 235 MB of 4-bit codes
+VARIANTS = [(2, 4, 1), (4, 4, 1), (2, 8, 2), (4, 2, 2), (1, 8, 4), (1, 4, 2), (2, 4, 4), (4, 4, 2)]
 STACK = dict(dim=2048, hidden=5632, layers=4, heads=32, kv_heads=4, vocab=8192)
 
 
@@ -63,6 +64,11 @@ def build(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tvm.compile(_gemv_module(**GEMV), target=make_target("cuda")).export_library(str(out / "gemv4.so"))
     (out / "gemv4.json").write_text(json.dumps(GEMV))
+    from lowbit.backends.tvm_kernels import nbits_gemv_cuda
+
+    for rows, warps, uk in VARIANTS:  # lowbit's own scheduled GEMV, a few launch shapes
+        f = nbits_gemv_cuda(GEMV["K"], GEMV["N"], GEMV["bits"], GEMV["block"], "float16", rows, warps, uk)
+        tvm.compile(f, target=make_target("cuda")).export_library(str(out / f"gemv_r{rows}_w{warps}_u{uk}.so"))
 
     root = Path(__file__).resolve().parents[1]
     data = Path(os.environ.get("LOWBIT_DATA", root / ".." / "shared" / "data"))
@@ -164,6 +170,16 @@ def run(d: Path) -> None:
                gemv4_floor_ms=bytes_read / res["read_bandwidth_GBps"] / 1e6,
                gemv4_pct_floor=100 * bytes_read / res["read_bandwidth_GBps"] / 1e6 / gemv_ms,
                gemv4_GBps=bytes_read / gemv_ms / 1e6)
+    y_out = torch.empty((1, N), dtype=torch.float16, device="cuda")
+    t_out = tvm.runtime.from_dlpack(y_out)
+    for rows, warps, uk in VARIANTS:
+        lib = tvm.runtime.load_module(str(d / f"gemv_r{rows}_w{warps}_u{uk}.so"))
+        fn = lib["nbits_gemv"]
+        fn(*targs, t_out)
+        err = float((y_out.float() - ref).abs().max() / ref.abs().max())
+        ms = cuda_ms(lambda: fn(*targs, t_out), 50)
+        res[f"lowbit_gemv_r{rows}_w{warps}_u{uk}"] = dict(
+            ms=ms, pct_floor=100 * bytes_read / res["read_bandwidth_GBps"] / 1e6 / ms, rel_err=err)
     res["fp16_torch_ms"] = cuda_ms(lambda: a @ wt, 50)
     res["speedup_vs_fp16"] = res["fp16_torch_ms"] / gemv_ms
     del wt, w, w_u32
