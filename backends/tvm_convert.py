@@ -34,10 +34,10 @@ def _attr(attrs: dict, name: str):
 @_register("NBitsMatMul")
 def _nbits_matmul():
     """``lowbit.tvm::NBitsMatMul`` (written by tvm_prepare): A @ dequant(W) (+ bias)."""
-    from tvm import relax
+    from tvm import relax, tirx
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .tvm_kernels import TILE, nbits_matmul_cpu, nbits_matmul_te
+    from .tvm_kernels import TILE, gemv_cuda_config, nbits_gemv_cuda, nbits_matmul_cpu, nbits_matmul_te
 
     class NBitsMatMul(OnnxOpConverter):
         _funcs: dict = {}
@@ -68,8 +68,19 @@ def _nbits_matmul():
                 y = relax.op.reshape(y, (*lead, N))
             else:
                 a2 = bb.normalize(relax.op.reshape(a, (-1, K)))
-                y = bb.emit_te(nbits_matmul_te, a2, w, s, z, K, N, bits, bs, str(a.ty.dtype),
-                               primfunc_name_hint="lowbit_nbits_matmul")
+                M = a2.ty.shape[0]
+                cfg = gemv_cuda_config(K, N, bits)
+                if cfg is not None and isinstance(M, tirx.IntImm) and int(M) == 1 and a.ty.dtype == s.ty.dtype:
+                    key = ("gemv", K, N, bs, str(a.ty.dtype))
+                    if key not in cls._funcs or cls._funcs[key][0] is not bb:
+                        name = f"lowbit_nbits_gemv_k{K}_n{N}_g{bs}_{a.ty.dtype}"
+                        func = nbits_gemv_cuda(K, N, bits, bs, str(a.ty.dtype), *cfg).with_attr("global_symbol", name)
+                        cls._funcs[key] = (bb, bb.add_func(func, name))
+                    y = bb.emit(relax.call_tir(cls._funcs[key][1], [a2, w, s, z],
+                                               relax.TensorType((1, N), str(a.ty.dtype))))
+                else:  # dlight schedules this one (GEMV rule for one row, Matmul rule for more)
+                    y = bb.emit_te(nbits_matmul_te, a2, w, s, z, K, N, bits, bs, str(a.ty.dtype),
+                                   primfunc_name_hint="lowbit_nbits_matmul")
                 y = relax.op.reshape(y, (*lead, N))
             if bias is not None:
                 y = relax.op.add(y, bias)

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 GEMV = dict(K=16384, N=28672, bits=4, block=128)  # 235 MB of 4-bit codes
-VARIANTS = [(2, 4, 1), (4, 4, 1), (2, 8, 2), (4, 2, 2), (1, 8, 4), (1, 4, 2), (2, 4, 4), (4, 4, 2)]
+VARIANTS = [(2, 4, 4), (2, 4, 8), (2, 8, 4), (2, 2, 4), (4, 4, 4), (1, 8, 8), (2, 4, 2), (2, 4, 1)]
+Q4 = dict(dim=1024, hidden=2048, layers=2, heads=8, kv_heads=2, vocab=1024)  # parity on the device
 STACK = dict(dim=2048, hidden=5632, layers=4, heads=32, kv_heads=4, vocab=8192)
 
 
@@ -77,6 +78,12 @@ def build(out: Path) -> None:
     lower_tvm(stories, "cuda", out, "stories", shape_dict={"tokens": [1, 32]})
     np.save(out / "stories_tokens.npy", tok)
     np.save(out / "stories_ort.npy", make_session(stories).run(None, {"tokens": tok})[0])
+
+    c = Q4  # 4-bit Llama whose linears all take lowbit's CUDA GEMV at one token: parity vs ORT
+    cfg = LlamaConfig(c["dim"], c["hidden"], c["layers"], c["heads"], c["kv_heads"], c["vocab"], 16)
+    q4 = ir.serde.deserialize_model(tg.matmulnbits(to_proto(build_llama(cfg, random_llama_weights(cfg))), 4, 128))
+    lower_tvm(q4, "cuda", out, "q4", shape_dict={"tokens": [1, 1]})
+    np.save(out / "q4_ort.npy", make_session(q4).run(None, {"tokens": tok[:, :1]})[0])
 
     c = STACK
     cfg = LlamaConfig(c["dim"], c["hidden"], c["layers"], c["heads"], c["kv_heads"], c["vocab"], 64)
@@ -193,6 +200,13 @@ def run(d: Path) -> None:
     logits = sv["main"](tok, *params).numpy()
     ort = np_.load(d / "stories_ort.npy")
     res["stories260K_rel_err_vs_ort"] = float(np_.abs(logits - ort).max() / np_.abs(ort).max())
+
+    qv = _load(tvm, d / "q4.so", dev)
+    with np_.load(d / "q4.params.npz") as zf:
+        params = [tvm.runtime.tensor(zf[f"p{i}"], dev) for i in range(len(zf.files))]
+    logits = qv["main"](tvm.runtime.tensor(np_.load(d / "stories_tokens.npy")[:, :1], dev), *params).numpy()
+    ort = np_.load(d / "q4_ort.npy")
+    res["q4_llama_1tok_rel_err_vs_ort"] = float(np_.abs(logits - ort).max() / np_.abs(ort).max())
 
     for seq in (1, 64):
         spec = json.loads((d / f"stack{seq}.spec.json").read_text())
