@@ -27,7 +27,7 @@ import onnx_ir as ir
 from ..errors import LowbitError
 from ..passmanager import Pass, PassResult, register_pass
 
-__all__ = ["TvmArtifact", "lower_tvm", "import_relax", "make_target", "LowerTvm"]
+__all__ = ["TvmArtifact", "lower_tvm", "import_relax", "compile_relax", "make_target", "parse_shapes", "LowerTvm"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,19 @@ def lower_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", n
     return TvmArtifact(lib, params, meta_path, meta["target"])
 
 
+def parse_shapes(text: str) -> dict[str, list[int]] | None:
+    """``"tokens:1x8+mask:1x8"`` -> {"tokens": [1, 8], "mask": [1, 8]} (pipeline-string friendly)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split("+"):
+        name, sep, dims = part.rpartition(":")
+        if not sep or not name:
+            raise ValueError(f"lower-tvm: shapes wants NAME:D1xD2[+NAME:...], got {text!r}")
+        out[name] = [int(d) for d in dims.split("x")]
+    return out
+
+
 @register_pass("lower-tvm")
 class LowerTvm(Pass):
     """Compile the model with TVM and record the artifact in ``ctx.report["tvm"]``; the IR is unchanged."""
@@ -186,15 +199,18 @@ class LowerTvm(Pass):
         target: str = "llvm"
         out_dir: str = "out/tvm"
         name: str = "model"
+        shapes: str = ""  # static input shapes, e.g. "tokens:1x64" (needed when inputs are symbolic)
         tuning_db: str = ""
 
         def __post_init__(self):
             if self.target not in ("llvm", "cuda"):
                 raise ValueError(f"lower-tvm: target must be 'llvm' or 'cuda', got {self.target!r}")
+            parse_shapes(self.shapes)
 
     def call(self, model: ir.Model) -> PassResult:
         o = self.options
-        art = lower_tvm(model, o.target, o.out_dir, o.name, tuning_db=o.tuning_db or None)
+        art = lower_tvm(model, o.target, o.out_dir, o.name, shape_dict=parse_shapes(o.shapes),
+                        tuning_db=o.tuning_db or None)
         self.ctx.report["tvm"] = {"lib": str(art.lib), "params": str(art.params), "meta": str(art.meta),
                                   "target": art.target}
         self.stats["artifacts"] += 1

@@ -121,3 +121,38 @@ def test_unsupported_op_names_node(tmp_path):
     m.ir_version = 10
     with pytest.raises(LowbitError, match="the_node.*com.example::FancyOp"):
         lower_tvm(ir.serde.deserialize_model(m), "llvm", tmp_path)
+
+
+def test_lower_tvm_pass_records_artifact(tiny_llama, tmp_path):
+    from lowbit import passmanager
+    from lowbit.backends.tvm_lower import LowerTvm
+
+    # get_pass() would load every builtin pass; this branch predates the main branch's fix of that
+    # loader, so look the registration up directly.
+    cls = passmanager._REGISTRY["lower-tvm"]
+    assert cls is LowerTvm
+    CompileContext = passmanager.CompileContext
+    ctx = CompileContext()
+    opts = cls.Options(out_dir=str(tmp_path), name="tiny", shapes="tokens:1x5")
+    result = cls(opts, ctx)(tiny_llama)
+    assert not result.modified and ctx.report["tvm"]["lib"].endswith("tiny.so")
+    tok = np.arange(5, dtype=np.int64).reshape(1, 5)
+    got, = TvmSession(ctx.report["tvm"]["lib"]).run(["logits"], {"tokens": tok})
+    ref, = make_session(tiny_llama).run(None, {"tokens": tok})
+    assert rel(got, ref) <= 1e-4
+    with pytest.raises(ValueError, match="shapes"):
+        cls.Options(shapes="tokens=1x5")
+
+
+def test_symbolic_inputs_need_shapes(tiny_llama, tmp_path):
+    with pytest.raises(LowbitError, match="symbolic shape"):
+        lower_tvm(tiny_llama, "llvm", tmp_path)
+
+
+def test_importing_lowbit_does_not_import_tvm():
+    import subprocess
+    import sys
+
+    code = "import sys, lowbit, lowbit.backends, lowbit.runtime.tvm_runner; print('tvm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
