@@ -27,7 +27,7 @@ import onnx_ir as ir
 from ..errors import LowbitError
 from ..passmanager import Pass, PassResult, register_pass
 
-__all__ = ["TvmArtifact", "lower_tvm", "import_relax", "compile_relax", "make_target", "parse_shapes", "LowerTvm"]
+__all__ = ["TvmArtifact", "lower_tvm", "tvm_params", "import_relax", "compile_relax", "make_target", "parse_shapes", "LowerTvm"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,17 @@ def _lift_params(m: ir.Model, shape_dict: dict) -> list[np.ndarray]:
         shape_dict[name] = list(arr.shape)
         arrays.append(arr)
     return arrays
+
+
+def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | None = None) -> list[np.ndarray]:
+    """The run-time parameters ``lower_tvm`` would write for ``model``, computed without TVM (for a
+    machine that has only the TVM runtime and rebuilds the model itself)."""
+    from .tvm_prepare import prepare_for_tvm
+
+    m = _as_model(model)
+    shape_dict = _static_shapes(m, shape_dict)
+    prepare_for_tvm(m, layout=layout)
+    return _lift_params(m, shape_dict)
 
 
 def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] | None = None):
