@@ -91,11 +91,13 @@ def _nbits_matmul():
 
 @_register("Int8MatMul")
 def _int8_matmul():
-    """``lowbit.tvm::Int8MatMul(a u8, a_zp i32[], W tiled s8)`` = (a - a_zp) @ W in int32."""
+    """``lowbit.tvm::Int8MatMul(a u8, correction i32, W tiled s8)`` = a @ W - a_zp * colsum(W) in int32."""
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .tvm_kernels import TILE, int8_matmul_cpu
+    from tvm.target import Target
+
+    from .tvm_kernels import TILE, has_vnni, int8_matmul_cpu
 
     class Int8MatMul(OnnxOpConverter):
         _funcs: dict = {}
@@ -106,8 +108,11 @@ def _int8_matmul():
             K, N = int(attr["K"]), int(attr["N"])
             nt = int(w.ty.shape[0])
             if (K, nt) not in cls._funcs or cls._funcs[(K, nt)][0] is not bb:
-                name = f"lowbit_int8_matmul_k{K}_t{nt}"
-                cls._funcs[(K, nt)] = (bb, bb.add_func(int8_matmul_cpu(K, nt).with_attr("global_symbol", name), name))
+                target = Target.current(allow_none=True)
+                vnni = target is not None and has_vnni(target)
+                name = f"lowbit_int8_matmul{'_vnni' if vnni else ''}_k{K}_t{nt}"
+                func = int8_matmul_cpu(K, nt, vnni).with_attr("global_symbol", name)
+                cls._funcs[(K, nt)] = (bb, bb.add_func(func, name))
             lead = list(a.ty.shape)[:-1]
             a2 = bb.normalize(relax.op.reshape(a, (-1, K)))
             y = bb.emit(relax.call_tir(cls._funcs[(K, nt)][1], [a2, za, w],

@@ -10,13 +10,14 @@
   L1-resident float buffer once and reuses it for every row of A.
 * CUDA (``layout="rows"``): a TE dequantize + matmul (codes [N, K*bits/32] u32) left unscheduled here;
   dlight's GEMV / Matmul rules schedule it (see ``tvm_lower.gpu_schedule``).
-* int8: u8 x s8 -> int32 GEMM with vectorised int32 accumulation (exact), for MatMulInteger with a
-  constant s8 weight in the tiled layout.
+* int8: u8 x s8 -> int32 GEMM (exact) for MatMulInteger with a constant s8 weight, on AVX-512 VNNI
+  (``vpdpbusd``) where the target has it.
 """
 
 from __future__ import annotations
 
-__all__ = ["TILE", "nbits_matmul_cpu", "nbits_matmul_te", "nbits_gemv_cuda", "int8_matmul_cpu"]
+__all__ = ["TILE", "nbits_matmul_cpu", "nbits_matmul_te", "nbits_gemv_cuda", "gemv_cuda_config", "int8_matmul_cpu",
+           "has_vnni"]
 
 TILE = 64
 
@@ -199,32 +200,73 @@ def nbits_gemv_cuda(K: int, N: int, bits: int, block: int, dtype: str = "float16
     return sch.mod["main"].with_attr("tir.is_scheduled", True).with_attr("global_symbol", "nbits_gemv")
 
 
-def int8_matmul_cpu(K: int, n_tiles: int, unroll: int = 4):
-    """PrimFunc (A[M, K] u8, za[] i32, B[n_tiles, K, 64] i8) -> Y[M, 64*n_tiles] i32 = (A - za) @ B."""
+def int8_matmul_cpu(K: int, n_tiles: int, vnni: bool = True):
+    """PrimFunc (A[M, K] u8, C[n_tiles, 64] i32, B[n_tiles, K/4, 64, 4] i8) -> Y[M, 64*n_tiles] i32.
+
+    Y = A @ B - C: with C = a_zero_point * colsum(B) this is (A - a_zp) @ B, exactly.  Each
+    64-lane tile keeps four int32x16 accumulators; with ``vnni`` every 4 consecutive k of a row
+    of A are broadcast as one int32 and ``vpdpbusd`` (u8 x s8, 4-way dot product into int32)
+    consumes the matching 64 bytes of B; without it, a plain vectorised multiply-add.
+    """
     from tvm.script import tirx as T
 
-    NT = n_tiles
-    UK = unroll if K % unroll == 0 else 1
+    if K % 4:
+        raise ValueError(f"int8_matmul_cpu: K={K} must be a multiple of 4")
+    NT, K4 = n_tiles, K // 4
 
     @T.prim_func
-    def int8_matmul(a: T.handle, za: T.handle, b: T.handle, o: T.handle):
+    def int8_matmul_vnni(a: T.handle, c: T.handle, b: T.handle, o: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
         M = T.int64()
         A = T.match_buffer(a, (M, K), "uint8")
-        ZA = T.match_buffer(za, (), "int32")
-        B = T.match_buffer(b, (NT, K, TILE), "int8")
+        C = T.match_buffer(c, (NT, TILE), "int32")
+        B = T.match_buffer(b, (NT, K4, TILE, 4), "int8")
         O = T.match_buffer(o, (M, NT * TILE), "int32")
         for nt in T.parallel(NT):
             acc = T.decl_buffer((TILE,), "int32", scope="local")
             for m in range(M):
                 for l in T.vectorized(TILE):
-                    acc[l] = 0
-                for ko in range(K // UK):
-                    for ku in T.unroll(UK):
-                        for l in T.vectorized(TILE):
-                            acc[l] = acc[l] + (T.Cast("int32", A[m, ko * UK + ku]) - ZA[()]) * T.Cast(
-                                "int32", B[nt, ko * UK + ku, l])
+                    acc[l] = T.int32(0) - C[nt, l]
+                for k4 in range(K4):
+                    for j in T.unroll(4):
+                        acc[T.ramp(j * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                            acc.vload([j * 16], "int32x16"),
+                            T.reinterpret(T.broadcast(T.reinterpret(A.vload([m, k4 * 4], "uint8x4"), dtype="int32"),
+                                                      16), dtype="uint8x64"),
+                            B.vload([nt, k4, j * 16, 0], "int8x64"),
+                            dtype="int32x16")
                 for l in T.vectorized(TILE):
                     O[m, nt * TILE + l] = acc[l]
 
-    return int8_matmul
+    @T.prim_func
+    def int8_matmul(a: T.handle, c: T.handle, b: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        M = T.int64()
+        A = T.match_buffer(a, (M, K), "uint8")
+        C = T.match_buffer(c, (NT, TILE), "int32")
+        B = T.match_buffer(b, (NT, K4, TILE, 4), "int8")
+        O = T.match_buffer(o, (M, NT * TILE), "int32")
+        for nt in T.parallel(NT):
+            acc = T.decl_buffer((TILE,), "int32", scope="local")
+            for m in range(M):
+                for l in T.vectorized(TILE):
+                    acc[l] = T.int32(0) - C[nt, l]
+                for k4 in range(K4):
+                    for kk in T.unroll(4):
+                        for l in T.vectorized(TILE):
+                            acc[l] = acc[l] + T.Cast("int32", A[m, k4 * 4 + kk]) * T.Cast("int32", B[nt, k4, l, kk])
+                for l in T.vectorized(TILE):
+                    O[m, nt * TILE + l] = acc[l]
+
+    return int8_matmul_vnni if vnni else int8_matmul
+
+
+def has_vnni(target) -> bool:
+    """Whether an LLVM target has AVX-512 VNNI (vpdpbusd)."""
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features("avx512vnni", target))
+    except Exception:  # noqa: BLE001 - a target LLVM does not know: take the portable kernel
+        return False

@@ -147,7 +147,7 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
     proto = to_proto(m)
     dtypes = {v.name: np.dtype(v.dtype.numpy()).name for v in m.graph.inputs}
     try:
-        with lowbit_converters(), warnings.catch_warnings():
+        with tgt, lowbit_converters(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Renaming name")
             mod = from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtypes, keep_params_in_input=False)
     except NotImplementedError as exc:

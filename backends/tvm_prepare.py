@@ -175,7 +175,7 @@ def _replace(graph: ir.Graph, node: ir.Node, a: ir.Value, codes, scale, zero, bi
 
 def _int8_matmul(graph: ir.Graph, node: ir.Node) -> bool:
     """MatMulInteger(a u8, W s8 const [K, N], a_zp scalar[, b_zp == 0]) -> lowbit.tvm::Int8MatMul
-    with W tiled [N/64, K, 64] for the CPU kernel (exact: both are int32 sums of products)."""
+    with W as [N/64, K/4, 64, 4] and the zero-point term a_zp * colsum(W) precomputed (exact)."""
     ins = list(node.inputs) + [None] * (4 - len(node.inputs))
     a, b, azp, bzp = ins
     wt = b.const_value if b is not None else None
@@ -190,12 +190,16 @@ def _int8_matmul(graph: ir.Graph, node: ir.Node) -> bool:
         return False
     w = wt.numpy()
     K, N = w.shape
+    if K % 4:
+        return False
     NT = -(-N // TILE)
-    tiled = np.ascontiguousarray(np.pad(w, ((0, 0), (0, NT * TILE - N))).reshape(K, NT, TILE).transpose(1, 0, 2))
-    za = np.array(0 if azp is None else int(azp.const_value.numpy().reshape(())), np.int32)
+    wp = np.pad(w, ((0, 0), (0, NT * TILE - N)))
+    tiled = np.ascontiguousarray(wp.reshape(K // 4, 4, NT, TILE).transpose(2, 0, 3, 1))  # [NT, K/4, 64, 4]
+    za = 0 if azp is None else int(azp.const_value.numpy().reshape(()))
+    corr = (za * wp.astype(np.int64).sum(axis=0)).astype(np.int32).reshape(NT, TILE)
     base = node.name or "int8_matmul"
     vals = []
-    for suffix, arr in (("qweight", tiled), ("a_zero_point", za)):
+    for suffix, arr in (("qweight", tiled), ("zero_point_correction", corr)):
         v = ir.Value(name=f"{base}.tvm_{suffix}", const_value=ir.tensor(arr))
         v.shape, v.type = ir.Shape(arr.shape), ir.TensorType(ir.DataType.from_numpy(arr.dtype))
         graph.register_initializer(v)

@@ -7,7 +7,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from lowbit.backends.tvm_kernels import TILE, int8_matmul_cpu, nbits_matmul_cpu  # noqa: E402
+from lowbit.backends.tvm_kernels import TILE, has_vnni, int8_matmul_cpu, nbits_matmul_cpu  # noqa: E402
 from lowbit.backends.tvm_lower import make_target  # noqa: E402
 from lowbit.backends.tvm_prepare import pack_nbits  # noqa: E402
 
@@ -55,19 +55,23 @@ def test_pack_rows_roundtrip():
         assert np.array_equal(unpacked.T, q) and np.array_equal(s, scale.T) and np.array_equal(z, zero.T)
 
 
+@pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("M,K,N", [(1, 64, 64), (5, 96, 192)])
-def test_int8_matmul_cpu_exact(M, K, N):
+def test_int8_matmul_cpu_exact(M, K, N, vnni):
+    target = make_target("llvm")
+    if vnni and not has_vnni(target):
+        pytest.skip("this CPU has no AVX-512 VNNI")
     rng = np.random.default_rng(M)
     a = rng.integers(0, 256, (M, K)).astype(np.uint8)
     b = rng.integers(-128, 128, (K, N)).astype(np.int8)
-    za = np.array(128, np.int32)
     nt = N // TILE
-    bt = np.ascontiguousarray(b.reshape(K, nt, TILE).transpose(1, 0, 2))
-    f = tvm.compile(int8_matmul_cpu(K, nt), target=make_target("llvm"))
+    bt = np.ascontiguousarray(b.reshape(K // 4, 4, nt, TILE).transpose(2, 0, 3, 1))
+    corr = (128 * b.astype(np.int64).sum(0)).astype(np.int32).reshape(nt, TILE)
+    f = tvm.compile(int8_matmul_cpu(K, nt, vnni), target=target)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros((M, N), np.int32), dev)
-    f(*(tvm.runtime.tensor(x, dev) for x in (a, za, bt)), out)
-    ref = (a.astype(np.int64) - 128) @ b.astype(np.int64)
+    f(*(tvm.runtime.tensor(x, dev) for x in (a, corr, bt)), out)
+    ref = (a.astype(np.int64) - 128) @ b.astype(np.int64)  # MatMulInteger with a_zero_point = 128
     assert np.array_equal(out.numpy(), ref)
 
 
