@@ -263,10 +263,10 @@ def prepare_for_tvm(model: ir.Model, layout: str = "tiled") -> dict[str, int]:
                 ir.convenience.replace_all_uses_with(node.outputs[0], v)
                 graph.remove(node, safe=True)
                 stats["folded_dq"] += 1
-    for name, value in list(graph.initializers.items()):
-        if value.const_value is not None and value.const_value.dtype in _LOW_BIT \
-                and value.const_value.dtype not in (ir.DataType.INT8, ir.DataType.UINT8) and not value.uses():
+    for name, value in list(graph.initializers.items()):  # the rewritten weights' originals
+        if not value.uses() and value not in graph.outputs:
             del graph.initializers[name]
+            stats["removed_initializers"] = stats.get("removed_initializers", 0) + 1
     if any(n.domain == NBITS_DOMAIN for n in graph) and not any(k == NBITS_DOMAIN for k in model.opset_imports):
         model.opset_imports[NBITS_DOMAIN] = 1
     logger.debug("prepare_for_tvm: %s", stats)
