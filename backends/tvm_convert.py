@@ -124,6 +124,60 @@ def _int8_matmul():
     return Int8MatMul
 
 
+@_register("Attention")
+def _attention():
+    """ONNX opset-23 ``Attention`` (TVM 0.27 has none): Q/K/V in [B, S, hidden] (with
+    q_num_heads/kv_num_heads) or [B, H, S, d]; grouped KV heads; optional additive or boolean
+    mask; ``is_causal``; ``scale``.  Past/present KV, softcap and the extra outputs are refused."""
+    import math
+
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class Attention(OnnxOpConverter):
+        @classmethod
+        def _impl_v23(cls, bb, inputs, attr, params):
+            q, k, v = inputs[:3]
+            mask = inputs[3] if len(inputs) > 3 else None
+            if any(x is not None for x in inputs[4:]) or attr.get("softcap", 0.0) or \
+                    attr["tvm_custom"]["num_outputs"] > 1:
+                raise NotImplementedError("Attention: past/present KV, softcap and extra outputs are not supported")
+            three_d = len(q.ty.shape) == 3
+            if three_d:
+                hq, hkv = int(attr["q_num_heads"]), int(attr["kv_num_heads"])
+                B, S = q.ty.shape[0], q.ty.shape[1]
+                q = relax.op.permute_dims(relax.op.reshape(q, (B, S, hq, -1)), [0, 2, 1, 3])
+                k = relax.op.permute_dims(relax.op.reshape(k, (B, k.ty.shape[1], hkv, -1)), [0, 2, 1, 3])
+                v = relax.op.permute_dims(relax.op.reshape(v, (B, v.ty.shape[1], hkv, -1)), [0, 2, 1, 3])
+                q, k, v = (bb.normalize(t) for t in (q, k, v))
+            hq, hkv, d = int(q.ty.shape[1]), int(k.ty.shape[1]), int(q.ty.shape[3])
+            if hq != hkv:
+                k = bb.normalize(relax.op.repeat(k, hq // hkv, axis=1))
+                v = bb.normalize(relax.op.repeat(v, hq // hkv, axis=1))
+            scale = attr.get("scale", 1.0 / math.sqrt(d))
+            dtype = str(q.ty.dtype)
+            scores = relax.op.multiply(relax.op.matmul(q, relax.op.permute_dims(k, [0, 1, 3, 2])),
+                                       relax.const(scale, dtype))
+            scores = bb.normalize(scores)
+            sq, skv = scores.ty.shape[2], scores.ty.shape[3]
+            if attr.get("is_causal", 0):
+                ones = relax.op.ones((sq, skv), "bool")
+                keep = relax.op.tril(ones, int(skv) - int(sq) if isinstance(skv, int) or hasattr(skv, "value") else 0)
+                scores = relax.op.where(keep, scores, relax.const(float("-inf"), dtype))
+            if mask is not None:
+                if str(mask.ty.dtype) == "bool":
+                    scores = relax.op.where(mask, scores, relax.const(float("-inf"), dtype))
+                else:
+                    scores = relax.op.add(scores, mask)
+            y = relax.op.matmul(relax.op.nn.softmax(scores, axis=-1), v)
+            if three_d:
+                y = bb.normalize(relax.op.permute_dims(y, [0, 2, 1, 3]))
+                y = relax.op.reshape(y, (y.ty.shape[0], y.ty.shape[1], -1))
+            return y
+
+    return Attention
+
+
 @contextlib.contextmanager
 def lowbit_converters():
     """Within the block, TVM's ONNX importer also knows lowbit's converters."""

@@ -156,3 +156,33 @@ def test_importing_lowbit_does_not_import_tvm():
     code = "import sys, lowbit, lowbit.backends, lowbit.runtime.tvm_runner; print('tvm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("layout,causal,mask", [("3d", True, False), ("4d", False, True), ("3d", False, False)])
+def test_opset23_attention(tmp_path, layout, causal, mask):
+    """The opset-23 Attention op (torch's dynamo exporter emits it for SDPA), with grouped KV heads."""
+    from onnx import TensorProto, helper
+
+    B, S, Hq, Hkv, d = 2, 6, 4, 2, 8
+    rng = np.random.default_rng(7)
+    if layout == "3d":
+        shapes = {"q": [B, S, Hq * d], "k": [B, S, Hkv * d], "v": [B, S, Hkv * d]}
+        attrs = {"q_num_heads": Hq, "kv_num_heads": Hkv}
+        out_shape = [B, S, Hq * d]
+    else:
+        shapes = {"q": [B, Hq, S, d], "k": [B, Hkv, S, d], "v": [B, Hkv, S, d]}
+        attrs, out_shape = {}, [B, Hq, S, d]
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    names = ["q", "k", "v"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    if mask:
+        feeds["m"] = np.where(rng.random((S, S)) < 0.2, -np.inf, 0).astype(np.float32)
+        np.fill_diagonal(feeds["m"], 0)
+        names.append("m")
+        inputs.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, [S, S]))
+    node = helper.make_node("Attention", names, ["y"], name="attn", is_causal=int(causal), **attrs)
+    g = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    m.ir_version = 10
+    (t,), (o,) = both(ir.serde.deserialize_model(m), feeds, tmp_path)
+    assert t.shape == o.shape and rel(t, o) <= 1e-4
