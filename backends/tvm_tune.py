@@ -61,18 +61,25 @@ def _shape(text: str) -> tuple[str, list[int]]:
     return name, [int(d) for d in dims.split("x")]
 
 
-def tune_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lowbit tune", description="Create TVM meta-schedule tuning records.")
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model (lowbit's output)")
     p.add_argument("--out", required=True, help="directory for the records")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
     p.add_argument("--trials", type=int, default=64, help="total measured candidates")
     p.add_argument("--shape", type=_shape, action="append", default=[], help="input shape, NAME=D1xD2")
     p.add_argument("--max-workers", type=int, default=1)
-    args = p.parse_args(argv)
+
+
+def run_tune(args) -> int:
     out = tune(args.model, args.target, args.trials, args.out, dict(args.shape) or None, args.max_workers)
     print(f"tuning records written to {out}")
     return 0
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lowbit tune", description="Create TVM meta-schedule tuning records.")
+    add_tune_arguments(p)
+    return run_tune(p.parse_args(argv))
 
 
 if __name__ == "__main__":
