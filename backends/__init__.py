@@ -1,3 +1,3 @@
 """Backends: lowering to ONNX Runtime (and TVM, imported lazily)."""
 
-from . import ort  # noqa: F401  (registers lower-ort)
+from . import nbits, ort  # noqa: F401  (registers lower-nbits, lower-ort)

@@ -162,6 +162,7 @@ class QuantizeWeights(Pass):
         node = make_node(graph, "MatMul3Bit", [lin.input, packed, sv, zv], origin=self.name, name=name,
                          domain=DOMAIN, attributes={"block_size": group or k}, before=lin.node)
         self._tag(node, 3, group)
+        node.metadata_props["lowbit.k"] = str(k)
         out, new = lin.node.outputs[0], node.outputs[0]
         if out.dtype is not None:
             new.shape, new.dtype = out.shape, out.dtype
