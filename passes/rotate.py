@@ -107,6 +107,7 @@ class Rotate(Pass):
                     for lin in g.consumers:
                         self._online(graph, lin, rng)
         graph.meta.pop("lowbit.names", None)
+        graph.meta.pop("lowbit.hadamard", None)
         attach_functions(model)
         self.ctx.report["rotate"] = {"kind": self.options.kind, "seed": self.options.seed, **dict(self.stats)}
         return PassResult(model, modified=True)
@@ -191,8 +192,11 @@ class Rotate(Pass):
 
     def _online(self, graph, lin: Linear, rng) -> None:
         n = lin.shape[0]
-        h, qm = orthogonal(n, "hadamard", rng, signs=False)
-        qv = add_initializer(graph, f"{lin.name}.hadamard_q", qm.astype(np.float32))
+        cache = graph.meta.setdefault("lowbit.hadamard", {})  # one Q_m per width, shared by all layers
+        if n not in cache:
+            h, qm = orthogonal(n, "hadamard", rng, signs=False)
+            cache[n] = (h, add_initializer(graph, f"hadamard_q{n}", qm.astype(np.float32)))
+        h, qv = cache[n]
         node = make_node(graph, "Hadamard", [lin.input, qv], origin=self.name, name=f"{lin.name}.hadamard",
                          domain=DOMAIN, before=lin.node)
         node.metadata_props["lowbit.width"] = str(n)
