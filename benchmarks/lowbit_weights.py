@@ -115,7 +115,7 @@ def quality(args) -> None:
 
 
 def latency(args) -> None:
-    cfg = LlamaConfig(2048, 5632, 4, 32, 4, 32000, 512)
+    cfg = LlamaConfig(256, 688, 2, 8, 4, 512, 128) if args.tiny else LlamaConfig(2048, 5632, 4, 32, 4, 32000, 512)
     weights = random_llama_weights(cfg, seed=0)
     fmts = [("fp32", None, None),
             ("w8 g128 acc4 (MatMulNBits)", RTN.format(b=8, g=128, x="") + ",lower-nbits{accuracy_level=4}", None),
@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="quality rows whose label contains this")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="latency on a tiny Llama (smoke test of the script)")
     args = ap.parse_args()
     both = not (args.quality or args.latency)
     if args.quality or both:
