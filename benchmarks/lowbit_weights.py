@@ -76,6 +76,22 @@ def run_pipeline(model, pipeline: str, feeds):
     return PassManager.from_pipeline(pipeline, ctx).run(model)
 
 
+def bits_per_weight(path: Path) -> str:
+    """On-disk bits per weight of the lowbit.MatMul3Bit layers in ``path``: codes alone and with scales."""
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    weights = code_bytes = meta_bytes = 0
+    for node in m.graph.node:
+        if node.op_type == "MatMul3Bit":
+            b, s, z = (inits[n] for n in node.input[1:4])
+            k = next(int(p.value) for p in node.metadata_props if p.key == "lowbit.k")
+            weights += b.dims[0] * k
+            code_bytes += len(b.raw_data)
+            meta_bytes += len(s.raw_data) + len(z.raw_data)
+    return (f"3-bit layers on disk: {8 * code_bytes / weights:.3f} bits/weight of codes, "
+            f"{8 * (code_bytes + meta_bytes) / weights:.3f} with scales and zero points ({weights} weights)")
+
+
 def quality(args) -> None:
     d = data_dir()
     cfg, weights = read_llama2c(d / "stories260K" / "stories260K.bin")
@@ -112,6 +128,7 @@ def quality(args) -> None:
                 fast = perplexity(fast_session(str(path)), stream).ppl
                 print(fmt.format("  same file, 3-bit fast path (4-bit repack)", f"{fast:.4f}",
                                  f"{fast - base[0]:+.4f}", "", ""), flush=True)
+                print("  " + bits_per_weight(path), flush=True)
 
 
 def latency(args) -> None:
