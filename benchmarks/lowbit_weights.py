@@ -145,8 +145,14 @@ def latency(args) -> None:
             ("w2 g32 acc4 (MatMulNBits)", RTN.format(b=2, g=32, x="") + ",lower-nbits{accuracy_level=4}", None),
             ("w3 g128, function body (plain ORT)", RTN.format(b=3, g=128, x="") + ",lower-nbits", "plain"),
             ("w3 g128, fast path (4-bit repack)", RTN.format(b=3, g=128, x="") + ",lower-nbits", "fast")]
-    sessions, sizes = [], []
+    print(f"\nrealistic-shape random Llama {cfg.dim}/{cfg.hidden_dim}/{cfg.n_layers} layers/vocab {cfg.vocab_size}, "
+          f"batch 1, {args.threads or 'all'} threads; each format timed against FP32 in {args.rounds} interleaved "
+          "rounds (medians), one format in memory at a time")
+    fmt = "{:<38} {:>9} {:>10} {:>9} {:>10} {:>9}"
+    print(fmt.format("format", "file MB", "1 tok ms", "speedup", "32 tok ms", "speedup"), flush=True)
+    feeds = {seq: {"tokens": np.arange(seq, dtype=np.int64)[None] % cfg.vocab_size} for seq in (1, 32)}
     with tempfile.TemporaryDirectory() as tmp:
+        base = None
         for i, (label, pipe, how) in enumerate(fmts):
             path = Path(tmp) / f"l{i}.onnx"
             model = build_llama(cfg, weights)
@@ -157,27 +163,26 @@ def latency(args) -> None:
             size = sum(p.stat().st_size for p in Path(tmp).glob(f"l{i}.onnx*"))
             sess = fast_session(str(path), threads=args.threads) if how == "fast" else \
                 make_session(str(path), threads=args.threads)
-            sessions.append(sess)
-            sizes.append(size)
-        print(f"\nrealistic-shape random Llama {cfg.dim}/{cfg.hidden_dim}/{cfg.n_layers} layers/vocab {cfg.vocab_size}, "
-              f"batch 1, {args.threads or 'all'} threads, median of {args.rounds} interleaved rounds")
-        fmt = "{:<38} {:>9} {:>10} {:>9} {:>10} {:>9}"
-        print(fmt.format("format", "file MB", "1 tok ms", "speedup", "32 tok ms", "speedup"))
-        res = {}
-        for seq in (1, 32):
-            feed = {"tokens": np.arange(seq, dtype=np.int64)[None] % cfg.vocab_size}
-            times = [[] for _ in sessions]
-            for s in sessions:
-                s.run(None, feed)  # warm up
-            for _ in range(args.rounds):
-                for j, s in enumerate(sessions):
-                    t = time.perf_counter()
-                    s.run(None, feed)
-                    times[j].append(time.perf_counter() - t)
-            res[seq] = [statistics.median(t) * 1e3 for t in times]
-        for j, (label, _, _) in enumerate(fmts):
-            print(fmt.format(label, f"{sizes[j] / 2**20:.1f}", f"{res[1][j]:.2f}", f"{res[1][0] / res[1][j]:.2f}x",
-                             f"{res[32][j]:.2f}", f"{res[32][0] / res[32][j]:.2f}x"), flush=True)
+            if base is None:
+                base = sess
+            res = {}
+            for seq, feed in feeds.items():
+                pair = [[], []]
+                for s_ in (base, sess):
+                    s_.run(None, feed)  # warm up
+                for _ in range(args.rounds):
+                    for j, s_ in enumerate((base, sess)):
+                        t = time.perf_counter()
+                        s_.run(None, feed)
+                        pair[j].append(time.perf_counter() - t)
+                res[seq] = [statistics.median(t) * 1e3 for t in pair]
+            print(fmt.format(label, f"{size / 2**20:.1f}", f"{res[1][1]:.2f}", f"{res[1][0] / res[1][1]:.2f}x",
+                             f"{res[32][1]:.2f}", f"{res[32][0] / res[32][1]:.2f}x"), flush=True)
+            if sess is not base:
+                del sess
+            for f in Path(tmp).glob(f"l{i}.onnx*"):
+                if i:
+                    f.unlink()
 
 
 def main() -> None:
