@@ -146,7 +146,7 @@ class LossProbe:
     """Runs the model on calibration feeds with one linear's weight replaced; returns the loss."""
 
     def __init__(self, model: ir.Model, feeds: list[dict], weights: list[str], kind: str = "causal-lm",
-                 metric: str = "nll", batch: int = 1, threads: int = 1):
+                 batch: int = 1, threads: int = 1):
         import onnx
 
         from .runtime.session import make_session, to_proto
@@ -159,10 +159,10 @@ class LossProbe:
                 t = inits[name]
                 proto.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
         self.session = make_session(proto, threads=threads)
-        self.kind, self.metric = kind, metric
+        self.kind = kind
         self.feeds, self.masks = (_batch_causal(feeds, batch) if kind == "causal-lm" else (feeds, [None] * len(feeds)))
-        self.reference = [self._run(f, {}) for f in self.feeds] if (metric == "kl" or kind == "encoder") else None
-        self.base = self.loss({})
+        self.reference = [self._run(f, {}) for f in self.feeds]
+        self.base = self.losses({})
 
     def _run(self, feed: dict, overrides: dict) -> np.ndarray:
         out = self.session.run(None, {**feed, **overrides})[0]
@@ -172,32 +172,30 @@ class LossProbe:
             return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
         return out.astype(np.float32)
 
-    def loss(self, overrides: dict[str, np.ndarray]) -> float:
-        total, count = 0.0, 0
+    def losses(self, overrides: dict[str, np.ndarray]) -> dict[str, float]:
+        """``{"nll", "kl"}`` per scored token for a causal LM, ``{"cos"}`` (mean 1 - cos) for an encoder."""
+        totals: dict[str, float] = {}
+        count = 0
         for i, feed in enumerate(self.feeds):
-            out = self._run(feed, overrides)
+            out, ref = self._run(feed, overrides), self.reference[i]
             if self.kind == "encoder":
-                ref = self.reference[i]
                 cos = (out * ref).sum(-1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
-                total += float((1.0 - cos).sum())
+                totals["cos"] = totals.get("cos", 0.0) + float((1.0 - cos).sum())
                 count += cos.size
-            elif self.metric == "kl":
-                ref = self.reference[i]
-                kl = (np.exp(ref) * (ref - out)).sum(-1)
-                total += float((kl * self.masks[i]).sum())
-                count += int(self.masks[i].sum())
-            else:
-                tgt = next(iter(feed.values()))[:, 1:]
-                nll = -np.take_along_axis(out, tgt[..., None], axis=-1)[..., 0]
-                total += float((nll * self.masks[i]).sum())
-                count += int(self.masks[i].sum())
-        return total / max(count, 1)
+                continue
+            mask = self.masks[i]
+            tgt = next(iter(feed.values()))[:, 1:]
+            nll = -np.take_along_axis(out, tgt[..., None], axis=-1)[..., 0]
+            kl = (np.exp(ref) * (ref - out)).sum(-1)
+            totals["nll"] = totals.get("nll", 0.0) + float((nll * mask).sum())
+            totals["kl"] = totals.get("kl", 0.0) + float((kl * mask).sum())
+            count += int(mask.sum())
+        return {k: v / max(count, 1) for k, v in totals.items()}
 
 
-def measured_sensitivity(model: ir.Model, linears: list[Linear], candidates: list[tuple[int, int]],
-                         feeds: list[dict], *, kind: str = "causal-lm", metric: str = "nll",
-                         cache_dir=None, progress: bool = True) -> dict[tuple[str, int, int], float]:
-    """Loss(layer alone quantized at (bits, group)) − loss(float model), for every layer × candidate."""
+def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], feeds: list[dict], *,
+                         kind: str = "causal-lm", metric: str = "nll", cache_dir=None, progress: bool = True) -> dict[tuple[str, int, int], float]:
+    """Loss(layer alone quantized at (bits, group)) − loss(float model), for every job (layer, bits, group)."""
     from tqdm.auto import tqdm
 
     if not feeds:
@@ -206,23 +204,22 @@ def measured_sensitivity(model: ir.Model, linears: list[Linear], candidates: lis
     metric = "cos" if kind == "encoder" else metric
     cache = SensitivityCache(cache_dir, model_fingerprint(model), feeds_fingerprint(feeds))
     out, todo = {}, []
-    for lin in linears:
-        for bits, group in candidates:
-            if bits >= FLOAT_BITS:
-                out[(lin.name, bits, group)] = 0.0
-                continue
-            hit = cache.get(lin.name, bits, group, metric)
-            if hit is None:
-                todo.append((lin, bits, group))
-            else:
-                out[(lin.name, bits, group)] = hit
+    for lin, bits, group in jobs:
+        if bits >= FLOAT_BITS:
+            out[(lin.name, bits, group)] = 0.0
+            continue
+        hit = cache.get(lin.name, bits, group, metric)
+        if hit is None:
+            todo.append((lin, bits, group))
+        else:
+            out[(lin.name, bits, group)] = hit
     if todo:
-        probe = LossProbe(model, feeds, sorted({lin.weight.name for lin, _, _ in todo}), kind, metric)
+        probe = LossProbe(model, feeds, sorted({lin.weight.name for lin, _, _ in todo}), kind)
         for i, (lin, bits, group) in enumerate(tqdm(todo, desc="sensitivity", unit="probe", disable=not progress)):
-            w = _weight(lin)
-            value = probe.loss({lin.weight.name: fake_quant(w, bits, group)}) - probe.base
-            out[(lin.name, bits, group)] = value
-            cache.put(value, lin.name, bits, group, metric)
+            values = probe.losses({lin.weight.name: fake_quant(_weight(lin), bits, group)})
+            for m, v in values.items():  # every metric of the one run is cached
+                cache.put(v - probe.base[m], lin.name, bits, group, m)
+            out[(lin.name, bits, group)] = values[metric] - probe.base[metric]
             if i % 16 == 15:
                 cache.save()
         cache.save()
