@@ -56,7 +56,7 @@ def evaluate(model, linears, plan: Plan | None, stream) -> float:
         for i, t in enumerate(proto.graph.initializer):
             if t.name in names:
                 proto.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(deq[names[t.name]], t.name))
-    return perplexity(make_session(proto, threads=1), stream).nll
+    return perplexity(make_session(proto, threads=1), stream, batch=1).nll
 
 
 def ort_rtn(model, bits: int, block: int, stream) -> tuple[float, int]:
@@ -67,7 +67,7 @@ def ort_rtn(model, bits: int, block: int, stream) -> tuple[float, int]:
     proto = q.model.model
     size = sum(len(t.raw_data) or onnx_tensor_bytes(t) for t in proto.graph.initializer)
     sess = make_session(proto, threads=1, matmulnbits_accuracy_level=0)
-    return perplexity(sess, stream).nll, size
+    return perplexity(sess, stream, batch=1).nll, size
 
 
 def onnx_tensor_bytes(t) -> int:
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="2.5,3.0,3.5")
     ap.add_argument("--estimators", default="cheap,measured,measured-kl")
     ap.add_argument("--split", type=float, default=0.125, help="also solve with this column-split fraction (0: off)")
+    ap.add_argument("--split-estimators", default="measured", help="estimators to also solve with --split")
     ap.add_argument("--eval-stories", default=f"{EVAL_STORIES.start}:{EVAL_STORIES.stop}")
     ap.add_argument("--no-ort", action="store_true", help="skip ORT's RTN rows")
     args = ap.parse_args(argv)
@@ -120,10 +121,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     add("float32", "float", None, evaluate(model, linears, None, stream),
         fixed + sum(w.nbytes for w in weights.values()))
-    for bits in (2, 3, 4, 8):
-        for group in ((0,) if bits == 8 else (32, 64, 128)):
-            if bits == 4 and group == 128:
-                continue
+    for bits, groups in ((2, (32, 128)), (3, (32, 64, 128)), (4, (32, 64)), (8, (0,))):
+        for group in groups:
             plan = uniform_plan(linears, bits, group, fixed)
             add(f"uniform {bits}b g{group or 'ch'}", "uniform", plan, evaluate(model, linears, plan, stream))
     if not args.no_ort:
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a missing ORT feature must not stop the benchmark
                 print(f"ORT RTN {bits}b b{block} failed: {exc}", flush=True)
     for est in args.estimators.split(","):
-        for split in sorted({0.0, args.split}):
+        for split in sorted({0.0, args.split if est in args.split_estimators.split(",") else 0.0}):
             for target in (float(t) for t in args.targets.split(",")):
                 path = RESULTS / f"plan-{est}-{target}{'-split' if split else ''}.json"
                 ctx.report.clear()
