@@ -25,6 +25,7 @@ import numpy as np
 
 from lowbit.analysis import find_linears
 from lowbit.bitplan import LayerPlan, Plan, apply_fake_quant, plan_bytes
+from lowbit.errors import LowbitError
 from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
 from lowbit.frontends import load_model
 from lowbit.passmanager import CompileContext, PassManager
@@ -45,7 +46,7 @@ def uniform_plan(linears, bits: int, group: int, fixed: int) -> Plan:
     return Plan(layers, budget="uniform", target=bits, estimator="-", fixed_bytes=fixed)
 
 
-def evaluate(model, linears, plan: Plan | None, stream) -> float:
+def evaluate_plan(model, linears, plan: Plan | None, stream) -> float:
     import onnx
 
     proto = to_proto(model)
@@ -60,7 +61,11 @@ def evaluate(model, linears, plan: Plan | None, stream) -> float:
 
 
 def ort_rtn(model, bits: int, block: int, stream) -> tuple[float, int]:
+    import logging
+
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
     q = MatMulNBitsQuantizer(to_proto(model), bits=bits, block_size=block, is_symmetric=False, accuracy_level=0)
     q.process()
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="2.5,3.0,3.5")
     ap.add_argument("--estimators", default="cheap,measured,measured-kl")
     ap.add_argument("--split", type=float, default=0.125, help="also solve with this column-split fraction (0: off)")
-    ap.add_argument("--split-estimators", default="measured", help="estimators to also solve with --split")
+    ap.add_argument("--allin-targets", default="2.75,3.0,3.5", help="avg_bits (scales included) targets")
     ap.add_argument("--eval-stories", default=f"{EVAL_STORIES.start}:{EVAL_STORIES.stop}")
     ap.add_argument("--no-ort", action="store_true", help="skip ORT's RTN rows")
     args = ap.parse_args(argv)
@@ -109,14 +114,27 @@ def main(argv=None) -> int:
     fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if n not in wnames)
     rows = []
 
+    memo_path = RESULTS / "eval-cache.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+
+    def evaluate(model, linears, plan, stream):  # re-evaluating an identical plan reuses the result
+        key = f"{a}:{b}|" + ("float" if plan is None else json.dumps(
+            [(lp.name, lp.bits, lp.group, lp.split and (lp.split["bits"], lp.split["group"], lp.split["columns"]))
+             for lp in plan.layers]))
+        if key not in memo:
+            memo[key] = evaluate_plan(model, linears, plan, stream)
+            memo_path.write_text(json.dumps(memo))
+        return memo[key]
+
     def add(name, kind, plan, nll, size=None):
         size = plan.total_bytes if size is None else size
         if plan is not None:
             assert plan_bytes(plan, weights) == plan.linear_bytes, name  # counted = packed buffers
-        avg = plan.avg_bits if plan is not None else float("nan")
-        rows.append({"name": name, "kind": kind, "bytes": int(size), "avg_bits": round(avg, 4), "nll": nll,
-                     "ppl": float(np.exp(nll))})
-        print(f"{name:<34} {size:>9,d} B  {avg:6.3f} b/w  ppl {np.exp(nll):8.4f}", flush=True)
+        avg = plan.avg_bits if plan is not None else 32.0
+        nominal = plan.nominal_bits if plan is not None else 32.0
+        rows.append({"name": name, "kind": kind, "bytes": int(size), "avg_bits": round(avg, 4),
+                     "nominal_bits": round(nominal, 4), "nll": nll, "ppl": float(np.exp(nll))})
+        print(f"{name:<34} {size:>9,d} B  {avg:6.3f} b/w  W{nominal:.3f}  ppl {np.exp(nll):8.4f}", flush=True)
 
     t0 = time.time()
     add("float32", "float", None, evaluate(model, linears, None, stream),
@@ -128,29 +146,49 @@ def main(argv=None) -> int:
     if not args.no_ort:
         for bits, block in ((4, 32), (4, 128)):
             try:
-                nll, size = ort_rtn(model, bits, block, stream)
+                key = f"{a}:{b}|ort-rtn-{bits}-{block}"
+                if key not in memo:
+                    memo[key] = ort_rtn(model, bits, block, stream)
+                    memo_path.write_text(json.dumps(memo))
+                nll, size = memo[key]
                 rows.append({"name": f"ORT RTN {bits}b b{block}", "kind": "ort", "bytes": size,
                              "avg_bits": round(8 * (size - fixed) / sum(w.size for w in weights.values()), 4),
-                             "nll": nll, "ppl": float(np.exp(nll))})
+                             "nominal_bits": float(bits), "nll": nll, "ppl": float(np.exp(nll))})
                 print(f"ORT RTN {bits}b b{block}: {size:,d} B ppl {np.exp(nll):.4f}", flush=True)
             except Exception as exc:  # noqa: BLE001 - a missing ORT feature must not stop the benchmark
                 print(f"ORT RTN {bits}b b{block} failed: {exc}", flush=True)
+    ilp = []  # (label, kind, options)
     for est in args.estimators.split(","):
-        for split in sorted({0.0, args.split if est in args.split_estimators.split(",") else 0.0}):
-            for target in (float(t) for t in args.targets.split(",")):
-                path = RESULTS / f"plan-{est}-{target}{'-split' if split else ''}.json"
-                ctx.report.clear()
-                PassManager.from_pipeline(f"assign-bits{{target={target},estimator={est},split={split},"
-                                          f"save={path}}}", ctx).run(model)
-                plan = ctx.report["assign-bits"]["plan"]
-                assert plan.avg_bits <= target + 1e-12
-                add(f"ILP {target} {est}{' split' if split else ''}", f"ilp-{est}{'-split' if split else ''}", plan,
-                    evaluate(model, linears, plan, stream))
+        for target in args.targets.split(","):
+            ilp.append((f"ILP W{target} {est}", f"ilp-nominal-{est}", f"budget=nominal_bits,target={target},estimator={est}"))
+    for est in ("cheap", "measured"):
+        for target in args.allin_targets.split(","):
+            ilp.append((f"ILP {target} b/w {est}", f"ilp-allin-{est}", f"target={target},estimator={est}"))
+    if args.split:
+        for target in args.targets.split(",")[1:]:
+            ilp.append((f"ILP W{target} measured split", "ilp-nominal-split",
+                        f"budget=nominal_bits,target={target},estimator=measured,split={args.split}"))
+    for ref in ("uniform 2b g32", "uniform 3b g64", "uniform 3b g32"):
+        size = next(r["bytes"] for r in rows if r["name"] == ref)
+        ilp.append((f"ILP =size({ref[8:]}) measured", "ilp-bytes-measured",
+                    f"budget=bytes,target={size},estimator=measured"))
+    for label, kind, options in ilp:
+        path = RESULTS / f"plan-{label.replace(' ', '_').replace('=', '').replace('(', '').replace(')', '')}.json"
+        ctx.report.clear()
+        try:
+            PassManager.from_pipeline(f"assign-bits{{{options},save={path}}}", ctx).run(model)
+        except LowbitError as exc:
+            print(f"{label}: infeasible ({exc.message})", flush=True)
+            continue
+        plan = ctx.report["assign-bits"]["plan"]
+        add(label, kind, plan, evaluate(model, linears, plan, stream))
     pareto(rows)
     (RESULTS / "mixed_precision.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| config | bytes | avg bits | NLL | ppl | Pareto |", "|---|---:|---:|---:|---:|:-:|"]
+    lines = ["| config | model bytes | stored bits/w | nominal bits/w | NLL | ppl | Pareto |",
+             "|---|---:|---:|---:|---:|---:|:-:|"]
     for r in sorted(rows, key=lambda r: r["bytes"]):
-        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['avg_bits']:.3f} | {r['nll']:.4f} | {r['ppl']:.4f} | "
+        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['avg_bits']:.3f} | {r['nominal_bits']:.3f} | {r['nll']:.4f} | "
+                     f"{r['ppl']:.4f} | "
                      f"{'*' if r['pareto'] else ''} |")
     table = "\n".join(lines)
     (RESULTS / "mixed_precision.md").write_text(table + "\n")

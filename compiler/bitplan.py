@@ -27,7 +27,7 @@ import numpy as np
 from .errors import LowbitError
 from .rtn import FLOAT_BITS, fake_quant, storage_bytes
 
-__all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "apply_fake_quant", "plan_bytes", "PLAN_VERSION"]
+__all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "nominal_width", "apply_fake_quant", "plan_bytes", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 
@@ -39,6 +39,7 @@ class Option:
     bytes: int
     cost: float
     latency: float = 0.0
+    nominal: int = 0  # bits × weights (scales and zero points not counted)
 
 
 @dataclass
@@ -65,7 +66,8 @@ class LayerPlan:
         text = f"{self.bits}b/g{self.group}" if self.bits < FLOAT_BITS else "float"
         if self.split:
             s = self.split
-            text += f" + {len(s['columns'])} cols {s['bits']}b/g{s['group']}" if s["bits"] < FLOAT_BITS else " + float cols"
+            cols = len(s["columns"])
+            text += f" + {cols} cols {s['bits']}b/g{s['group']}" if s["bits"] < FLOAT_BITS else f" + {cols} float cols"
         return text
 
 
@@ -94,7 +96,18 @@ class Plan:
 
     @property
     def avg_bits(self) -> float:
+        """Stored bits per linear weight: weights, scales and zero points, as the file holds them."""
         return 8.0 * self.linear_bytes / max(self.weights, 1)
+
+    @property
+    def nominal_bits(self) -> float:
+        """Σ bits × weights / weights: the papers' average bit width (scales not counted; float = 32)."""
+        total = 0
+        for lp in self.layers:
+            k, n = lp.shape
+            ns = len(lp.split["columns"]) if lp.split else 0
+            total += k * (n - ns) * nominal_width(lp.bits) + (k * ns * nominal_width(lp.split["bits"]) if ns else 0)
+        return total / max(self.weights, 1)
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -105,7 +118,7 @@ class Plan:
     def to_json(self) -> str:
         d = asdict(self)
         d["summary"] = {"weights": self.weights, "linear_bytes": self.linear_bytes, "total_bytes": self.total_bytes,
-                        "avg_bits": round(self.avg_bits, 4)}
+                        "avg_bits": round(self.avg_bits, 4), "nominal_bits": round(self.nominal_bits, 4)}
         return json.dumps(d, indent=1)
 
     def save(self, path: str | Path) -> None:
@@ -136,6 +149,10 @@ class Plan:
             lp.bytes = storage_bytes(k, n - ns, lp.bits, lp.group)
             if lp.split:
                 lp.split["bytes"] = storage_bytes(k, ns, lp.split["bits"], lp.split["group"])
+
+
+def nominal_width(bits: int) -> int:
+    return 32 if bits >= FLOAT_BITS else bits
 
 
 def solve(units: list[Unit], capacity: float, resource: str = "bytes") -> list[Option]:

@@ -62,7 +62,6 @@ class LatencyTable:
 
 
 def _matmulnbits_model(k: int, n: int, bits: int, block: int):
-    import onnx
     from onnx import TensorProto, helper
 
     nb = -(-k // block)
@@ -80,7 +79,8 @@ def _matmulnbits_model(k: int, n: int, bits: int, block: int):
                                 block_size=block, accuracy_level=4)
     graph = helper.make_graph([node], "lin", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
     return model
 

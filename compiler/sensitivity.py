@@ -194,7 +194,8 @@ class LossProbe:
 
 
 def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], feeds: list[dict], *,
-                         kind: str = "causal-lm", metric: str = "nll", cache_dir=None, progress: bool = True) -> dict[tuple[str, int, int], float]:
+                         kind: str = "causal-lm", metric: str = "nll", cache_dir=None,
+                         progress: bool = True) -> dict[tuple[str, int, int], float]:
     """Loss(layer alone quantized at (bits, group)) − loss(float model), for every job (layer, bits, group)."""
     from tqdm.auto import tqdm
 

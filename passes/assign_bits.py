@@ -16,7 +16,9 @@ Annotation contract, on each linear's ``MatMul`` node (``node.metadata_props``):
   ``lowbit.bits`` — valid, but no longer the plan the budget was checked for.
 
 Budgets (``target``): ``avg_bits`` — stored bits (weights, scales and zero points) per linear
-weight; ``bytes`` — the whole model's initializer bytes (linears in the storage format of
+weight; ``nominal_bits`` — Σ bits × weights / weights, scales not counted (the papers' "W3.5"; the
+solver then takes the smallest candidate group, so restrict ``groups`` to compare like with
+like); ``bytes`` — the whole model's initializer bytes (linears in the storage format of
 :func:`lowbit.rtn.storage_bytes`, everything else as it is); ``latency`` — summed µs of the
 linears from a backend's latency table (``table=ort-cpu``).  ``plan=PATH`` replays a saved (and
 possibly hand-edited) plan instead of solving; ``save=PATH`` writes the plan.
@@ -30,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from lowbit.analysis import find_linears
-from lowbit.bitplan import LayerPlan, Option, Plan, Unit, solve
+from lowbit.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve
 from lowbit.latency import LatencyTable
 from lowbit.passmanager import Pass, PassResult, register_pass
 from lowbit.rtn import FLOAT_BITS, storage_bytes
@@ -67,7 +69,7 @@ class AssignBits(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        budget: Literal["avg_bits", "bytes", "latency"] = "avg_bits"
+        budget: Literal["avg_bits", "nominal_bits", "bytes", "latency"] = "avg_bits"
         target: float = 3.0
         estimator: Literal["cheap", "measured", "measured-kl"] = "cheap"
         bits: str = "2:3:4:8"  # candidate widths; add 16 to allow keeping a layer in float
@@ -105,7 +107,8 @@ class AssignBits(Pass):
         if self.options.save:
             plan.save(self.options.save)
         self.ctx.report["assign-bits"] = {"plan": plan, "linear_bytes": plan.linear_bytes,
-                                          "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits}
+                                          "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits,
+                                          "nominal_bits": plan.nominal_bits}
         self.stats["layers"] = len(plan.layers)
         self.stats["split_layers"] = sum(1 for lp in plan.layers if lp.split)
         for lp in plan.layers:
@@ -141,7 +144,8 @@ class AssignBits(Pass):
         choices, hdiags = {}, {}
         for lin in linears:  # distinct (bits, effective group) per layer
             k = lin.shape[0]
-            eff = sorted({(b, 0 if (g == 0 or g >= k) else g) for b in bits for g in (groups if b < FLOAT_BITS else (0,))})
+            eff = sorted({(b, 0 if (g == 0 or g >= k) else g)
+                          for b in bits for g in (groups if b < FLOAT_BITS else (0,))})
             choices[lin.name] = eff
             hdiags[lin.name] = hessian_diag(lin)
         cols = {(lin.name, b, g): cheap_per_column(lin, b, g, hdiags[lin.name])
@@ -173,10 +177,11 @@ class AssignBits(Pass):
                     share = 1.0 if idx is None else (c[idx].sum() / c.sum() if c.sum() > 0 else len(idx) / n)
                     m = n if idx is None else len(idx)
                     opts.append(Option(b, g, storage_bytes(k, m, b, g), layer_cost[(lin.name, b, g)] * share,
-                                       table.us(k, m, b) if table else 0.0))
+                                       table.us(k, m, b) if table else 0.0, k * m * nominal_width(b)))
                 units.append(Unit(lin.name, (k, n), idx, opts, role))
         weights_total = sum(lin.shape[0] * lin.shape[1] for lin in linears)
         capacity, resource = {"avg_bits": (o.target * weights_total / 8.0, "bytes"),
+                              "nominal_bits": (o.target * weights_total, "nominal"),
                               "bytes": (o.target - fixed, "bytes"), "latency": (o.target, "latency")}[o.budget]
         chosen = solve(units, capacity, resource)
         plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
