@@ -154,3 +154,15 @@ def test_options_validate_themselves():
     for bad in ("bits=5", "groups=48", "split=1.5", "target=0"):
         with pytest.raises(PipelineError):
             PassManager.from_pipeline(f"assign-bits{{{bad}}}", CompileContext())
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 3.5])
+def test_nominal_bits_budget(calibrated, target):
+    model, ctx = calibrated
+    plan = run(model, ctx, f"assign-bits{{budget=nominal_bits,target={target},split=0.125}}")
+    total = sum(lp.shape[0] * (lp.shape[1] - (len(lp.split["columns"]) if lp.split else 0)) * lp.bits
+                + (lp.shape[0] * len(lp.split["columns"]) * lp.split["bits"] if lp.split else 0) for lp in plan.layers)
+    assert total <= target * plan.weights and plan.nominal_bits == pytest.approx(total / plan.weights)
+    assert total > (target - 1) * plan.weights  # the budget is used, not wasted
+    # scales are free under this budget, so the finest group wins wherever it differs from per-channel
+    assert all(lp.group in (0, 32) for lp in plan.layers)

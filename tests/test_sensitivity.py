@@ -129,3 +129,27 @@ def test_cache_key_changes_with_the_weights(tmp_path):
     assert SensitivityCache(tmp_path, model_fingerprint(m1), "f").get("a", 2, 32, "nll") == 1.5
     assert SensitivityCache(tmp_path, model_fingerprint(m2), "f").get("a", 2, 32, "nll") is None
     assert isinstance(m1, ir.Model)
+
+
+def test_measured_for_an_encoder_is_mean_one_minus_cosine(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((16, 24)).astype(np.float32), rng.standard_normal((24, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="l1"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="l2")], "enc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", 8])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    fs = [{"x": rng.standard_normal((2, 5, 16)).astype(np.float32)} for _ in range(2)]
+    lin = next(x for x in find_linears(model.graph) if x.weight.name == "w1")
+    got = measured_sensitivity(model, [(lin, 2, 0)], fs, kind="encoder", cache_dir=tmp_path, progress=False)
+    cos = []
+    for f in fs:
+        ref = np.maximum(f["x"] @ w1, 0) @ w2
+        out = np.maximum(f["x"] @ fake_quant(w1, 2, 0), 0) @ w2
+        cos.append((ref * out).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(out, axis=-1))
+    assert got[(lin.name, 2, 0)] == pytest.approx(float(np.mean(1 - np.concatenate(cos, axis=None))), rel=1e-4)
