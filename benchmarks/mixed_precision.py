@@ -160,7 +160,8 @@ def main(argv=None) -> int:
     ilp = []  # (label, kind, options)
     for est in args.estimators.split(","):
         for target in args.targets.split(","):
-            ilp.append((f"ILP W{target} {est}", f"ilp-nominal-{est}", f"budget=nominal_bits,target={target},estimator={est}"))
+            ilp.append((f"ILP W{target} {est}", f"ilp-nominal-{est}",
+                        f"budget=nominal_bits,target={target},estimator={est}"))
     for est in ("cheap", "measured"):
         for target in args.allin_targets.split(","):
             ilp.append((f"ILP {target} b/w {est}", f"ilp-allin-{est}", f"target={target},estimator={est}"))
@@ -187,8 +188,8 @@ def main(argv=None) -> int:
     lines = ["| config | model bytes | stored bits/w | nominal bits/w | NLL | ppl | Pareto |",
              "|---|---:|---:|---:|---:|---:|:-:|"]
     for r in sorted(rows, key=lambda r: r["bytes"]):
-        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['avg_bits']:.3f} | {r['nominal_bits']:.3f} | {r['nll']:.4f} | "
-                     f"{r['ppl']:.4f} | "
+        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['avg_bits']:.3f} | {r['nominal_bits']:.3f} | "
+                     f"{r['nll']:.4f} | {r['ppl']:.4f} | "
                      f"{'*' if r['pareto'] else ''} |")
     table = "\n".join(lines)
     (RESULTS / "mixed_precision.md").write_text(table + "\n")

@@ -42,7 +42,7 @@ def plan_table(plan):
         t.add_row(lp.name, "×".join(map(str, lp.shape)), lp.describe(), _fmt(lp.est_error), _fmt(lp.measured_error),
                   f"{nbytes:,}")
     t.add_section()
-    t.add_row("linears", f"{plan.weights:,} w", f"{plan.avg_bits:.3f} bits/w", "", "",
+    t.add_row("linears", f"{plan.weights:,} w", f"W{plan.nominal_bits:.3f}, {plan.avg_bits:.3f} stored b/w", "", "",
               f"{plan.linear_bytes:,}")
     t.add_row("model", "", "", "", "", f"{plan.total_bytes:,} ({human_bytes(plan.total_bytes)})")
     return t
@@ -74,7 +74,8 @@ def plan_plot(plan, out: str | Path) -> Path:
                                           + lp.split["bits"] * len(lp.split["columns"])) / lp.shape[1]
             for lp in plan.layers]
     errors = [lp.measured_error if lp.measured_error is not None else lp.est_error for lp in plan.layers]
-    title = f"{plan.budget}={plan.target:g} ({plan.estimator}): {plan.avg_bits:.3f} bits/w, {plan.total_bytes:,} B"
+    title = (f"{plan.budget}={plan.target:g} ({plan.estimator}): W{plan.nominal_bits:.3f}, "
+             f"{plan.avg_bits:.3f} stored bits/w, {plan.total_bytes:,} B")
     try:
         import matplotlib
 
@@ -148,7 +149,8 @@ def run(args) -> int:
 
     plan = Plan.load(args.plan)
     plot = plan_plot(plan, args.plot) if args.plot else None
-    payload = {"plan": args.plan, "avg_bits": plan.avg_bits, "linear_bytes": plan.linear_bytes,
+    payload = {"plan": args.plan, "avg_bits": plan.avg_bits, "nominal_bits": plan.nominal_bits,
+               "linear_bytes": plan.linear_bytes,
                "total_bytes": plan.total_bytes, "plot": str(plot) if plot else None,
                "layers": [{"name": lp.name, "bits": lp.bits, "group": lp.group, "split": lp.split,
                            "est_error": lp.est_error, "measured_error": lp.measured_error,
