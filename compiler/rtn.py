@@ -2,7 +2,8 @@
 
 A linear's weight is ``W[K, N]`` (``y = x·W``).  Groups run along K (the reduction axis), one per
 ``group`` consecutive input channels of one output column, as ORT's ``MatMulNBits`` blocks do;
-``group=0`` means one group per column (per-channel).  Asymmetric min/max RTN::
+``group=0`` means one group per column (per-channel), stored as one block of the next power of
+two ≥ K (MatMulNBits' block sizes are powers of two ≥ 16), the padding counted.  Asymmetric min/max RTN::
 
     scale = (max - min) / (2^b - 1),  zp = clip(round(-min / scale), 0, 2^b - 1)
     q = clip(round(W / scale) + zp, 0, 2^b - 1),   Ŵ = (q - zp) · scale
@@ -25,8 +26,10 @@ FLOAT_BITS = 16  # the annotation value meaning "keep the float weight"
 
 
 def _blocks(k: int, group: int) -> tuple[int, int]:
-    g = k if group <= 0 or group >= k else group
-    return g, -(-k // g)
+    """(block length, number of blocks); per-channel is one block of MatMulNBits' power-of-two size ≥ 16."""
+    if group <= 0 or group >= k:
+        return max(16, 1 << (k - 1).bit_length()), 1
+    return group, -(-k // group)
 
 
 def quantize_rtn(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,6 +49,7 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.n
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     zp = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
     q = np.clip(np.round(blocks / scale[:, None, :]) + zp[:, None, :], 0, qmax).astype(np.uint8)
+    q[~np.broadcast_to(valid, q.shape)] = 0  # padding rows hold 0, as ORT writes them
     return q, scale, zp
 
 
@@ -90,5 +94,10 @@ def pack(w: np.ndarray, bits: int, group: int, float_dtype=np.float32) -> dict[s
     q, scale, zp = quantize_rtn(np.asarray(w, np.float32), bits, group)
     n = w.shape[1]
     data = _pack_bits(np.ascontiguousarray(q.transpose(2, 0, 1)), bits)  # [N, nb, blob]
+    zpt = np.ascontiguousarray(zp.T)  # [N, nb]
+    per_byte = 8 // bits if 8 % bits == 0 else 0
+    if per_byte and zpt.shape[1] % per_byte:  # unused slots hold the default zero point, as ORT writes them
+        fill = np.full((n, per_byte - zpt.shape[1] % per_byte), 1 << (bits - 1), np.uint8)
+        zpt = np.concatenate([zpt, fill], axis=1)
     return {"B": data, "scales": scale.T.reshape(-1).astype(float_dtype),
-            "zero_points": _pack_bits(np.ascontiguousarray(zp.T), bits).reshape(n, -1)}
+            "zero_points": _pack_bits(zpt, bits).reshape(n, -1)}

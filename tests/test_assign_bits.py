@@ -56,7 +56,7 @@ def test_solver_finds_the_brute_force_optimum():
     assert sum(o.cost for o in chosen) == pytest.approx(sum(o.cost for o in best), rel=1e-9)
 
 
-@pytest.mark.parametrize("target", [2.6, 3.0, 3.5, 4.25])
+@pytest.mark.parametrize("target", [2.75, 3.0, 3.5, 4.25])
 def test_average_bits_budget_is_respected_exactly(calibrated, target):
     model, ctx = calibrated
     plan = run(model, ctx, f"assign-bits{{target={target}}}")

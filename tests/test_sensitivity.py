@@ -40,7 +40,7 @@ def test_packed_buffers_have_the_counted_bytes(k, n, group, bits):
     w = np.random.default_rng(k + n + bits).standard_normal((k, n)).astype(np.float32)
     arrays = pack(w, bits, group)
     assert sum(a.nbytes for a in arrays.values()) == storage_bytes(k, n, bits, group)
-    nb = -(-k // (group if 0 < group < k else k))
+    nb = -(-k // group) if 0 < group < k else 1
     assert arrays["B"].shape[:2] == (n, nb) and arrays["scales"].shape == (n * nb,)
 
 
@@ -153,3 +153,26 @@ def test_measured_for_an_encoder_is_mean_one_minus_cosine(tmp_path):
         out = np.maximum(f["x"] @ fake_quant(w1, 2, 0), 0) @ w2
         cos.append((ref * out).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(out, axis=-1))
     assert got[(lin.name, 2, 0)] == pytest.approx(float(np.mean(1 - np.concatenate(cos, axis=None))), rel=1e-4)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (2, 32), (8, 32), (8, 64), (2, 16)])
+def test_packed_arrays_equal_ort_matmulnbits_quantizer_output(bits, group):
+    """Our RTN and storage layout are ORT's: same B, scales and zero points, byte for byte."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    cfg = LlamaConfig(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
+    model = build_llama(cfg, random_llama_weights(cfg))
+    q = MatMulNBitsQuantizer(to_proto(model), bits=bits, block_size=group, is_symmetric=False, accuracy_level=0)
+    q.process()
+    proto = q.model.model
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    nodes = {n.name: n for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    lins = find_linears(model.graph)
+    assert len(nodes) == len(lins)
+    for lin in lins:
+        node = nodes[f"{lin.node.name}_Q{bits}"]
+        ours = pack(lin.weight.const_value.numpy(), bits, group)
+        for mine, name in zip(ours.values(), node.input[1:]):
+            np.testing.assert_array_equal(mine.reshape(-1), inits[name].reshape(-1), err_msg=f"{lin.name} {name}")
+        assert sum(a.nbytes for a in ours.values()) == storage_bytes(*lin.shape, bits, group)
