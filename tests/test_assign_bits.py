@@ -166,3 +166,63 @@ def test_nominal_bits_budget(calibrated, target):
     assert total > (target - 1) * plan.weights  # the budget is used, not wasted
     # scales are free under this budget, so the finest group wins wherever it differs from per-channel
     assert all(lp.group in (0, 32) for lp in plan.layers)
+
+
+def _write_matmulnbits(model, plan, path):
+    """Test-only materialiser for plans of 2/4/8 bits: MatMulNBits nodes fed by ``pack``'s arrays."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from lowbit.rtn import _blocks, pack
+    from lowbit.runtime.session import to_proto
+
+    proto = to_proto(model)
+    lins = {lin.node.name: lin for lin in find_linears(model.graph)}
+    drop = set()
+    for node in proto.graph.node:
+        lin = lins.get(node.name)
+        if lin is None:
+            continue
+        lp = plan.layer(lin.name)
+        k, n = lin.shape
+        arrays = pack(lin.weight.const_value.numpy(), lp.bits, lp.group)
+        names = [f"{lin.name}.{key}" for key in arrays]
+        proto.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays.values(), names))
+        drop.add(lin.weight.name)
+        new = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name,
+                               domain="com.microsoft", K=k, N=n, bits=lp.bits, block_size=_blocks(k, lp.group)[0],
+                               accuracy_level=0)
+        node.CopyFrom(new)
+    keep = [t for t in proto.graph.initializer if t.name not in drop]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_written_file_holds_exactly_the_planned_bytes_and_computes_the_fake_quant(calibrated, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from lowbit.bitplan import apply_fake_quant
+    from lowbit.runtime.session import make_session, to_proto
+
+    model, ctx = calibrated
+    for target in (3.25, 4.0):
+        plan = run(model, ctx, f"assign-bits{{target={target},bits=2:4:8}}")
+        assert {lp.bits for lp in plan.layers} <= {2, 4, 8} and 8 * plan.linear_bytes <= target * plan.weights
+        path = _write_matmulnbits(model, plan, tmp_path / f"m{target}.onnx")
+        written = onnx.load(str(path))
+        assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
+        # the fake-quant model (what the benchmark evaluates) equals the real MatMulNBits kernels
+        lins = find_linears(model.graph)
+        deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
+        fake = to_proto(model)
+        names = {lin.weight.name: lin.name for lin in lins}
+        for t in fake.graph.initializer:
+            if t.name in names:
+                t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
+        feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
+        real = make_session(path, matmulnbits_accuracy_level=0).run(None, feed)[0]
+        np.testing.assert_allclose(real, make_session(fake).run(None, feed)[0], rtol=1e-4, atol=1e-4)
