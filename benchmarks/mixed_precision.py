@@ -86,6 +86,22 @@ def pareto(rows: list[dict]) -> None:
         r["pareto"] = not any(o["bytes"] <= r["bytes"] and o["ppl"] < r["ppl"] for o in rows if o is not r)
 
 
+def compare(rows: list[dict]) -> list[str]:
+    """For every ILP plan: the smallest uniform RTN at least as large, and the best one no larger."""
+    uni = [r for r in rows if r["kind"] in ("uniform", "ort")]
+    out = ["| ILP plan | bytes | ppl | next larger uniform (bytes, ppl) | ILP better? | best uniform ≤ size (ppl) |",
+           "|---|---:|---:|---|:-:|---|"]
+    for r in (r for r in rows if r["kind"].startswith("ilp")):
+        larger = sorted((u for u in uni if u["bytes"] >= r["bytes"]), key=lambda u: u["bytes"])
+        smaller = sorted((u for u in uni if u["bytes"] <= r["bytes"]), key=lambda u: u["ppl"])
+        nl = larger[0] if larger else None
+        out.append(f"| {r['name']} | {r['bytes']:,} | {r['ppl']:.3f} | "
+                   + (f"{nl['name']} ({nl['bytes']:,}, {nl['ppl']:.3f}) | {'yes' if r['ppl'] < nl['ppl'] else 'no'}"
+                      if nl else "- | -")
+                   + (f" | {smaller[0]['name']} ({smaller[0]['ppl']:.3f}) |" if smaller else " | - |"))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="2.5,3.0,3.5")
@@ -181,7 +197,7 @@ def main(argv=None) -> int:
         except LowbitError as exc:
             print(f"{label}: infeasible ({exc.message})", flush=True)
             continue
-        plan = ctx.report["assign-bits"]["plan"]
+        plan = Plan.from_dict(ctx.report["assign-bits"]["plan"])
         add(label, kind, plan, evaluate(model, linears, plan, stream))
     pareto(rows)
     (RESULTS / "mixed_precision.json").write_text(json.dumps(rows, indent=1))
@@ -191,7 +207,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['name']} | {r['bytes']:,} | {r['avg_bits']:.3f} | {r['nominal_bits']:.3f} | "
                      f"{r['nll']:.4f} | {r['ppl']:.4f} | "
                      f"{'*' if r['pareto'] else ''} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + [""] + compare(rows))
     (RESULTS / "mixed_precision.md").write_text(table + "\n")
     print(table)
     from lowbit.commands.report import pareto_plot

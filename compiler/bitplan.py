@@ -115,11 +115,14 @@ class Plan:
                 return lp
         raise KeyError(name)
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
         d = asdict(self)
         d["summary"] = {"weights": self.weights, "linear_bytes": self.linear_bytes, "total_bytes": self.total_bytes,
                         "avg_bits": round(self.avg_bits, 4), "nominal_bits": round(self.nominal_bits, 4)}
-        return json.dumps(d, indent=1)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())

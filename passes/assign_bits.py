@@ -106,7 +106,7 @@ class AssignBits(Pass):
         annotate(linears, plan)
         if self.options.save:
             plan.save(self.options.save)
-        self.ctx.report["assign-bits"] = {"plan": plan, "linear_bytes": plan.linear_bytes,
+        self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
                                           "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits,
                                           "nominal_bits": plan.nominal_bits}
         self.stats["layers"] = len(plan.layers)

@@ -31,7 +31,7 @@ def calibrated():
 def run(model, ctx, pipeline):
     ctx.report.clear()
     PassManager.from_pipeline(pipeline, ctx).run(model)
-    return ctx.report["assign-bits"]["plan"]
+    return Plan.from_dict(ctx.report["assign-bits"]["plan"])
 
 
 def test_solver_upgrades_the_sensitive_layer_when_only_one_upgrade_fits():

@@ -8,6 +8,7 @@ import numpy as np
 
 from lowbit.cli import main
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
+from lowbit.bitplan import Plan
 from lowbit.passmanager import CompileContext, PassManager
 
 CFG = LlamaConfig(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
@@ -19,7 +20,7 @@ def make_plan(path):
     ctx = CompileContext(calibration=fs, show_progress=False)
     PassManager.from_pipeline(f"calibrate{{hessian=true}},assign-bits{{target=3.5,split=0.25,save={path}}}",
                               ctx).run(build_llama(CFG, random_llama_weights(CFG)))
-    return ctx.report["assign-bits"]["plan"]
+    return Plan.from_dict(ctx.report["assign-bits"]["plan"])
 
 
 def test_report_table_json_and_plot(tmp_path, capsys, monkeypatch):
