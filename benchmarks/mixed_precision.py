@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         for target in args.targets.split(",")[1:]:
             ilp.append((f"ILP W{target} measured split", "ilp-nominal-split",
                         f"budget=nominal_bits,target={target},estimator=measured,split={args.split}"))
-    for ref in ("uniform 2b g32", "uniform 3b g64", "uniform 3b g32"):
+    for ref in ("uniform 2b g32", "uniform 3b g64", "uniform 3b g32", "uniform 4b g64"):
         size = next(r["bytes"] for r in rows if r["name"] == ref)
         ilp.append((f"ILP =size({ref[8:]}) measured", "ilp-bytes-measured",
                     f"budget=bytes,target={size},estimator=measured"))
