@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         ilp.append((f"ILP =size({ref[8:]}) measured", "ilp-bytes-measured",
                     f"budget=bytes,target={size},estimator=measured"))
     for label, kind, options in ilp:
-        path = RESULTS / f"plan-{label.replace(' ', '_').replace('=', '').replace('(', '').replace(')', '')}.json"
+        path = RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".json")
         ctx.report.clear()
         try:
             PassManager.from_pipeline(f"assign-bits{{{options},save={path}}}", ctx).run(model)
