@@ -178,17 +178,17 @@ def main(argv=None) -> int:
         for target in args.targets.split(","):
             ilp.append((f"ILP W{target} {est}", f"ilp-nominal-{est}",
                         f"budget=nominal_bits,target={target},estimator={est}"))
-    for est in ("cheap", "measured"):
+    for est in ("cheap", "measured", "measured-kl"):
         for target in args.allin_targets.split(","):
             ilp.append((f"ILP {target} b/w {est}", f"ilp-allin-{est}", f"target={target},estimator={est}"))
     if args.split:
         for target in args.targets.split(",")[1:]:
             ilp.append((f"ILP W{target} measured split", "ilp-nominal-split",
                         f"budget=nominal_bits,target={target},estimator=measured,split={args.split}"))
-    for ref in ("uniform 2b g32", "uniform 3b g64", "uniform 3b g32", "uniform 4b g64"):
-        size = next(r["bytes"] for r in rows if r["name"] == ref)
-        ilp.append((f"ILP =size({ref[8:]}) measured", "ilp-bytes-measured",
-                    f"budget=bytes,target={size},estimator=measured"))
+    for est in ("measured", "measured-kl"):
+        for ref in ("uniform 2b g32", "uniform 3b g64", "uniform 3b g32", "uniform 4b g64"):
+            size = next(r["bytes"] for r in rows if r["name"] == ref)
+            ilp.append((f"ILP =size({ref[8:]}) {est}", f"ilp-bytes-{est}", f"budget=bytes,target={size},estimator={est}"))
     for label, kind, options in ilp:
         path = RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".json")
         ctx.report.clear()

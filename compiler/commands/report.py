@@ -123,15 +123,18 @@ def pareto_plot(rows: list[dict], stem: str | Path, title: str = "") -> Path:
         out.write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><h3>"
                        f"{html.escape(title)}: perplexity vs bytes</h3>{svg}")
         return out
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    for r in rows:
+        if r["kind"] == "float":  # far to the right: a reference line keeps the quantized points readable
+            ax.axhline(r["ppl"], color="grey", lw=0.8, ls=":", label=f"{r['name']} ({r['bytes'] / 1024:.0f} KiB)")
+    rows = [r for r in rows if r["kind"] != "float"]
     for kind in sorted({r["kind"] for r in rows}):
         sel = [r for r in rows if r["kind"] == kind]
         ax.scatter([r["bytes"] / 1024 for r in sel], [r["ppl"] for r in sel], label=kind, s=28)
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes"])
     ax.plot([r["bytes"] / 1024 for r in front], [r["ppl"] for r in front], "k--", lw=0.8, label="Pareto front")
     for r in rows:
-        if r["kind"] != "float":
-            ax.annotate(r["name"], (r["bytes"] / 1024, r["ppl"]), fontsize=6, alpha=0.7)
+        ax.annotate(r["name"], (r["bytes"] / 1024, r["ppl"]), fontsize=6, alpha=0.7)
     ax.set_xlabel("model bytes (KiB)")
     ax.set_ylabel("perplexity (held-out stories)")
     ax.set_yscale("log")
