@@ -30,6 +30,9 @@ RECIPES: dict[str, str] = {
     # int4 per-token activations; ORT has no int4 GEMM, so the int8-activation kernel runs them
     "w4a4": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
             "quantize-acts{bits=4,exclude=lm_head},lower-nbits{accuracy_level=4}",
+    # mixed precision: per-layer bits from an integer program over measured sensitivity (3.5 bits on average)
+    "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured},"
+                  "quantize-weights{method=gptq},lower-nbits",
 }
 
 
