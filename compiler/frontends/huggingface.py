@@ -68,4 +68,4 @@ def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
     dyn = tuple({0: batch, 1: seq} for _ in names)
     meta = {"lowbit.kind": "encoder", "lowbit.tokenizer": str(path.resolve()), "lowbit.source": path.name}
     return export_module(Encoder(model), args, input_names=names, output_names=["last_hidden_state"],
-                         dynamic_shapes=dyn, metadata=meta)
+                         dynamic_shapes=(dyn,), metadata=meta)  # forward(*tensors): one varargs entry
