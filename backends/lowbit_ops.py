@@ -1,0 +1,178 @@
+"""The ``lowbit`` operator domain: schema, numpy reference, standard-ONNX body, ORT lowering.
+
+Every lowbit op is registered with :func:`lowbit_op` and carries
+
+* a *schema* (inputs, outputs, attributes, type constraints, in words and checked by ``check``),
+* a *numpy reference* (the truth: :mod:`lowbit.runtime.reference` calls it),
+* an *ONNX body* built from standard integer ops, which any ONNX runtime runs, and which is also
+  the ORT lowering (pass ``lower-lowbit``), proven bit-exact against the reference in tests.
+
+``lowbit.Requantize`` (domain ``lowbit``, version 1) — the dyadic requantizer of HAWQ-V3::
+
+    y = saturate_T( floor((acc · b + 2^(c−1)) / 2^c) + zero_point )
+
+``acc`` int32, ``b`` int64 multiplier in [1, 2^30), ``c`` int64 shift in [1, 62] (``b`` and ``c``
+scalars or per last-axis channel), ``zero_point`` of the output type T ∈ {int8, uint8, int16}.
+The shift rounds half up (towards +∞).  Because |acc| < 2^31 and b < 2^30, |acc·b| < 2^61.
+
+ORT body.  ORT's BitShift exists only for unsigned types and Cast int64→int8 wraps, so::
+
+    t = Cast<int64>(acc) · b + (2^62 + 2^(c−1))          # > 0, since |acc·b| < 2^61
+    r = Cast<int64>(BitShift_right(Cast<uint64>(t), c))   # = floor((acc·b + 2^(c−1)) / 2^c) + 2^(62−c)
+    y = Cast<T>(Clip(r + (zero_point − 2^(62−c)), qmin, qmax))
+
+The identity used: 2^62 is a multiple of 2^c, so floor((p + 2^62) / 2^c) = floor(p / 2^c) + 2^(62−c).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.passmanager import Pass, PassResult, register_pass
+from lowbit.rewrite import add_initializer, make_node
+
+__all__ = ["LOWBIT_DOMAIN", "LowbitOp", "lowbit_op", "LOWBIT_OPS", "requantize_reference", "dyadic",
+           "QRANGE", "LowerLowbit", "emit_requantize"]
+
+LOWBIT_DOMAIN = "lowbit"
+_OFFSET_BITS = 62
+QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767)}
+
+
+@dataclass(frozen=True)
+class LowbitOp:
+    name: str
+    schema: str
+    reference: Callable  # (inputs: list[np.ndarray], attrs: dict) -> list[np.ndarray]
+    lower: Callable  # (graph, node, origin) -> ir.Value : emits the standard-op body before node
+    version: int = 1
+
+
+LOWBIT_OPS: dict[str, LowbitOp] = {}
+
+
+def lowbit_op(name: str, schema: str, lower: Callable, version: int = 1):
+    def deco(reference):
+        LOWBIT_OPS[name] = LowbitOp(name, schema, reference, lower, version)
+        return reference
+
+    return deco
+
+
+def dyadic(m: np.ndarray, bits: int = 30) -> tuple[np.ndarray, np.ndarray, float]:
+    """b, c with b / 2^c ≈ m (m > 0): b has ``bits`` significant bits; returns the worst relative error."""
+    m = np.asarray(m, np.float64)
+    if np.any(~np.isfinite(m)) or np.any(m <= 0):
+        raise ValueError("dyadic scales must be finite and positive")
+    e = np.floor(np.log2(m)).astype(np.int64)  # 2^e <= m < 2^(e+1)
+    c = (bits - 1) - e
+    b = np.round(m * np.exp2(c.astype(np.float64))).astype(np.int64)
+    carry = b >= (1 << bits)  # rounding reached 2^bits: renormalise
+    b = np.where(carry, b >> 1, b)
+    c = np.where(carry, c - 1, c)
+    if np.any(c < 1) or np.any(c > _OFFSET_BITS):
+        raise ValueError(f"scale out of the dyadic range (shift {int(c.min())}..{int(c.max())}, needs 1..62)")
+    err = float(np.max(np.abs(b / np.exp2(c.astype(np.float64)) - m) / m))
+    return b, c, err
+
+
+def _check_requantize(acc, b, c, zp):
+    if acc.dtype != np.int32:
+        raise TypeError(f"lowbit.Requantize: acc must be int32, got {acc.dtype}")
+    if zp.dtype not in QRANGE:
+        raise TypeError(f"lowbit.Requantize: zero_point must be int8/uint8/int16, got {zp.dtype}")
+    if np.any(b < 1) or np.any(b >= (1 << 30)) or np.any(c < 1) or np.any(c > _OFFSET_BITS):
+        raise ValueError("lowbit.Requantize: needs 1 <= b < 2^30 and 1 <= c <= 62")
+
+
+@dataclass(frozen=True)
+class _Consts:
+    k1: np.ndarray
+    c: np.ndarray
+    k2: np.ndarray
+
+
+def _requantize_consts(b, c, zp) -> _Consts:
+    c = np.asarray(c, np.int64)
+    k1 = (np.int64(1) << np.int64(_OFFSET_BITS)) + (np.int64(1) << (c - 1))
+    k2 = zp.astype(np.int64) - (np.int64(1) << (np.int64(_OFFSET_BITS) - c))
+    return _Consts(k1.astype(np.int64), c.astype(np.uint64), k2.astype(np.int64))
+
+
+def emit_requantize(graph: ir.Graph, acc: ir.Value, b: np.ndarray, c: np.ndarray, zp: np.ndarray, *, origin: str,
+                    name: str, before: ir.Node | None = None) -> ir.Value:
+    """Standard-ONNX body of Requantize with constant b, c, zero point (the ORT lowering)."""
+    k = _requantize_consts(np.asarray(b, np.int64), c, np.asarray(zp))
+    lo, hi = QRANGE[np.asarray(zp).dtype]
+    to = ir.DataType.from_numpy(np.asarray(zp).dtype)
+
+    def node(op, inputs, suffix, **attrs):
+        return make_node(graph, op, inputs, origin=origin, name=f"{name}.{suffix}", attributes=attrs,
+                         before=before).outputs[0]
+
+    def const(suffix, arr):
+        return add_initializer(graph, f"{name}.{suffix}", np.asarray(arr))
+
+    a64 = node("Cast", [acc], "acc_i64", to=ir.DataType.INT64)
+    t = node("Add", [node("Mul", [a64, const("b", np.asarray(b, np.int64))], "mul_b"), const("k1", k.k1)], "offset")
+    u = node("Cast", [t], "as_u64", to=ir.DataType.UINT64)
+    s = node("BitShift", [u, const("c", k.c)], "shift", direction=ir.AttrString("direction", "RIGHT"))
+    r = node("Add", [node("Cast", [s], "as_i64", to=ir.DataType.INT64), const("k2", k.k2)], "zero_point")
+    clipped = node("Clip", [r, const("qmin", np.int64(lo)), const("qmax", np.int64(hi))], "saturate")
+    return node("Cast", [clipped], "narrow", to=to)
+
+
+def _lower_requantize(graph: ir.Graph, node: ir.Node, origin: str) -> ir.Value:
+    consts = [v.const_value for v in node.inputs[1:4]]
+    if any(t is None for t in consts):
+        raise ValueError(f"lowbit.Requantize '{node.name}': b, c and zero_point must be constants to lower to ORT")
+    b, c, zp = (t.numpy() for t in consts)
+    return emit_requantize(graph, node.inputs[0], b, c, zp, origin=origin, name=node.name or "requantize",
+                           before=node)
+
+
+@lowbit_op("Requantize", schema="Requantize(acc: int32, b: int64, c: int64, zero_point: T) -> T, "
+           "T in {int8, uint8, int16}; y = sat_T(floor((acc*b + 2^(c-1)) / 2^c) + zero_point)",
+           lower=_lower_requantize)
+def requantize_reference(inputs: list[np.ndarray], attrs: dict | None = None) -> list[np.ndarray]:
+    acc, b, c, zp = inputs
+    b, c = np.asarray(b, np.int64), np.asarray(c, np.int64)
+    zp = np.asarray(zp)
+    _check_requantize(acc, b, c, zp)
+    p = acc.astype(np.int64) * b + (np.int64(1) << (c - 1))
+    r = np.right_shift(p, c) + zp.astype(np.int64)  # arithmetic shift = floor division by 2^c
+    lo, hi = QRANGE[zp.dtype]
+    return [np.clip(r, lo, hi).astype(zp.dtype)]
+
+
+@register_pass("lower-lowbit")
+class LowerLowbit(Pass):
+    """Replace every ``lowbit`` op by its standard-ONNX body, so plain ONNX Runtime runs the graph."""
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def call(self, model):
+        graph = model.graph
+        for node in list(graph):
+            if node.domain != LOWBIT_DOMAIN:
+                continue
+            op = LOWBIT_OPS.get(node.op_type)
+            if op is None:
+                self.fail(f"no lowering for lowbit.{node.op_type}", node=node)
+            out = op.lower(graph, node, self.name)
+            old = node.outputs[0]
+            old.replace_all_uses_with(out)
+            if old in graph.outputs:
+                graph.outputs[graph.outputs.index(old)] = out
+            old.name, out.name = f"{old.name}_lowered", old.name
+            graph.remove(node, safe=True)
+            self.stats[f"lowbit.{node.op_type}"] += 1
+        if LOWBIT_DOMAIN in model.opset_imports and not any(n.domain == LOWBIT_DOMAIN for n in graph):
+            del model.opset_imports[LOWBIT_DOMAIN]
+        return PassResult(model, modified=sum(self.stats.values()) > 0)
