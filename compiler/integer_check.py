@@ -150,7 +150,6 @@ def check_integer_regions(model: ir.Model) -> IntegerReport:
         quantized = region.entries or any(n.op_type in _QUANT_COMPUTE or n.domain == "lowbit" for n in region.nodes)
         if quantized:
             regions.append(region)
-    # Q nodes directly feeding DQ (a QDQ pair with no integer compute) count as their own region
     segments, rescales = _float_segments(graph, regions, is_int)
     float_gemms = [n.name for n in graph if n.op_type == "MatMul" and n.inputs[1] is not None
                    and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear"]
@@ -164,6 +163,7 @@ def _float_segments(graph: ir.Graph, regions: list[IntegerRegion], is_int) -> tu
     for r in regions:
         for ex in r.exits:
             ops, stack, seen, reached = Counter(), [ex], set(), []
+            nonrescale = False
             while stack:
                 n = stack.pop()
                 if id(n) in seen:
@@ -173,14 +173,17 @@ def _float_segments(graph: ir.Graph, regions: list[IntegerRegion], is_int) -> tu
                     reached.append(n)
                     continue
                 ops[n.op_type] += 1
+                if n.op_type not in _RESCALE_OPS or sum(v is not None and v.const_value is None
+                                                         for v in n.inputs) > 1:
+                    nonrescale = True
                 for o in n.outputs:
                     if o in graph.outputs:
                         reached.append(None)
                     for use in o.uses():
                         stack.append(use.node)
             seg = {"from": ex.name, "to": [e.name if e is not None else "<graph output>" for e in reached],
-                   "ops": dict(ops)}
+                   "ops": {k: v for k, v in ops.items() if v}}
             segments.append(seg)
-            if reached and all(e is not None for e in reached) and set(ops) <= _RESCALE_OPS:
+            if reached and all(e is not None for e in reached) and not nonrescale:
                 rescales.append(seg)
     return segments, rescales
