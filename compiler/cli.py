@@ -13,7 +13,7 @@ from .errors import LowbitError
 
 __all__ = ["main", "COMMANDS", "emit"]
 
-COMMANDS = ("compile", "eval", "inspect", "recipes")
+COMMANDS = ("compile", "eval", "inspect", "recipes", "export")
 
 
 def emit(args, payload: dict, human) -> None:

@@ -92,15 +92,14 @@ class IntegerReport:
     float_segments: list[dict]  # {"from": exit node, "to": entry node, "ops": [...]}
     float_rescales: list[dict]  # segments that only rescale: violations
     float_gemms: list[str]  # MatMuls with a quantized (DequantizeLinear) weight left in float
+    float_ops: Counter = field(default_factory=Counter)  # ops with a float input or output (boundaries included)
 
     @property
     def integer_gemms(self) -> int:
         return sum(r.ops["MatMulInteger"] for r in self.regions)
 
     def summary(self) -> dict:
-        stays_float = Counter()
-        for seg in self.float_segments:
-            stays_float.update(seg["ops"])
+        stays_float = self.float_ops
         return {"integer_regions": len(self.regions), "integer_gemms": self.integer_gemms,
                 "region_ops": dict(sum((r.ops for r in self.regions), Counter())),
                 "float_boundaries": sum(len(r.exits) for r in self.regions),
@@ -153,7 +152,9 @@ def check_integer_regions(model: ir.Model) -> IntegerReport:
     segments, rescales = _float_segments(graph, regions, is_int)
     float_gemms = [n.name for n in graph if n.op_type == "MatMul" and n.inputs[1] is not None
                    and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear"]
-    return IntegerReport(regions, segments, rescales, float_gemms)
+    float_ops = Counter(n.op_type for n in graph if any(not is_int(v) and types.get(v) in _FLOAT
+                                                        for v in list(n.inputs) + list(n.outputs)))
+    return IntegerReport(regions, segments, rescales, float_gemms, float_ops)
 
 
 def _float_segments(graph: ir.Graph, regions: list[IntegerRegion], is_int) -> tuple[list[dict], list[dict]]:
