@@ -62,7 +62,11 @@ def _dequantize(node, q, scale, zp=None):
 def _matmul_integer(node, a, b, a_zp=None, b_zp=None):
     a32 = a.astype(np.int32) - (np.int32(0) if a_zp is None else a_zp.astype(np.int32))
     b32 = b.astype(np.int32) - (np.int32(0) if b_zp is None else b_zp.astype(np.int32))
-    # exact: int64 products summed, then wrapped to int32 like the kernel's accumulator
+    # exact sums, then wrapped to int32 like the kernel's accumulator.  float64 (BLAS) is exact while
+    # every partial sum stays below 2^53: K·max|a|·max|b| < 2^53; otherwise int64 (slow, exact).
+    k = a32.shape[-1]
+    if k * int(np.abs(a32).max(initial=0)) * int(np.abs(b32).max(initial=0)) < 2 ** 53:
+        return np.matmul(a32.astype(np.float64), b32.astype(np.float64)).astype(np.int64).astype(np.int32)
     return np.matmul(a32.astype(np.int64), b32.astype(np.int64)).astype(np.int32)
 
 
