@@ -36,7 +36,7 @@ from lowbit.passmanager import Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node
 
 __all__ = ["LOWBIT_DOMAIN", "LowbitOp", "lowbit_op", "LOWBIT_OPS", "requantize_reference", "dyadic",
-           "QRANGE", "LowerLowbit", "emit_requantize"]
+           "QRANGE", "LowerLowbit", "emit_requantize", "lookup_reference", "emit_lookup"]
 
 LOWBIT_DOMAIN = "lowbit"
 _OFFSET_BITS = 62
@@ -123,7 +123,9 @@ def emit_requantize(graph: ir.Graph, acc: ir.Value, b: np.ndarray, c: np.ndarray
     s = node("BitShift", [u, const("c", k.c)], "shift", direction=ir.AttrString("direction", "RIGHT"))
     r = node("Add", [node("Cast", [s], "as_i64", to=ir.DataType.INT64), const("k2", k.k2)], "zero_point")
     clipped = node("Clip", [r, const("qmin", np.int64(lo)), const("qmax", np.int64(hi))], "saturate")
-    return node("Cast", [clipped], "narrow", to=to)
+    out = node("Cast", [clipped], "narrow", to=to)
+    out.dtype = to
+    return out
 
 
 def _lower_requantize(graph: ir.Graph, node: ir.Node, origin: str) -> ir.Value:
@@ -176,3 +178,53 @@ class LowerLowbit(Pass):
         if LOWBIT_DOMAIN in model.opset_imports and not any(n.domain == LOWBIT_DOMAIN for n in graph):
             del model.opset_imports[LOWBIT_DOMAIN]
         return PassResult(model, modified=sum(self.stats.values()) > 0)
+
+
+# ``lowbit.Lookup`` (version 1): an elementwise function of an 8-bit code, one table per channel.
+#   y[..., j] = table[j, x[..., j] − qmin(x)]    (table [C, 256] or [256]; x int8/uint8; y of table's type)
+# ORT body: Gather(flat table, Cast<int32>(x) + (256·j − qmin)).  Exact by construction: a non-linearity
+# between 8-bit tensors (DQ → f → Q) has only 256 inputs per channel, so the table *is* its integer form.
+
+def _lookup_index(x: np.ndarray, n_tables: int) -> np.ndarray:
+    lo = QRANGE[x.dtype][0]
+    base = (np.arange(n_tables, dtype=np.int32) * 256 - lo) if n_tables > 1 else np.int32(-lo)
+    return x.astype(np.int32) + base
+
+
+def emit_lookup(graph: ir.Graph, x: ir.Value, x_dtype: np.dtype, table: np.ndarray, *, origin: str, name: str,
+                before: ir.Node | None = None) -> ir.Value:
+    n = table.shape[0] if table.ndim == 2 else 1
+    lo = QRANGE[np.dtype(x_dtype)][0]
+    base = (np.arange(n, dtype=np.int32) * 256 - lo) if n > 1 else np.asarray(-lo, np.int32)
+    idx32 = make_node(graph, "Cast", [x], origin=origin, name=f"{name}.index", before=before,
+                      attributes={"to": ir.DataType.INT32}).outputs[0]
+    idx = make_node(graph, "Add", [idx32, add_initializer(graph, f"{name}.table_base", base)], origin=origin,
+                    name=f"{name}.offset", before=before).outputs[0]
+    flat = add_initializer(graph, f"{name}.table_flat", table.reshape(-1))
+    out = make_node(graph, "Gather", [flat, idx], origin=origin, name=f"{name}.gather", before=before,
+                    attributes={"axis": 0}).outputs[0]
+    out.dtype = ir.DataType.from_numpy(table.dtype)
+    return out
+
+
+def _lower_lookup(graph: ir.Graph, node: ir.Node, origin: str) -> ir.Value:
+    table = node.inputs[1].const_value
+    if table is None:
+        raise ValueError(f"lowbit.Lookup '{node.name}': the table must be a constant to lower to ORT")
+    if node.inputs[0].dtype is None:
+        raise ValueError(f"lowbit.Lookup '{node.name}': the input's element type is unknown")
+    x_dtype = node.inputs[0].dtype.numpy()
+    return emit_lookup(graph, node.inputs[0], x_dtype, table.numpy(), origin=origin, name=node.name or "lookup",
+                       before=node)
+
+
+@lowbit_op("Lookup", schema="Lookup(x: int8|uint8, table: T[C,256] or T[256]) -> T; "
+           "y[..., j] = table[j, x[..., j] - qmin(x)]", lower=_lower_lookup)
+def lookup_reference(inputs: list[np.ndarray], attrs: dict | None = None) -> list[np.ndarray]:
+    x, table = inputs
+    if x.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or table.shape[-1] != 256:
+        raise TypeError(f"lowbit.Lookup: x must be int8/uint8 and tables 256 wide (got {x.dtype}, {table.shape})")
+    n = table.shape[0] if table.ndim == 2 else 1
+    if n > 1 and x.shape[-1] != n:
+        raise ValueError(f"lowbit.Lookup: {n} tables for {x.shape[-1]} channels")
+    return [table.reshape(-1)[_lookup_index(x, n)]]

@@ -143,6 +143,7 @@ REFERENCE_OPS: dict[tuple[str, str], Callable] = {
     ("", "Cast"): _cast,
     ("", "BitShift"): _bitshift,
     ("", "Identity"): lambda node, x: x,
+    ("", "Gather"): lambda node, data, idx: np.take(data, idx.astype(np.int64), axis=_attr(node, "axis", 0)),
     ("", "Reshape"): _reshape,
     ("", "Transpose"): _transpose,
 }
