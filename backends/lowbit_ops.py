@@ -63,17 +63,30 @@ def lowbit_op(name: str, schema: str, lower: Callable, version: int = 1):
     return deco
 
 
-def dyadic(m: np.ndarray, bits: int = 30) -> tuple[np.ndarray, np.ndarray, float]:
-    """b, c with b / 2^c ≈ m (m > 0): b has ``bits`` significant bits; returns the worst relative error."""
+def dyadic(m: np.ndarray, bits: int = 30, shared_shift: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """b, c with b / 2^c ≈ m (m > 0): b < 2^bits; returns the worst relative error.
+
+    Per channel, b has ``bits`` significant bits.  With ``shared_shift`` one c serves all channels
+    (the largest m gets ``bits`` significant bits, smaller ones fewer), which lets the ORT body
+    clip with scalar bounds.
+    """
     m = np.asarray(m, np.float64)
     if np.any(~np.isfinite(m)) or np.any(m <= 0):
         raise ValueError("dyadic scales must be finite and positive")
     e = np.floor(np.log2(m)).astype(np.int64)  # 2^e <= m < 2^(e+1)
+    if shared_shift:
+        e = np.full_like(e, e.max())
     c = (bits - 1) - e
     b = np.round(m * np.exp2(c.astype(np.float64))).astype(np.int64)
     carry = b >= (1 << bits)  # rounding reached 2^bits: renormalise
-    b = np.where(carry, b >> 1, b)
-    c = np.where(carry, c - 1, c)
+    if shared_shift and np.any(carry):
+        c = c - 1
+        b = np.round(m * np.exp2(c.astype(np.float64))).astype(np.int64)
+    else:
+        b = np.where(carry, b >> 1, b)
+        c = np.where(carry, c - 1, c)
+    if np.any(b < 1):
+        raise ValueError("a scale is too small next to the largest one for a shared shift")
     if np.any(c < 1) or np.any(c > _OFFSET_BITS):
         raise ValueError(f"scale out of the dyadic range (shift {int(c.min())}..{int(c.max())}, needs 1..62)")
     err = float(np.max(np.abs(b / np.exp2(c.astype(np.float64)) - m) / m))
@@ -104,11 +117,24 @@ def _requantize_consts(b, c, zp) -> _Consts:
 
 
 def emit_requantize(graph: ir.Graph, acc: ir.Value, b: np.ndarray, c: np.ndarray, zp: np.ndarray, *, origin: str,
-                    name: str, before: ir.Node | None = None) -> ir.Value:
-    """Standard-ONNX body of Requantize with constant b, c, zero point (the ORT lowering)."""
-    k = _requantize_consts(np.asarray(b, np.int64), c, np.asarray(zp))
-    lo, hi = QRANGE[np.asarray(zp).dtype]
-    to = ir.DataType.from_numpy(np.asarray(zp).dtype)
+                    name: str, before: ir.Node | None = None, offset: np.ndarray | None = None) -> ir.Value:
+    """Standard-ONNX body of Requantize(acc + offset, b, c, zp) with constant b, c, zero point (the ORT lowering).
+
+    With one shift c for all channels and 2^(62−c) ≡ 0 modulo 2^bits(T), a shorter body is used::
+
+        u = BitShift(Cast<uint64>(acc·b + (offset·b + 2^62 + 2^(c−1) + zp·2^c)), c)   # = y + 2^(62−c)
+        y = Cast<T>(Clip(u, qmin + 2^(62−c), qmax + 2^(62−c)))                       # low bits: wrap = y
+
+    (the folded offset and zero point are exact: offset·b is what (acc + offset)·b adds, and zp·2^c
+    is a multiple of 2^c).  ``offset`` (int32 per channel) is only valid when acc + offset cannot
+    overflow int32, which ``dyadic`` proves before emitting it.
+    """
+    zp = np.asarray(zp)
+    b = np.asarray(b, np.int64)
+    cs = np.unique(np.asarray(c, np.int64))
+    lo, hi = QRANGE[zp.dtype]
+    to = ir.DataType.from_numpy(zp.dtype)
+    bits = zp.dtype.itemsize * 8
 
     def node(op, inputs, suffix, **attrs):
         return make_node(graph, op, inputs, origin=origin, name=f"{name}.{suffix}", attributes=attrs,
@@ -118,11 +144,24 @@ def emit_requantize(graph: ir.Graph, acc: ir.Value, b: np.ndarray, c: np.ndarray
         return add_initializer(graph, f"{name}.{suffix}", np.asarray(arr))
 
     a64 = node("Cast", [acc], "acc_i64", to=ir.DataType.INT64)
-    t = node("Add", [node("Mul", [a64, const("b", np.asarray(b, np.int64))], "mul_b"), const("k1", k.k1)], "offset")
-    u = node("Cast", [t], "as_u64", to=ir.DataType.UINT64)
-    s = node("BitShift", [u, const("c", k.c)], "shift", direction=ir.AttrString("direction", "RIGHT"))
-    r = node("Add", [node("Cast", [s], "as_i64", to=ir.DataType.INT64), const("k2", k.k2)], "zero_point")
-    clipped = node("Clip", [r, const("qmin", np.int64(lo)), const("qmax", np.int64(hi))], "saturate")
+    off = np.int64(0) if offset is None else np.asarray(offset, np.int64) * b
+    if cs.size == 1 and _OFFSET_BITS - int(cs[0]) >= bits:
+        c0 = np.int64(cs[0])
+        base = np.int64(1) << np.int64(_OFFSET_BITS - c0)
+        k = off + (np.int64(1) << np.int64(_OFFSET_BITS)) + (np.int64(1) << (c0 - 1)) + zp.astype(np.int64) * (
+            np.int64(1) << c0)
+        t = node("Add", [node("Mul", [a64, const("b", b)], "mul_b"), const("k", np.asarray(k, np.int64))], "offset")
+        u = node("BitShift", [node("Cast", [t], "as_u64", to=ir.DataType.UINT64), const("c", np.uint64(c0))], "shift",
+                 direction=ir.AttrString("direction", "RIGHT"))
+        clipped = node("Clip", [u, const("qmin", np.uint64(base + lo)), const("qmax", np.uint64(base + hi))],
+                       "saturate")
+    else:
+        k = _requantize_consts(b, c, zp)
+        t = node("Add", [node("Mul", [a64, const("b", b)], "mul_b"), const("k1", k.k1 + off)], "offset")
+        u = node("Cast", [t], "as_u64", to=ir.DataType.UINT64)
+        s = node("BitShift", [u, const("c", k.c)], "shift", direction=ir.AttrString("direction", "RIGHT"))
+        r = node("Add", [node("Cast", [s], "as_i64", to=ir.DataType.INT64), const("k2", k.k2)], "zero_point")
+        clipped = node("Clip", [r, const("qmin", np.int64(lo)), const("qmax", np.int64(hi))], "saturate")
     out = node("Cast", [clipped], "narrow", to=to)
     out.dtype = to
     return out
@@ -133,8 +172,13 @@ def _lower_requantize(graph: ir.Graph, node: ir.Node, origin: str) -> ir.Value:
     if any(t is None for t in consts):
         raise ValueError(f"lowbit.Requantize '{node.name}': b, c and zero_point must be constants to lower to ORT")
     b, c, zp = (t.numpy() for t in consts)
-    return emit_requantize(graph, node.inputs[0], b, c, zp, origin=origin, name=node.name or "requantize",
-                           before=node)
+    acc, offset = node.inputs[0], None
+    add = acc.producer()
+    if (add is not None and add.op_type == "Add" and len(list(acc.uses())) == 1 and add.inputs[1].const_value is not None
+            and add.inputs[1].const_value.dtype == ir.DataType.INT32 and add.metadata_props.get("lowbit.no_overflow")):
+        acc, offset = add.inputs[0], add.inputs[1].const_value.numpy()  # fold the proven int32 offset into int64
+    return emit_requantize(graph, acc, b, c, zp, origin=origin, name=node.name or "requantize", before=node,
+                           offset=offset)
 
 
 @lowbit_op("Requantize", schema="Requantize(acc: int32, b: int64, c: int64, zero_point: T) -> T, "

@@ -46,6 +46,21 @@ def _list(a: np.ndarray):
     return a.reshape(-1).tolist() if a.size > 1 else a.reshape(-1)[0].item()
 
 
+def _round_and_clip_params(cast: ir.Node):
+    """Walk Cast ← Clip ← Add(zp) ← Round ← [Mul(1/step)] ← x back to (x, step, zp)."""
+    clip = cast.inputs[0].producer()
+    add = clip.inputs[0].producer() if clip is not None and clip.op_type == "Clip" else None
+    rnd = add.inputs[0].producer() if add is not None and add.op_type == "Add" else None
+    if rnd is None or rnd.op_type != "Round":
+        return None
+    zp = _arr(add.inputs[1]).astype(np.uint8)
+    x, step = rnd.inputs[0], np.ones(zp.shape, np.float32)
+    mul = x.producer()
+    if mul is not None and mul.op_type == "Mul" and _arr(mul.inputs[1]) is not None:
+        x, step = mul.inputs[0], (1.0 / _arr(mul.inputs[1])).astype(np.float32)
+    return x, step, zp
+
+
 def build_manifest(model: ir.Model, model_file: str, pipeline: str = "") -> dict:
     rep = check_integer_regions(model)
     ops = Counter()
@@ -56,8 +71,14 @@ def build_manifest(model: ir.Model, model_file: str, pipeline: str = "") -> dict
         for q in region.entries:
             if any(e["node"] == q.name for e in quantizers):
                 continue
-            step, zp = _arr(q.inputs[1]), _arr(q.inputs[2])
-            quantizers.append({"node": q.name, "input": q.inputs[0].name, "output": q.outputs[0].name,
+            if q.op_type == "Cast":  # migrate-steps' round-and-clip: Round → Add(zp) → Clip → Cast
+                chain = _round_and_clip_params(q)
+                if chain is None:
+                    continue
+                x, step, zp = chain
+            else:
+                x, step, zp = q.inputs[0], _arr(q.inputs[1]), _arr(q.inputs[2])
+            quantizers.append({"node": q.name, "input": x.name, "output": q.outputs[0].name,
                                "dtype": str(zp.dtype), "bits": int(zp.dtype.itemsize * 8),
                                "unit_step": bool(np.all(step == 1)), "step": _list(step.astype(np.float32)),
                                "zero_point": _list(zp)})

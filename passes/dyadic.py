@@ -92,6 +92,7 @@ class Dyadic(Pass):
     class Options:
         out_bits: int = 8  # requantized output: uint8 (8) or int16 (16)
         mult_bits: int = 30  # significant bits of the multiplier b (≤ 30: the int64 proof needs it)
+        shared_shift: bool = True  # one shift c per tensor (b per channel): shorter ORT body
 
         def __post_init__(self):
             if self.out_bits not in (8, 16):
@@ -143,7 +144,7 @@ class Dyadic(Pass):
                 continue
             st = stats[site.out]
             so, zo = self._out_qparams(float(st.cmin.min()), float(st.cmax.max()))
-            b, c, err = dyadic(real / so, self.options.mult_bits)
+            b, c, err = dyadic(real / so, self.options.mult_bits, self.options.shared_shift)
             worst_err = max(worst_err, err)
             shifts += [int(c.min()), int(c.max())]
             self._rewrite(graph, site, k.astype(np.int32), b, c, so, zo)
@@ -173,6 +174,7 @@ class Dyadic(Pass):
         acc.dtype = ir.DataType.INT32
         acc2 = node("Add", [acc, const("acc_offset", k)], "acc_offset")
         acc2.dtype = ir.DataType.INT32
+        acc2.producer().metadata_props["lowbit.no_overflow"] = "int32"  # proven in call(): lowerings may fold it
         if c is None:  # b holds the real per-channel scale: DequantizeLinear(int32) is the boundary
             y = node("DequantizeLinear", [acc2, const("out_scale", b.astype(np.float32))], "out_dq", axis=-1)
         else:

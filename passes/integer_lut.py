@@ -24,6 +24,8 @@ from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, QRANGE
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node
 
+from .migrate_steps import match_round_and_clip
+
 __all__ = ["IntegerLut", "UNARY"]
 
 
@@ -74,9 +76,13 @@ class IntegerLut(Pass):
                 continue
             q = uses[0].node
             s, z = _const(dq.inputs[1]), _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
-            t, u = _const(q.inputs[1]), _const(q.inputs[2]) if len(q.inputs) > 2 else None
+            chain = match_round_and_clip(f.outputs[0])
+            if chain is not None:  # migrate-steps' round-and-clip quantizer
+                t, u, q = chain
+            else:
+                t, u = _const(q.inputs[1]), _const(q.inputs[2]) if len(q.inputs) > 2 else None
             yq = dq.inputs[0]
-            if (q.op_type != "QuantizeLinear" or s is None or z is None or t is None or u is None or s.size != 1
+            if (q.op_type not in ("QuantizeLinear", "Cast") or s is None or z is None or t is None or u is None or s.size != 1
                     or z.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or u.dtype not in QRANGE
                     or len(list(f.inputs[0].uses())) != 1):
                 self.stats["skipped"] += 1

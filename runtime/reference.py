@@ -107,8 +107,11 @@ def _cast(node, x):
     to = ir.DataType(_attr(node, "to")).numpy()
     if np.issubdtype(x.dtype, np.integer) and np.issubdtype(to, np.integer):
         return x.astype(to)  # wraps, as ONNX/ORT
-    if np.issubdtype(to, np.integer):
-        raise UnsupportedReferenceOp("Cast float→int is a float boundary; lowbit never emits it in integer regions")
+    if np.issubdtype(to, np.integer):  # a boundary (round-and-clip quantizer): defined for in-range values
+        info = np.iinfo(to)
+        if np.any(~np.isfinite(x)) or np.any(x < info.min) or np.any(x > info.max):
+            raise UnsupportedReferenceOp(f"Cast float→{to} of out-of-range values is undefined (node '{node.name}')")
+        return np.trunc(x).astype(to)
     return x.astype(to)
 
 

@@ -37,20 +37,23 @@ def test_rounding_is_half_up_at_ties():
     assert got.tolist() == [-1, -1, 0, 1, 1, 2]
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16])
-def test_ort_body_is_bit_exact(dtype):
+def test_ort_body_is_bit_exact(dtype, shared):
     rng = np.random.default_rng(2)
     n = 32
     acc = ir.Value(name="acc", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape(["m", n]))
     graph = ir.Graph([acc], [], nodes=[], opset_imports={"": 21}, name="g")
-    b, c, _ = dyadic(rng.uniform(1e-8, 0.9, n))
+    b, c, _ = dyadic(rng.uniform(1e-4, 0.9, n) * (1e-3 if dtype == np.int16 else 1), shared_shift=shared)
+    assert (np.unique(c).size == 1) == shared
     zp = np.asarray(rng.integers(*QRANGE[np.dtype(dtype)]) // 2, dtype)
-    graph.outputs.append(emit_requantize(graph, acc, b, c, zp, origin="test", name="rq"))
+    offset = rng.integers(-1000, 1000, n).astype(np.int32)  # folded (acc + offset) as dyadic emits it
+    graph.outputs.append(emit_requantize(graph, acc, b, c, zp, origin="test", name="rq", offset=offset))
     sess = make_session(ir.Model(graph, ir_version=10))
-    for lo, hi in ((-2 ** 31, 2 ** 31), (-20000, 20000), (-300, 300)):
+    for lo, hi in ((-2 ** 31 + 1000, 2 ** 31 - 1000), (-20000, 20000), (-300, 300)):
         a = rng.integers(lo, hi, (500, n)).astype(np.int32)
         got = sess.run(None, {"acc": a})[0]
-        want = requantize_reference([a, b, c, zp])[0]
+        want = requantize_reference([a + offset, b, c, zp])[0]
         assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
