@@ -16,8 +16,9 @@ RECIPES: dict[str, str] = {
     "w8a8-dynamic-nosmooth": "quantize{weights=8,acts=8,mode=dynamic},lower-ort",
     "w8a16": "quantize{weights=8,acts=16},lower-ort",
     # integer-only linears: static per-channel u8 activations with steps migrated into producers
-    # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor
-    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,lower-lowbit,lower-ort",
+    # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,
+    # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables
+    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-lut,lower-lowbit,lower-ort",
 }
 
 
