@@ -109,6 +109,8 @@ def test_minilm_integer_regions_cover_every_linear(minilm):
     assert rep.integer_gemms == 36 and not rep.float_gemms and not rep.float_rescales
     assert report["migrate-steps"]["migrated"] >= 18  # q/k/v, FFN1 (cloned LN) and O (V→O) per layer
     assert report["dyadic"]["accumulator_headroom_bits"] > 1
+    assert report["integer-lut"]["tables"] == {"Gelu": 6} and "Gelu" not in rep.float_ops  # FFN1→GELU→FFN2 integer
+    assert {"LayerNormalization", "Softmax"} <= set(rep.float_ops)  # what stays float, listed
 
 
 def test_minilm_reference_matches_ort_on_100_inputs(minilm):
