@@ -120,7 +120,8 @@ def emit_requantize(graph: ir.Graph, acc: ir.Value, b: np.ndarray, c: np.ndarray
                     name: str, before: ir.Node | None = None, offset: np.ndarray | None = None) -> ir.Value:
     """Standard-ONNX body of Requantize(acc + offset, b, c, zp) with constant b, c, zero point (the ORT lowering).
 
-    With one shift c for all channels and 2^(62−c) ≡ 0 modulo 2^bits(T), a shorter body is used::
+    With one shift c for all channels and c + bits(T) ≤ 60 (so 2^(62−c) ≡ 0 modulo 2^bits(T) and the
+    folded constant keeps t inside int64), a shorter body is used::
 
         u = BitShift(Cast<uint64>(acc·b + (offset·b + 2^62 + 2^(c−1) + zp·2^c)), c)   # = y + 2^(62−c)
         y = Cast<T>(Clip(u, qmin + 2^(62−c), qmax + 2^(62−c)))                       # low bits: wrap = y
@@ -145,7 +146,7 @@ def emit_requantize(graph: ir.Graph, acc: ir.Value, b: np.ndarray, c: np.ndarray
 
     a64 = node("Cast", [acc], "acc_i64", to=ir.DataType.INT64)
     off = np.int64(0) if offset is None else np.asarray(offset, np.int64) * b
-    if cs.size == 1 and _OFFSET_BITS - int(cs[0]) >= bits:
+    if cs.size == 1 and int(cs[0]) + bits <= 60:  # then 0 < t < 2^63: 2^61 + 2^62 + |zp|·2^c + 2^(c-1) fits
         c0 = np.int64(cs[0])
         base = np.int64(1) << np.int64(_OFFSET_BITS - c0)
         k = off + (np.int64(1) << np.int64(_OFFSET_BITS)) + (np.int64(1) << (c0 - 1)) + zp.astype(np.int64) * (

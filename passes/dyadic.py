@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, QRANGE, dyadic
+from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, dyadic
 from lowbit.calibration import collect_stats
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node
