@@ -33,6 +33,10 @@ RECIPES: dict[str, str] = {
     # mixed precision: per-layer bits from an integer program over measured sensitivity (3.5 bits on average)
     "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured},"
                   "quantize-weights{method=gptq},lower-nbits",
+    # integer-only linears: static per-channel u8 activations with steps migrated into producers
+    # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,
+    # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables
+    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-lut,lower-lowbit,lower-ort",
 }
 
 

