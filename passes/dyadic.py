@@ -28,7 +28,7 @@ import onnx_ir as ir
 from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, dyadic
 from lowbit.calibration import collect_stats
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node
+from lowbit.rewrite import replace_value, add_initializer, make_node
 
 __all__ = ["Dyadic", "accumulator_bound"]
 
@@ -180,11 +180,7 @@ class Dyadic(Pass):
         else:
             y = self._requantize(node, const, acc2, b, c, so, zo)
         y.dtype = ir.DataType.FLOAT
-        old = site.out
-        if old in graph.outputs:
-            graph.outputs[graph.outputs.index(old)] = y
-            old.name, y.name = f"{old.name}_float", old.name
-        old.replace_all_uses_with(y)
+        replace_value(graph, site.out, y)
 
     @staticmethod
     def _requantize(node, const, acc2, b, c, so, zo) -> ir.Value:
