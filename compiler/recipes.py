@@ -27,6 +27,9 @@ RECIPES: dict[str, str] = {
     # int4 weights x int8 activations: ORT's MatMulNBits accuracy level 4 quantizes activations to int8
     "w4a8": "fold-norms,rotate,calibrate,smooth{alpha=0.5},calibrate{hessian=true},"
             "quantize-weights{bits=4,group=128,method=gptq},lower-nbits{accuracy_level=4}",
+    # int4 weights x static per-tensor int8 activations (QDQ, calibrated): outliers matter, rotation removes them
+    "w4a8-static": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
+                   "quantize-acts{bits=8,static=true},lower-nbits",
     # int4 per-token activations; ORT has no int4 GEMM, so the int8-activation kernel runs them
     "w4a4": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
             "quantize-acts{bits=4,exclude=lm_head},lower-nbits{accuracy_level=4}",

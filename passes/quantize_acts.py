@@ -7,6 +7,10 @@ ReduceMax, Div, Round, Clip, Mul); one quantizer is shared by all linears that r
 activation.  ONNX Runtime has no int4×int4 GEMM: the int4 activations are then consumed by
 ``MatMulNBits`` with ``accuracy_level=4`` (``lower-nbits{accuracy_level=4}``), whose kernel works
 on int8 activations — the int8 fallback.  Linears matching ``exclude`` keep float inputs.
+
+``static=true`` (int8 only) instead uses one symmetric step per tensor from calibration,
+``step = max|x| / 127``, as a QuantizeLinear/DequantizeLinear pair: static per-tensor int8
+activations, where activation outliers cost the most and rotation helps the most.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ class QuantizeActs(Pass):
     class Options:
         bits: int = 4
         exclude: str = "lm_head"  # '|'-separated substrings of linear names whose input stays float
+        static: bool = False  # per-tensor symmetric steps from calibration (int8 QDQ) instead of per token
 
         def __post_init__(self):
             if self.bits not in (4, 8):
                 raise ValueError(f"quantize-acts: bits must be 4 or 8, got {self.bits}")
+            if self.static and self.bits != 8:
+                raise ValueError("quantize-acts: static=true is int8 (QuantizeLinear/DequantizeLinear)")
 
     def call(self, model):
         graph = model.graph
@@ -57,13 +64,29 @@ class QuantizeActs(Pass):
                 continue
             x = node.inputs[0]
             if x not in done:
-                done[x] = self._quantizer(graph, x, node, name, qmax)
+                quantizer = self._static if self.options.static else self._quantizer
+                done[x] = quantizer(graph, x, node, name, qmax)
             node.replace_input_with(0, done[x])
             self.stats["linears"] += 1
         self.stats["quantizers"] = len(done)
         graph.meta.pop("lowbit.names", None)
         self.ctx.report["quantize-acts"] = {"bits": self.options.bits, **dict(self.stats)}
         return PassResult(model, modified=bool(done))
+
+    def _static(self, graph, x: ir.Value, before: ir.Node, name: str, qmax: float) -> ir.Value:
+        """int8 QDQ with one symmetric step per tensor: ``step = max|x| / 127`` over calibration."""
+        from lowbit.calibration import act_stats
+
+        stats = act_stats(x)
+        if stats is None:
+            self.fail(f"static=true needs calibration statistics for the input of '{name}'", node=before,
+                      hint="put 'calibrate' before 'quantize-acts'")
+        step = np.float32(max(float(stats.absmax.max()), 1e-12) / qmax)
+        scale = add_initializer(graph, f"{name}.act_scale", np.array(step, np.float32))
+        zero = add_initializer(graph, f"{name}.act_zero_point", np.array(0, np.int8))
+        q = make_node(graph, "QuantizeLinear", [x, scale, zero], origin=self.name, name=f"{name}.act_q", before=before)
+        return make_node(graph, "DequantizeLinear", [q.outputs[0], scale, zero], origin=self.name,
+                         name=f"{name}.act_dq", before=before).outputs[0]
 
     def _quantizer(self, graph, x: ir.Value, before: ir.Node, name: str, qmax: float) -> ir.Value:
         o = self.name

@@ -38,3 +38,25 @@ def test_excluded_head_keeps_float_input():
     head = next(n for n in model.graph if n.name == "lm_head")
     assert head.inputs[0].producer().op_type == "RMSNormalization"
     assert sum(n.op_type == "Round" for n in model.graph) == 4  # attn_norm, attention output, ffn_norm, gated
+
+
+def test_static_int8_activations_use_calibrated_per_tensor_steps(stories_bin, stories_calibration):
+    import lowbit
+    from lowbit.calibration import act_stats  # noqa: F401  (the steps come from calibration)
+
+    result = lowbit.compile(lowbit.load_model(stories_bin), "calibrate,quantize-acts{bits=8,static=true}",
+                            calibration=stories_calibration[:4], progress=False)
+    qs = [n for n in result.model.graph if n.op_type == "QuantizeLinear"]
+    assert len(qs) == 20  # 21 linear inputs, lm_head's (final norm) excluded
+    for q in qs:
+        assert q.inputs[2].const_value.dtype.name == "INT8" and int(q.inputs[2].const_value.numpy()) == 0
+        assert float(q.inputs[1].const_value.numpy()) > 0
+
+
+def test_static_needs_calibration(stories_model):
+    import pytest
+
+    import lowbit
+
+    with pytest.raises(lowbit.LowbitError, match="put 'calibrate' before 'quantize-acts'"):
+        lowbit.compile(stories_model, "quantize-acts{bits=8,static=true}", progress=False)
