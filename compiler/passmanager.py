@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -205,9 +204,6 @@ class PassManager:
                 raise PassFailure(p.name, f"internal error {type(exc).__name__}: {exc}",
                                   hint="this is a lowbit bug; re-run with --reproducer DIR and report it") from exc
             _forget_removed_io(result.model.graph)
-            # Rewritten IR leaves cycles (node <-> value) holding replaced weights: free them now, not
-            # whenever the cyclic collector next runs, so that peak memory stays near the model size.
-            gc.collect()
             seconds = time.perf_counter() - start
             model = result.model
             self.ctx.properties -= set(p.invalidates_properties)
