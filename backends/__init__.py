@@ -1,3 +1,4 @@
-"""Backends: lowering to ONNX Runtime (and TVM, imported lazily)."""
+"""Backends: lowering lowbit's graphs to ONNX Runtime and Apache TVM (TVM imported lazily)."""
 
-from . import ort  # noqa: F401  (registers lower-ort)
+from . import nbits, ort  # noqa: F401  (registers lower-nbits, lower-ort)
+from . import tvm_lower as _tvm_lower  # noqa: F401  (registers the 'lower-tvm' pass)

@@ -25,15 +25,17 @@ import lowbit  # noqa: E402
 from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, encoder_feeds, read_stories, read_sts  # noqa: E402
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights  # noqa: E402
 
-LOWBIT = ["w8a8", "w8a8-nosmooth", "w8a8-dynamic", "w8a8-dynamic-nosmooth"]
+LOWBIT = ["w8a8", "w8a8-nosmooth", "w8a8-dynamic", "w8a8-dynamic-nosmooth", "w8a8-dynamic-tensor",
+          "w8a8,quantize-embeddings"]
 
 
 def _variants(float_model, float_path, feeds, out):
     """(name, path) for FP32, every lowbit recipe and ORT's baselines."""
     yield "fp32", float_path
     for recipe in LOWBIT:
-        path = out / f"{float_path.stem}.{recipe}.onnx"
-        lowbit.compile(lowbit.load_onnx(float_path), recipe, calibration=feeds, output=path, progress=False)
+        path = out / f"{float_path.stem}.{recipe.replace(',', '+')}.onnx"
+        pipeline = ",".join(lowbit.RECIPES.get(r, r) for r in recipe.split(","))
+        lowbit.compile(lowbit.load_onnx(float_path), pipeline, calibration=feeds, output=path, progress=False)
         yield f"lowbit {recipe}", path
     yield "ORT quantize_static (default ops)", ort_static(float_path, feeds, out / f"{float_path.stem}.ort_s.onnx")
     yield "ORT quantize_static (MatMul, per-channel)", ort_static(
@@ -97,7 +99,7 @@ def llama(out):
     feeds = [{"tokens": rng.integers(0, cfg.vocab_size, (1, 64))} for _ in range(4)]
     rows, base = [], None
     methods = [("fp32", float_path)]
-    for recipe in ("w8a8", "w8a8-dynamic-nosmooth"):
+    for recipe in ("w8a8", "w8a8-dynamic-nosmooth", "w8a8-dynamic-tensor"):
         path = out / f"llama2048.{recipe}.onnx"
         lowbit.compile(lowbit.load_onnx(float_path), recipe, calibration=feeds, output=path, progress=False)
         methods.append((f"lowbit {recipe}", path))

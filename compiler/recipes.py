@@ -14,7 +14,25 @@ RECIPES: dict[str, str] = {
     # per-token dynamic activations (no calibration needed without smoothing)
     "w8a8-dynamic": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=dynamic},lower-ort",
     "w8a8-dynamic-nosmooth": "quantize{weights=8,acts=8,mode=dynamic},lower-ort",
+    # per-tensor dynamic activations: the form ORT fuses into DynamicQuantizeMatMul (fastest)
+    "w8a8-dynamic-tensor": "quantize{weights=8,acts=8,mode=dynamic-tensor},lower-ort",
     "w8a16": "quantize{weights=8,acts=16},lower-ort",
+    # weight-only low-bit (MatMulNBits; lowbit.MatMul3Bit for 3 bits), float activations
+    "w4a16": "quantize-weights{bits=4,group=128,method=rtn},lower-nbits",
+    "w4a16-gptq": "calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},lower-nbits",
+    "w3a16": "fold-norms,rotate,calibrate{hessian=true},"
+             "quantize-weights{bits=3,group=128,method=gptq,clip_search=true},lower-nbits",
+    "w2a16": "fold-norms,rotate,calibrate{hessian=true},"
+             "quantize-weights{bits=2,group=32,method=gptq,symmetric=false,clip_search=true},lower-nbits",
+    # int4 weights x int8 activations: ORT's MatMulNBits accuracy level 4 quantizes activations to int8
+    "w4a8": "fold-norms,rotate,calibrate,smooth{alpha=0.5},calibrate{hessian=true},"
+            "quantize-weights{bits=4,group=128,method=gptq},lower-nbits{accuracy_level=4}",
+    # int4 per-token activations; ORT has no int4 GEMM, so the int8-activation kernel runs them
+    "w4a4": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
+            "quantize-acts{bits=4,exclude=lm_head},lower-nbits{accuracy_level=4}",
+    # mixed precision: per-layer bits from an integer program over measured sensitivity (3.5 bits on average)
+    "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured},"
+                  "quantize-weights{method=gptq},lower-nbits",
 }
 
 

@@ -9,6 +9,8 @@ Activations, ``acts=8``:
   ``step = (max(hi,0) − min(lo,0)) / 255``, ``zp = round(−lo/step)``; one QuantizeLinear →
   DequantizeLinear pair per activation, shared by every linear that reads it.  ORT fuses
   ``Q→DQ(u8)·DQ(s8 per-channel)→MatMul`` into ``MatMulIntegerToFloat`` (u8×s8 integer GEMM).
+* ``mode=dynamic-tensor`` (per tensor, at run time): ``DynamicQuantizeLinear`` (uint8) shared per
+  activation, ``MatMulInteger``, one float rescale: the form ORT fuses into ``DynamicQuantizeMatMul``.
 * ``mode=dynamic`` (per token): ``t = max|x_row| / 127``; ``q = round(x/t) + 128`` as uint8 (computed once per activation);
   ``MatMulInteger(q, Wq, a_zero_point=128)`` (u8×s8, int32 accumulator) × t × s_w.  ONNX has no
   per-token QuantizeLinear, so this mode is emitted directly as integer ops.
@@ -64,7 +66,7 @@ class Quantize(Pass):
     class Options:
         weights: int = 8
         acts: int = 8
-        mode: Literal["static", "dynamic"] = "static"
+        mode: Literal["static", "dynamic", "dynamic-tensor"] = "static"
         percentile: float = 100.0  # static range clip; <100 needs calibrate{percentiles=true}
         exclude: str = ""
 
@@ -73,8 +75,8 @@ class Quantize(Pass):
                 raise ValueError(f"quantize: weights={self.weights} is not supported yet (8)")
             if self.acts not in (8, 16):
                 raise ValueError(f"quantize: acts must be 8 or 16 (float), got {self.acts}")
-            if self.mode not in ("static", "dynamic"):
-                raise ValueError(f"quantize: mode must be static or dynamic, got {self.mode}")
+            if self.mode not in ("static", "dynamic", "dynamic-tensor"):
+                raise ValueError(f"quantize: mode must be static, dynamic or dynamic-tensor, got {self.mode}")
             if not 50.0 < self.percentile <= 100.0:
                 raise ValueError(f"quantize: percentile must be in (50, 100], got {self.percentile}")
 
@@ -88,7 +90,7 @@ class Quantize(Pass):
         graph = model.graph
         ensure_opset(model, 13, "per-channel QDQ")
         static = self.options.acts == 8 and self.options.mode == "static"
-        if self.options.acts == 8 and not static:
+        if self.options.acts == 8 and self.options.mode == "dynamic":
             ensure_opset(model, 18, "per-token dynamic quantization (ReduceMax with axes input)")
         if static and CALIBRATED not in self.ctx.properties:
             self.fail("static activation quantization needs calibration statistics",
@@ -111,6 +113,12 @@ class Quantize(Pass):
                 if lin.input not in act_qdq:
                     act_qdq[lin.input] = self._dynamic_act(graph, lin)
                 self._dynamic(graph, lin, *act_qdq[lin.input], wq, sw)
+            elif self.options.acts == 8 and self.options.mode == "dynamic-tensor":
+                if lin.input not in act_qdq:
+                    act_qdq[lin.input] = make_node(graph, "DynamicQuantizeLinear", [lin.input], origin=self.name,
+                                                   name=f"{lin.input.name or lin.name}.act_dq", num_outputs=3,
+                                                   before=lin.node).outputs
+                self._dynamic_tensor(graph, lin, act_qdq[lin.input], wq, sw)
             else:
                 wq_v = add_initializer(graph, f"{lin.name}.weight_q", wq)
                 sw_v = add_initializer(graph, f"{lin.name}.weight_scale", sw)
@@ -170,6 +178,20 @@ class Quantize(Pass):
         q = node("Cast", [node("Add", [r, const("offset", np.array(128.0, np.float32))], "act_offset")], "act_u8",
                  to=ir.DataType.UINT8)
         return q, t
+
+    def _dynamic_tensor(self, graph: ir.Graph, lin: Linear, act, wq: np.ndarray, sw: np.ndarray) -> None:
+        """``DynamicQuantizeLinear`` → ``MatMulInteger`` → Cast → Mul: ORT fuses it into DynamicQuantizeMatMul."""
+        q, scale, zp = act
+
+        def node(op, inputs, suffix, **attrs):
+            return make_node(graph, op, inputs, origin=self.name, name=f"{lin.name}.{suffix}", attributes=attrs,
+                             before=lin.node).outputs[0]
+
+        w_zp = add_initializer(graph, f"{lin.name}.weight_zero_point", np.zeros(wq.shape[1], np.int8))
+        acc = node("MatMulInteger", [q, add_initializer(graph, f"{lin.name}.weight_q", wq), zp, w_zp], "matmul_int")
+        both = node("Mul", [scale, add_initializer(graph, f"{lin.name}.weight_scale", sw)], "scales")
+        y = node("Mul", [node("Cast", [acc], "acc_f32", to=ir.DataType.FLOAT), both], "rescale")
+        replace_value(graph, lin.node.outputs[0], y)
 
     def _dynamic(self, graph: ir.Graph, lin: Linear, q: ir.Value, t: ir.Value, wq: np.ndarray,
                  sw: np.ndarray) -> None:

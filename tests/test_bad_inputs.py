@@ -141,7 +141,7 @@ PIPELINE_CASES = {
     "unknown-option": ("quantize{foo=1},lower-ort", "no option 'foo'"),
     "option-type": ("calibrate,smooth{alpha=abc},quantize,lower-ort", "option 'alpha' expects float"),
     "option-range": ("calibrate,smooth{alpha=2.0},quantize,lower-ort", "alpha must be in (0, 1)"),
-    "literal-option": ("quantize{mode=sideways},lower-ort", "must be one of ['static', 'dynamic']"),
+    "literal-option": ("quantize{mode=sideways},lower-ort", "must be one of ['static', 'dynamic'"),
     "empty-option": ("quantize{mode=},lower-ort", "has no value"),
     "unclosed-brace": ("quantize{mode=static", "unclosed '{'"),
     "bad-separator": ("calibrate,quantize;lower-ort", "expected ',' or end after 'quantize'"),

@@ -75,7 +75,23 @@ def test_dynamic_per_token_matches_numpy():
     assert result.report["lower-ort"]["ort_integer_gemms"] == 1
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic"])
+def test_dynamic_per_tensor_matches_numpy_and_fuses_into_dynamic_quantize_matmul():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    result = lowbit.compile(_linear_model(w), "w8a8-dynamic-tensor", progress=False)
+    got = make_session(result.model).run(None, {"x": x})[0]
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    step = (hi - lo) / 255
+    zp = np.clip(np.round(-lo / step), 0, 255)
+    xq = np.clip(np.round(x / step) + zp, 0, 255) - zp
+    wq, sw = quantize_weight_int8(w)
+    want = (xq @ wq.astype(np.float32)) * step * sw + np.array([0.5, -1.0, 0.25, 0.0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert ort_integer_kernels(result.model)["DynamicQuantizeMatMul"] == 1
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic", "w8a8-dynamic-tensor"])
 def test_every_linear_of_stories260k_runs_on_u8s8_kernels(stories_model, stories_calibration, recipe):
     result = lowbit.compile(stories_model, recipe, calibration=stories_calibration, progress=False)
     counts = ort_integer_kernels(result.model)
@@ -84,7 +100,7 @@ def test_every_linear_of_stories260k_runs_on_u8s8_kernels(stories_model, stories
     assert counts["MatMul"] + counts["FusedMatMul"] == 10
     for node in result.model.graph:  # weights are int8 (s8), activations uint8 (u8)
         if node.op_type == "MatMulInteger":
-            assert node.inputs[0].producer().op_type == "Cast"
+            assert node.inputs[0].producer().op_type in ("Cast", "DynamicQuantizeLinear")  # both uint8
             assert node.inputs[1].const_value.dtype == ir.DataType.INT8
 
 

@@ -1,0 +1,182 @@
+"""Lowering of weight-only low-bit linears and lowbit ops to ONNX Runtime's fast kernels.
+
+``lower-nbits`` rewrites ``DequantizeLinear(INT/UINT b ∈ {2, 4, 8}, blocked along K) → MatMul``
+into ``com.microsoft.MatMulNBits`` with ORT's layout (checked against ORT's own
+``MatMulNBitsQuantizer`` in the tests):
+
+* ``B`` uint8 ``[N, K/block, block·b/8]``: column n's codes along K, consecutive codes packed
+  low bits first (4-bit: even k in the low nibble); K is padded to whole blocks.
+* ``scales`` float ``[N, K/block]``; ``zero_points`` uint8 ``[N, ⌈(K/block)·b/8⌉]`` packed the
+  same way (absent: 2^(b−1)); ``W[k, n] = (code − zp)·scale``.  Symmetric INT{b} values v become
+  codes v + 2^(b−1) with the default zero point.
+
+``accuracy_level`` (the MatMulNBits attribute): 0 keeps activations in float (exact; ORT has fast
+kernels for 4-bit only at this level); 4 quantizes activations to int8 per block inside the kernel
+(W×A8 integer dot products: ≈0.5 % error, and the only fast path for 2- and 8-bit).  Blocks must be
+16..256 and a power of two; a per-channel layer is one block when K rounds up to ≤ 256, otherwise
+it stays in QDQ form.  ``lowbit.Hadamard`` becomes its Kronecker form with standard ops
+(``reshape → ·Q → H_p/√p· → reshape``; ``hadamard=function`` keeps the op and its function body).
+``lowbit.MatMul3Bit`` stays as it is: 3 bits per weight on disk; see
+``lowbit.runtime.fastpath`` for its fast load-time path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.lowbit_ops import DOMAIN, attach_functions, hadamard_matrix
+from lowbit.passmanager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
+from lowbit.rewrite import add_initializer, make_node
+
+__all__ = ["LowerNBits", "pack_nbits", "nbits_node_inputs", "BLOCK_SIZES"]
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+_KINDS = {ir.DataType.INT2: (2, True), ir.DataType.UINT2: (2, False), ir.DataType.INT4: (4, True),
+          ir.DataType.UINT4: (4, False), ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
+
+
+def pack_nbits(codes: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
+    """uint codes [..., L] → uint8 [..., ⌈L·bits/8⌉], consecutive codes low bits first, padded with ``fill``."""
+    per = 8 // bits
+    pad = (-codes.shape[-1]) % per
+    c = np.concatenate([codes, np.full(codes.shape[:-1] + (pad,), fill, codes.dtype)], axis=-1) if pad else codes
+    c = c.astype(np.uint8).reshape(codes.shape[:-1] + (-1, per))
+    shifts = (bits * np.arange(per)).astype(np.uint8)
+    return np.bitwise_or.reduce(c << shifts, axis=-1).astype(np.uint8)
+
+
+def nbits_node_inputs(codes_nk: np.ndarray, scales_ng: np.ndarray, zp_ng: np.ndarray | None, bits: int,
+                      block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits (B, scales, zero_points) from codes [N, K], scales/zero points [N, G]."""
+    n, k = codes_nk.shape
+    g = -(-k // block)
+    padded = np.zeros((n, g * block), np.uint8)
+    padded[:, :k] = codes_nk
+    b = pack_nbits(padded.reshape(n, g, block), bits)
+    zp = None if zp_ng is None else pack_nbits(zp_ng.astype(np.uint8), bits, fill=1 << (bits - 1))  # as ORT pads
+    return b, np.ascontiguousarray(scales_ng, np.float32), zp
+
+
+@register_pass("lower-nbits")
+class LowerNBits(Pass):
+    @dataclass(frozen=True)
+    class Options:
+        accuracy_level: int = 0  # MatMulNBits: 0 = float activations (exact), 4 = int8 activations
+        hadamard: Literal["kron", "function"] = "kron"
+
+        def __post_init__(self):
+            if self.accuracy_level not in (0, 1, 2, 3, 4):
+                raise ValueError(f"lower-nbits: accuracy_level must be 0..4, got {self.accuracy_level}")
+            if self.hadamard not in ("kron", "function"):
+                raise ValueError(f"lower-nbits: hadamard must be kron or function, got {self.hadamard}")
+
+    requires_properties = (QUANTIZED,)
+    ensures_properties = (LOWERED_ORT,)
+
+    def call(self, model):
+        graph = model.graph
+        for node in list(graph):
+            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+                self._matmul(graph, node)
+            elif node.op_type == "Hadamard" and node.domain == DOMAIN and self.options.hadamard == "kron":
+                self._hadamard(graph, node)
+        graph.meta.pop("lowbit.names", None)
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
+        if any(n.domain == "com.microsoft" for n in graph):
+            model.opset_imports["com.microsoft"] = 1
+        for key in [k for k in model.functions if k[0] == DOMAIN]:
+            del model.functions[key]
+        attach_functions(model)
+        self.ctx.report["lower-nbits"] = {"accuracy_level": self.options.accuracy_level, **dict(self.stats)}
+        return PassResult(model, modified=bool(sum(self.stats.values())))
+
+    def _matmul(self, graph: ir.Graph, node: ir.Node) -> None:
+        dq = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or len(node.inputs[1].uses()) != 1:
+            return
+        data = dq.inputs[0].const_value
+        if data is None or data.dtype not in _KINDS or len(data.shape) != 2:
+            return
+        bits, signed = _KINDS[data.dtype]
+        k, n = data.shape
+        axis = dq.attributes.get_int("axis", 1)
+        block = dq.attributes.get_int("block_size", 0)
+        scales = dq.inputs[1].const_value.numpy().astype(np.float32)
+        zp_v = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if axis == 1 and not block:  # per channel: one block along K
+            block = max(16, 1 << (k - 1).bit_length())
+            scales, zp_arr = scales.reshape(1, n), None if zp_v is None else zp_v.const_value.numpy().reshape(1, n)
+        elif axis == 0 and block:
+            zp_arr = None if zp_v is None else zp_v.const_value.numpy()
+        else:
+            self.stats["skipped_layout"] += 1
+            return
+        if block not in BLOCK_SIZES:
+            self.stats["skipped_block_size"] += 1
+            return
+        vals = data.numpy().astype(np.int16)
+        if signed:
+            if zp_arr is not None and np.any(zp_arr.astype(np.int16) != 0):
+                self.stats["skipped_signed_zero_point"] += 1
+                return
+            codes, zp_arr = vals + (1 << (bits - 1)), None
+        else:
+            codes = vals
+            if zp_arr is None:
+                zp_arr = np.zeros(scales.shape, np.uint8)
+        b, s, z = nbits_node_inputs(np.ascontiguousarray(codes.T), scales.T, None if zp_arr is None else
+                                    zp_arr.astype(np.int16).T, bits, block)
+        name = node.name or "matmul"
+        inputs = [node.inputs[0], add_initializer(graph, f"{name}.B{bits}", b),
+                  add_initializer(graph, f"{name}.scales", s)]
+        if z is not None:
+            inputs.append(add_initializer(graph, f"{name}.zero_points", z))
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": self.options.accuracy_level}
+        new = make_node(graph, "MatMulNBits", inputs, origin=self.name, name=f"{name}.nbits", attributes=attrs,
+                        domain="com.microsoft", before=node)
+        new.metadata_props.update({k_: v for k_, v in node.metadata_props.items() if k_.startswith("lowbit.")})
+        self._replace(graph, node, new)
+        self.stats[f"matmulnbits_{bits}bit"] += 1
+
+    def _replace(self, graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+        out, res = old.outputs[0], new.outputs[0]
+        for use in list(out.uses()):
+            use.node.replace_input_with(use.idx, res)
+        if out in graph.outputs:
+            graph.outputs[graph.outputs.index(out)] = res
+            res.name, out.name = out.name, f"{out.name}_replaced"
+        if out.dtype is not None:
+            res.dtype, res.shape = out.dtype, out.shape
+        graph.remove(old, safe=True)
+
+    def _hadamard(self, graph: ir.Graph, node: ir.Node) -> None:
+        q = node.inputs[1].const_value
+        if q is None:
+            return
+        m = q.shape[0]
+        x = node.inputs[0]
+        name = node.name or "hadamard"
+        n = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+        n = n or int(node.metadata_props.get("lowbit.width", 0))
+        if not n:
+            self.stats["skipped_hadamard_unknown_width"] += 1
+            return
+        p = n // m
+        c = lambda suffix, arr: add_initializer(graph, f"{name}.{suffix}", arr)  # noqa: E731
+        shape = make_node(graph, "Shape", [x], origin=self.name, name=f"{name}.shape", before=node).outputs[0]
+        x3 = make_node(graph, "Reshape", [x, c("shape3", np.array([-1, p, m], np.int64))], origin=self.name,
+                       name=f"{name}.split", before=node).outputs[0]
+        if m > 1:
+            x3 = make_node(graph, "MatMul", [x3, node.inputs[1]], origin=self.name, name=f"{name}.q",
+                           before=node).outputs[0]
+        hp = c(f"h{p}", hadamard_matrix(p).astype(np.float32))
+        y3 = make_node(graph, "MatMul", [hp, x3], origin=self.name, name=f"{name}.hp", before=node).outputs[0]
+        y = make_node(graph, "Reshape", [y3, shape], origin=self.name, name=f"{name}.merge", before=node)
+        self._replace(graph, node, y)
+        self.stats["hadamard_kron"] += 1

@@ -1,0 +1,221 @@
+"""Perplexity against model bytes on stories260K: uniform RTN, ORT's RTN, and assign-bits plans.
+
+Calibrates on CALIB_STORIES, evaluates perplexity on the held-out EVAL_STORIES.  Weight-only
+quantization is simulated exactly: every linear's weight is replaced by its dequantized value
+(``lowbit.bitplan.apply_fake_quant``) in a copy of the float model, which is what a weight-only
+quantized model computes (up to float rounding order).  Sizes are the model's initializer bytes
+with the linears in the packed storage format (checked against real packed buffers for every plan).
+ORT's own RTN (``MatMulNBitsQuantizer``) runs on the real MatMulNBits kernels; its size is the
+initializer bytes of the model it writes.
+
+    python benchmarks/mixed_precision.py [--targets 2.5,3.0,3.5] [--eval-stories 392:785]
+
+Writes ``benchmarks/results/mixed_precision.{json,md,png|html}`` and the plans beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.analysis import find_linears
+from lowbit.bitplan import LayerPlan, Plan, apply_fake_quant, plan_bytes
+from lowbit.errors import LowbitError
+from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
+from lowbit.frontends import load_model
+from lowbit.passmanager import CompileContext, PassManager
+from lowbit.rtn import storage_bytes
+from lowbit.runtime.llm import perplexity, token_stream
+from lowbit.runtime.session import make_session, to_proto
+from lowbit.tokenizers import Llama2cTokenizer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def uniform_plan(linears, bits: int, group: int, fixed: int) -> Plan:
+    layers = []
+    for lin in linears:
+        k, n = lin.shape
+        g = 0 if group == 0 or group >= k else group
+        layers.append(LayerPlan(lin.name, [k, n], bits, g, storage_bytes(k, n, bits, g)))
+    return Plan(layers, budget="uniform", target=bits, estimator="-", fixed_bytes=fixed)
+
+
+def evaluate_plan(model, linears, plan: Plan | None, stream) -> float:
+    import onnx
+
+    proto = to_proto(model)
+    if plan is not None:
+        weights = {lin.name: lin.weight.const_value.numpy() for lin in linears}
+        deq = apply_fake_quant(weights, plan)
+        names = {lin.weight.name: lin.name for lin in linears}
+        for i, t in enumerate(proto.graph.initializer):
+            if t.name in names:
+                proto.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(deq[names[t.name]], t.name))
+    return perplexity(make_session(proto, threads=1), stream, batch=1).nll
+
+
+def ort_rtn(model, bits: int, block: int, stream) -> tuple[float, int]:
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+    q = MatMulNBitsQuantizer(to_proto(model), bits=bits, block_size=block, is_symmetric=False, accuracy_level=0)
+    q.process()
+    proto = q.model.model
+    size = sum(len(t.raw_data) or onnx_tensor_bytes(t) for t in proto.graph.initializer)
+    sess = make_session(proto, threads=1, matmulnbits_accuracy_level=0)
+    return perplexity(sess, stream, batch=1).nll, size
+
+
+def onnx_tensor_bytes(t) -> int:
+    import onnx
+
+    return onnx.numpy_helper.to_array(t).nbytes
+
+
+def pareto(rows: list[dict]) -> None:
+    for r in rows:
+        r["pareto"] = not any(o["bytes"] <= r["bytes"] and o["ppl"] < r["ppl"] for o in rows if o is not r)
+
+
+def compare(rows: list[dict]) -> list[str]:
+    """For every ILP plan: the smallest uniform RTN at least as large, and the best one no larger."""
+    uni = [r for r in rows if r["kind"] in ("uniform", "ort")]
+    out = ["| ILP plan | bytes | ppl | next larger uniform (bytes, ppl) | ILP better? | best uniform ≤ size (ppl) |",
+           "|---|---:|---:|---|:-:|---|"]
+    for r in (r for r in rows if r["kind"].startswith("ilp")):
+        larger = sorted((u for u in uni if u["bytes"] >= r["bytes"]), key=lambda u: u["bytes"])
+        smaller = sorted((u for u in uni if u["bytes"] <= r["bytes"]), key=lambda u: u["ppl"])
+        nl = larger[0] if larger else None
+        out.append(f"| {r['name']} | {r['bytes']:,} | {r['ppl']:.3f} | "
+                   + (f"{nl['name']} ({nl['bytes']:,}, {nl['ppl']:.3f}) | {'yes' if r['ppl'] < nl['ppl'] else 'no'}"
+                      if nl else "- | -")
+                   + (f" | {smaller[0]['name']} ({smaller[0]['ppl']:.3f}) |" if smaller else " | - |"))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="2.5,3.0,3.5")
+    ap.add_argument("--estimators", default="cheap,measured,measured-kl")
+    ap.add_argument("--split", type=float, default=0.125, help="also solve with this column-split fraction (0: off)")
+    ap.add_argument("--allin-targets", default="2.75,3.0,3.5", help="avg_bits (scales included) targets")
+    ap.add_argument("--eval-stories", default=f"{EVAL_STORIES.start}:{EVAL_STORIES.stop}")
+    ap.add_argument("--no-ort", action="store_true", help="skip ORT's RTN rows")
+    args = ap.parse_args(argv)
+    d = data_dir()
+    if not (d / "stories260K" / "stories260K.bin").is_file():
+        print(f"no stories260K under {d}; set LOWBIT_DATA", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tok = Llama2cTokenizer(d / "stories260K" / "tok512.bin")
+    stories = read_stories(d / "tinystories" / "tinystories_hf_validation_head.eot.txt")
+    a, b = (int(x) for x in args.eval_stories.split(":"))
+    stream = token_stream(tok, stories[a:b])
+    feeds = causal_lm_feeds(tok, stories[CALIB_STORIES], seq_len=256)
+    model = load_model(d / "stories260K" / "stories260K.bin")
+    ctx = CompileContext(calibration=feeds, show_progress=True)
+    model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(model)
+    linears = find_linears(model.graph)
+    weights = {lin.name: lin.weight.const_value.numpy() for lin in linears}
+    wnames = {lin.weight.name for lin in linears}
+    fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if n not in wnames)
+    rows = []
+
+    memo_path = RESULTS / "eval-cache.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+
+    def evaluate(model, linears, plan, stream):  # re-evaluating an identical plan reuses the result
+        key = f"{a}:{b}|" + ("float" if plan is None else json.dumps(
+            [(lp.name, lp.bits, lp.group, lp.split and (lp.split["bits"], lp.split["group"], lp.split["columns"]))
+             for lp in plan.layers]))
+        if key not in memo:
+            memo[key] = evaluate_plan(model, linears, plan, stream)
+            memo_path.write_text(json.dumps(memo))
+        return memo[key]
+
+    def add(name, kind, plan, nll, size=None):
+        size = plan.total_bytes if size is None else size
+        if plan is not None:
+            assert plan_bytes(plan, weights) == plan.linear_bytes, name  # counted = packed buffers
+        avg = plan.avg_bits if plan is not None else 32.0
+        nominal = plan.nominal_bits if plan is not None else 32.0
+        rows.append({"name": name, "kind": kind, "bytes": int(size), "avg_bits": round(avg, 4),
+                     "nominal_bits": round(nominal, 4), "nll": nll, "ppl": float(np.exp(nll))})
+        print(f"{name:<34} {size:>9,d} B  {avg:6.3f} b/w  W{nominal:.3f}  ppl {np.exp(nll):8.4f}", flush=True)
+
+    t0 = time.time()
+    add("float32", "float", None, evaluate(model, linears, None, stream),
+        fixed + sum(w.nbytes for w in weights.values()))
+    for bits, groups in ((2, (32, 128)), (3, (32, 64, 128)), (4, (32, 64)), (8, (0,))):
+        for group in groups:
+            plan = uniform_plan(linears, bits, group, fixed)
+            add(f"uniform {bits}b g{group or 'ch'}", "uniform", plan, evaluate(model, linears, plan, stream))
+    if not args.no_ort:
+        for bits, block in ((4, 32), (4, 128)):
+            try:
+                key = f"{a}:{b}|ort-rtn-{bits}-{block}"
+                if key not in memo:
+                    memo[key] = ort_rtn(model, bits, block, stream)
+                    memo_path.write_text(json.dumps(memo))
+                nll, size = memo[key]
+                rows.append({"name": f"ORT RTN {bits}b b{block}", "kind": "ort", "bytes": size,
+                             "avg_bits": round(8 * (size - fixed) / sum(w.size for w in weights.values()), 4),
+                             "nominal_bits": float(bits), "nll": nll, "ppl": float(np.exp(nll))})
+                print(f"ORT RTN {bits}b b{block}: {size:,d} B ppl {np.exp(nll):.4f}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - a missing ORT feature must not stop the benchmark
+                print(f"ORT RTN {bits}b b{block} failed: {exc}", flush=True)
+    ilp = []  # (label, kind, options)
+    for est in args.estimators.split(","):
+        for target in args.targets.split(","):
+            ilp.append((f"ILP W{target} {est}", f"ilp-nominal-{est}",
+                        f"budget=nominal_bits,target={target},estimator={est}"))
+    for est in ("cheap", "measured", "measured-kl"):
+        for target in args.allin_targets.split(","):
+            ilp.append((f"ILP {target} b/w {est}", f"ilp-allin-{est}", f"target={target},estimator={est}"))
+    if args.split:
+        for target in args.targets.split(",")[1:]:
+            ilp.append((f"ILP W{target} measured split", "ilp-nominal-split",
+                        f"budget=nominal_bits,target={target},estimator=measured,split={args.split}"))
+    for est in ("measured", "measured-kl"):
+        for ref in ("uniform 2b g32", "uniform 3b g64", "uniform 3b g32", "uniform 4b g64"):
+            size = next(r["bytes"] for r in rows if r["name"] == ref)
+            ilp.append((f"ILP =size({ref[8:]}) {est}", f"ilp-bytes-{est}", f"budget=bytes,target={size},estimator={est}"))
+    for label, kind, options in ilp:
+        path = RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".json")
+        ctx.report.clear()
+        try:
+            PassManager.from_pipeline(f"assign-bits{{{options},save={path}}}", ctx).run(model)
+        except LowbitError as exc:
+            print(f"{label}: infeasible ({exc.message})", flush=True)
+            continue
+        plan = Plan.from_dict(ctx.report["assign-bits"]["plan"])
+        add(label, kind, plan, evaluate(model, linears, plan, stream))
+    pareto(rows)
+    (RESULTS / "mixed_precision.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| config | model bytes | stored bits/w | nominal bits/w | NLL | ppl | Pareto |",
+             "|---|---:|---:|---:|---:|---:|:-:|"]
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['avg_bits']:.3f} | {r['nominal_bits']:.3f} | "
+                     f"{r['nll']:.4f} | {r['ppl']:.4f} | "
+                     f"{'*' if r['pareto'] else ''} |")
+    table = "\n".join(lines + [""] + compare(rows))
+    (RESULTS / "mixed_precision.md").write_text(table + "\n")
+    print(table)
+    from lowbit.commands.report import pareto_plot
+
+    plot = pareto_plot(rows, RESULTS / "mixed_precision", title=f"stories260K, stories {a}:{b}")
+    print(f"plot: {plot}\nseconds: {time.time() - t0:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

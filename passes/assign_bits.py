@@ -1,0 +1,224 @@
+"""Mixed-precision assignment: choose each linear's weight bit width by an integer program.
+
+Decide, then materialise: this pass only writes annotations; ``quantize-weights`` honours them.
+The algebra it relies on is in :mod:`lowbit.bitplan` (one-hot binaries per layer or column group,
+a knapsack budget, summed sensitivity minimised exactly by HiGHS) and :mod:`lowbit.sensitivity`.
+
+Annotation contract, on each linear's ``MatMul`` node (``node.metadata_props``):
+
+* ``lowbit.bits``  — ``"2" | "3" | "4" | "8" | "16"`` (16: keep the float weight);
+* ``lowbit.group`` — ``"32" | "64" | "128" | "0"``: group length along K (0: one group per column);
+* ``lowbit.bits_split`` (only when a layer is split, MixLLM-style) — JSON
+  ``{"columns": [n, ...], "bits": b, "group": g}``: these output columns of W[K, N] are quantized
+  at ``b``/``g``; all other columns at ``lowbit.bits``/``lowbit.group``.  A materialiser
+  splits the layer into two column groups (two MatMulNBits + Concat and a column permutation, or
+  one op with per-column bits).  A quantizer that ignores the key quantizes the whole layer at
+  ``lowbit.bits`` — valid, but no longer the plan the budget was checked for.
+
+Budgets (``target``): ``avg_bits`` — stored bits (weights, scales and zero points) per linear
+weight; ``nominal_bits`` — Σ bits × weights / weights, scales not counted (the papers' "W3.5"; the
+solver then takes the smallest candidate group, so restrict ``groups`` to compare like with
+like); ``bytes`` — the whole model's initializer bytes (linears in the storage format of
+:func:`lowbit.rtn.storage_bytes`, everything else as it is); ``latency`` — summed µs of the
+linears from a backend's latency table (``table=ort-cpu``).  ``plan=PATH`` replays a saved (and
+possibly hand-edited) plan instead of solving; ``save=PATH`` writes the plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from lowbit.analysis import find_linears
+from lowbit.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve
+from lowbit.latency import LatencyTable
+from lowbit.passmanager import Pass, PassResult, register_pass
+from lowbit.rtn import FLOAT_BITS, storage_bytes
+from lowbit.sensitivity import cheap_per_column, hessian_diag, measured_sensitivity, model_fingerprint
+
+__all__ = ["AssignBits", "annotate", "BITS_KEY", "GROUP_KEY", "SPLIT_KEY"]
+
+BITS_KEY, GROUP_KEY, SPLIT_KEY = "lowbit.bits", "lowbit.group", "lowbit.bits_split"
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in str(text).split(":") if t)
+    except ValueError:
+        raise ValueError(f"assign-bits: {what} must be integers separated by ':', got '{text}'") from None
+
+
+def annotate(linears, plan: Plan) -> None:
+    import json
+
+    by_name = {lin.name: lin for lin in linears}
+    for lp in plan.layers:
+        md = by_name[lp.name].node.metadata_props
+        md[BITS_KEY], md[GROUP_KEY] = str(lp.bits), str(lp.group)
+        if lp.split:
+            md[SPLIT_KEY] = json.dumps({k: lp.split[k] for k in ("columns", "bits", "group")})
+        else:
+            md.pop(SPLIT_KEY, None)
+
+
+@register_pass("assign-bits")
+class AssignBits(Pass):
+    """Annotate every linear with the bits (and group) chosen by an integer program."""
+
+    @dataclass(frozen=True)
+    class Options:
+        budget: Literal["avg_bits", "nominal_bits", "bytes", "latency"] = "avg_bits"
+        target: float = 3.0
+        estimator: Literal["cheap", "measured", "measured-kl"] = "cheap"
+        bits: str = "2:3:4:8"  # candidate widths; add 16 to allow keeping a layer in float
+        groups: str = "32:64:128"  # candidate group lengths (0: per-channel)
+        split: float = 0.0  # fraction of output columns that may take other bits (0: whole layers)
+        plan: str = ""  # replay this plan instead of solving
+        save: str = ""  # write the plan here
+        table: str = "ort-cpu"  # latency table (built-in name or path)
+        samples: int = 0  # calibration samples for the measured estimator (0: all)
+        cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
+
+        def __post_init__(self):
+            bits, groups = _ints(self.bits, "bits"), _ints(self.groups, "groups")
+            if not bits or any(b not in (2, 3, 4, 8, 16) for b in bits):
+                raise ValueError(f"assign-bits: bits must be among 2:3:4:8:16, got '{self.bits}'")
+            if not groups or any(g < 0 or (g and g & (g - 1)) or 0 < g < 16 for g in groups):
+                raise ValueError(f"assign-bits: groups must be 0 or powers of two >= 16, got '{self.groups}'")
+            if not 0 <= self.split < 1:
+                raise ValueError(f"assign-bits: split must be in [0, 1), got {self.split}")
+            if self.target <= 0:
+                raise ValueError(f"assign-bits: target must be positive, got {self.target}")
+
+    def call(self, model):
+        linears = find_linears(model.graph)
+        if not linears:
+            self.fail("the model has no linear layers (MatMul with a constant 2-D weight)")
+        weights = {lin.weight.name for lin in linears}
+        fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items()
+                    if n not in weights and v.const_value is not None)
+        if self.options.plan:
+            plan = self._replay(linears, fixed)
+        else:
+            plan = self._solve(model, linears, fixed)
+        annotate(linears, plan)
+        if self.options.save:
+            plan.save(self.options.save)
+        self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
+                                          "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits,
+                                          "nominal_bits": plan.nominal_bits}
+        self.stats["layers"] = len(plan.layers)
+        self.stats["split_layers"] = sum(1 for lp in plan.layers if lp.split)
+        for lp in plan.layers:
+            self.stats[f"{lp.bits}-bit"] += 1
+        return PassResult(model, modified=True)
+
+    def _replay(self, linears, fixed: int) -> Plan:
+        plan = Plan.load(self.options.plan)
+        by_name = {lin.name: lin for lin in linears}
+        names = {lp.name for lp in plan.layers}
+        missing = [n for n in by_name if n not in names]
+        if missing:
+            self.fail(f"plan {self.options.plan} has no entry for {len(missing)} linears, e.g. '{missing[0]}'",
+                      hint="re-run assign-bits on this model, or add the layers to the plan")
+        for lp in plan.layers:
+            lin = by_name.get(lp.name)
+            if lin is None:
+                self.fail(f"plan layer '{lp.name}' is not a linear of this model")
+            if tuple(lp.shape) != lin.shape:
+                self.fail(f"plan layer '{lp.name}' has shape {lp.shape}, the model's weight is {list(lin.shape)}",
+                          node=lin.node)
+            for b, g in [(lp.bits, lp.group)] + ([(lp.split["bits"], lp.split["group"])] if lp.split else []):
+                if b not in (2, 3, 4, 8, 16) or g < 0:
+                    self.fail(f"plan layer '{lp.name}': bits {b} / group {g} is not a valid choice", node=lin.node)
+        plan.fixed_bytes = fixed
+        plan.refresh_bytes()
+        return plan
+
+    def _solve(self, model, linears, fixed: int) -> Plan:
+        o = self.options
+        bits, groups = _ints(o.bits, "bits"), _ints(o.groups, "groups")
+        table = LatencyTable.load(o.table) if o.budget == "latency" else None
+        choices, hdiags = {}, {}
+        for lin in linears:  # distinct (bits, effective group) per layer
+            k = lin.shape[0]
+            eff = sorted({(b, 0 if (g == 0 or g >= k) else g)
+                          for b in bits for g in (groups if b < FLOAT_BITS else (0,))})
+            choices[lin.name] = eff
+            hdiags[lin.name] = hessian_diag(lin)
+        cols = {(lin.name, b, g): cheap_per_column(lin, b, g, hdiags[lin.name])
+                for lin in linears for b, g in choices[lin.name]}
+        layer_cost = {key: float(v.sum()) for key, v in cols.items()}
+        measured = None
+        if o.estimator != "cheap":
+            feeds = (self.ctx.calibration or [])[: o.samples or None]
+            from lowbit.datasets import model_kind
+
+            measured = measured_sensitivity(
+                model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
+                metric="kl" if o.estimator == "measured-kl" else "nll", cache_dir=o.cache or None,
+                progress=self.ctx.show_progress)
+            layer_cost = _monotone(measured, choices)
+        units = []
+        for lin in linears:
+            k, n = lin.shape
+            parts = [("all", None)]
+            if o.split > 0 and int(round(o.split * n)) >= 1:
+                b0, g0 = min(choices[lin.name])
+                order = np.argsort(-cols[(lin.name, b0, g0)], kind="stable")
+                salient = np.sort(order[: int(round(o.split * n))])
+                parts = [("salient", salient), ("rest", np.setdiff1d(np.arange(n), salient))]
+            for role, idx in parts:
+                opts = []
+                for b, g in choices[lin.name]:
+                    c = cols[(lin.name, b, g)]
+                    share = 1.0 if idx is None else (c[idx].sum() / c.sum() if c.sum() > 0 else len(idx) / n)
+                    m = n if idx is None else len(idx)
+                    opts.append(Option(b, g, storage_bytes(k, m, b, g), layer_cost[(lin.name, b, g)] * share,
+                                       table.us(k, m, b) if table else 0.0, k * m * nominal_width(b)))
+                units.append(Unit(lin.name, (k, n), idx, opts, role))
+        weights_total = sum(lin.shape[0] * lin.shape[1] for lin in linears)
+        capacity, resource = {"avg_bits": (o.target * weights_total / 8.0, "bytes"),
+                              "nominal_bits": (o.target * weights_total, "nominal"),
+                              "bytes": (o.target - fixed, "bytes"), "latency": (o.target, "latency")}[o.budget]
+        chosen = solve(units, capacity, resource)
+        plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
+                    model=model_fingerprint(model), extra={"split": o.split, "groups": o.groups, "bits": o.bits})
+        by_layer: dict[str, list] = {}
+        for u, opt in zip(units, chosen):
+            by_layer.setdefault(u.layer, []).append((u, opt))
+        for lin in linears:
+            plan.layers.append(_layer_plan(lin, by_layer[lin.name], cols, measured))
+        if table is not None:
+            plan.extra["latency_us"] = round(sum(opt.latency for opt in chosen), 2)
+        return plan
+
+
+def _monotone(measured: dict, choices: dict) -> dict:
+    """Measured cost, clamped at 0 and made non-increasing in bits within each group (noise guard)."""
+    out = {}
+    for name, opts in choices.items():
+        for g in {g for _, g in opts}:
+            run = 0.0
+            for b in sorted((b for b, gg in opts if gg == g), reverse=True):
+                run = max(run, measured[(name, b, g)], 0.0)
+                out[(name, b, g)] = run
+    # float (16) may sit in group 0 while others use g > 0: nothing to carry across groups
+    return out
+
+
+def _layer_plan(lin, parts, cols, measured) -> LayerPlan:
+    k, n = lin.shape
+    if len(parts) == 1 or (parts[0][1].bits, parts[0][1].group) == (parts[1][1].bits, parts[1][1].group):
+        opt = parts[0][1]
+        key = (lin.name, opt.bits, opt.group)
+        return LayerPlan(lin.name, [k, n], opt.bits, opt.group, storage_bytes(k, n, opt.bits, opt.group),
+                         float(cols[key].sum()), None if measured is None else measured[key])
+    (su, sopt), (ru, ropt) = parts
+    est = float(cols[(lin.name, sopt.bits, sopt.group)][su.columns].sum()
+                + cols[(lin.name, ropt.bits, ropt.group)][ru.columns].sum())
+    meas = None if measured is None else float(sopt.cost + ropt.cost)
+    split = {"columns": [int(c) for c in su.columns], "bits": sopt.bits, "group": sopt.group, "bytes": sopt.bytes}
+    return LayerPlan(lin.name, [k, n], ropt.bits, ropt.group, ropt.bytes, est, meas, split)

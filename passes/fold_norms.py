@@ -1,0 +1,101 @@
+"""Norm folding.  norm(x; γ, β)·W + b = norm(x; 1, 0)·(diag(γ)·W) + (β·W + b).
+
+A norm's scale γ multiplies its output per channel, and its shift β adds a constant row; both
+are affine in the normalised value, so they move into every linear that reads the norm output:
+γ scales the weight rows, β·W joins the bias (an ``Add`` is created for a linear that had none).
+The norm is left with γ = 1 (and β = 0), which rotation needs: RMSNorm(x·Q) = RMSNorm(x)·Q for an
+orthogonal Q only when γ = 1.  A norm whose output also feeds anything but linears is skipped and
+counted (folding would change that other consumer).  Float outputs are unchanged up to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.analysis import NORM_OPS, Linear, const_array, find_linears
+from lowbit.calibration import META_KEY, act_stats
+from lowbit.passmanager import Pass, PassResult, register_pass
+from lowbit.rewrite import add_initializer, make_node, replace_uses_in, set_input_const
+
+__all__ = ["FoldNorms", "add_bias"]
+
+
+def add_bias(graph: ir.Graph, lin: Linear, bias: np.ndarray, origin: str) -> None:
+    """``lin``'s output += ``bias`` (a new ``Add`` after the MatMul when it has no bias yet)."""
+    if lin.bias is not None:
+        idx = list(lin.bias_node.inputs).index(lin.bias)
+        set_input_const(graph, lin.bias_node, idx, lin.bias.const_value.numpy() + bias.astype(np.float32))
+        return
+    out = lin.node.outputs[0]
+    users = [u.node for u in out.uses()]
+    b = add_initializer(graph, f"{lin.name}.bias", bias.astype(np.float32))
+    add = make_node(graph, "Add", [out, b], origin=origin, name=f"{lin.name}.bias_add")
+    graph.remove(add, safe=False)
+    graph.insert_after(lin.node, add)
+    replace_uses_in(users, out, add.outputs[0])
+    if out in graph.outputs:
+        graph.outputs[graph.outputs.index(out)] = add.outputs[0]
+        add.outputs[0].name, out.name = out.name, f"{out.name}_nobias"
+    lin.bias, lin.bias_node = b, add
+
+
+@register_pass("fold-norms")
+class FoldNorms(Pass):
+    @dataclass(frozen=True)
+    class Options:
+        bias: bool = True  # fold β (LayerNorm) into the linears' bias
+
+    float_equivalent = True
+
+    def call(self, model):
+        graph = model.graph
+        by_input: dict[ir.Value, list[Linear]] = {}
+        for lin in find_linears(graph):
+            by_input.setdefault(lin.input, []).append(lin)
+        modified = False
+        for node in list(graph):
+            if node.op_type not in NORM_OPS:
+                continue
+            out = node.outputs[0]
+            consumers = by_input.get(out, [])
+            users = {u.node for u in out.uses()}
+            if not consumers or out in graph.outputs or users != {c.node for c in consumers}:
+                self.stats["skipped_non_linear_consumer"] += 1
+                continue
+            gamma = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            beta = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            if (len(node.inputs) > 1 and node.inputs[1] is not None and gamma is None) or \
+                    (len(node.inputs) > 2 and node.inputs[2] is not None and beta is None):
+                self.stats["skipped_non_constant_scale"] += 1
+                continue
+            if beta is not None and not self.options.bias and np.any(beta != 0):
+                self.stats["skipped_beta"] += 1
+                continue
+            n = consumers[0].shape[0]
+            g = np.ones(n, np.float32) if gamma is None else np.broadcast_to(gamma, (n,)).astype(np.float64)
+            b = None if beta is None else np.broadcast_to(beta, (n,)).astype(np.float64)
+            if np.all(g == 1) and (b is None or np.all(b == 0)):
+                self.stats["already_unit"] += 1
+                continue
+            for lin in consumers:
+                w = lin.weight.const_value.numpy().astype(np.float64)
+                if b is not None and np.any(b != 0):
+                    add_bias(graph, lin, b @ w, self.name)
+                set_input_const(graph, lin.node, 1, g[:, None] * w)
+            if gamma is not None:
+                set_input_const(graph, node, 1, np.ones_like(gamma))
+            if beta is not None:
+                set_input_const(graph, node, 2, np.zeros_like(beta))
+            stats = act_stats(out)
+            if stats is not None:
+                if b is None and np.all(g != 0):
+                    stats.scale_channels(g)
+                else:
+                    out.meta.pop(META_KEY, None)
+            self.stats["folded"] += 1
+            modified = True
+        graph.meta.pop("lowbit.names", None)
+        return PassResult(model, modified=modified)

@@ -1,0 +1,173 @@
+"""Weight-only low-bit quantization of linear layers (RTN or GPTQ), materialised in standard form.
+
+``W[K, N] ≈ Ŵ = (q − z)·s`` per (group of ``group`` input rows, output column); see
+``weight_quant`` for the quantizers.  The result replaces the weight initializer:
+
+* 2, 4, 8 bits: ``DequantizeLinear`` of an INT{b} (symmetric: values q − z, no zero point) or
+  UINT{b} (asymmetric: codes and zero points) initializer, blocked along K (``axis=0,
+  block_size=group``; per channel ``axis=1``) feeding the MatMul.  INT2/UINT2 need opset 25, so
+  the model's opset is raised to 25 when a 2-bit layer is made.  ``lower-nbits`` turns these into
+  ``com.microsoft.MatMulNBits``.
+* 3 bits: ONNX has no 3-bit type, so the MatMul becomes ``lowbit.MatMul3Bit`` with codes packed
+  3 bits per weight (see ``lowbit.lowbit_ops``); its function body lets any runtime run it.
+
+Per-layer overrides (the mixed-precision contract): ``metadata_props['lowbit.bits']`` on a
+linear's MatMul node ("2", "3", "4", "8", or "16" = keep float) and optionally
+``'lowbit.group'`` take precedence over the pass options.  GPTQ reads XᵀX from
+``calibrate{hessian=true}`` and runs layer by layer with a progress bar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.analysis import Linear, find_linears
+from lowbit.calibration import act_stats
+from lowbit.lowbit_ops import DOMAIN, attach_functions, pack3
+from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
+from lowbit.rewrite import add_initializer, make_node, replace_uses_in
+
+from .weight_quant import gptq_quantize, rtn_quantize
+
+__all__ = ["QuantizeWeights", "BITS_KEY", "GROUP_KEY"]
+
+BITS_KEY = "lowbit.bits"
+GROUP_KEY = "lowbit.group"
+_SIGNED = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
+_UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
+
+
+@register_pass("quantize-weights")
+class QuantizeWeights(Pass):
+    @dataclass(frozen=True)
+    class Options:
+        bits: int = 4
+        group: int = 128  # rows of K per scale; 0 = per output channel
+        method: Literal["rtn", "gptq"] = "rtn"
+        symmetric: bool = True
+        clip_search: bool = False
+        act_order: bool = False
+        damp: float = 0.01
+        exclude: str = ""  # '|'-separated substrings of linear names that stay float
+
+        def __post_init__(self):
+            if self.bits not in (2, 3, 4, 8):
+                raise ValueError(f"quantize-weights: bits must be 2, 3, 4 or 8, got {self.bits}")
+            if self.group not in (0, 16, 32, 64, 128, 256):
+                raise ValueError(f"quantize-weights: group must be 0 (per channel) or 16..256, got {self.group}")
+            if self.method not in ("rtn", "gptq"):
+                raise ValueError(f"quantize-weights: method must be rtn or gptq, got {self.method}")
+            if not 0 <= self.damp < 1:
+                raise ValueError(f"quantize-weights: damp must be in [0, 1), got {self.damp}")
+
+    ensures_properties = (QUANTIZED,)
+
+    def _plan(self, lin: Linear) -> tuple[int, int] | None:
+        pats = [p for p in self.options.exclude.split("|") if p]
+        if any(p in lin.name for p in pats):
+            return None
+        props = lin.node.metadata_props
+        bits = int(props.get(BITS_KEY, self.options.bits))
+        group = int(props.get(GROUP_KEY, self.options.group))
+        if bits == 16:
+            return None
+        if bits not in (2, 3, 4, 8):
+            self.fail(f"metadata {BITS_KEY}={bits} on '{lin.name}' is not one of 2, 3, 4, 8, 16", node=lin.node)
+        return bits, group
+
+    def call(self, model):
+        from tqdm.auto import tqdm
+
+        graph = model.graph
+        o = self.options
+        todo = [(lin, plan) for lin in find_linears(graph) if (plan := self._plan(lin)) is not None]
+        self.stats["float_linears"] = len(find_linears(graph)) - len(todo)
+        if o.method == "gptq":
+            missing = [lin.name for lin, _ in todo if (st := act_stats(lin.input)) is None or st.xtx is None]
+            if missing:
+                self.fail(f"GPTQ needs XᵀX for every quantized linear; missing for {missing[:3]}",
+                          hint="run calibrate{hessian=true} right before quantize-weights")
+        if any(b == 2 for _, (b, _) in todo):
+            model.opset_imports[""] = max(model.opset_imports.get("", 1), 25)
+        elif todo:
+            model.opset_imports[""] = max(model.opset_imports.get("", 1), 21)
+        bits_total = 0
+        for lin, (bits, group) in tqdm(todo, desc=f"quantize-weights ({o.method})", unit="layer",
+                                       disable=not self.ctx.show_progress, leave=False):
+            w = lin.weight.const_value.numpy()
+            if not np.all(np.isfinite(w)):
+                self.fail(f"weight of '{lin.name}' holds NaN/Inf", node=lin.node)
+            k = w.shape[0]
+            if group >= k:
+                group = 0  # one group covers the whole column: per channel
+            if o.method == "gptq":
+                q, s, z = gptq_quantize(w, act_stats(lin.input).xtx, bits, group, o.symmetric, o.clip_search,
+                                        o.act_order, o.damp)
+            else:
+                q, s, z = rtn_quantize(w, bits, group, o.symmetric, o.clip_search)
+            if bits == 3:
+                self._matmul3bit(graph, lin, q, s, z, group)
+            else:
+                self._dequantize(graph, lin, q, s, z, bits, group)
+            bits_total += bits * w.size
+            self.stats[f"w{bits}"] += 1
+        graph.meta.pop("lowbit.names", None)
+        attach_functions(model)
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
+        self.ctx.report["quantize-weights"] = {"method": o.method, "linears": len(todo),
+                                               "float_linears": self.stats["float_linears"],
+                                               "code_bits": bits_total}
+        return PassResult(model, modified=bool(todo))
+
+    def _tag(self, node: ir.Node, bits: int, group: int) -> None:
+        node.metadata_props[BITS_KEY] = str(bits)
+        node.metadata_props[GROUP_KEY] = str(group)
+        node.metadata_props["lowbit.method"] = self.options.method
+
+    def _dequantize(self, graph, lin: Linear, q, s, z, bits: int, group: int) -> None:
+        name = lin.name
+        if self.options.symmetric:
+            vals = (q.astype(np.int16) - z.astype(np.int16)[np.arange(q.shape[0]) // (group or q.shape[0])])
+            data = add_initializer(graph, f"{name}.weight_q", vals.astype(_SIGNED[bits]))
+            zp = None
+        else:
+            data = add_initializer(graph, f"{name}.weight_q", q.astype(_UNSIGNED[bits]))
+            zp = z.astype(_UNSIGNED[bits])
+        if group:
+            attrs = {"axis": 0, "block_size": group}
+        else:  # per output channel: 1-D scale along axis 1
+            attrs = {"axis": 1}
+            s, zp = s[0], None if zp is None else zp[0]
+        inputs = [data, add_initializer(graph, f"{name}.weight_scale", s.astype(np.float32))]
+        if zp is not None:
+            inputs.append(add_initializer(graph, f"{name}.weight_zero_point", zp))
+        dq = make_node(graph, "DequantizeLinear", inputs, origin=self.name, name=f"{name}.weight_dq",
+                       attributes=attrs, before=lin.node)
+        self._tag(dq, bits, group)
+        self._tag(lin.node, bits, group)
+        lin.node.replace_input_with(1, dq.outputs[0])
+
+    def _matmul3bit(self, graph, lin: Linear, q, s, z, group: int) -> None:
+        name, k = lin.name, q.shape[0]
+        packed = add_initializer(graph, f"{name}.weight_q3", pack3(np.ascontiguousarray(q.T)))
+        sv = add_initializer(graph, f"{name}.weight_scale", np.ascontiguousarray(s.T))
+        zv = add_initializer(graph, f"{name}.weight_zero_point", np.ascontiguousarray(z.T))
+        node = make_node(graph, "MatMul3Bit", [lin.input, packed, sv, zv], origin=self.name, name=name,
+                         domain=DOMAIN, attributes={"block_size": group or k}, before=lin.node)
+        self._tag(node, 3, group)
+        node.metadata_props["lowbit.k"] = str(k)
+        out, new = lin.node.outputs[0], node.outputs[0]
+        if out.dtype is not None:
+            new.shape, new.dtype = out.shape, out.dtype
+        replace_uses_in([u.node for u in out.uses()], out, new)
+        if out in graph.outputs:
+            graph.outputs[graph.outputs.index(out)] = new
+            new.name, out.name = out.name, f"{out.name}_float"
+        graph.remove(lin.node, safe=True)

@@ -1,0 +1,228 @@
+"""assign-bits: the integer program's optimum, budgets held exactly, annotations, plan save/edit/replay."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from lowbit.analysis import find_linears
+from lowbit.bitplan import Option, Plan, Unit, plan_bytes, solve
+from lowbit.errors import LowbitError, PassFailure, PipelineError
+from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
+from lowbit.latency import LatencyTable
+from lowbit.passmanager import CompileContext, PassManager
+from lowbit.rtn import storage_bytes
+
+CFG = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    rng = np.random.default_rng(0)
+    fs = [{"tokens": rng.integers(0, CFG.vocab_size, (1, 16)).astype(np.int64)} for _ in range(4)]
+    ctx = CompileContext(calibration=fs, show_progress=False)
+    model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(build_llama(CFG, random_llama_weights(CFG)))
+    return model, ctx
+
+
+def run(model, ctx, pipeline):
+    ctx.report.clear()
+    PassManager.from_pipeline(pipeline, ctx).run(model)
+    return Plan.from_dict(ctx.report["assign-bits"]["plan"])
+
+
+def test_solver_upgrades_the_sensitive_layer_when_only_one_upgrade_fits():
+    units = [Unit(name, (64, 64), None, [Option(2, 0, 100, cost), Option(4, 0, 200, cost / 10)])
+             for name, cost in (("quiet", 1.0), ("loud", 50.0), ("mild", 3.0))]
+    chosen = solve(units, capacity=400)
+    assert [o.bits for o in chosen] == [2, 4, 2]
+    assert [o.bits for o in solve(units, capacity=500)] == [2, 4, 4]
+    with pytest.raises(LowbitError, match="below the smallest"):
+        solve(units, capacity=299)
+
+
+def test_solver_finds_the_brute_force_optimum():
+    rng = np.random.default_rng(1)
+    units = [Unit(f"l{i}", (1, 1), None, [Option(b, 0, int(rng.integers(1, 50)) * b, float(rng.random()) / b)
+                                         for b in (2, 3, 4, 8)]) for i in range(6)]
+    cap = 300
+    best = min((c for c in itertools.product(*(u.options for u in units)) if sum(o.bytes for o in c) <= cap),
+               key=lambda c: sum(o.cost for o in c))
+    chosen = solve(units, cap)
+    assert sum(o.bytes for o in chosen) <= cap
+    assert sum(o.cost for o in chosen) == pytest.approx(sum(o.cost for o in best), rel=1e-9)
+
+
+@pytest.mark.parametrize("target", [2.75, 3.0, 3.5, 4.25])
+def test_average_bits_budget_is_respected_exactly(calibrated, target):
+    model, ctx = calibrated
+    plan = run(model, ctx, f"assign-bits{{target={target}}}")
+    lins = find_linears(model.graph)
+    assert plan.weights == sum(lin.shape[0] * lin.shape[1] for lin in lins)
+    assert 8 * plan.linear_bytes <= target * plan.weights
+    weights = {lin.name: lin.weight.const_value.numpy() for lin in lins}
+    assert plan_bytes(plan, weights) == plan.linear_bytes  # the count is the packed buffers' size
+    for lin in lins:  # annotations only: weights untouched, metadata on the MatMul
+        lp = plan.layer(lin.name)
+        assert lin.node.metadata_props["lowbit.bits"] == str(lp.bits)
+        assert lin.node.metadata_props["lowbit.group"] == str(lp.group)
+        assert lin.weight.const_value.dtype.name == "FLOAT"
+
+
+def test_bytes_budget_counts_the_whole_model_and_beats_uniform(calibrated):
+    model, ctx = calibrated
+    lins = find_linears(model.graph)
+    names = {lin.weight.name for lin in lins}
+    fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if n not in names)
+    uniform3 = fixed + sum(storage_bytes(*lin.shape, 3, 32 if lin.shape[0] > 32 else 0) for lin in lins)
+    plan = run(model, ctx, f"assign-bits{{budget=bytes,target={uniform3},groups=32}}")
+    assert plan.fixed_bytes == fixed
+    assert plan.total_bytes <= uniform3
+    uni_cost = sum(
+        __import__("lowbit.sensitivity", fromlist=["x"]).cheap_sensitivity(lin, 3, 32 if lin.shape[0] > 32 else 0)
+        for lin in lins)
+    assert sum(lp.est_error for lp in plan.layers) <= uni_cost + 1e-12  # uniform is feasible: the optimum is no worse
+
+
+def test_latency_budget(calibrated):
+    model, ctx = calibrated
+    table = LatencyTable.load("ort-cpu")
+    lins = find_linears(model.graph)
+    all4 = sum(table.us(*lin.shape, 4) for lin in lins)
+    plan = run(model, ctx, f"assign-bits{{budget=latency,target={all4}}}")
+    spent = sum(table.us(*lp.shape, lp.bits) for lp in plan.layers)
+    assert spent <= all4 + 1e-9 and plan.extra["latency_us"] == pytest.approx(spent, abs=0.01)
+
+
+def test_split_columns_are_annotated_and_counted(calibrated):
+    model, ctx = calibrated
+    plan = run(model, ctx, "assign-bits{target=3.3,split=0.25,groups=32}")
+    split = [lp for lp in plan.layers if lp.split]
+    assert split, "with a quarter of the columns free to differ, some layer should split"
+    assert 8 * plan.linear_bytes <= 3.3 * plan.weights
+    lins = {lin.name: lin for lin in find_linears(model.graph)}
+    for lp in split:
+        k, n = lp.shape
+        ann = json.loads(lins[lp.name].node.metadata_props["lowbit.bits_split"])
+        assert ann["columns"] == lp.split["columns"] and len(ann["columns"]) == round(0.25 * n)
+        assert ann["bits"] != lp.bits or ann["group"] != lp.group
+        assert lp.bytes + lp.split["bytes"] == (storage_bytes(k, n - len(ann["columns"]), lp.bits, lp.group)
+                                                + storage_bytes(k, len(ann["columns"]), ann["bits"], ann["group"]))
+    weights = {n: lin.weight.const_value.numpy() for n, lin in lins.items()}
+    assert plan_bytes(plan, weights) == plan.linear_bytes
+
+
+def test_plan_save_edit_replay(calibrated, tmp_path):
+    model, ctx = calibrated
+    path = tmp_path / "plan.json"
+    plan = run(model, ctx, f"assign-bits{{target=3.0,save={path}}}")
+    data = json.loads(path.read_text())
+    edited = data["layers"][0]["name"]
+    data["layers"][0]["bits"] = 8  # a hand edit; the stale byte count must be recomputed
+    data["layers"][0]["group"] = 0
+    path.write_text(json.dumps(data))
+    replayed = run(model, ctx, f"assign-bits{{plan={path}}}")
+    lins = {lin.name: lin for lin in find_linears(model.graph)}
+    assert lins[edited].node.metadata_props["lowbit.bits"] == "8"
+    assert replayed.layer(edited).bytes == storage_bytes(*lins[edited].shape, 8, 0)
+    for lp in replayed.layers[1:]:
+        assert (lp.bits, lp.group, lp.bytes) == (plan.layer(lp.name).bits, plan.layer(lp.name).group,
+                                                 plan.layer(lp.name).bytes)
+        assert lins[lp.name].node.metadata_props["lowbit.bits"] == str(lp.bits)
+    assert Plan.load(path).layers[0].bits == 8
+
+
+def test_replay_refuses_a_plan_for_another_model(calibrated, tmp_path):
+    model, ctx = calibrated
+    path = tmp_path / "plan.json"
+    run(model, ctx, f"assign-bits{{target=3.0,save={path}}}")
+    data = json.loads(path.read_text())
+    data["layers"][0]["shape"] = [7, 7]
+    path.write_text(json.dumps(data))
+    with pytest.raises(PassFailure, match="shape"):
+        run(model, ctx, f"assign-bits{{plan={path}}}")
+    data["layers"] = data["layers"][1:]
+    path.write_text(json.dumps(data))
+    with pytest.raises(PassFailure, match="no entry"):
+        run(model, ctx, f"assign-bits{{plan={path}}}")
+
+
+def test_options_validate_themselves():
+    for bad in ("bits=5", "groups=48", "split=1.5", "target=0"):
+        with pytest.raises(PipelineError):
+            PassManager.from_pipeline(f"assign-bits{{{bad}}}", CompileContext())
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 3.5])
+def test_nominal_bits_budget(calibrated, target):
+    model, ctx = calibrated
+    plan = run(model, ctx, f"assign-bits{{budget=nominal_bits,target={target},split=0.125}}")
+    total = sum(lp.shape[0] * (lp.shape[1] - (len(lp.split["columns"]) if lp.split else 0)) * lp.bits
+                + (lp.shape[0] * len(lp.split["columns"]) * lp.split["bits"] if lp.split else 0) for lp in plan.layers)
+    assert total <= target * plan.weights and plan.nominal_bits == pytest.approx(total / plan.weights)
+    assert total > (target - 1) * plan.weights  # the budget is used, not wasted
+    # scales are free under this budget, so the finest group wins wherever it differs from per-channel
+    assert all(lp.group in (0, 32) for lp in plan.layers)
+
+
+def _write_matmulnbits(model, plan, path):
+    """Test-only materialiser for plans of 2/4/8 bits: MatMulNBits nodes fed by ``pack``'s arrays."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from lowbit.rtn import _blocks, pack
+    from lowbit.runtime.session import to_proto
+
+    proto = to_proto(model)
+    lins = {lin.node.name: lin for lin in find_linears(model.graph)}
+    drop = set()
+    for node in proto.graph.node:
+        lin = lins.get(node.name)
+        if lin is None:
+            continue
+        lp = plan.layer(lin.name)
+        k, n = lin.shape
+        arrays = pack(lin.weight.const_value.numpy(), lp.bits, lp.group)
+        names = [f"{lin.name}.{key}" for key in arrays]
+        proto.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays.values(), names))
+        drop.add(lin.weight.name)
+        new = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name,
+                               domain="com.microsoft", K=k, N=n, bits=lp.bits, block_size=_blocks(k, lp.group)[0],
+                               accuracy_level=0)
+        node.CopyFrom(new)
+    keep = [t for t in proto.graph.initializer if t.name not in drop]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_written_file_holds_exactly_the_planned_bytes_and_computes_the_fake_quant(calibrated, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from lowbit.bitplan import apply_fake_quant
+    from lowbit.runtime.session import make_session, to_proto
+
+    model, ctx = calibrated
+    for target in (3.25, 4.0):
+        plan = run(model, ctx, f"assign-bits{{target={target},bits=2:4:8}}")
+        assert {lp.bits for lp in plan.layers} <= {2, 4, 8} and 8 * plan.linear_bytes <= target * plan.weights
+        path = _write_matmulnbits(model, plan, tmp_path / f"m{target}.onnx")
+        written = onnx.load(str(path))
+        assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
+        # the fake-quant model (what the benchmark evaluates) equals the real MatMulNBits kernels
+        lins = find_linears(model.graph)
+        deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
+        fake = to_proto(model)
+        names = {lin.weight.name: lin.name for lin in lins}
+        for t in fake.graph.initializer:
+            if t.name in names:
+                t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
+        feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
+        real = make_session(path, matmulnbits_accuracy_level=0).run(None, feed)[0]
+        np.testing.assert_allclose(real, make_session(fake).run(None, feed)[0], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,40 @@
+"""quantize-acts: the inserted per-token quantizer equals its numpy reference; lm_head stays float."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from lowbit.graph_builder import GraphBuilder
+from lowbit.passes.quantize_acts import fake_quant_per_token
+from lowbit.passmanager import CompileContext, PassManager
+from lowbit.runtime.session import make_session
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_token_quantizer_matches_reference(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    g = GraphBuilder(opset=23)
+    x = g.input("x", TensorProto.FLOAT, [3, 5, 16])
+    g.output("y", TensorProto.FLOAT, [3, 5, 8])
+    g.op("MatMul", [x, g.init("proj.weight", w)], name="proj", out="y")
+    model = g.build("one")
+    model = PassManager.from_pipeline(f"quantize-acts{{bits={bits}}}", CompileContext()).run(model)
+    xs = (rng.standard_normal((3, 5, 16)) * rng.random((3, 5, 1)) * 10).astype(np.float32)
+    got = make_session(model, optimize=False).run(None, {"x": xs})[0]
+    want = fake_quant_per_token(xs, bits) @ w
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    codes = fake_quant_per_token(xs, bits) / (np.abs(xs).max(-1, keepdims=True) / (2 ** (bits - 1) - 1))
+    assert np.allclose(codes, np.round(codes), atol=1e-3) and len(np.unique(np.round(codes))) <= 2 ** bits
+
+
+def test_excluded_head_keeps_float_input():
+    from lowbit_models import random_llama
+
+    model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=64)
+    model = PassManager.from_pipeline("quantize-acts{bits=4}", CompileContext()).run(model)
+    head = next(n for n in model.graph if n.name == "lm_head")
+    assert head.inputs[0].producer().op_type == "RMSNormalization"
+    assert sum(n.op_type == "Round" for n in model.graph) == 4  # attn_norm, attention output, ffn_norm, gated
