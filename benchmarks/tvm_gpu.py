@@ -90,7 +90,7 @@ def build(out: Path) -> None:
     stack = ir.serde.deserialize_model(tg.matmulnbits(to_proto(build_llama(cfg, random_llama_weights(cfg))), 4, 128))
     for seq in (1, 64):
         art = lower_tvm(stack, "cuda", out, f"stack{seq}", shape_dict={"tokens": [1, seq]})
-        with np.load(art.params) as z:  # shapes only: the device draws random values
+        with np.load(art.params, allow_pickle=False) as z:  # shapes only: the device draws random values
             spec = [[list(z[f"p{i}"].shape), z[f"p{i}"].dtype.name] for i in range(len(z.files))]
         (out / f"stack{seq}.spec.json").write_text(json.dumps(spec))
         art.params.unlink()

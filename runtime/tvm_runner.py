@@ -44,7 +44,7 @@ class TvmSession:
         kind = device or self.meta.get("device", "cpu")
         self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
-        with np.load(params_path) as z:
+        with np.load(params_path, allow_pickle=False) as z:
             arrays = [z[f"p{i}"] for i in range(self.meta["num_params"])]
         self._params = [tvm.runtime.tensor(a, self.device) for a in arrays]
         self._tensor = tvm.runtime.tensor
