@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=12)
     for k, v in SHAPE.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
-    ap.add_argument("--recipes", default="w8a8-dynamic-nosmooth,w8a8")
+    ap.add_argument("--recipes", default="w8a8-dynamic-nosmooth,w8a8,w4a16")
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lowbit-scale"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-samples", type=int, default=4)
