@@ -111,6 +111,47 @@ def compile_one(args) -> dict:
             "logits_finite": bool(np.isfinite(logits).all()), "logits_shape": list(logits.shape)}
 
 
+def trace_phases(args) -> dict:
+    """The same compile, run pass by pass, sampling RSS (every 20 ms) to attribute the peak to a phase."""
+    import threading
+
+    from lowbit.api import check_weights
+    from lowbit.frontends import load_model
+    from lowbit.model_io import save_onnx
+    from lowbit.passmanager import CompileContext, Instrument, PassManager
+    from lowbit.recipes import resolve_recipe
+
+    phase, peaks, done = ["load"], {}, threading.Event()
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def sample():
+        while not done.is_set():
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), rss)
+            time.sleep(0.02)
+
+    class Mark(Instrument):
+        def before_pass(self, p, model):
+            phase[0] = p.name
+
+    threading.Thread(target=sample, daemon=True).start()
+    model = load_model(args.model)
+    phase[0] = "check-weights"
+    check_weights(model)
+    rng = np.random.default_rng(1)
+    feeds = [{"tokens": rng.integers(3, args.vocab, (1, args.calib_len), dtype=np.int64)}
+             for _ in range(args.calib_samples)]
+    ctx = CompileContext(calibration=feeds, probes=feeds[:2], show_progress=False)
+    model = PassManager.from_pipeline(resolve_recipe(args.recipe), ctx, [Mark()]).run(model)
+    phase[0] = "save"
+    save_onnx(model, args.output)
+    phase[0] = "end"
+    time.sleep(0.1)
+    done.set()
+    return {"recipe": args.recipe, "phase_peak_rss": peaks}
+
+
 def _child(argv: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -120,11 +161,11 @@ def _child(argv: list[str]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="?", default="all", choices=["all", "build", "compile"])
+    ap.add_argument("step", nargs="?", default="all", choices=["all", "build", "compile", "trace"])
     ap.add_argument("--layers", type=int, default=12)
     for k, v in SHAPE.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
-    ap.add_argument("--recipes", default="w8a8-dynamic-nosmooth,w8a8")
+    ap.add_argument("--recipes", default="w8a8-dynamic-nosmooth,w8a8,w4a16")
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lowbit-scale"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calib-samples", type=int, default=4)
@@ -138,6 +179,9 @@ def main(argv=None) -> int:
         return 0
     if args.step == "compile":
         print(json.dumps(compile_one(args)))
+        return 0
+    if args.step == "trace":  # python benchmarks/scale.py trace --model M --recipe R --output O
+        print(json.dumps(trace_phases(args)))
         return 0
     shape_args = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SHAPE] + [f"--layers={args.layers}"]
     t = time.perf_counter()

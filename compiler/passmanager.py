@@ -138,6 +138,21 @@ class Instrument:
     def finish(self) -> None: ...
 
 
+def _forget_removed_io(graph: ir.Graph) -> None:
+    """Drop values that are no longer graph inputs/outputs from onnx-ir's reference counters.
+
+    onnx-ir 1.1.0 counts each value's appearances in ``graph.inputs``/``graph.outputs`` in a Counter
+    and keeps entries whose count fell to zero, so a value that was ever an input (shape inference
+    appends every initializer to the inputs and removes it again) stays alive, weights and all,
+    after a pass removed it: a model's worth of float weights leaked on every compile.
+    """
+    for io in (graph.inputs, graph.outputs):
+        counter = getattr(io, "_ref_counter", None)
+        if isinstance(counter, collections.Counter):
+            for value in [v for v, n in counter.items() if n <= 0]:
+                del counter[value]
+
+
 class PassManager:
     """Runs passes in order, checking properties and calling instruments."""
 
@@ -188,6 +203,7 @@ class PassManager:
                     raise
                 raise PassFailure(p.name, f"internal error {type(exc).__name__}: {exc}",
                                   hint="this is a lowbit bug; re-run with --reproducer DIR and report it") from exc
+            _forget_removed_io(result.model.graph)
             seconds = time.perf_counter() - start
             model = result.model
             self.ctx.properties -= set(p.invalidates_properties)

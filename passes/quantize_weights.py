@@ -116,6 +116,9 @@ class QuantizeWeights(Pass):
                 self._dequantize(graph, lin, q, s, z, bits, group)
             bits_total += bits * w.size
             self.stats[f"w{bits}"] += 1
+            del w
+            if isinstance(lin.weight.const_value, ir.ExternalTensor):
+                lin.weight.const_value.release()  # layer by layer: the float weight leaves memory
         graph.meta.pop("lowbit.names", None)
         attach_functions(model)
         from onnx_ir.passes.common import RemoveUnusedNodesPass

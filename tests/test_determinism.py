@@ -16,8 +16,8 @@ from robust_models import tiny_llama, token_feeds
 import lowbit
 from lowbit.model_io import save_onnx
 
-# Recipes with random choices (rotations, search) join this list as they land.
-RECIPES = ["w8a8", "w8a8-dynamic"]
+# w4a8 rotates with a seeded random Hadamard and runs GPTQ; recipes with random choices join this list.
+RECIPES = ["w8a8", "w8a8-dynamic", "w4a8"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
