@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from lowbit.lowbit_ops import DOMAIN, attach_functions, hadamard_matrix
 from lowbit.passmanager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node
+from lowbit.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["LowerNBits", "pack_nbits", "nbits_node_inputs", "BLOCK_SIZES"]
 
@@ -146,13 +146,9 @@ class LowerNBits(Pass):
 
     def _replace(self, graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
         out, res = old.outputs[0], new.outputs[0]
-        for use in list(out.uses()):
-            use.node.replace_input_with(use.idx, res)
-        if out in graph.outputs:
-            graph.outputs[graph.outputs.index(out)] = res
-            res.name, out.name = out.name, f"{out.name}_replaced"
         if out.dtype is not None:
             res.dtype, res.shape = out.dtype, out.shape
+        replace_value(graph, out, res)
         graph.remove(old, safe=True)
 
     def _hadamard(self, graph: ir.Graph, node: ir.Node) -> None:

@@ -17,6 +17,8 @@ import os
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.rewrite import replace_value
+
 from ..backends.nbits import BLOCK_SIZES, nbits_node_inputs
 from ..lowbit_ops import DOMAIN, unpack3
 from .session import make_session
@@ -50,12 +52,7 @@ def expand_3bit(model: ir.Model, accuracy_level: int = 0) -> int:
                                   ir.AttrInt64("block_size", block), ir.AttrInt64("accuracy_level", accuracy_level)],
                       outputs=[ir.Value(name=f"{node.name}.nbits4_out")])
         graph.insert_before(node, new)
-        out, res = node.outputs[0], new.outputs[0]
-        for use in list(out.uses()):
-            use.node.replace_input_with(use.idx, res)
-        if out in graph.outputs:
-            graph.outputs[graph.outputs.index(out)] = res
-            res.name, out.name = out.name, f"{out.name}_3bit"
+        replace_value(graph, node.outputs[0], new.outputs[0])
         graph.remove(node, safe=True)
         count += 1
     if count:
