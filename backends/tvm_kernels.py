@@ -149,7 +149,6 @@ def nbits_gemv_cuda(K: int, N: int, bits: int, block: int, dtype: str = "float16
     of its rows, and the warp finishes with a shuffle all-reduce (rfactor + cross-thread
     reduction).  ``a`` is read with 16-byte loads too; ``unroll_k`` chunks are in flight at once.
     """
-    import tvm
     from tvm import te
     from tvm.s_tir import Schedule
 

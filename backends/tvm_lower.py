@@ -129,7 +129,6 @@ def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | 
 
 def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] | None = None):
     """(IRModule with params as inputs, list of param arrays, meta dict) for ``model``."""
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     from ..runtime.session import to_proto

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import find_linears
 from lowbit.passmanager import Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import onnx_ir as ir
 
 from lowbit.rewrite import replace_value

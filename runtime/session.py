@@ -93,7 +93,6 @@ def saved_copy(model: ir.Model):
 
 def make_session(model: ir.Model | str | os.PathLike | Any, **kwargs):
     """An ORT CPU session over an ``ir.Model``, a ModelProto or a path."""
-    import onnxruntime as ort
 
     so = session_options(**kwargs)
     if isinstance(model, ir.Model) and needs_file(model):
