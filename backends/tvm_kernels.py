@@ -269,3 +269,20 @@ def has_vnni(target) -> bool:
         return bool(codegen.target_has_features("avx512vnni", target))
     except Exception:  # noqa: BLE001 - a target LLVM does not know: take the portable kernel
         return False
+
+
+def nbits_gemv_module(K: int, N: int, bits: int, block: int, dtype: str = "float16"):
+    """A Relax module ``main(a [1, K], w [N, K·bits/32] uint32, s, z [N, K/block]) -> [1, N]`` around
+    :func:`nbits_matmul_te`, for compiling the GEMV on its own (tests, GPU benchmark)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((1, K), dtype))
+    w = relax.Var("w", relax.TensorType((N, K * bits // 32), "uint32"))
+    s = relax.Var("s", relax.TensorType((N, K // block), dtype))
+    z = relax.Var("z", relax.TensorType((N, K // block), dtype))
+    with bb.function("main", [a, w, s, z]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit_te(nbits_matmul_te, a, w, s, z, K, N, bits, block, dtype))
+        bb.emit_func_output(y)
+    return bb.get()

@@ -35,20 +35,9 @@ STACK = dict(dim=2048, hidden=5632, layers=4, heads=32, kv_heads=4, vocab=8192)
 
 
 def _gemv_module(K, N, bits, block):
-    from tvm import relax
+    from lowbit.backends.tvm_kernels import nbits_gemv_module
 
-    from lowbit.backends.tvm_kernels import nbits_matmul_te
-
-    bb = relax.BlockBuilder()
-    a = relax.Var("a", relax.TensorType((1, K), "float16"))
-    w = relax.Var("w", relax.TensorType((N, K * bits // 32), "uint32"))
-    s = relax.Var("s", relax.TensorType((N, K // block), "float16"))
-    z = relax.Var("z", relax.TensorType((N, K // block), "float16"))
-    with bb.function("main", [a, w, s, z]):
-        with bb.dataflow():
-            y = bb.emit_output(bb.emit_te(nbits_matmul_te, a, w, s, z, K, N, bits, block, "float16"))
-        bb.emit_func_output(y)
-    return bb.get()
+    return nbits_gemv_module(K, N, bits, block)
 
 
 def build(out: Path) -> None:

@@ -77,21 +77,9 @@ def test_int8_matmul_cpu_exact(M, K, N, vnni):
 
 def test_nbits_cuda_compiles():
     """The CUDA form (TE + dlight) compiles for sm_90 here; it runs on the device (benchmarks/tvm_gpu.py)."""
-    from tvm import relax
+    from lowbit.backends.tvm_kernels import nbits_gemv_module
 
-    from lowbit.backends.tvm_kernels import nbits_matmul_te
-
-    K, N, bits, block = 256, 128, 4, 32
-    bb = relax.BlockBuilder()
-    a = relax.Var("a", relax.TensorType((1, K), "float16"))
-    w = relax.Var("w", relax.TensorType((N, K * bits // 32), "uint32"))
-    s = relax.Var("s", relax.TensorType((N, K // block), "float16"))
-    z = relax.Var("z", relax.TensorType((N, K // block), "float16"))
-    with bb.function("main", [a, w, s, z]):
-        with bb.dataflow():
-            y = bb.emit_output(bb.emit_te(nbits_matmul_te, a, w, s, z, K, N, bits, block, "float16"))
-        bb.emit_func_output(y)
-    ex = tvm.compile(bb.get(), target=make_target("cuda"))
+    ex = tvm.compile(nbits_gemv_module(256, 128, 4, 32), target=make_target("cuda"))
 
     def sources(mod):
         for m in mod.imports:
