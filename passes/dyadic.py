@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.analysis import const_array
 from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, dyadic
 from lowbit.calibration import collect_stats
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import replace_value, add_initializer, make_node
+from lowbit.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["Dyadic", "accumulator_bound"]
 
@@ -38,10 +39,6 @@ INT32_MAX = 2 ** 31 - 1
 def accumulator_bound(wq: np.ndarray, k: np.ndarray, xmax: int) -> np.ndarray:
     """Per output channel: the largest |acc + k| any input in [0, xmax] can produce."""
     return xmax * np.abs(wq.astype(np.int64)).sum(axis=0) + np.abs(k.astype(np.int64))
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    return None if v is None or v.const_value is None else v.const_value.numpy()
 
 
 @dataclass
@@ -63,12 +60,12 @@ def _match(node: ir.Node, graph: ir.Graph) -> _Site | None:
     da, dw = (v.producer() if v is not None else None for v in node.inputs)
     if da is None or dw is None or da.op_type != "DequantizeLinear" or dw.op_type != "DequantizeLinear":
         return None
-    wq, sw = _const(dw.inputs[0]), _const(dw.inputs[1])
-    sa = _const(da.inputs[1])
-    za = _const(da.inputs[2]) if len(da.inputs) > 2 else None
+    wq, sw = const_array(dw.inputs[0]), const_array(dw.inputs[1])
+    sa = const_array(da.inputs[1])
+    za = const_array(da.inputs[2]) if len(da.inputs) > 2 else None
     if wq is None or sw is None or sa is None or wq.dtype != np.int8 or wq.ndim != 2:
         return None
-    if len(dw.inputs) > 2 and dw.inputs[2] is not None and np.any(_const(dw.inputs[2]) != 0):
+    if len(dw.inputs) > 2 and dw.inputs[2] is not None and np.any(const_array(dw.inputs[2]) != 0):
         return None
     if da.inputs[0].dtype not in (None, ir.DataType.UINT8) and (da.inputs[0].producer() is None or
                                                                  da.inputs[0].producer().op_type != "QuantizeLinear"):
@@ -80,7 +77,7 @@ def _match(node: ir.Node, graph: ir.Graph) -> _Site | None:
     uses = list(out.uses())
     if len(uses) == 1 and uses[0].node.op_type == "Add" and out not in graph.outputs:
         add = uses[0].node
-        b = _const(add.inputs[1 - uses[0].idx])
+        b = const_array(add.inputs[1 - uses[0].idx])
         if b is not None and b.ndim == 1 and b.shape[0] == wq.shape[1]:
             bias, out = b, add.outputs[0]
     return _Site(node, da.inputs[0], sa, za, wq, sw, bias, out, node.name or out.name)

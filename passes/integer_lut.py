@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.analysis import const_array
 from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, QRANGE
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node
@@ -44,10 +45,6 @@ UNARY = {
     "Tanh": lambda x, node: np.tanh(x),
     "Relu": lambda x, node: np.maximum(x, 0),
 }
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    return None if v is None or v.const_value is None else v.const_value.numpy()
 
 
 @register_pass("integer-lut")
@@ -75,12 +72,12 @@ class IntegerLut(Pass):
                 self.stats["skipped"] += 1
                 continue
             q = uses[0].node
-            s, z = _const(dq.inputs[1]), _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+            s, z = const_array(dq.inputs[1]), const_array(dq.inputs[2]) if len(dq.inputs) > 2 else None
             chain = match_round_and_clip(f.outputs[0])
             if chain is not None:  # migrate-steps' round-and-clip quantizer
                 t, u, q = chain
             else:
-                t, u = _const(q.inputs[1]), _const(q.inputs[2]) if len(q.inputs) > 2 else None
+                t, u = const_array(q.inputs[1]), const_array(q.inputs[2]) if len(q.inputs) > 2 else None
             yq = dq.inputs[0]
             if (q.op_type not in ("QuantizeLinear", "Cast") or s is None or z is None or t is None or u is None or s.size != 1
                     or z.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or u.dtype not in QRANGE

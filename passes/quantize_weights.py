@@ -30,7 +30,7 @@ from lowbit.analysis import Linear, find_linears
 from lowbit.calibration import act_stats
 from lowbit.lowbit_ops import DOMAIN, attach_functions, pack3
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node, replace_uses_in
+from lowbit.rewrite import add_initializer, make_node, replace_value
 
 from .weight_quant import gptq_quantize, rtn_quantize
 
@@ -169,8 +169,5 @@ class QuantizeWeights(Pass):
         out, new = lin.node.outputs[0], node.outputs[0]
         if out.dtype is not None:
             new.shape, new.dtype = out.shape, out.dtype
-        replace_uses_in([u.node for u in out.uses()], out, new)
-        if out in graph.outputs:
-            graph.outputs[graph.outputs.index(out)] = new
-            new.name, out.name = out.name, f"{out.name}_float"
+        replace_value(graph, out, new)
         graph.remove(lin.node, safe=True)
