@@ -33,7 +33,7 @@ from lowbit.errors import InvalidWeightsError, UnsupportedModelError
 from lowbit.passmanager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, ensure_opset, make_node, replace_value
 
-__all__ = ["Quantize", "quantize_weight_int8", "static_act_params"]
+__all__ = ["Quantize", "quantize_weight_int8", "static_act_params", "per_token_round"]
 
 
 def quantize_weight_int8(w: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +49,24 @@ def quantize_weight_int8(w: np.ndarray, name: str = "") -> tuple[np.ndarray, np.
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # all-zero column: any scale is exact
     wq = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
     return wq, scale
+
+
+def per_token_round(graph: ir.Graph, x: ir.Value, qmax: float, *, name: str, before: ir.Node,
+                    origin: str) -> tuple[ir.Value, ir.Value]:
+    """``(round(x / t), t)`` with one step per token (last axis): ``t = max(max|x_row|, 1e-12) / qmax``."""
+
+    def node(op, inputs, suffix, **attrs):
+        return make_node(graph, op, inputs, origin=origin, name=f"{name}.act_{suffix}", attributes=attrs,
+                         before=before).outputs[0]
+
+    def const(suffix, arr):
+        return add_initializer(graph, f"{name}.act_{suffix}", arr)
+
+    amax = node("ReduceMax", [node("Abs", [x], "abs"), const("axes", np.array([-1], np.int64))], "absmax",
+                keepdims=1)
+    t = node("Div", [node("Max", [amax, const("eps", np.array(1e-12, np.float32))], "floor"),
+                     const("qmax", np.array(qmax, np.float32))], "step")
+    return node("Round", [node("Div", [x, t], "scaled")], "round"), t
 
 
 def static_act_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
@@ -161,22 +179,13 @@ class Quantize(Pass):
 
         ``|x / t| <= 127`` by construction of ``t = max|x_row| / 127``, so no clip is needed.
         """
-        name, x, at = lin.input.name or lin.name, lin.input, lin.node
-
-        def node(op, inputs, suffix, **attrs):
-            return make_node(graph, op, inputs, origin=self.name, name=f"{name}.{suffix}", attributes=attrs,
-                             before=at).outputs[0]
-
-        def const(suffix, arr):
-            return add_initializer(graph, f"{name}.{suffix}", arr)
-
-        amax = node("ReduceMax", [node("Abs", [x], "act_abs"), const("axes", np.array([-1], np.int64))],
-                    "act_absmax", keepdims=1)
-        t = node("Div", [node("Max", [amax, const("eps", np.array(1e-12, np.float32))], "act_floor"),
-                         const("qmax", np.array(127.0, np.float32))], "act_step")
-        r = node("Round", [node("Div", [x, t], "act_scaled")], "act_round")
-        q = node("Cast", [node("Add", [r, const("offset", np.array(128.0, np.float32))], "act_offset")], "act_u8",
-                 to=ir.DataType.UINT8)
+        name = lin.input.name or lin.name
+        r, t = per_token_round(graph, lin.input, 127.0, name=name, before=lin.node, origin=self.name)
+        offset = add_initializer(graph, f"{name}.act_offset_value", np.array(128.0, np.float32))
+        shifted = make_node(graph, "Add", [r, offset], origin=self.name, name=f"{name}.act_offset",
+                            before=lin.node).outputs[0]
+        q = make_node(graph, "Cast", [shifted], origin=self.name, name=f"{name}.act_u8",
+                      attributes={"to": ir.DataType.UINT8}, before=lin.node).outputs[0]
         return q, t
 
     def _dynamic_tensor(self, graph: ir.Graph, lin: Linear, act, wq: np.ndarray, sw: np.ndarray) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.passes.quantize import per_token_round
 from lowbit.passmanager import Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node
 
@@ -88,20 +89,11 @@ class QuantizeActs(Pass):
                          name=f"{name}.act_dq", before=before).outputs[0]
 
     def _quantizer(self, graph, x: ir.Value, before: ir.Node, name: str, qmax: float) -> ir.Value:
-        o = self.name
-        at = before  # the first linear reading x in graph order
-
-        def node(op, inputs, suffix, **attrs):
-            return make_node(graph, op, inputs, origin=o, name=f"{name}.act_{suffix}", attributes=attrs,
-                             before=at).outputs[0]
+        r, t = per_token_round(graph, x, qmax, name=name, before=before, origin=self.name)
 
         def c(suffix, arr):
             return add_initializer(graph, f"{name}.act_{suffix}", arr)
 
-        amax = node("ReduceMax", [node("Abs", [x], "abs"), c("axes", np.array([-1], np.int64))], "absmax",
-                    keepdims=1)
-        t = node("Div", [node("Max", [amax, c("eps", np.array(1e-12, np.float32))], "floor"),
-                         c("qmax", np.array(qmax, np.float32))], "step")
-        r = node("Round", [node("Div", [x, t], "scaled")], "round")
-        q = node("Clip", [r, c("lo", np.array(-qmax - 1, np.float32)), c("hi", np.array(qmax, np.float32))], "clip")
-        return node("Mul", [q, t], "dequant")
+        q = make_node(graph, "Clip", [r, c("lo", np.array(-qmax - 1, np.float32)), c("hi", np.array(qmax, np.float32))],
+                      origin=self.name, name=f"{name}.act_clip", before=before).outputs[0]
+        return make_node(graph, "Mul", [q, t], origin=self.name, name=f"{name}.act_dequant", before=before).outputs[0]
