@@ -35,6 +35,8 @@ from lowbit.runtime.session import make_session, to_proto
 from lowbit.tokenizers import Llama2cTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SIZE_REFS = ("uniform 2b g32", "uniform 3b g128", "uniform 3b g64", "uniform 3b g32", "uniform 4b g128",
+             "uniform 4b g64")  # the ILP is also solved at exactly these uniform plans' model bytes
 
 
 def uniform_plan(linears, bits: int, group: int, fixed: int) -> Plan:
@@ -110,6 +112,9 @@ def main(argv=None) -> int:
     ap.add_argument("--allin-targets", default="2.75,3.0,3.5", help="avg_bits (scales included) targets")
     ap.add_argument("--eval-stories", default=f"{EVAL_STORIES.start}:{EVAL_STORIES.stop}")
     ap.add_argument("--no-ort", action="store_true", help="skip ORT's RTN rows")
+    ap.add_argument("--refine", type=int, default=2, help="rounds of assign-bits refine for the refined rows (0: none)")
+    ap.add_argument("--refine-estimators", default="measured-kl")
+    ap.add_argument("--only", default="", help="only ILP rows whose label contains this text")
     args = ap.parse_args(argv)
     d = data_dir()
     if not (d / "stories260K" / "stories260K.bin").is_file():
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     add("float32", "float", None, evaluate(model, linears, None, stream),
         fixed + sum(w.nbytes for w in weights.values()))
-    for bits, groups in ((2, (32, 128)), (3, (32, 64, 128)), (4, (32, 64)), (8, (0,))):
+    for bits, groups in ((2, (32, 128)), (3, (32, 64, 128)), (4, (32, 64, 128)), (8, (0,))):
         for group in groups:
             plan = uniform_plan(linears, bits, group, fixed)
             add(f"uniform {bits}b g{group or 'ch'}", "uniform", plan, evaluate(model, linears, plan, stream))
@@ -178,18 +183,32 @@ def main(argv=None) -> int:
         for target in args.targets.split(","):
             ilp.append((f"ILP W{target} {est}", f"ilp-nominal-{est}",
                         f"budget=nominal_bits,target={target},estimator={est}"))
-    for est in ("cheap", "measured", "measured-kl"):
+    for est in args.estimators.split(","):
         for target in args.allin_targets.split(","):
             ilp.append((f"ILP {target} b/w {est}", f"ilp-allin-{est}", f"target={target},estimator={est}"))
     if args.split:
         for target in args.targets.split(",")[1:]:
             ilp.append((f"ILP W{target} measured split", "ilp-nominal-split",
                         f"budget=nominal_bits,target={target},estimator=measured,split={args.split}"))
+    sizes = {r["name"][8:]: r["bytes"] for r in rows if r["kind"] == "uniform" and r["name"] in SIZE_REFS}
     for est in ("measured", "measured-kl"):
-        for ref in ("uniform 2b g32", "uniform 3b g64", "uniform 3b g32", "uniform 4b g64"):
-            size = next(r["bytes"] for r in rows if r["name"] == ref)
-            ilp.append((f"ILP =size({ref[8:]}) {est}", f"ilp-bytes-{est}", f"budget=bytes,target={size},estimator={est}"))
+        for ref, size in sizes.items():
+            ilp.append((f"ILP =size({ref}) {est}", f"ilp-bytes-{est}", f"budget=bytes,target={size},estimator={est}"))
+    if args.refine:  # the same budgets, re-measured around the plan (lowbit.refine); slow, so last
+        r = f",refine={args.refine}"
+        for est in args.refine_estimators.split(","):
+            for target in args.allin_targets.split(",")[1:]:
+                ilp.append((f"ILP {target} b/w {est} refined", f"ilp-allin-{est}-refined",
+                            f"target={target},estimator={est}{r}"))
+            for target in args.targets.split(",")[1:]:
+                ilp.append((f"ILP W{target} {est} refined", f"ilp-nominal-{est}-refined",
+                            f"budget=nominal_bits,target={target},estimator={est}{r}"))
+            for ref, size in sizes.items():
+                ilp.append((f"ILP =size({ref}) {est} refined", f"ilp-bytes-{est}-refined",
+                            f"budget=bytes,target={size},estimator={est}{r}"))
     for label, kind, options in ilp:
+        if args.only and args.only not in label:
+            continue
         path = RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".json")
         ctx.report.clear()
         try:
@@ -199,6 +218,14 @@ def main(argv=None) -> int:
             continue
         plan = Plan.from_dict(ctx.report["assign-bits"]["plan"])
         add(label, kind, plan, evaluate(model, linears, plan, stream))
+        if "refine" in plan.extra:
+            ref = plan.extra["refine"]
+            rows[-1]["refine"] = {"start": ref["start"], "start_loss": ref["steps"][0]["starts"][ref["start"]],
+                                  "loss": ref["loss"], "metric": ref["metric"],
+                                  "accepted": sum(1 for st in ref["steps"] if st.get("accepted"))}
+            print(f"   refined from {ref['start']}: calibration {ref['metric']} "
+                  f"{rows[-1]['refine']['start_loss']:.5f} -> {ref['loss']:.5f}", flush=True)
+        (RESULTS / "mixed_precision.json").write_text(json.dumps(rows, indent=1))  # partial results survive
     pareto(rows)
     (RESULTS / "mixed_precision.json").write_text(json.dumps(rows, indent=1))
     lines = ["| config | model bytes | stored bits/w | nominal bits/w | NLL | ppl | Pareto |",

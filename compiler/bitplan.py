@@ -158,8 +158,13 @@ def nominal_width(bits: int) -> int:
     return 32 if bits >= FLOAT_BITS else bits
 
 
-def solve(units: list[Unit], capacity: float, resource: str = "bytes") -> list[Option]:
-    """The exact optimum of the program above; ``resource`` is the Option field the budget bounds."""
+def solve(units: list[Unit], capacity: float, resource: str = "bytes", base: list[int] | None = None,
+          max_changes: int | None = None) -> list[Option]:
+    """The exact optimum of the program above; ``resource`` is the Option field the budget bounds.
+
+    With ``base`` (one option index per unit) and ``max_changes``, at most that many units may
+    leave their base option (a trust region: ``Σ_u Σ_{o ≠ base_u} x[u,o] ≤ max_changes``).
+    """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     sizes = [len(u.options) for u in units]
@@ -170,13 +175,17 @@ def solve(units: list[Unit], capacity: float, resource: str = "bytes") -> list[O
     if lowest > capacity:
         raise LowbitError(f"budget {capacity:g} ({resource}) is below the smallest possible plan ({lowest:g})",
                           hint="raise the target, or allow fewer bits / larger groups")
-    scale = cost.max() if cost.size and cost.max() > 0 else 1.0
+    scale = float(np.abs(cost).max()) if cost.size and np.abs(cost).max() > 0 else 1.0
     onehot = np.zeros((len(units), n))
     start = 0
     for i, s in enumerate(sizes):
         onehot[i, start : start + s] = 1.0
         start += s
     constraints = [LinearConstraint(onehot, 1, 1), LinearConstraint(use[None, :], -np.inf, capacity)]
+    if base is not None and max_changes is not None:
+        moved = np.ones(n)
+        moved[np.cumsum([0] + sizes[:-1]) + np.asarray(base)] = 0.0
+        constraints.append(LinearConstraint(moved[None, :], -np.inf, max_changes))
     res = milp(cost / scale, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
                options={"mip_rel_gap": 0.0, "presolve": True})
     if res.x is None:

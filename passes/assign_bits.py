@@ -22,6 +22,12 @@ like); ``bytes`` — the whole model's initializer bytes (linears in the storage
 :func:`lowbit.rtn.storage_bytes`, everything else as it is); ``latency`` — summed µs of the
 linears from a backend's latency table (``table=ort-cpu``).  ``plan=PATH`` replays a saved (and
 possibly hand-edited) plan instead of solving; ``save=PATH`` writes the plan.
+
+``refine=N`` (whole layers only) then re-measures sensitivities around the plan with every other
+layer quantized, re-solves under a trust region and keeps a new plan only when its measured joint
+loss on the calibration samples is lower (:mod:`lowbit.refine`); it starts from the best of the
+solved plan and every uniform plan that fits, so it is never worse than those on that loss.
+About N × (layers × options) model runs: minutes on stories260K.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class AssignBits(Pass):
         table: str = "ort-cpu"  # latency table (built-in name or path)
         samples: int = 0  # calibration samples for the measured estimator (0: all)
         cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
+        refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.refine; 0: off)
 
         def __post_init__(self):
             bits, groups = _ints(self.bits, "bits"), _ints(self.groups, "groups")
@@ -91,6 +98,10 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: split must be in [0, 1), got {self.split}")
             if self.target <= 0:
                 raise ValueError(f"assign-bits: target must be positive, got {self.target}")
+            if self.refine < 0:
+                raise ValueError(f"assign-bits: refine must be >= 0 rounds, got {self.refine}")
+            if self.refine and self.split:
+                raise ValueError("assign-bits: refine works on whole layers; use split=0 with refine")
 
     def call(self, model):
         linears = find_linears(model.graph)
@@ -186,6 +197,8 @@ class AssignBits(Pass):
         chosen = solve(units, capacity, resource)
         plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
                     model=model_fingerprint(model), extra={"split": o.split, "groups": o.groups, "bits": o.bits})
+        if o.refine:
+            chosen = self._refine(model, linears, units, chosen, choices, capacity, resource, plan)
         by_layer: dict[str, list] = {}
         for u, opt in zip(units, chosen):
             by_layer.setdefault(u.layer, []).append((u, opt))
@@ -194,6 +207,37 @@ class AssignBits(Pass):
         if table is not None:
             plan.extra["latency_us"] = round(sum(opt.latency for opt in chosen), 2)
         return plan
+
+
+    def _refine(self, model, linears, units, chosen, choices, capacity, resource, plan) -> list[Option]:
+        """Re-measure around the plan and re-solve (:mod:`lowbit.refine`); returns one option per layer."""
+        from lowbit.datasets import model_kind
+        from lowbit.refine import refine
+        from lowbit.sensitivity import LossProbe, SensitivityCache, feeds_fingerprint
+
+        o = self.options
+        feeds = (self.ctx.calibration or [])[: o.samples or None]
+        if not feeds:
+            self.fail("refine measures the model's loss and needs calibration samples",
+                      hint="pass --calibration, or set refine=0")
+        kind = model_kind(model)
+        metric = "cos" if kind == "encoder" else ("kl" if o.estimator == "measured-kl" else "nll")
+        options = {u.layer: u.options for u in units}
+        starts = {"ilp": {u.layer: (c.bits, c.group) for u, c in zip(units, chosen)}}
+        candidates = sorted({(b, g) for opts in choices.values() for b, g in opts})
+        for b, g in candidates:  # one choice for every layer (groups longer than K mean per-channel)
+            pick = {u.layer: next((c for c in u.options if c.bits == b and c.group == (0 if g >= u.shape[0] else g)),
+                                  None) for u in units}
+            if None not in pick.values() and sum(getattr(c, resource) for c in pick.values()) <= capacity:
+                starts[f"uniform {b}b g{g}"] = {n: (c.bits, c.group) for n, c in pick.items()}
+        cache = SensitivityCache(o.cache or None, model_fingerprint(model), feeds_fingerprint(feeds))
+        probe = LossProbe(model, feeds, [lin.weight.name for lin in linears], kind)
+        result = refine(probe, linears, options, starts, capacity, resource, metric, o.refine, cache=cache,
+                        progress=self.ctx.show_progress,
+                        same_metric={"measured": "nll", "measured-kl": "kl"}.get(o.estimator) == metric)
+        plan.extra["refine"] = {"metric": metric, **result.to_dict()}
+        self.stats["refine-steps"] = sum(1 for h in result.history if h.get("accepted"))
+        return [next(c for c in u.options if (c.bits, c.group) == result.assignment[u.layer]) for u in units]
 
 
 def _monotone(measured: dict, choices: dict) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..cli import emit
 
-__all__ = ["register", "run", "plan_table", "plan_plot", "pareto_plot"]
+__all__ = ["register", "run", "plan_table", "plan_plot", "pareto_plot", "refine_summary"]
 
 
 def register(sub) -> None:
@@ -46,6 +46,19 @@ def plan_table(plan):
               f"{plan.linear_bytes:,}")
     t.add_row("model", "", "", "", "", f"{plan.total_bytes:,} ({human_bytes(plan.total_bytes)})")
     return t
+
+
+def refine_summary(plan) -> str:
+    """One line on how ``assign-bits{refine=N}`` moved the plan, or '' when it did not run."""
+    ref = plan.extra.get("refine")
+    if not ref:
+        return ""
+    start = ref["steps"][0]["starts"]
+    accepted = [st for st in ref["steps"] if st.get("accepted")]
+    others = ", ".join(f"{k} {v:.4g}" for k, v in sorted(start.items(), key=lambda kv: kv[1])[:3])
+    return (f"refined from '{ref['start']}': joint calibration {ref['metric']} {start[ref['start']]:.5g} → "
+            f"{ref['loss']:.5g} in {len(accepted)} accepted step(s) ({sum(st['changes'] for st in accepted)} layer "
+            f"changes); best starts: {others}")
 
 
 def _svg_bars(labels, values, title, ylabel, width=900, height=320) -> str:
@@ -157,13 +170,16 @@ def run(args) -> int:
                "total_bytes": plan.total_bytes, "plot": str(plot) if plot else None,
                "layers": [{"name": lp.name, "bits": lp.bits, "group": lp.group, "split": lp.split,
                            "est_error": lp.est_error, "measured_error": lp.measured_error,
-                           "bytes": lp.bytes + (lp.split["bytes"] if lp.split else 0)} for lp in plan.layers]}
+                           "bytes": lp.bytes + (lp.split["bytes"] if lp.split else 0)} for lp in plan.layers],
+               "refine": plan.extra.get("refine")}
 
     def human():
         from rich.console import Console
 
         c = Console()
         c.print(plan_table(plan))
+        if line := refine_summary(plan):
+            c.print(line)
         if plot:
             c.print(f"plot: {plot}")
 
