@@ -36,9 +36,9 @@ class LowerLowbit(Pass):
                           if op is not None else None)
             out = op.lower(graph, node, self.name)
             old = node.outputs[0]
-            old.replace_all_uses_with(out)
-            if old in graph.outputs:
+            if old in graph.outputs:  # first: onnx_ir refuses to replace the uses of a graph output
                 graph.outputs[graph.outputs.index(old)] = out
+            old.replace_all_uses_with(out)
             old.name, out.name = f"{old.name}_lowered", old.name
             graph.remove(node, safe=True)
             self.stats[f"lowbit.{node.op_type}"] += 1
