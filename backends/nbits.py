@@ -28,7 +28,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.lowbit_ops import DOMAIN, attach_functions, hadamard_matrix
+from lowbit.lowbit_ops import DOMAIN, attach_functions
+from lowbit.lowbit_ops_float import hadamard_matrix
 from lowbit.passmanager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node, replace_value
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from .lowbit_ops import DOMAIN
+
 __all__ = ["IntegerRegion", "IntegerReport", "check_integer_regions", "value_types"]
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -47,7 +49,7 @@ def value_types(graph: ir.Graph) -> dict[ir.Value, ir.DataType | None]:
             if v is not None and v not in types and v.const_value is not None:
                 types[v] = v.const_value.dtype
         op = node.op_type
-        if node.domain == "lowbit":
+        if node.domain == DOMAIN:
             t = ins[3] if op == "Requantize" and len(ins) > 3 else node.outputs[0].dtype
         elif op == "QuantizeLinear":
             t = ins[2] if len(ins) > 2 and ins[2] is not None else ir.DataType.UINT8
@@ -146,7 +148,7 @@ def check_integer_regions(model: ir.Model) -> IntegerReport:
                     if id(use.node) not in ids and not all(is_int(x) for x in use.node.outputs):
                         exits[id(use.node)] = use.node
         region.exits = list(exits.values())
-        quantized = region.entries or any(n.op_type in _QUANT_COMPUTE or n.domain == "lowbit" for n in region.nodes)
+        quantized = region.entries or any(n.op_type in _QUANT_COMPUTE or n.domain == DOMAIN for n in region.nodes)
         if quantized:
             regions.append(region)
     segments, rescales = _float_segments(graph, regions, is_int)

@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .integer_check import check_integer_regions
+from .lowbit_ops import DOMAIN
 
 __all__ = ["build_manifest", "MANIFEST_FORMAT", "MANIFEST_VERSION"]
 
@@ -88,7 +89,7 @@ def build_manifest(model: ir.Model, model_file: str, pipeline: str = "") -> dict
                 acc_bound = int(255 * np.abs(w.astype(np.int64)).sum(axis=0).max())
                 gemms.append({"node": n.name, "weight": n.inputs[1].name, "K": int(w.shape[0]), "N": int(w.shape[1]),
                               "act_bits": 8, "weight_bits": 8, "accumulator_bound": acc_bound})
-            elif n.domain == "lowbit" and n.op_type == "Requantize":
+            elif n.domain == DOMAIN and n.op_type == "Requantize":
                 b, c, zp = (_arr(v) for v in n.inputs[1:4])
                 pairs = [[int(x), int(y)] for x, y in zip(*np.broadcast_arrays(b.reshape(-1), c.reshape(-1)))]
                 dq = next((u.node for u in n.outputs[0].uses() if u.node.op_type == "DequantizeLinear"), None)

@@ -26,7 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.analysis import const_array
-from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, dyadic
+from lowbit.lowbit_ops import DOMAIN, VERSION
+from lowbit.lowbit_ops_integer import dyadic
 from lowbit.calibration import collect_stats
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node, replace_value
@@ -117,7 +118,7 @@ class Dyadic(Pass):
             self.fail("output ranges need calibration samples", hint="pass calibration=... / --calibration")
         inner = [s.out for s in sites if s.out not in graph.outputs]
         stats = collect_stats(model, inner, feeds, progress=self.ctx.show_progress)
-        model.opset_imports[LOWBIT_DOMAIN] = 1
+        model.opset_imports[DOMAIN] = VERSION
         worst_err, worst_bound, shifts = 0.0, 0, []
         for site in sites:
             if site.a_scale.size != 1 and np.ptp(site.a_scale) != 0:
@@ -182,6 +183,6 @@ class Dyadic(Pass):
     @staticmethod
     def _requantize(node, const, acc2, b, c, so, zo) -> ir.Value:
         yq = node("Requantize", [acc2, const("mult", b.astype(np.int64)), const("shift", c.astype(np.int64)),
-                                 const("out_zero_point", zo)], "requantize", domain=LOWBIT_DOMAIN)
+                                 const("out_zero_point", zo)], "requantize", domain=DOMAIN)
         yq.dtype = ir.DataType.from_numpy(zo.dtype)
         return node("DequantizeLinear", [yq, const("out_step", np.float32(so)), const("out_zp", zo)], "out_dq")

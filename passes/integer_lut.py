@@ -21,7 +21,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.analysis import const_array
-from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, QRANGE
+from lowbit.lowbit_ops import DOMAIN, VERSION
+from lowbit.lowbit_ops_integer import QRANGE
 from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node
 
@@ -94,11 +95,11 @@ class IntegerLut(Pass):
             if table.shape[0] == 1:
                 table = table[0]
             look = make_node(graph, "Lookup", [yq, add_initializer(graph, f"{f.name}.table", table)], origin=self.name,
-                             name=f"{f.name}.lookup", domain=LOWBIT_DOMAIN, before=q)
+                             name=f"{f.name}.lookup", domain=DOMAIN, before=q)
             look.outputs[0].dtype = q.outputs[0].dtype or ir.DataType.from_numpy(u.dtype)
             look.outputs[0].shape = q.outputs[0].shape
             q.outputs[0].replace_all_uses_with(look.outputs[0])
-            model.opset_imports[LOWBIT_DOMAIN] = 1
+            model.opset_imports[DOMAIN] = VERSION
             self.stats[f.op_type] += 1
         graph.meta.pop("lowbit.names", None)
         from onnx_ir.passes.common import RemoveUnusedNodesPass

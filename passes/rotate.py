@@ -27,7 +27,8 @@ import onnx_ir as ir
 
 from lowbit.analysis import Linear, const_array, find_groups, find_linears
 from lowbit.passmanager import CALIBRATED
-from lowbit.lowbit_ops import DOMAIN, attach_functions, hadamard_matrix
+from lowbit.lowbit_ops import DOMAIN, attach_functions
+from lowbit.lowbit_ops_float import hadamard_matrix
 from lowbit.passmanager import Pass, PassResult, register_pass
 from lowbit.rewrite import add_initializer, make_node, set_input_const
 

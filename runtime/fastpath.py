@@ -19,7 +19,8 @@ import onnx_ir as ir
 from lowbit.rewrite import replace_value
 
 from ..backends.nbits import BLOCK_SIZES, nbits_node_inputs
-from ..lowbit_ops import DOMAIN, unpack3
+from ..lowbit_ops import DOMAIN
+from ..lowbit_ops_float import unpack3
 from .session import make_session
 
 __all__ = ["expand_3bit", "fast_session"]

@@ -6,7 +6,7 @@ Div truncates towards zero, Cast between integer types wraps (no saturation), Bi
 on unsigned types only, MatMulInteger accumulates exactly in int32.  The two boundary ops are
 defined by ONNX as: QuantizeLinear ``sat(round_half_even(x / scale) + zp)`` and
 DequantizeLinear ``(q − zp) · scale`` (float32).  ``lowbit`` domain ops run their registered numpy
-reference (:mod:`lowbit.backends.lowbit_ops`).
+reference, found in the one op registry (:mod:`lowbit.lowbit_ops`).
 
 Float ops other than the boundaries are refused: the interpreter is the truth for integer
 regions, not a general ONNX runtime.
@@ -20,6 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.errors import LowbitError
+from lowbit.lowbit_ops import DOMAIN, OPS
+from lowbit.lowbit_ops_integer import QRANGE
 
 __all__ = ["ReferenceInterpreter", "REFERENCE_OPS", "UnsupportedReferenceOp"]
 
@@ -46,8 +48,6 @@ def _quantize(node, x, scale, zp=None):
     out_dtype = zp.dtype if zp is not None else np.dtype(np.uint8)
     zp = np.zeros((), out_dtype) if zp is None else zp
     q = np.rint(x.astype(np.float32) / _per_axis(x, scale.astype(np.float32), axis))
-    from lowbit.backends.lowbit_ops import QRANGE
-
     lo, hi = QRANGE[np.dtype(out_dtype)]
     return np.clip(q + _per_axis(x, zp, axis).astype(np.float32), lo, hi).astype(out_dtype)
 
@@ -160,20 +160,17 @@ class ReferenceInterpreter:
 
     @staticmethod
     def supports(node: ir.Node) -> bool:
-        from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, LOWBIT_OPS
-
-        if node.domain == LOWBIT_DOMAIN:
-            return node.op_type in LOWBIT_OPS
+        if node.domain == DOMAIN:
+            return node.op_type in OPS
         return (node.domain if node.domain != "ai.onnx" else "", node.op_type) in REFERENCE_OPS
 
     def run_node(self, node: ir.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray]:
-        from lowbit.backends.lowbit_ops import LOWBIT_DOMAIN, LOWBIT_OPS
-
-        if node.domain == LOWBIT_DOMAIN:
-            op = LOWBIT_OPS.get(node.op_type)
+        if node.domain == DOMAIN:
+            op = OPS.get(node.op_type)
             if op is None:
                 raise UnsupportedReferenceOp(f"unknown lowbit op '{node.op_type}' (node '{node.name}')")
-            return op.reference(inputs, {k: a.value for k, a in node.attributes.items()})
+            out = op.reference(*inputs, **{k: a.value for k, a in node.attributes.items()})
+            return list(out) if isinstance(out, tuple) else [out]
         fn = REFERENCE_OPS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
         if fn is None:
             raise UnsupportedReferenceOp(f"op {node.op_type} (node '{node.name}') is not in the integer reference set",

@@ -53,7 +53,7 @@ def test_dyadic_chain_is_one_integer_region():
 
 
 def test_reference_matches_ort_on_lowered_chain():
-    from lowbit.backends.lowbit_ops import LowerLowbit
+    from lowbit.backends.lower_lowbit import LowerLowbit
 
     model = _two_linears(float_rescale=False)
     LowerLowbit()(model)

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import lowbit_ops as L
+from lowbit import lowbit_ops_float as F
 from lowbit.backends.nbits import nbits_node_inputs
 from lowbit.passmanager import CompileContext, PassManager
 from lowbit.runtime.fastpath import expand_3bit
@@ -31,9 +32,9 @@ def test_matmul3bit_reference_function_fast(k, block):
     rng = np.random.default_rng(k)
     n, g = 48, -(-k // block)
     codes = rng.integers(0, 8, (n, k)).astype(np.uint8)
-    packed = L.pack3(codes)
+    packed = F.pack3(codes)
     assert packed.nbytes == n * (-(-k // 8)) * 3  # 3 bits per weight
-    assert np.array_equal(L.unpack3(packed, k), codes)
+    assert np.array_equal(F.unpack3(packed, k), codes)
     s = (rng.random((n, g)) + 0.1).astype(np.float32)
     z = rng.integers(0, 8, (n, g)).astype(np.uint8)
     x = rng.standard_normal((2, 5, k)).astype(np.float32)
@@ -41,7 +42,7 @@ def test_matmul3bit_reference_function_fast(k, block):
     model = _model(node, [2, 5, k], {"B": packed, "s": s, "z": z}, [2, 5, n])
     L.register_schemas()
     onnx.checker.check_model(ir.serde.serialize_model(model))
-    ref = L.matmul3bit_reference(x, packed, s, z, block)
+    ref = F.matmul3bit_reference(x, packed, s, z, block)
     w = (codes.astype(np.float64) - np.repeat(z, block, 1)[:, :k]) * np.repeat(s, block, 1)[:, :k]
     np.testing.assert_allclose(ref, x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-4)
     body = make_session(model, optimize=False).run(None, {"x": x})[0]
@@ -58,8 +59,8 @@ def test_hadamard_reference_function_kron(n, m):
     rng = np.random.default_rng(n)
     q = np.linalg.qr(rng.standard_normal((m, m)))[0].astype(np.float32) if m > 1 else np.ones((1, 1), np.float32)
     x = rng.standard_normal((2, 7, n)).astype(np.float32)
-    ref = L.hadamard_reference(x, q)
-    mat = np.kron(L.hadamard_matrix(n // m), q)
+    ref = F.hadamard_reference(x, q)
+    mat = np.kron(F.hadamard_matrix(n // m), q)
     np.testing.assert_allclose(mat @ mat.T, np.eye(n), atol=1e-6)  # orthogonal
     np.testing.assert_allclose(np.linalg.norm(ref, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
     node = helper.make_node("Hadamard", ["x", "Q"], ["y"], domain=L.DOMAIN)

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ..errors import ModelLoadError, UnsupportedModelError
+from ..lowbit_ops import DOMAIN
 from ..model_io import load_onnx
 
 __all__ = ["load_onnx_model", "check_ops", "MIN_OPSET", "MAX_OPSET"]
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 21  # int4 QDQ and blocked quantization need 21
 MAX_OPSET = 26  # the newest default-domain opset ONNX Runtime 1.31 loads
 # Domains whose ops ONNX Runtime's CPU EP (or lowbit itself) implements.
-KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "lowbit"}
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", DOMAIN}
 
 
 def check_ops(model: ir.Model, path) -> None:

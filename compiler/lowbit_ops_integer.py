@@ -1,13 +1,10 @@
-"""The ``lowbit`` operator domain: schema, numpy reference, standard-ONNX body, ORT lowering.
+"""lowbit ops of integer regions, run in plain ONNX through in-graph lowerings (domain ``lowbit``, version 1).
 
-Every lowbit op is registered with :func:`lowbit_op` and carries
+Both register with :func:`lowbit.lowbit_ops.lowbit_op`; their lowerings (``emit_requantize``,
+``emit_lookup``) are what the ``lower-lowbit`` pass emits for ORT, proven bit-exact against the
+references in tests.  Neither has a function body: the lowerings fold constant operands.
 
-* a *schema* (inputs, outputs, attributes, type constraints, in words and checked by ``check``),
-* a *numpy reference* (the truth: :mod:`lowbit.runtime.reference` calls it),
-* an *ONNX body* built from standard integer ops, which any ONNX runtime runs, and which is also
-  the ORT lowering (pass ``lower-lowbit``), proven bit-exact against the reference in tests.
-
-``lowbit.Requantize`` (domain ``lowbit``, version 1) — the dyadic requantizer of HAWQ-V3::
+``lowbit.Requantize`` — the dyadic requantizer of HAWQ-V3::
 
     y = saturate_T( floor((acc · b + 2^(c−1)) / 2^c) + zero_point )
 
@@ -22,45 +19,29 @@ ORT body.  ORT's BitShift exists only for unsigned types and Cast int64→int8 w
     y = Cast<T>(Clip(r + (zero_point − 2^(62−c)), qmin, qmax))
 
 The identity used: 2^62 is a multiple of 2^c, so floor((p + 2^62) / 2^c) = floor(p / 2^c) + 2^(62−c).
+
+``lowbit.Lookup`` — an elementwise function of an 8-bit code, one table per channel::
+
+    y[..., j] = table[j, x[..., j] − qmin(x)]    (table [C, 256] or [256]; x int8/uint8; y of table's type)
+
+ORT body: Gather(flat table, Cast<int32>(x) + (256·j − qmin)).  Exact by construction: a non-linearity
+between 8-bit tensors (DQ → f → Q) has only 256 inputs per channel, so the table *is* its integer form.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passmanager import Pass, PassResult, register_pass
+from lowbit.lowbit_ops import lowbit_op
 from lowbit.rewrite import add_initializer, make_node
 
-__all__ = ["LOWBIT_DOMAIN", "LowbitOp", "lowbit_op", "LOWBIT_OPS", "requantize_reference", "dyadic",
-           "QRANGE", "LowerLowbit", "emit_requantize", "lookup_reference", "emit_lookup"]
+__all__ = ["QRANGE", "dyadic", "emit_requantize", "requantize_reference", "emit_lookup", "lookup_reference"]
 
-LOWBIT_DOMAIN = "lowbit"
 _OFFSET_BITS = 62
 QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767)}
-
-
-@dataclass(frozen=True)
-class LowbitOp:
-    name: str
-    schema: str
-    reference: Callable  # (inputs: list[np.ndarray], attrs: dict) -> list[np.ndarray]
-    lower: Callable  # (graph, node, origin) -> ir.Value : emits the standard-op body before node
-    version: int = 1
-
-
-LOWBIT_OPS: dict[str, LowbitOp] = {}
-
-
-def lowbit_op(name: str, schema: str, lower: Callable, version: int = 1):
-    def deco(reference):
-        LOWBIT_OPS[name] = LowbitOp(name, schema, reference, lower, version)
-        return reference
-
-    return deco
 
 
 def dyadic(m: np.ndarray, bits: int = 30, shared_shift: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
@@ -182,65 +163,30 @@ def _lower_requantize(graph: ir.Graph, node: ir.Node, origin: str) -> ir.Value:
                            offset=offset)
 
 
-@lowbit_op("Requantize", schema="Requantize(acc: int32, b: int64, c: int64, zero_point: T) -> T, "
-           "T in {int8, uint8, int16}; y = sat_T(floor((acc*b + 2^(c-1)) / 2^c) + zero_point)",
+@lowbit_op("Requantize", doc="y = sat_T(floor((acc·b + 2^(c−1)) / 2^c) + zero_point); b in [1, 2^30), c in [1, 62], "
+           "scalars or per last-axis channel.",
+           inputs=[("acc", "tensor(int32)"), ("b", "tensor(int64)"), ("c", "tensor(int64)"), ("zero_point", "T")],
+           outputs=[("y", "T")], types={"T": ["tensor(int8)", "tensor(uint8)", "tensor(int16)"]},
            lower=_lower_requantize)
-def requantize_reference(inputs: list[np.ndarray], attrs: dict | None = None) -> list[np.ndarray]:
-    acc, b, c, zp = inputs
+def requantize_reference(acc: np.ndarray, b: np.ndarray, c: np.ndarray, zp: np.ndarray) -> np.ndarray:
     b, c = np.asarray(b, np.int64), np.asarray(c, np.int64)
     zp = np.asarray(zp)
     _check_requantize(acc, b, c, zp)
     p = acc.astype(np.int64) * b + (np.int64(1) << (c - 1))
     r = np.right_shift(p, c) + zp.astype(np.int64)  # arithmetic shift = floor division by 2^c
     lo, hi = QRANGE[zp.dtype]
-    return [np.clip(r, lo, hi).astype(zp.dtype)]
+    return np.clip(r, lo, hi).astype(zp.dtype)
 
 
-@register_pass("lower-lowbit")
-class LowerLowbit(Pass):
-    """Replace every ``lowbit`` op by its standard-ONNX body, so plain ONNX Runtime runs the graph."""
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
-    def call(self, model):
-        graph = model.graph
-        for node in list(graph):
-            if node.domain != LOWBIT_DOMAIN:
-                continue
-            op = LOWBIT_OPS.get(node.op_type)
-            if op is None:
-                self.fail(f"no lowering for lowbit.{node.op_type}", node=node)
-            out = op.lower(graph, node, self.name)
-            old = node.outputs[0]
-            old.replace_all_uses_with(out)
-            if old in graph.outputs:
-                graph.outputs[graph.outputs.index(old)] = out
-            old.name, out.name = f"{old.name}_lowered", old.name
-            graph.remove(node, safe=True)
-            self.stats[f"lowbit.{node.op_type}"] += 1
-        if LOWBIT_DOMAIN in model.opset_imports and not any(n.domain == LOWBIT_DOMAIN for n in graph):
-            del model.opset_imports[LOWBIT_DOMAIN]
-        return PassResult(model, modified=sum(self.stats.values()) > 0)
-
-
-# ``lowbit.Lookup`` (version 1): an elementwise function of an 8-bit code, one table per channel.
-#   y[..., j] = table[j, x[..., j] − qmin(x)]    (table [C, 256] or [256]; x int8/uint8; y of table's type)
-# ORT body: Gather(flat table, Cast<int32>(x) + (256·j − qmin)).  Exact by construction: a non-linearity
-# between 8-bit tensors (DQ → f → Q) has only 256 inputs per channel, so the table *is* its integer form.
-
-def _lookup_index(x: np.ndarray, n_tables: int) -> np.ndarray:
-    lo = QRANGE[x.dtype][0]
-    base = (np.arange(n_tables, dtype=np.int32) * 256 - lo) if n_tables > 1 else np.int32(-lo)
-    return x.astype(np.int32) + base
+def _table_base(x_dtype: np.dtype, n_tables: int) -> np.ndarray:
+    """Flat-table offset of code qmin(x) per channel: 256·j − qmin (one table: −qmin)."""
+    lo = QRANGE[np.dtype(x_dtype)][0]
+    return (np.arange(n_tables, dtype=np.int32) * 256 - lo) if n_tables > 1 else np.asarray(-lo, np.int32)
 
 
 def emit_lookup(graph: ir.Graph, x: ir.Value, x_dtype: np.dtype, table: np.ndarray, *, origin: str, name: str,
                 before: ir.Node | None = None) -> ir.Value:
-    n = table.shape[0] if table.ndim == 2 else 1
-    lo = QRANGE[np.dtype(x_dtype)][0]
-    base = (np.arange(n, dtype=np.int32) * 256 - lo) if n > 1 else np.asarray(-lo, np.int32)
+    base = _table_base(x_dtype, table.shape[0] if table.ndim == 2 else 1)
     idx32 = make_node(graph, "Cast", [x], origin=origin, name=f"{name}.index", before=before,
                       attributes={"to": ir.DataType.INT32}).outputs[0]
     idx = make_node(graph, "Add", [idx32, add_initializer(graph, f"{name}.table_base", base)], origin=origin,
@@ -263,13 +209,15 @@ def _lower_lookup(graph: ir.Graph, node: ir.Node, origin: str) -> ir.Value:
                        before=node)
 
 
-@lowbit_op("Lookup", schema="Lookup(x: int8|uint8, table: T[C,256] or T[256]) -> T; "
-           "y[..., j] = table[j, x[..., j] - qmin(x)]", lower=_lower_lookup)
-def lookup_reference(inputs: list[np.ndarray], attrs: dict | None = None) -> list[np.ndarray]:
-    x, table = inputs
+@lowbit_op("Lookup", doc="y[..., j] = table[j, x[..., j] − qmin(x)]; table [C, 256] (one per last-axis channel) "
+           "or [256].", inputs=[("x", "X"), ("table", "T")], outputs=[("y", "T")],
+           types={"X": ["tensor(int8)", "tensor(uint8)"],
+                  "T": ["tensor(int8)", "tensor(uint8)", "tensor(int16)", "tensor(int32)", "tensor(float)"]},
+           lower=_lower_lookup)
+def lookup_reference(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     if x.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)) or table.shape[-1] != 256:
         raise TypeError(f"lowbit.Lookup: x must be int8/uint8 and tables 256 wide (got {x.dtype}, {table.shape})")
     n = table.shape[0] if table.ndim == 2 else 1
     if n > 1 and x.shape[-1] != n:
         raise ValueError(f"lowbit.Lookup: {n} tables for {x.shape[-1]} channels")
-    return [table.reshape(-1)[_lookup_index(x, n)]]
+    return table.reshape(-1)[x.astype(np.int32) + _table_base(x.dtype, n)]
