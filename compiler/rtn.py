@@ -1,12 +1,22 @@
-"""Round-to-nearest grouped weight quantization (numpy) and the exact storage cost of its result.
+"""Round-to-nearest grouped weight quantization (numpy): the one scale/zero-point/code core, and
+the exact storage cost of its result in ORT's ``MatMulNBits`` layout.
 
 A linear's weight is ``W[K, N]`` (``y = x·W``).  Groups run along K (the reduction axis), one per
 ``group`` consecutive input channels of one output column, as ORT's ``MatMulNBits`` blocks do;
-``group=0`` means one group per column (per-channel), stored as one block of the next power of
-two ≥ K (MatMulNBits' block sizes are powers of two ≥ 16), the padding counted.  Asymmetric min/max RTN::
+``group=0`` (or a group ≥ K) means one group per column (per-channel), stored as one block of the
+next power of two ≥ K (MatMulNBits' block sizes are powers of two ≥ 16), the padding counted.
+:func:`grouped` zero-pads K to whole blocks; the zeros never move a group's parameters, which
+always keep 0 in range.  With ``b`` bits, codes ``q ∈ [0, 2^b − 1]``::
 
-    scale = (max - min) / (2^b - 1),  zp = clip(round(-min / scale), 0, 2^b - 1)
-    q = clip(round(W / scale) + zp, 0, 2^b - 1),   Ŵ = (q - zp) · scale
+    asymmetric: scale = (max(w,0) − min(w,0)) / (2^b − 1),  zp = clip(round(−min(w,0) / scale), 0, 2^b − 1)
+    symmetric:  scale = v / −2^(b−1), zp = 2^(b−1), v the entry of largest magnitude (MLAS' rule:
+                v is exact and the full code range is used)
+    q = clip(round(W / scale) + zp, 0, 2^b − 1),   Ŵ = (q − zp) · scale
+
+An all-zero group gets scale 1.  :func:`rtn_params` computes in the grouped array's float dtype:
+``quantize_rtn``/``fake_quant``/``pack`` use float32 asymmetric parameters (byte-identical to ORT's
+``MatMulNBitsQuantizer``); the ``quantize-weights`` pass (``lowbit.passes.weight_quant``) uses
+float64 ones, with its clip search (a range factor ``shrink``) and GPTQ on top of this core.
 
 The storage format whose bytes :func:`storage_bytes` counts is MatMulNBits' (``bits`` packed
 densely, little end first, each block padded to whole bytes): ``B`` uint8 ``[N, n_blocks,
@@ -20,16 +30,56 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["quantize_rtn", "dequantize_rtn", "fake_quant", "storage_bytes", "pack", "FLOAT_BITS"]
+__all__ = ["blocks", "grouped", "rtn_params", "encode", "decode", "quantize_rtn", "dequantize_rtn",
+           "fake_quant", "storage_bytes", "pack", "FLOAT_BITS"]
 
 FLOAT_BITS = 16  # the annotation value meaning "keep the float weight"
 
 
-def _blocks(k: int, group: int) -> tuple[int, int]:
+def blocks(k: int, group: int) -> tuple[int, int]:
     """(block length, number of blocks); per-channel is one block of MatMulNBits' power-of-two size ≥ 16."""
     if group <= 0 or group >= k:
         return max(16, 1 << (k - 1).bit_length()), 1
     return group, -(-k // group)
+
+
+def grouped(w: np.ndarray, group: int, dtype) -> np.ndarray:
+    """``w[K, N]`` → ``[n_blocks, g, N]`` in ``dtype``, zero-padded at the end of K."""
+    k, n = w.shape
+    g, nb = blocks(k, group)
+    wp = np.zeros((nb * g, n), dtype)
+    wp[:k] = w
+    return wp.reshape(nb, g, n)
+
+
+def rtn_params(wg: np.ndarray, bits: int, symmetric: bool = False, shrink: float = 1.0):
+    """Scale and zero point ``[n_blocks, N]`` of ``wg[n_blocks, g, N]`` in its dtype; range × ``shrink``."""
+    dt = wg.dtype.type
+    one, shrink = dt(1), dt(shrink)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        idx = np.abs(wg).argmax(axis=1)
+        v = np.take_along_axis(wg, idx[:, None, :], axis=1)[:, 0, :] * shrink
+        half = 1 << (bits - 1)
+        scale = v / -half
+        zp = np.full(scale.shape, half, wg.dtype)
+    else:
+        lo = np.minimum(wg.min(axis=1), 0) * shrink  # keep 0 exactly representable
+        hi = np.maximum(wg.max(axis=1), 0) * shrink
+        scale = (hi - lo) / qmax
+        zp = np.clip(np.round(-lo / np.where(scale == 0, one, scale)), 0, qmax)
+    return np.where(scale == 0, one, scale), zp  # an all-zero group: any scale is exact
+
+
+def encode(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    """Codes ``clip(round(w / scale) + zp, 0, 2^b − 1)`` as floats (arguments broadcast)."""
+    return np.clip(np.round(w / scale) + zp, 0, (1 << bits) - 1)
+
+
+def decode(q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """``Ŵ = (q − zp)·scale`` in the scale's dtype (arguments broadcast)."""
+    dt = scale.dtype
+    return (q.astype(dt) - zp.astype(dt)) * scale
 
 
 def quantize_rtn(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,26 +87,17 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.n
     if not 1 <= bits <= 8:
         raise ValueError(f"rtn: bits must be in 1..8, got {bits}")
     k, n = w.shape
-    g, nb = _blocks(k, group)
-    wp = np.zeros((nb * g, n), np.float32)
-    wp[:k] = w
-    blocks = wp.reshape(nb, g, n)
-    valid = (np.arange(nb * g) < k).reshape(nb, g, 1)
-    lo = np.minimum(np.where(valid, blocks, np.inf).min(axis=1), 0.0)  # keep 0 exactly representable
-    hi = np.maximum(np.where(valid, blocks, -np.inf).max(axis=1), 0.0)
-    qmax = (1 << bits) - 1
-    scale = ((hi - lo) / qmax).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    zp = np.clip(np.round(-lo / scale), 0, qmax).astype(np.uint8)
-    q = np.clip(np.round(blocks / scale[:, None, :]) + zp[:, None, :], 0, qmax).astype(np.uint8)
-    q[~np.broadcast_to(valid, q.shape)] = 0  # padding rows hold 0, as ORT writes them
-    return q, scale, zp
+    wg = grouped(w, group, np.float32)
+    scale, zp = rtn_params(wg, bits)
+    q = encode(wg, scale[:, None, :], zp[:, None, :], bits).astype(np.uint8)
+    q.reshape(-1, n)[k:] = 0  # padding rows hold 0, as ORT writes them
+    return q, scale, zp.astype(np.uint8)
 
 
 def dequantize_rtn(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, k: int) -> np.ndarray:
+    """``Ŵ[K, N]`` from :func:`quantize_rtn`'s blocks (computed in the scale's dtype)."""
     nb, g, n = q.shape
-    w = (q.astype(np.float32) - zp[:, None, :].astype(np.float32)) * scale[:, None, :]
-    return w.reshape(nb * g, n)[:k]
+    return decode(q, scale[:, None, :], zp[:, None, :]).reshape(nb * g, n)[:k]
 
 
 def fake_quant(w: np.ndarray, bits: int, group: int) -> np.ndarray:
@@ -70,7 +111,7 @@ def storage_bytes(k: int, n: int, bits: int, group: int, float_bytes: int = 4) -
     """Bytes a ``[K, N]`` weight occupies in the written file at ``bits``/``group`` (see module doc)."""
     if bits >= FLOAT_BITS:
         return k * n * float_bytes
-    g, nb = _blocks(k, group)
+    g, nb = blocks(k, group)
     data = n * nb * (-(-g * bits // 8))
     scales = n * nb * float_bytes
     zero_points = n * (-(-nb * bits // 8))

@@ -1,13 +1,13 @@
-"""Weight quantizers in numpy: round-to-nearest (RTN) and GPTQ, grouped or per channel.
+"""Weight quantizers in numpy for ``quantize-weights``: round-to-nearest (RTN) with an optional
+clip search, and GPTQ, grouped or per channel.
 
 A weight ``W[K, N]`` (in × out, lowbit's MatMul layout) is cut along K into groups of ``group``
-rows (``group=0``: one group of all K rows, i.e. per output channel).  Each (group, column) has a
+rows (``group=0``: one group of all K rows, i.e. per output channel), each (group, column) with a
 scale ``s`` and an integer zero point ``z``; codes are unsigned ``q ∈ [0, 2^b − 1]`` and
-``Ŵ = (q − z)·s``.  Symmetric: ``z = 2^(b−1)`` and ``s = v/(−2^(b−1))`` with ``v`` the entry of
-largest magnitude (so it is exact and the full code range is used, the way ORT's MLAS quantizer
-does).  Asymmetric: the range ``[min(w,0), max(w,0)]`` over ``2^b − 1`` steps, ``z = round(−min/s)``.
-``clip_search`` shrinks the range by a factor in [0.5, 1] chosen per (group, column) by squared
-error.
+``Ŵ = (q − z)·s``.  Grouping, the symmetric/asymmetric parameters, codes and ``Ŵ`` are
+``lowbit.rtn``'s one core (see its docstring for the formulas); here the parameters are computed
+in float64 and returned as float32 scales and uint8 zero points.  ``clip_search`` shrinks the
+range by a factor in [0.5, 1] chosen per (group, column) by squared error.
 
 GPTQ (Frantar et al. 2022): columns of Wᵀ (input channels) are quantized in order, and each
 one's rounding error is spread over the not-yet-quantized channels through the inverse Hessian
@@ -20,59 +20,23 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["rtn_quantize", "gptq_quantize", "dequantize", "group_params", "quantize_with", "n_groups"]
+from lowbit.rtn import blocks, decode, encode, grouped, rtn_params
+
+__all__ = ["rtn_quantize", "gptq_quantize", "dequantize", "group_params"]
 
 _CLIP_GRID = np.linspace(1.0, 0.5, 11)
 
 
-def n_groups(k: int, group: int) -> int:
-    return 1 if group <= 0 else -(-k // group)
-
-
-def _grouped(w: np.ndarray, group: int) -> np.ndarray:
-    """[K, N] → [G, g, N], zero-padded at the end of K."""
-    k, n = w.shape
-    g = k if group <= 0 else group
-    gcount = -(-k // g)
-    if gcount * g != k:
-        w = np.concatenate([w, np.zeros((gcount * g - k, n), w.dtype)])
-    return w.reshape(gcount, g, n)
-
-
-def _params(wg: np.ndarray, bits: int, symmetric: bool, shrink) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point from a [G, g, N] block (reduced over axis 1), range × ``shrink``."""
-    qmax = (1 << bits) - 1
-    if symmetric:
-        idx = np.abs(wg).argmax(axis=1)
-        v = np.take_along_axis(wg, idx[:, None, :], axis=1)[:, 0, :] * shrink
-        half = 1 << (bits - 1)
-        scale = v / -half
-        zp = np.full(scale.shape, half, np.float64)
-    else:
-        lo = np.minimum(wg.min(axis=1), 0) * shrink
-        hi = np.maximum(wg.max(axis=1), 0) * shrink
-        scale = (hi - lo) / qmax
-        zp = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, qmax)
-    scale = np.where(scale == 0, 1.0, scale)  # an all-zero group: any scale is exact
-    return scale, zp
-
-
-def quantize_with(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
-    """Codes of ``w`` under given scales and zero points (all broadcastable)."""
-    return np.clip(np.round(w / scale) + zp, 0, (1 << bits) - 1)
-
-
 def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_search: bool):
-    """Per-(group, column) scale and zero point ``[G, N]`` for ``w[K, N]``."""
-    wg = _grouped(np.asarray(w, np.float64), group)
-    best_s, best_z = _params(wg, bits, symmetric, 1.0)
+    """Per-(group, column) float64 scale and zero point ``[G, N]`` for ``w[K, N]``."""
+    wg = grouped(w, group, np.float64)
+    best_s, best_z = rtn_params(wg, bits, symmetric)
     if not clip_search:
         return best_s, best_z
     best_err = np.full(best_s.shape, np.inf)
     for f in _CLIP_GRID:
-        s, z = _params(wg, bits, symmetric, f)
-        q = quantize_with(wg, s[:, None], z[:, None], bits)
-        err = (((q - z[:, None]) * s[:, None] - wg) ** 2).sum(axis=1)
+        s, z = rtn_params(wg, bits, symmetric, f)
+        err = ((decode(encode(wg, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - wg) ** 2).sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
@@ -91,18 +55,15 @@ def rtn_quantize(w: np.ndarray, bits: int, group: int = 0, symmetric: bool = Tru
     _check(bits, group)
     w = np.asarray(w, np.float64)
     s, z = group_params(w, bits, group, symmetric, clip_search)
-    k = w.shape[0]
-    g = k if group <= 0 else group
-    rows = np.arange(k) // g
-    q = quantize_with(w, s[rows], z[rows], bits)
+    rows = np.arange(w.shape[0]) // blocks(w.shape[0], group)[0]
+    q = encode(w, s[rows], z[rows], bits)
     return q.astype(np.uint8), s.astype(np.float32), z.astype(np.uint8)
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, group: int) -> np.ndarray:
     """Ŵ[K, N] = (q − z)·s with the group of row k being k // group (all rows when group=0)."""
-    k = q.shape[0]
-    rows = np.arange(k) // (k if group <= 0 else group)
-    return ((q.astype(np.float32) - zps[rows].astype(np.float32)) * scales[rows]).astype(np.float32)
+    rows = np.arange(q.shape[0]) // blocks(q.shape[0], group)[0]
+    return decode(q, np.asarray(scales, np.float32)[rows], zps[rows])
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0, symmetric: bool = True,
@@ -130,7 +91,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
         raise ValueError("the damped Hessian is not positive definite; raise damp") from exc
     gidx = perm // g  # group of each processed column (original index)
     q_out = np.zeros((n, k))
-    s_all = np.zeros((n_groups(k, group), n)) if static is None else static[0]
+    s_all = np.zeros((blocks(k, group)[1], n)) if static is None else static[0]
     z_all = np.zeros_like(s_all) if static is None else static[1]
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -147,9 +108,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
                 s_all[col // g], z_all[col // g] = s[0], z[0]
             gi = gidx[col]
             wcol = w1[:, i]
-            qc = quantize_with(wcol, s_all[gi], z_all[gi], bits)
+            qc = encode(wcol, s_all[gi], z_all[gi], bits)
             q_out[:, col] = qc
-            deq = (qc - z_all[gi]) * s_all[gi]
+            deq = decode(qc, s_all[gi], z_all[gi])
             e = (wcol - deq) / hinv1[i, i]
             w1[:, i:] -= np.outer(e, hinv1[i, i:])
             err1[:, i] = e

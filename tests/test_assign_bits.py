@@ -173,7 +173,7 @@ def _write_matmulnbits(model, plan, path):
     import onnx
     from onnx import helper, numpy_helper
 
-    from lowbit.rtn import _blocks, pack
+    from lowbit.rtn import blocks, pack
     from lowbit.runtime.session import to_proto
 
     proto = to_proto(model)
@@ -190,7 +190,7 @@ def _write_matmulnbits(model, plan, path):
         proto.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays.values(), names))
         drop.add(lin.weight.name)
         new = helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name,
-                               domain="com.microsoft", K=k, N=n, bits=lp.bits, block_size=_blocks(k, lp.group)[0],
+                               domain="com.microsoft", K=k, N=n, bits=lp.bits, block_size=blocks(k, lp.group)[0],
                                accuracy_level=0)
         node.CopyFrom(new)
     keep = [t for t in proto.graph.initializer if t.name not in drop]
