@@ -36,7 +36,8 @@ def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_sea
     best_err = np.full(best_s.shape, np.inf)
     for f in _CLIP_GRID:
         s, z = rtn_params(wg, bits, symmetric, f)
-        err = ((decode(encode(wg, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - wg) ** 2).sum(axis=1)
+        sb, zb = s[:, None], z[:, None]
+        err = ((decode(encode(wg, sb, zb, bits), sb, zb) - wg) ** 2).sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
@@ -78,7 +79,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     wt[:, dead] = 0.0
-    g = k if group <= 0 else group
+    g = blocks(k, group)[0]
     static = None
     if group <= 0 or act_order:  # parameters fixed up front (per channel, or static groups)
         static = group_params(wt.T, bits, group, symmetric, clip_search)
