@@ -1,17 +1,19 @@
 """Mixed-precision plans: per-layer (and per output-column group) bit widths, chosen by an integer program.
 
-A *unit* is a linear layer, or one of its two output-column groups when splitting is allowed
-(MixLLM: the ``split`` fraction of a layer's most sensitive output columns may take other bits
-than the rest).  Each unit u has options o = (bits, group) with cost ``c[u,o]`` (sensitivity),
-size ``b[u,o]`` (bytes in the written file, :func:`lowbit.rtn.storage_bytes`) and optionally
-latency ``t[u,o]``.  The program, solved exactly by HiGHS through ``scipy.optimize.milp``::
+A *unit* is a linear layer.  Each unit u has options o = (bits, group) with cost ``c[u,o]``
+(sensitivity), size ``b[u,o]`` (bytes in the written file, :func:`lowbit.rtn.storage_bytes`) and
+optionally latency ``t[u,o]``.  With MixLLM-style splitting, a layer also has *split options*: its
+``split`` fraction of most sensitive output columns at a finer (bits, group) than the rest, the
+two parts run as two kernels whose outputs an int32 column order puts back in place — so a split
+option costs both parts' bytes plus ``4·N`` (:func:`split_bytes`), and the solver splits a layer
+only where that pays.  The program, solved exactly by HiGHS through ``scipy.optimize.milp``::
 
     minimise Σ c[u,o]·x[u,o]   s.t.  Σ_o x[u,o] = 1 for every u,   Σ b[u,o]·x[u,o] ≤ B,   x ∈ {0,1}
 
-Sizes are linear in the number of output columns, so a split whose two groups pick the same
-option costs exactly the unsplit layer.  Sensitivities are additive over layers (the usual
-assumption of HAWQ-style programs) and, within a layer, over output columns (exact for the cheap
-estimator; the measured one is shared out in proportion to the cheap per-column values).
+Sensitivities are additive over layers (the usual assumption of HAWQ-style programs) and, within
+a layer, over output columns (exact for the cheap estimator; the measured one is shared out in
+proportion to the cheap per-column values).  :mod:`lowbit.refine` corrects the first assumption
+by re-measuring around the plan.
 
 A :class:`Plan` is plain JSON: it can be saved, edited by hand and replayed.
 """
@@ -27,9 +29,11 @@ import numpy as np
 from .errors import LowbitError
 from .rtn import FLOAT_BITS, fake_quant, storage_bytes
 
-__all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "nominal_width", "apply_fake_quant", "plan_bytes", "PLAN_VERSION"]
+__all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "nominal_width", "apply_fake_quant", "plan_bytes", "split_bytes",
+           "PLAN_VERSION", "ORDER_BYTES"]
 
 PLAN_VERSION = 1
+ORDER_BYTES = 4  # a split layer's column order is int32
 
 
 @dataclass(frozen=True)
@@ -40,15 +44,15 @@ class Option:
     cost: float
     latency: float = 0.0
     nominal: int = 0  # bits × weights (scales and zero points not counted)
+    split: tuple[int, int] | None = None  # (bits, group) of the unit's salient columns; bits/group: the rest
 
 
 @dataclass
 class Unit:
     layer: str
     shape: tuple[int, int]  # [K, N] of the whole layer
-    columns: np.ndarray | None  # output columns of this unit (None: all)
+    columns: np.ndarray | None  # the salient output columns that split options quantize apart (None: no split)
     options: list[Option]
-    role: str = "all"  # "all" | "salient" | "rest"
 
 
 @dataclass
@@ -151,7 +155,13 @@ class Plan:
             ns = len(lp.split["columns"]) if lp.split else 0
             lp.bytes = storage_bytes(k, n - ns, lp.bits, lp.group)
             if lp.split:
-                lp.split["bytes"] = storage_bytes(k, ns, lp.split["bits"], lp.split["group"])
+                lp.split["bytes"] = split_bytes(k, n, ns, lp.split["bits"], lp.split["group"])
+
+
+def split_bytes(k: int, n: int, ns: int, bits: int, group: int) -> int:
+    """Bytes a split layer adds for its ``ns`` salient columns of ``[K, N]``: their own storage plus
+    the int32 column order (``N`` entries) that puts the two parts' outputs back in place."""
+    return storage_bytes(k, ns, bits, group) + ORDER_BYTES * n
 
 
 def nominal_width(bits: int) -> int:
@@ -226,4 +236,5 @@ def plan_bytes(plan: Plan, weights: dict[str, np.ndarray]) -> int:
         total += sum(a.nbytes for a in pack(w[:, rest], lp.bits, lp.group).values())
         if lp.split:
             total += sum(a.nbytes for a in pack(w[:, cols], lp.split["bits"], lp.split["group"]).values())
+            total += np.zeros(w.shape[1], np.int32).nbytes  # the column order the materialiser writes
     return total

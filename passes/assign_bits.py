@@ -32,13 +32,14 @@ About N × (layers × options) model runs: minutes on stories260K.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from lowbit.analysis import find_linears
-from lowbit.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve
+from lowbit.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve, split_bytes
 from lowbit.latency import LatencyTable
 from lowbit.passmanager import Pass, PassResult, register_pass
 from lowbit.rtn import FLOAT_BITS, storage_bytes
@@ -175,21 +176,26 @@ class AssignBits(Pass):
         units = []
         for lin in linears:
             k, n = lin.shape
-            parts = [("all", None)]
-            if o.split > 0 and int(round(o.split * n)) >= 1:
+            ns = int(round(o.split * n)) if o.split > 0 else 0
+            opts = [Option(b, g, storage_bytes(k, n, b, g), layer_cost[(lin.name, b, g)],
+                           table.us(k, n, b) if table else 0.0, k * n * nominal_width(b))
+                    for b, g in choices[lin.name]]
+            salient = None
+            if 1 <= ns < n:  # MixLLM: the ns most sensitive output columns may take finer options than the rest
                 b0, g0 = min(choices[lin.name])
-                order = np.argsort(-cols[(lin.name, b0, g0)], kind="stable")
-                salient = np.sort(order[: int(round(o.split * n))])
-                parts = [("salient", salient), ("rest", np.setdiff1d(np.arange(n), salient))]
-            for role, idx in parts:
-                opts = []
-                for b, g in choices[lin.name]:
-                    c = cols[(lin.name, b, g)]
-                    share = 1.0 if idx is None else (c[idx].sum() / c.sum() if c.sum() > 0 else len(idx) / n)
-                    m = n if idx is None else len(idx)
-                    opts.append(Option(b, g, storage_bytes(k, m, b, g), layer_cost[(lin.name, b, g)] * share,
-                                       table.us(k, m, b) if table else 0.0, k * m * nominal_width(b)))
-                units.append(Unit(lin.name, (k, n), idx, opts, role))
+                salient = np.sort(np.argsort(-cols[(lin.name, b0, g0)], kind="stable")[:ns])
+                rest = np.setdiff1d(np.arange(n), salient)
+                for (bs, gs), (br, gr) in itertools.permutations(choices[lin.name], 2):
+                    if not _finer((bs, gs), (br, gr)):
+                        continue
+                    cs, cr = cols[(lin.name, bs, gs)], cols[(lin.name, br, gr)]
+                    share_s = cs[salient].sum() / cs.sum() if cs.sum() > 0 else ns / n
+                    share_r = cr[rest].sum() / cr.sum() if cr.sum() > 0 else (n - ns) / n
+                    opts.append(Option(br, gr, storage_bytes(k, n - ns, br, gr) + split_bytes(k, n, ns, bs, gs),
+                                       layer_cost[(lin.name, bs, gs)] * share_s + layer_cost[(lin.name, br, gr)] * share_r,
+                                       (table.us(k, n - ns, br) + table.us(k, ns, bs)) if table else 0.0,
+                                       k * (n - ns) * nominal_width(br) + k * ns * nominal_width(bs), split=(bs, gs)))
+            units.append(Unit(lin.name, (k, n), salient, opts))
         weights_total = sum(lin.shape[0] * lin.shape[1] for lin in linears)
         capacity, resource = {"avg_bits": (o.target * weights_total / 8.0, "bytes"),
                               "nominal_bits": (o.target * weights_total, "nominal"),
@@ -199,15 +205,11 @@ class AssignBits(Pass):
                     model=model_fingerprint(model), extra={"split": o.split, "groups": o.groups, "bits": o.bits})
         if o.refine:
             chosen = self._refine(model, linears, units, chosen, choices, capacity, resource, plan)
-        by_layer: dict[str, list] = {}
-        for u, opt in zip(units, chosen):
-            by_layer.setdefault(u.layer, []).append((u, opt))
-        for lin in linears:
-            plan.layers.append(_layer_plan(lin, by_layer[lin.name], cols, measured))
+        for lin, u, opt in zip(linears, units, chosen):
+            plan.layers.append(_layer_plan(lin, u, opt, cols, measured))
         if table is not None:
             plan.extra["latency_us"] = round(sum(opt.latency for opt in chosen), 2)
         return plan
-
 
     def _refine(self, model, linears, units, chosen, choices, capacity, resource, plan) -> list[Option]:
         """Re-measure around the plan and re-solve (:mod:`lowbit.refine`); returns one option per layer."""
@@ -253,16 +255,21 @@ def _monotone(measured: dict, choices: dict) -> dict:
     return out
 
 
-def _layer_plan(lin, parts, cols, measured) -> LayerPlan:
+def _finer(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Option a is more precise than b: more bits, or as many bits in shorter groups (0 = whole column)."""
+    (ba, ga), (bb, gb) = a, b
+    return nominal_width(ba) > nominal_width(bb) or (ba == bb and (ga or 1 << 30) < (gb or 1 << 30))
+
+
+def _layer_plan(lin, unit, opt, cols, measured) -> LayerPlan:
     k, n = lin.shape
-    if len(parts) == 1 or (parts[0][1].bits, parts[0][1].group) == (parts[1][1].bits, parts[1][1].group):
-        opt = parts[0][1]
+    if opt.split is None:
         key = (lin.name, opt.bits, opt.group)
-        return LayerPlan(lin.name, [k, n], opt.bits, opt.group, storage_bytes(k, n, opt.bits, opt.group),
-                         float(cols[key].sum()), None if measured is None else measured[key])
-    (su, sopt), (ru, ropt) = parts
-    est = float(cols[(lin.name, sopt.bits, sopt.group)][su.columns].sum()
-                + cols[(lin.name, ropt.bits, ropt.group)][ru.columns].sum())
-    meas = None if measured is None else float(sopt.cost + ropt.cost)
-    split = {"columns": [int(c) for c in su.columns], "bits": sopt.bits, "group": sopt.group, "bytes": sopt.bytes}
-    return LayerPlan(lin.name, [k, n], ropt.bits, ropt.group, ropt.bytes, est, meas, split)
+        return LayerPlan(lin.name, [k, n], opt.bits, opt.group, opt.bytes, float(cols[key].sum()),
+                         None if measured is None else measured[key])
+    (bs, gs), sal = opt.split, unit.columns
+    rest = np.setdiff1d(np.arange(n), sal)
+    est = float(cols[(lin.name, bs, gs)][sal].sum() + cols[(lin.name, opt.bits, opt.group)][rest].sum())
+    split = {"columns": [int(c) for c in sal], "bits": bs, "group": gs, "bytes": split_bytes(k, n, len(sal), bs, gs)}
+    return LayerPlan(lin.name, [k, n], opt.bits, opt.group, storage_bytes(k, n - len(sal), opt.bits, opt.group), est,
+                     None if measured is None else float(opt.cost), split)

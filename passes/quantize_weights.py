@@ -13,8 +13,13 @@
 
 Per-layer overrides (the mixed-precision contract): ``metadata_props['lowbit.bits']`` on a
 linear's MatMul node ("2", "3", "4", "8", or "16" = keep float) and optionally
-``'lowbit.group'`` take precedence over the pass options.  GPTQ reads XᵀX from
-``calibrate{hessian=true}`` and runs layer by layer with a progress bar.
+``'lowbit.group'`` take precedence over the pass options.  ``'lowbit.bits_split'`` (JSON
+``{"columns": [...], "bits": b, "group": g}``, written by ``assign-bits{split=...}``) splits a
+layer first: ``y = x·W`` becomes ``Gather(Concat(x·W[:, rest], x·W[:, cols]), order, axis=-1)``
+with ``order`` (int32) the inverse of the column permutation ``rest ++ cols``; each part is then a
+linear of its own (``<name>.rest`` at the node's bits, ``<name>.salient`` at ``b``/``g``), so
+``lower-nbits`` gives two MatMulNBits.  GPTQ reads XᵀX from ``calibrate{hessian=true}`` (both
+parts read the same input) and runs layer by layer with a progress bar.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = ["QuantizeWeights", "BITS_KEY", "GROUP_KEY"]
 
 BITS_KEY = "lowbit.bits"
 GROUP_KEY = "lowbit.group"
+SPLIT_KEY = "lowbit.bits_split"
 _SIGNED = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 _UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
 
@@ -86,6 +92,9 @@ class QuantizeWeights(Pass):
 
         graph = model.graph
         o = self.options
+        for lin in find_linears(graph):
+            if SPLIT_KEY in lin.node.metadata_props and self._plan(lin) is not None:
+                self._split(graph, lin)
         todo = [(lin, plan) for lin in find_linears(graph) if (plan := self._plan(lin)) is not None]
         self.stats["float_linears"] = len(find_linears(graph)) - len(todo)
         if o.method == "gptq":
@@ -129,6 +138,45 @@ class QuantizeWeights(Pass):
                                                "float_linears": self.stats["float_linears"],
                                                "code_bits": bits_total}
         return PassResult(model, modified=bool(todo))
+
+    def _split(self, graph, lin: Linear) -> None:
+        """One linear → two (rest, salient columns) + Concat + Gather back into column order."""
+        import json
+
+        try:
+            spec = json.loads(lin.node.metadata_props[SPLIT_KEY])
+            cols = np.asarray(spec["columns"], np.int64)
+            bits, group = int(spec["bits"]), int(spec["group"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self.fail(f"'{lin.name}': {SPLIT_KEY} is not {{\"columns\": [...], \"bits\": b, \"group\": g}} ({exc})",
+                      node=lin.node)
+        w = lin.weight.const_value.numpy()
+        n = w.shape[1]
+        if cols.ndim != 1 or not 0 < cols.size < n or len(np.unique(cols)) != cols.size or cols.min() < 0 \
+                or cols.max() >= n:
+            self.fail(f"'{lin.name}': {SPLIT_KEY} columns must be distinct, within 0..{n - 1}, and neither none "
+                      "nor all of them", node=lin.node)
+        rest = np.setdiff1d(np.arange(n), cols)
+        own = {k: v for k, v in lin.node.metadata_props.items() if k != SPLIT_KEY}
+        parts = []
+        for role, idx, props in (("rest", rest, own), ("salient", cols, {BITS_KEY: str(bits), GROUP_KEY: str(group)})):
+            wv = add_initializer(graph, f"{lin.name}.{role}.weight", np.ascontiguousarray(w[:, idx]))
+            mm = make_node(graph, "MatMul", [lin.input, wv], origin=self.name, name=f"{lin.name}.{role}",
+                           before=lin.node)
+            mm.metadata_props.update({k: v for k, v in props.items() if k in (BITS_KEY, GROUP_KEY)})
+            parts.append(mm.outputs[0])
+        cat = make_node(graph, "Concat", parts, origin=self.name, name=f"{lin.name}.split_concat",
+                        attributes={"axis": -1}, before=lin.node)
+        order = add_initializer(graph, f"{lin.name}.split_order",
+                                np.argsort(np.concatenate([rest, cols])).astype(np.int32))
+        back = make_node(graph, "Gather", [cat.outputs[0], order], origin=self.name, name=f"{lin.name}.split_gather",
+                         attributes={"axis": -1}, before=lin.node)
+        out = lin.node.outputs[0]
+        if out.dtype is not None:
+            back.outputs[0].shape, back.outputs[0].dtype = out.shape, out.dtype
+        replace_value(graph, out, back.outputs[0])
+        graph.remove(lin.node, safe=True)
+        self.stats["split"] += 1
 
     def _tag(self, node: ir.Node, bits: int, group: int) -> None:
         node.metadata_props[BITS_KEY] = str(bits)

@@ -19,13 +19,17 @@ from lowbit.rtn import storage_bytes
 CFG = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
 
 
-@pytest.fixture(scope="module")
-def calibrated():
+def _calibrated():
     rng = np.random.default_rng(0)
     fs = [{"tokens": rng.integers(0, CFG.vocab_size, (1, 16)).astype(np.int64)} for _ in range(4)]
     ctx = CompileContext(calibration=fs, show_progress=False)
     model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(build_llama(CFG, random_llama_weights(CFG)))
     return model, ctx
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    return _calibrated()
 
 
 def run(model, ctx, pipeline):
@@ -108,9 +112,10 @@ def test_split_columns_are_annotated_and_counted(calibrated):
         k, n = lp.shape
         ann = json.loads(lins[lp.name].node.metadata_props["lowbit.bits_split"])
         assert ann["columns"] == lp.split["columns"] and len(ann["columns"]) == round(0.25 * n)
-        assert ann["bits"] != lp.bits or ann["group"] != lp.group
         assert lp.bytes + lp.split["bytes"] == (storage_bytes(k, n - len(ann["columns"]), lp.bits, lp.group)
-                                                + storage_bytes(k, len(ann["columns"]), ann["bits"], ann["group"]))
+                                                + storage_bytes(k, len(ann["columns"]), ann["bits"], ann["group"])
+                                                + 4 * n)  # the int32 column order
+        assert ann["bits"] > lp.bits or (ann["bits"] == lp.bits and 0 < ann["group"] < (lp.group or 1 << 30))
     weights = {n: lin.weight.const_value.numpy() for n, lin in lins.items()}
     assert plan_bytes(plan, weights) == plan.linear_bytes
 
@@ -226,3 +231,46 @@ def test_written_file_holds_exactly_the_planned_bytes_and_computes_the_fake_quan
         feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
         real = make_session(path, matmulnbits_accuracy_level=0).run(None, feed)[0]
         np.testing.assert_allclose(real, make_session(fake).run(None, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_split_plan_is_materialised_as_two_kernels_with_the_planned_bytes_and_values(calibrated, tmp_path):
+    """quantize-weights splits annotated layers; lower-nbits runs both parts as MatMulNBits; the
+    written file holds exactly the planned bytes and computes the plan's fake-quantized weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from lowbit.bitplan import apply_fake_quant
+    from lowbit.model_io import save_onnx
+    from lowbit.runtime.session import make_session, to_proto
+
+    model, ctx = _calibrated()  # this test rewrites the model
+    plan = run(model, ctx, "assign-bits{target=3.6,split=0.25,bits=2:4:8,groups=32}")
+    split = [lp for lp in plan.layers if lp.split]
+    assert split
+    lins = find_linears(model.graph)
+    deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
+    fake = to_proto(model)
+    names = {lin.weight.name: lin.name for lin in lins}
+    for t in fake.graph.initializer:
+        if t.name in names:
+            t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
+    PassManager.from_pipeline("quantize-weights{symmetric=false},lower-nbits{accuracy_level=0}", ctx).run(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == len(lins) + len(split) and ops.count("Gather") >= len(split)
+    assert "MatMul" not in ops or all(n.inputs[1].const_value is None for n in model.graph if n.op_type == "MatMul")
+    path = tmp_path / "split.onnx"
+    save_onnx(model, path)
+    written = onnx.load(str(path))
+    assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
+    feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
+    real = make_session(path, matmulnbits_accuracy_level=0).run(None, feed)[0]
+    np.testing.assert_allclose(real, make_session(fake).run(None, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_split_annotation_is_refused_naming_the_layer():
+    model, ctx = _calibrated()
+    lin = find_linears(model.graph)[0]
+    lin.node.metadata_props["lowbit.bits"] = "4"
+    lin.node.metadata_props["lowbit.bits_split"] = json.dumps({"columns": [0, 0], "bits": 8, "group": 32})
+    with pytest.raises(PassFailure, match=lin.name):
+        PassManager.from_pipeline("quantize-weights", ctx).run(model)
