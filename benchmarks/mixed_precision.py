@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -114,7 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ort", action="store_true", help="skip ORT's RTN rows")
     ap.add_argument("--refine", type=int, default=2, help="rounds of assign-bits refine for the refined rows (0: none)")
     ap.add_argument("--refine-estimators", default="measured-kl")
-    ap.add_argument("--only", default="", help="only ILP rows whose label contains this text")
+    ap.add_argument("--only", default="", help="only ILP rows whose label contains one of these (comma-separated)")
+    ap.add_argument("--shard", default="0/1", help="i/n: this process solves every n-th ILP row from the i-th "
+                    "(run n shards in parallel, then once without --shard to gather the table from the caches)")
     args = ap.parse_args(argv)
     d = data_dir()
     if not (d / "stories260K" / "stories260K.bin").is_file():
@@ -138,13 +141,20 @@ def main(argv=None) -> int:
     memo_path = RESULTS / "eval-cache.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
 
+    def save_memo():  # atomic, merged with other shards' results
+        if memo_path.is_file():
+            memo.update({k: v for k, v in json.loads(memo_path.read_text()).items() if k not in memo})
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)
+
     def evaluate(model, linears, plan, stream):  # re-evaluating an identical plan reuses the result
         key = f"{a}:{b}|" + ("float" if plan is None else json.dumps(
             [(lp.name, lp.bits, lp.group, lp.split and (lp.split["bits"], lp.split["group"], lp.split["columns"]))
              for lp in plan.layers]))
         if key not in memo:
             memo[key] = evaluate_plan(model, linears, plan, stream)
-            memo_path.write_text(json.dumps(memo))
+            save_memo()
         return memo[key]
 
     def add(name, kind, plan, nll, size=None):
@@ -170,7 +180,7 @@ def main(argv=None) -> int:
                 key = f"{a}:{b}|ort-rtn-{bits}-{block}"
                 if key not in memo:
                     memo[key] = ort_rtn(model, bits, block, stream)
-                    memo_path.write_text(json.dumps(memo))
+                    save_memo()
                 nll, size = memo[key]
                 rows.append({"name": f"ORT RTN {bits}b b{block}", "kind": "ort", "bytes": size,
                              "avg_bits": round(8 * (size - fixed) / sum(w.size for w in weights.values()), 4),
@@ -183,6 +193,11 @@ def main(argv=None) -> int:
         for target in args.targets.split(","):
             ilp.append((f"ILP W{target} {est}", f"ilp-nominal-{est}",
                         f"budget=nominal_bits,target={target},estimator={est}"))
+    for est in ("measured", "measured-kl"):
+        for g in (32, 64, 128):
+            for target in args.targets.split(",")[1:]:
+                ilp.append((f"ILP W{target} g{g} {est}", f"ilp-nominal-g-{est}",
+                            f"budget=nominal_bits,target={target},estimator={est},groups={g}"))
     for est in args.estimators.split(","):
         for target in args.allin_targets.split(","):
             ilp.append((f"ILP {target} b/w {est}", f"ilp-allin-{est}", f"target={target},estimator={est}"))
@@ -200,15 +215,19 @@ def main(argv=None) -> int:
             for target in args.allin_targets.split(",")[1:]:
                 ilp.append((f"ILP {target} b/w {est} refined", f"ilp-allin-{est}-refined",
                             f"target={target},estimator={est}{r}"))
-            for target in args.targets.split(",")[1:]:
-                ilp.append((f"ILP W{target} {est} refined", f"ilp-nominal-{est}-refined",
-                            f"budget=nominal_bits,target={target},estimator={est}{r}"))
+            for g in (32, 64, 128):
+                for target in args.targets.split(",")[1:]:
+                    ilp.append((f"ILP W{target} g{g} {est} refined", f"ilp-nominal-g-{est}-refined",
+                                f"budget=nominal_bits,target={target},estimator={est},groups={g}{r}"))
             for ref, size in sizes.items():
+                if ref.startswith("2b"):  # every plan that small is hopeless (ppl > 80)
+                    continue
                 ilp.append((f"ILP =size({ref}) {est} refined", f"ilp-bytes-{est}-refined",
                             f"budget=bytes,target={size},estimator={est}{r}"))
-    for label, kind, options in ilp:
-        if args.only and args.only not in label:
-            continue
+    if args.only:
+        ilp = [row for row in ilp if any(p in row[0] for p in args.only.split(","))]
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    for label, kind, options in ilp[shard::shards]:
         path = RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".json")
         ctx.report.clear()
         try:

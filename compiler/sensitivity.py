@@ -114,8 +114,13 @@ class SensitivityCache:
         self.data[self.key(*key)] = value
 
     def save(self) -> None:
+        """Write atomically, merged with what other processes saved meanwhile (values are deterministic)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        try:
+            self.data = {**json.loads(self.path.read_text()), **self.data}
+        except (OSError, ValueError):
+            pass
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=0, sort_keys=True))
         tmp.replace(self.path)
 
