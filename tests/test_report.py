@@ -44,3 +44,19 @@ def test_report_refuses_a_file_that_is_not_a_plan(tmp_path, capsys):
     bad.write_text("{\"layers\": 3}")
     assert main(["report", str(bad)]) == 2
     assert "not a readable lowbit plan" in capsys.readouterr().err
+
+
+def test_report_says_how_refinement_moved_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    rng = np.random.default_rng(0)
+    fs = [{"tokens": rng.integers(0, CFG.vocab_size, (1, 16)).astype(np.int64)} for _ in range(3)]
+    ctx = CompileContext(calibration=fs, show_progress=False)
+    path = tmp_path / "plan.json"
+    PassManager.from_pipeline(f"calibrate{{hessian=true}},assign-bits{{target=3.5,estimator=measured,bits=2:3:4,"
+                              f"refine=1,cache={tmp_path},save={path}}}", ctx).run(build_llama(CFG, random_llama_weights(CFG)))
+    ref = Plan.load(path).extra["refine"]
+    assert main(["report", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert f"refined from '{ref['start']}'" in text and f"{ref['loss']:.5g}" in text
+    assert main(["report", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["refine"]["loss"] == ref["loss"]
