@@ -47,3 +47,35 @@ def logits(model, feed):
 
 def rel_err(a, b):
     return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b)))
+
+
+SMALL_LLAMA = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
+
+
+def calibrated_small_llama(cfg: LlamaConfig = SMALL_LLAMA, samples: int = 4):
+    """A random small Llama after calibrate{hessian=true} on random tokens, and its context."""
+    from lowbit.passmanager import CompileContext, PassManager
+
+    rng = np.random.default_rng(0)
+    fs = [{"tokens": rng.integers(0, cfg.vocab_size, (1, 16)).astype(np.int64)} for _ in range(samples)]
+    ctx = CompileContext(calibration=fs, show_progress=False)
+    model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(build_llama(cfg, random_llama_weights(cfg)))
+    return model, ctx
+
+
+def fake_quant_proto(model, plan):
+    """The float model with every planned linear's weight replaced by its dequantized value."""
+    from onnx import numpy_helper
+
+    from lowbit.analysis import find_linears
+    from lowbit.bitplan import apply_fake_quant
+    from lowbit.runtime.session import to_proto
+
+    lins = find_linears(model.graph)
+    deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
+    proto = to_proto(model)
+    names = {lin.weight.name: lin.name for lin in lins}
+    for t in proto.graph.initializer:
+        if t.name in names:
+            t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
+    return proto

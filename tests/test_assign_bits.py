@@ -11,20 +11,13 @@ import pytest
 from lowbit.analysis import find_linears
 from lowbit.bitplan import Option, Plan, Unit, plan_bytes, solve
 from lowbit.errors import LowbitError, PassFailure, PipelineError
-from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
 from lowbit.latency import LatencyTable
 from lowbit.passmanager import CompileContext, PassManager
 from lowbit.rtn import storage_bytes
+from lowbit_models import SMALL_LLAMA, calibrated_small_llama, fake_quant_proto
 
-CFG = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
-
-
-def _calibrated():
-    rng = np.random.default_rng(0)
-    fs = [{"tokens": rng.integers(0, CFG.vocab_size, (1, 16)).astype(np.int64)} for _ in range(4)]
-    ctx = CompileContext(calibration=fs, show_progress=False)
-    model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(build_llama(CFG, random_llama_weights(CFG)))
-    return model, ctx
+CFG = SMALL_LLAMA
+_calibrated = calibrated_small_llama
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +203,7 @@ def test_written_file_holds_exactly_the_planned_bytes_and_computes_the_fake_quan
     import onnx
     from onnx import numpy_helper
 
-    from lowbit.bitplan import apply_fake_quant
-    from lowbit.runtime.session import make_session, to_proto
+    from lowbit.runtime.session import make_session
 
     model, ctx = calibrated
     for target in (3.25, 4.0):
@@ -221,13 +213,7 @@ def test_written_file_holds_exactly_the_planned_bytes_and_computes_the_fake_quan
         written = onnx.load(str(path))
         assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
         # the fake-quant model (what the benchmark evaluates) equals the real MatMulNBits kernels
-        lins = find_linears(model.graph)
-        deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
-        fake = to_proto(model)
-        names = {lin.weight.name: lin.name for lin in lins}
-        for t in fake.graph.initializer:
-            if t.name in names:
-                t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
+        fake = fake_quant_proto(model, plan)
         feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
         real = make_session(path, matmulnbits_accuracy_level=0).run(None, feed)[0]
         np.testing.assert_allclose(real, make_session(fake).run(None, feed)[0], rtol=1e-4, atol=1e-4)
@@ -239,21 +225,15 @@ def test_split_plan_is_materialised_as_two_kernels_with_the_planned_bytes_and_va
     import onnx
     from onnx import numpy_helper
 
-    from lowbit.bitplan import apply_fake_quant
     from lowbit.model_io import save_onnx
-    from lowbit.runtime.session import make_session, to_proto
+    from lowbit.runtime.session import make_session
 
     model, ctx = _calibrated()  # this test rewrites the model
     plan = run(model, ctx, "assign-bits{target=3.6,split=0.25,bits=2:4:8,groups=32}")
     split = [lp for lp in plan.layers if lp.split]
     assert split
     lins = find_linears(model.graph)
-    deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
-    fake = to_proto(model)
-    names = {lin.weight.name: lin.name for lin in lins}
-    for t in fake.graph.initializer:
-        if t.name in names:
-            t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
+    fake = fake_quant_proto(model, plan)
     PassManager.from_pipeline("quantize-weights{symmetric=false},lower-nbits{accuracy_level=0}", ctx).run(model)
     ops = [n.op_type for n in model.graph]
     assert ops.count("MatMulNBits") == len(lins) + len(split) and ops.count("Gather") >= len(split)

@@ -10,13 +10,12 @@ import pytest
 from lowbit.analysis import find_linears
 from lowbit.bitplan import Option, Plan, Unit, solve
 from lowbit.errors import PipelineError
-from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
 from lowbit.passmanager import CompileContext, PassManager
 from lowbit.refine import prune_dominated
 from lowbit.rtn import fake_quant, storage_bytes
 from lowbit.sensitivity import LossProbe
+from lowbit_models import calibrated_small_llama
 
-CFG = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
 
 
 def test_trust_region_limits_the_changed_units_and_is_the_constrained_optimum():
@@ -45,11 +44,7 @@ def test_prune_keeps_exactly_the_non_dominated_options_and_the_current_one():
 
 @pytest.fixture(scope="module")
 def calibrated():
-    rng = np.random.default_rng(0)
-    fs = [{"tokens": rng.integers(0, CFG.vocab_size, (1, 16)).astype(np.int64)} for _ in range(4)]
-    ctx = CompileContext(calibration=fs, show_progress=False)
-    model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(build_llama(CFG, random_llama_weights(CFG)))
-    return model, ctx
+    return calibrated_small_llama()
 
 
 def test_refined_plan_fits_and_its_reported_loss_is_the_models(calibrated, tmp_path):
