@@ -21,8 +21,10 @@ float64 ones, with its clip search (a range factor ``shrink``) and GPTQ on top o
 The storage format whose bytes :func:`storage_bytes` counts is MatMulNBits' (``bits`` packed
 densely, little end first, each block padded to whole bytes): ``B`` uint8 ``[N, n_blocks,
 ceil(g·b/8)]``, ``scales`` ``[N·n_blocks]`` in the weight's float type, ``zero_points`` uint8
-``[N, ceil(n_blocks·b/8)]``.  3 bits (which MatMulNBits refuses) is counted in the same dense
-layout.  ``bits=16`` keeps the float weight.  :func:`pack` builds those arrays, so the count is
+``[N, ceil(n_blocks·b/8)]``.  3 bits (which MatMulNBits refuses) is counted as the
+``quantize-weights`` pass writes it for ``lowbit.MatMul3Bit``: ``B`` uint8 ``[N, ⌈K/8⌉·3]`` (8
+codes per 3 bytes along the unpadded K), ``scales`` ``[N, n_blocks]``, ``zero_points`` uint8
+``[N, n_blocks]``.  ``bits=16`` keeps the float weight.  :func:`pack` builds those arrays, so the count is
 checked against real buffers rather than asserted.
 """
 
@@ -112,6 +114,8 @@ def storage_bytes(k: int, n: int, bits: int, group: int, float_bytes: int = 4) -
     if bits >= FLOAT_BITS:
         return k * n * float_bytes
     g, nb = blocks(k, group)
+    if bits == 3:  # lowbit.MatMul3Bit: codes 8 per 3 bytes along unpadded K, one uint8 zero point per group
+        return n * (-(-k // 8)) * 3 + n * nb * float_bytes + n * nb
     data = n * nb * (-(-g * bits // 8))
     scales = n * nb * float_bytes
     zero_points = n * (-(-nb * bits // 8))
@@ -129,11 +133,18 @@ def _pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def pack(w: np.ndarray, bits: int, group: int, float_dtype=np.float32) -> dict[str, np.ndarray]:
-    """The arrays the written file holds for ``w`` (MatMulNBits layout); their nbytes sum to storage_bytes."""
+    """The arrays the written file holds for ``w`` (MatMulNBits layout; 3 bits: ``lowbit.MatMul3Bit``'s);
+    their nbytes sum to :func:`storage_bytes`."""
     if bits >= FLOAT_BITS:
         return {"weight": np.asarray(w, float_dtype)}
     q, scale, zp = quantize_rtn(np.asarray(w, np.float32), bits, group)
-    n = w.shape[1]
+    k, n = w.shape
+    if bits == 3:  # lowbit.MatMul3Bit's inputs, as quantize-weights writes them
+        from .lowbit_ops_float import pack3
+
+        codes = np.ascontiguousarray(q.reshape(-1, n)[:k].T)
+        return {"B": pack3(codes), "scales": np.ascontiguousarray(scale.T).astype(float_dtype),
+                "zero_points": np.ascontiguousarray(zp.T)}
     data = _pack_bits(np.ascontiguousarray(q.transpose(2, 0, 1)), bits)  # [N, nb, blob]
     zpt = np.ascontiguousarray(zp.T)  # [N, nb]
     per_byte = 8 // bits if 8 % bits == 0 else 0

@@ -41,6 +41,15 @@ def test_packed_buffers_have_the_counted_bytes(k, n, group, bits):
     arrays = pack(w, bits, group)
     assert sum(a.nbytes for a in arrays.values()) == storage_bytes(k, n, bits, group)
     nb = -(-k // group) if 0 < group < k else 1
+    if bits == 3:  # lowbit.MatMul3Bit's inputs: its reference computes exactly the fake-quantized weight
+        from lowbit.lowbit_ops_float import matmul3bit_reference
+
+        assert arrays["B"].shape == (n, -(-k // 8) * 3) and arrays["scales"].shape == arrays["zero_points"].shape == (n, nb)
+        block = group if 0 < group < k else k
+        eye = np.eye(k, dtype=np.float32)
+        np.testing.assert_array_equal(matmul3bit_reference(eye, arrays["B"], arrays["scales"], arrays["zero_points"], block),
+                                      fake_quant(w, 3, group))
+        return
     assert arrays["B"].shape[:2] == (n, nb) and arrays["scales"].shape == (n * nb,)
 
 
