@@ -33,9 +33,11 @@ RECIPES: dict[str, str] = {
     # int4 per-token activations; ORT has no int4 GEMM, so the int8-activation kernel runs them
     "w4a4": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
             "quantize-acts{bits=4,exclude=lm_head},lower-nbits{accuracy_level=4}",
-    # mixed precision: per-layer bits from an integer program over measured sensitivity (3.5 bits on average)
-    "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured},"
-                  "quantize-weights{method=gptq},lower-nbits",
+    # mixed precision: per-layer bits (2/3/4/8, groups of 64) from an integer program over measured
+    # sensitivity (KL to the float model), 3.5 code bits per weight on average; asymmetric GPTQ writes
+    # exactly the bytes the plan counted
+    "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured-kl,groups=64},"
+                  "quantize-weights{method=gptq,symmetric=false},lower-nbits",
     # integer-only linears: static per-channel u8 activations with steps migrated into producers
     # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,
     # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables

@@ -257,3 +257,25 @@ def test_bad_split_annotation_is_refused_naming_the_layer():
     lin.node.metadata_props["lowbit.bits_split"] = json.dumps({"columns": [0, 0], "bits": 8, "group": 32})
     with pytest.raises(PassFailure, match=lin.name):
         PassManager.from_pipeline("quantize-weights", ctx).run(model)
+
+
+def test_mixed_recipe_compiles_end_to_end_to_the_planned_bytes(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    import lowbit
+    from lowbit.runtime.session import make_session
+
+    model, ctx = calibrated_small_llama()
+    out = tmp_path / "mixed.onnx"
+    result = lowbit.compile(model, "mixed-w3.5", calibration=ctx.calibration, output=out, progress=False)
+    plan = Plan.from_dict(result.report["assign-bits"]["plan"])
+    assert plan.nominal_bits <= 3.5 and {lp.group for lp in plan.layers} <= {0, 64}
+    written = onnx.load(str(out))
+    ops = [n.op_type for n in written.graph.node]
+    inits = {t.name for t in written.graph.initializer}
+    assert ops.count("MatMulNBits") + ops.count("MatMul3Bit") == len(plan.layers)
+    assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in written.graph.node)  # no float linear left
+    assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
+    logits = make_session(out).run(None, {"tokens": np.arange(8, dtype=np.int64)[None] % CFG.vocab_size})[0]
+    assert np.isfinite(logits).all()
