@@ -8,7 +8,13 @@ with the linears in the packed storage format (checked against real packed buffe
 ORT's own RTN (``MatMulNBitsQuantizer``) runs on the real MatMulNBits kernels; its size is the
 initializer bytes of the model it writes.
 
-    python benchmarks/mixed_precision.py [--targets 2.5,3.0,3.5] [--eval-stories 392:785]
+ILP rows: nominal budgets (W2.5/3.0/3.5, groups free or pinned to 32/64/128), stored-bits
+budgets (2.75/3.0/3.5 bits per weight, scales included), and byte budgets equal to every uniform
+plan's size, for the cheap and measured estimators; then the same budgets with ``refine`` (slow:
+minutes a row).  Every ILP row is compared with the smallest uniform plan at least as large.
+
+    python benchmarks/mixed_precision.py [--targets 2.5,3.0,3.5] [--eval-stories 392:785] [--refine 2]
+    # in parallel: --shard 0/2 and --shard 1/2, then once without --shard to gather the table
 
 Writes ``benchmarks/results/mixed_precision.{json,md,png|html}`` and the plans beside them.
 """
@@ -36,8 +42,8 @@ from lowbit.runtime.session import make_session, to_proto
 from lowbit.tokenizers import Llama2cTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZE_REFS = ("uniform 2b g32", "uniform 3b g128", "uniform 3b g64", "uniform 3b g32", "uniform 4b g128",
-             "uniform 4b g64")  # the ILP is also solved at exactly these uniform plans' model bytes
+SIZE_REFS = ("uniform 2b g32", "uniform 3b gch", "uniform 3b g128", "uniform 3b g64", "uniform 3b g32",
+             "uniform 4b g64", "uniform 4b g128")  # the ILP is also solved at exactly these uniform plans' model bytes
 
 
 def uniform_plan(linears, bits: int, group: int, fixed: int) -> Plan:
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     add("float32", "float", None, evaluate(model, linears, None, stream),
         fixed + sum(w.nbytes for w in weights.values()))
-    for bits, groups in ((2, (32, 128)), (3, (32, 64, 128)), (4, (32, 64, 128)), (8, (0,))):
+    for bits, groups in ((2, (32, 128)), (3, (32, 64, 128, 0)), (4, (32, 64, 128, 0)), (8, (0,))):
         for group in groups:
             plan = uniform_plan(linears, bits, group, fixed)
             add(f"uniform {bits}b g{group or 'ch'}", "uniform", plan, evaluate(model, linears, plan, stream))
