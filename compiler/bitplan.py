@@ -21,6 +21,9 @@ A :class:`Plan` is plain JSON: it can be saved, edited by hand and replayed.
 from __future__ import annotations
 
 import json
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,6 +171,25 @@ def nominal_width(bits: int) -> int:
     return 32 if bits >= FLOAT_BITS else bits
 
 
+@contextmanager
+def _stdout_to_stderr():
+    """Point file descriptor 1 at 2 for the duration (output of native code included)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        try:  # flush C stdio buffers while fd 1 still points at stderr
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError, TypeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve(units: list[Unit], capacity: float, resource: str = "bytes", base: list[int] | None = None,
           max_changes: int | None = None) -> list[Option]:
     """The exact optimum of the program above; ``resource`` is the Option field the budget bounds.
@@ -196,8 +218,9 @@ def solve(units: list[Unit], capacity: float, resource: str = "bytes", base: lis
         moved = np.ones(n)
         moved[np.cumsum([0] + sizes[:-1]) + np.asarray(base)] = 0.0
         constraints.append(LinearConstraint(moved[None, :], -np.inf, max_changes))
-    res = milp(cost / scale, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
-               options={"mip_rel_gap": 0.0, "presolve": True})
+    with _stdout_to_stderr():  # HiGHS' C++ code sometimes prints debug lines; keep `--json` stdout clean
+        res = milp(cost / scale, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
+                   options={"mip_rel_gap": 0.0, "presolve": True})
     if res.x is None:
         raise LowbitError(f"the integer program found no plan: {res.message}")
     x = np.round(res.x).astype(int)
