@@ -121,10 +121,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ort", action="store_true", help="skip ORT's RTN rows")
     ap.add_argument("--refine", type=int, default=2, help="rounds of assign-bits refine for the refined rows (0: none)")
     ap.add_argument("--refine-estimators", default="measured-kl")
+    ap.add_argument("--gptq", default="", help=f"also materialise these rows with GPTQ on real kernels "
+                    f"(comma-separated names; 'default': {GPTQ_ROWS})")
     ap.add_argument("--only", default="", help="only ILP rows whose label contains one of these (comma-separated)")
     ap.add_argument("--shard", default="0/1", help="i/n: this process solves every n-th ILP row from the i-th "
                     "(run n shards in parallel, then once without --shard to gather the table from the caches)")
     args = ap.parse_args(argv)
+    if args.gptq == "default":
+        args.gptq = GPTQ_ROWS
     d = data_dir()
     if not (d / "stories260K" / "stories260K.bin").is_file():
         print(f"no stories260K under {d}; set LOWBIT_DATA", file=sys.stderr)
@@ -265,8 +269,55 @@ def main(argv=None) -> int:
     from lowbit.commands.report import pareto_plot
 
     plot = pareto_plot(rows, RESULTS / "mixed_precision", title=f"stories260K, stories {a}:{b}")
+    if args.gptq:
+        gptq = gptq_table(args.gptq.split(","), rows, linears, fixed, d, feeds, stream, memo, save_memo, f"{a}:{b}")
+        (RESULTS / "mixed_precision.md").write_text(table + "\n\n" + gptq + "\n")
+        print(gptq)
     print(f"plot: {plot}\nseconds: {time.time() - t0:.0f}")
     return 0
+
+
+GPTQ_ROWS = ("uniform 3b gch,uniform 3b g64,uniform 3b g32,uniform 4b g64,uniform 4b g128,"
+             "ILP 3.0 b/w measured-kl refined,ILP 3.5 b/w measured-kl refined,ILP W3.5 g64 measured-kl refined,"
+             "ILP =size(3b gch) measured-kl refined,ILP =size(3b g32) measured-kl refined,"
+             "ILP =size(4b g64) measured-kl refined")
+
+
+def gptq_table(labels, rows, linears, fixed, d, feeds, stream, memo, save_memo, span) -> str:
+    """The same plans materialised by GPTQ (asymmetric) and run on ORT's kernels (3-bit via the fast path)."""
+    import hashlib
+
+    from lowbit.runtime.fastpath import fast_session
+
+    by_name = {r["name"]: r for r in rows}
+    out = ["| plan, GPTQ-materialised | written bytes | ppl (GPTQ) | ppl (RTN) |", "|---|---:|---:|---:|"]
+    for label in labels:
+        if label not in by_name:
+            print(f"gptq: no row '{label}'", flush=True)
+            continue
+        if label.startswith("uniform"):
+            bits, group = label.split()[1:]
+            plan = uniform_plan(linears, int(bits[:-1]), 0 if group == "gch" else int(group[1:]), fixed)
+        else:
+            plan = Plan.load(RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+                                        + ".json"))
+        digest = hashlib.sha256(json.dumps([(lp.name, lp.bits, lp.group) for lp in plan.layers]).encode()).hexdigest()
+        key = f"{span}|gptq|{digest[:16]}"
+        if key not in memo:
+            path = RESULTS / "gptq-plan.json"
+            plan.save(path)
+            ctx = CompileContext(calibration=feeds, show_progress=False)
+            model = PassManager.from_pipeline(
+                f"calibrate{{hessian=true}},assign-bits{{plan={path}}},quantize-weights{{method=gptq,symmetric=false}},"
+                "lower-nbits", ctx).run(load_model(d / "stories260K" / "stories260K.bin"))
+            size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+            memo[key] = (perplexity(fast_session(model), stream, batch=1).nll, size)
+            save_memo()
+        nll, size = memo[key]
+        assert size == plan.total_bytes, (label, size, plan.total_bytes)  # the written model holds the planned bytes
+        out.append(f"| {label} | {size:,} | {np.exp(nll):.3f} | {by_name[label]['ppl']:.3f} |")
+        print(out[-1], flush=True)
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
