@@ -34,9 +34,10 @@ RECIPES: dict[str, str] = {
     "w4a4": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
             "quantize-acts{bits=4,exclude=lm_head},lower-nbits{accuracy_level=4}",
     # mixed precision: per-layer bits (2/3/4/8, groups of 64) from an integer program over measured
-    # sensitivity (KL to the float model), 3.5 code bits per weight on average; asymmetric GPTQ writes
-    # exactly the bytes the plan counted
-    "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured-kl,groups=64},"
+    # sensitivity (KL to the float model, weights simulated by the GPTQ that materialises them), 3.5 code
+    # bits per weight on average; asymmetric GPTQ writes exactly the bytes the plan counted
+    "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured-kl,groups=64,"
+                  "quantizer=gptq},"
                   "quantize-weights{method=gptq,symmetric=false},lower-nbits",
     # integer-only linears: static per-channel u8 activations with steps migrated into producers
     # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,

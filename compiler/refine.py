@@ -15,7 +15,8 @@ around the operating point instead (an iterated, trust-region integer program):
    re-solve with the same Δ.  A round ends on an accepted plan; refinement stops when m = 1 fails.
 
 Every accepted step lowers the measured joint loss on the calibration samples, so the result is
-never worse there than the best uniform plan that fits the budget.  Options that the
+never worse there than the best uniform plan that fits the budget.  Weights are simulated with
+the quantizer that will materialise them (RTN, or GPTQ: ``quantizer``).  Options that the
 float-centred costs already show to be dominated within their layer (another option no larger in
 the budgeted resource and no more damaging) are not re-measured.
 """
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .bitplan import Option, Unit, solve
-from .rtn import FLOAT_BITS, fake_quant
+from .rtn import FLOAT_BITS
+from .sensitivity import quantizer_tag, simulated_weight
 
 __all__ = ["Refinement", "refine", "prune_dominated"]
 
@@ -67,9 +69,9 @@ def _digest(assignment: dict[str, Choice]) -> str:
 class _Joint:
     """Joint calibration loss of whole assignments, fake-quantized weights and results memoised."""
 
-    def __init__(self, probe, linears, metric: str, cache=None):
-        self.probe, self.metric, self.cache = probe, metric, cache
-        self.weights = {lin.name: np.asarray(lin.weight.const_value.numpy(), np.float32) for lin in linears}
+    def __init__(self, probe, linears, metric: str, cache=None, quantizer: str = "rtn"):
+        self.probe, self.metric, self.cache, self.quantizer = probe, metric, cache, quantizer
+        self.linears = {lin.name: lin for lin in linears}
         self.wname = {lin.name: lin.weight.name for lin in linears}
         self._fq: dict[tuple[str, int, int], np.ndarray] = {}
         self.probes = 0
@@ -77,11 +79,11 @@ class _Joint:
     def fq(self, name: str, choice: Choice) -> np.ndarray:
         key = (name, *choice)
         if key not in self._fq:
-            self._fq[key] = fake_quant(self.weights[name], *choice)
+            self._fq[key] = simulated_weight(self.linears[name], *choice, self.quantizer)
         return self._fq[key]
 
     def loss(self, assignment: dict[str, Choice]) -> float:
-        tag = f"{self.metric}@{_digest(assignment)}"
+        tag = f"{self.metric}{quantizer_tag(self.quantizer)}@{_digest(assignment)}"
         if self.cache is not None and (hit := self.cache.get("plan", 0, 0, tag)) is not None:
             return hit
         overrides = {self.wname[n]: self.fq(n, c) for n, c in assignment.items() if c[0] < FLOAT_BITS}
@@ -94,7 +96,7 @@ class _Joint:
 
 def refine(probe, linears, options: dict[str, list[Option]], starts: dict[str, dict[str, Choice]], capacity: float,
            resource: str, metric: str, rounds: int, cache=None, progress: bool = True,
-           same_metric: bool = False) -> Refinement:
+           same_metric: bool = False, quantizer: str = "rtn") -> Refinement:
     """Iterated trust-region ILP around the best start (see the module doc).
 
     ``options[layer]`` carry float-centred costs, used only to prune: dominated options are not
@@ -103,14 +105,14 @@ def refine(probe, linears, options: dict[str, list[Option]], starts: dict[str, d
     """
     from tqdm.auto import tqdm
 
-    joint = _Joint(probe, linears, metric, cache)
+    joint = _Joint(probe, linears, metric, cache, quantizer)
     names = [lin.name for lin in linears]
     scored = {label: joint.loss(a) for label, a in starts.items()}
     start = min(scored, key=scored.get)
     current, loss = dict(starts[start]), scored[start]
     result = Refinement(current, loss, start, [{"starts": dict(scored)}])
     for r in range(rounds):
-        tag = f"{metric}@{_digest(current)}"
+        tag = f"{metric}{quantizer_tag(quantizer)}@{_digest(current)}"
         ceiling = loss - probe.base[metric] if same_metric else np.inf
         kept = {n: [o for o in prune_dominated(options[n], resource, keep=current[n])
                     if o.cost <= ceiling or (o.bits, o.group) == current[n]] for n in names}

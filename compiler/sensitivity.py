@@ -35,7 +35,8 @@ from .errors import CalibrationError
 from .rtn import FLOAT_BITS, fake_quant
 
 __all__ = ["cheap_per_column", "cheap_sensitivity", "LossProbe", "measured_sensitivity", "model_fingerprint",
-           "feeds_fingerprint", "SensitivityCache", "ESTIMATORS"]
+           "feeds_fingerprint", "SensitivityCache", "ESTIMATORS",
+           "simulated_weight", "quantizer_tag"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,10 @@ def feeds_fingerprint(feeds: list[dict]) -> str:
             h.update(f"{k}{a.dtype}{a.shape}".encode())
             h.update(a.tobytes())
     return h.hexdigest()[:16]
+
+
+def quantizer_tag(quantizer: str) -> str:
+    return "" if quantizer == "rtn" else f"@{quantizer}"
 
 
 class SensitivityCache:
@@ -198,8 +203,25 @@ class LossProbe:
         return {k: v / max(count, 1) for k, v in totals.items()}
 
 
+def simulated_weight(lin: Linear, bits: int, group: int, quantizer: str = "rtn") -> np.ndarray:
+    """Ŵ of ``lin`` at (bits, group) as the materialiser will compute it: RTN (:mod:`lowbit.rtn`), or
+    asymmetric GPTQ from the calibration XᵀX as ``quantize-weights{method=gptq,symmetric=false}`` runs it."""
+    w = _weight(lin)
+    if bits >= FLOAT_BITS or quantizer == "rtn":
+        return fake_quant(w, bits, group)
+    from .passes.weight_quant import dequantize, gptq_quantize
+
+    st = act_stats(lin.input)
+    if st is None or st.xtx is None:
+        raise CalibrationError(f"linear '{lin.name}' has no XᵀX statistics for GPTQ",
+                               hint="run 'calibrate{hessian=true}' before assign-bits")
+    g = 0 if group >= w.shape[0] else group
+    q, sc, z = gptq_quantize(w, st.xtx, bits, g, symmetric=False)
+    return dequantize(q, sc, z, g).astype(np.float32)
+
+
 def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], feeds: list[dict], *,
-                         kind: str = "causal-lm", metric: str = "nll", cache_dir=None,
+                         kind: str = "causal-lm", metric: str = "nll", cache_dir=None, quantizer: str = "rtn",
                          progress: bool = True) -> dict[tuple[str, int, int], float]:
     """Loss(layer alone quantized at (bits, group)) − loss(float model), for every job (layer, bits, group)."""
     from tqdm.auto import tqdm
@@ -214,7 +236,7 @@ def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], f
         if bits >= FLOAT_BITS:
             out[(lin.name, bits, group)] = 0.0
             continue
-        hit = cache.get(lin.name, bits, group, metric)
+        hit = cache.get(lin.name, bits, group, metric + quantizer_tag(quantizer))
         if hit is None:
             todo.append((lin, bits, group))
         else:
@@ -222,9 +244,9 @@ def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], f
     if todo:
         probe = LossProbe(model, feeds, sorted({lin.weight.name for lin, _, _ in todo}), kind)
         for i, (lin, bits, group) in enumerate(tqdm(todo, desc="sensitivity", unit="probe", disable=not progress)):
-            values = probe.losses({lin.weight.name: fake_quant(_weight(lin), bits, group)})
+            values = probe.losses({lin.weight.name: simulated_weight(lin, bits, group, quantizer)})
             for m, v in values.items():  # every metric of the one run is cached
-                cache.put(v - probe.base[m], lin.name, bits, group, m)
+                cache.put(v - probe.base[m], lin.name, bits, group, m + quantizer_tag(quantizer))
             out[(lin.name, bits, group)] = values[metric] - probe.base[metric]
             if i % 16 == 15:
                 cache.save()

@@ -88,6 +88,7 @@ class AssignBits(Pass):
         samples: int = 0  # calibration samples for the measured estimator (0: all)
         cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
         refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.refine; 0: off)
+        quantizer: Literal["rtn", "gptq"] = "rtn"  # how measured probes simulate the weights: match quantize-weights
 
         def __post_init__(self):
             bits, groups = _ints(self.bits, "bits"), _ints(self.groups, "groups")
@@ -101,6 +102,8 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: target must be positive, got {self.target}")
             if self.refine < 0:
                 raise ValueError(f"assign-bits: refine must be >= 0 rounds, got {self.refine}")
+            if self.quantizer not in ("rtn", "gptq"):
+                raise ValueError(f"assign-bits: quantizer must be rtn or gptq, got '{self.quantizer}'")
             if self.refine and self.split:
                 raise ValueError("assign-bits: refine works on whole layers; use split=0 with refine")
 
@@ -171,7 +174,7 @@ class AssignBits(Pass):
             measured = measured_sensitivity(
                 model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
                 metric="kl" if o.estimator == "measured-kl" else "nll", cache_dir=o.cache or None,
-                progress=self.ctx.show_progress)
+                quantizer=o.quantizer, progress=self.ctx.show_progress)
             layer_cost = _monotone(measured, choices)
         units = []
         for lin in linears:
@@ -202,7 +205,8 @@ class AssignBits(Pass):
                               "bytes": (o.target - fixed, "bytes"), "latency": (o.target, "latency")}[o.budget]
         chosen = solve(units, capacity, resource)
         plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
-                    model=model_fingerprint(model), extra={"split": o.split, "groups": o.groups, "bits": o.bits})
+                    model=model_fingerprint(model),
+                    extra={"split": o.split, "groups": o.groups, "bits": o.bits, "quantizer": o.quantizer})
         if o.refine:
             chosen = self._refine(model, linears, units, chosen, choices, capacity, resource, plan)
         for lin, u, opt in zip(linears, units, chosen):
@@ -236,7 +240,8 @@ class AssignBits(Pass):
         probe = LossProbe(model, feeds, [lin.weight.name for lin in linears], kind)
         result = refine(probe, linears, options, starts, capacity, resource, metric, o.refine, cache=cache,
                         progress=self.ctx.show_progress,
-                        same_metric={"measured": "nll", "measured-kl": "kl"}.get(o.estimator) == metric)
+                        same_metric={"measured": "nll", "measured-kl": "kl"}.get(o.estimator) == metric,
+                        quantizer=o.quantizer)
         plan.extra["refine"] = {"metric": metric, **result.to_dict()}
         self.stats["refine-steps"] = sum(1 for h in result.history if h.get("accepted"))
         return [next(c for c in u.options if (c.bits, c.group) == result.assignment[u.layer]) for u in units]

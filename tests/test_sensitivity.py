@@ -185,3 +185,31 @@ def test_packed_arrays_equal_ort_matmulnbits_quantizer_output(bits, group):
         for mine, name in zip(ours.values(), node.input[1:]):
             np.testing.assert_array_equal(mine.reshape(-1), inits[name].reshape(-1), err_msg=f"{lin.name} {name}")
         assert sum(a.nbytes for a in ours.values()) == storage_bytes(*lin.shape, bits, group)
+
+
+def test_gptq_quantizer_simulates_the_weights_quantize_weights_writes(tmp_path):
+    """quantizer=gptq: the probe's weight is the one quantize-weights{method=gptq,symmetric=false} computes."""
+    from lowbit.sensitivity import simulated_weight
+
+    fs = feeds(n=3, t=10)
+    model = calibrated(tiny_model(), fs)
+    lin = find_linears(model.graph)[4]
+    w = lin.weight.const_value.numpy()
+    gptq_w = simulated_weight(lin, 3, 32, "gptq")
+    assert not np.array_equal(gptq_w, fake_quant(w, 3, 32))  # GPTQ, not RTN
+    got = measured_sensitivity(model, [(lin, 3, 32)], fs, cache_dir=tmp_path, quantizer="gptq", progress=False)
+    rtn = measured_sensitivity(model, [(lin, 3, 32)], fs, cache_dir=tmp_path, progress=False)
+    want = _nll_with(model, lin.weight.name, gptq_w, fs) - _nll_with(model, lin.weight.name, w, fs)
+    assert got[(lin.name, 3, 32)] == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert got[(lin.name, 3, 32)] != rtn[(lin.name, 3, 32)]  # cached apart
+    # the pass's own GPTQ computes the same weight (its DequantizeLinear is the materialised Ŵ)
+    ctx = CompileContext(calibration=fs, show_progress=False)
+    lin.node.metadata_props.update({"lowbit.bits": "3", "lowbit.group": "32"})
+    PassManager.from_pipeline("quantize-weights{method=gptq,symmetric=false,exclude=-none-}", ctx).run(model)
+    from lowbit.lowbit_ops_float import matmul3bit_reference
+
+    (node,) = [n for n in model.graph if n.op_type == "MatMul3Bit"]  # the only 3-bit layer
+    packed, scales, zps = (v.const_value.numpy() for v in node.inputs[1:])
+    written = matmul3bit_reference(np.eye(w.shape[0], dtype=np.float32), packed, scales, zps,
+                                   node.attributes["block_size"].as_int())
+    np.testing.assert_allclose(written, gptq_w, rtol=0, atol=1e-6)
