@@ -234,6 +234,7 @@ def main(argv=None) -> int:
                     continue
                 ilp.append((f"ILP =size({ref}) {est} refined", f"ilp-bytes-{est}-refined",
                             f"budget=bytes,target={size},estimator={est}{r}"))
+    ilp_options = {label: options for label, _, options in ilp}
     if args.only:
         ilp = [row for row in ilp if any(p in row[0] for p in args.only.split(","))]
     shard, shards = (int(x) for x in args.shard.split("/"))
@@ -270,7 +271,8 @@ def main(argv=None) -> int:
 
     plot = pareto_plot(rows, RESULTS / "mixed_precision", title=f"stories260K, stories {a}:{b}")
     if args.gptq:
-        gptq = gptq_table(args.gptq.split(","), rows, linears, fixed, d, feeds, stream, memo, save_memo, f"{a}:{b}")
+        gptq = gptq_table(args.gptq.split(","), rows, linears, fixed, d, feeds, stream, memo, save_memo, f"{a}:{b}",
+                          model, ctx, ilp_options)
         (RESULTS / "mixed_precision.md").write_text(table + "\n\n" + gptq + "\n")
         print(gptq)
     print(f"plot: {plot}\nseconds: {time.time() - t0:.0f}")
@@ -283,14 +285,33 @@ GPTQ_ROWS = ("uniform 3b gch,uniform 3b g64,uniform 3b g32,uniform 4b g64,unifor
              "ILP =size(4b g64) measured-kl refined")
 
 
-def gptq_table(labels, rows, linears, fixed, d, feeds, stream, memo, save_memo, span) -> str:
-    """The same plans materialised by GPTQ (asymmetric) and run on ORT's kernels (3-bit via the fast path)."""
+def gptq_table(labels, rows, linears, fixed, d, feeds, stream, memo, save_memo, span, model, ctx, ilp_options) -> str:
+    """The same plans materialised by GPTQ (asymmetric) and run on ORT's kernels (3-bit via the fast path);
+    ILP rows also re-solved with ``quantizer=gptq`` (sensitivity measured on GPTQ weights, refine dropped)."""
     import hashlib
 
     from lowbit.runtime.fastpath import fast_session
 
+    def materialise(plan):
+        digest = hashlib.sha256(json.dumps([(lp.name, lp.bits, lp.group) for lp in plan.layers]).encode()).hexdigest()
+        key = f"{span}|gptq|{digest[:16]}"
+        if key not in memo:
+            path = RESULTS / "gptq-plan.json"
+            plan.save(path)
+            c = CompileContext(calibration=feeds, show_progress=False)
+            m = PassManager.from_pipeline(
+                f"calibrate{{hessian=true}},assign-bits{{plan={path}}},quantize-weights{{method=gptq,symmetric=false}},"
+                "lower-nbits", c).run(load_model(d / "stories260K" / "stories260K.bin"))
+            size = sum(v.const_value.nbytes for v in m.graph.initializers.values())
+            memo[key] = (perplexity(fast_session(m), stream, batch=1).nll, size)
+            save_memo()
+        nll, size = memo[key]
+        assert size == plan.total_bytes, (size, plan.total_bytes)  # the written model holds the planned bytes
+        return nll, size
+
     by_name = {r["name"]: r for r in rows}
-    out = ["| plan, GPTQ-materialised | written bytes | ppl (GPTQ) | ppl (RTN) |", "|---|---:|---:|---:|"]
+    out = ["| plan, GPTQ-materialised | written bytes | ppl (GPTQ) | ppl (RTN) | GPTQ-aware ILP: bytes, ppl |",
+           "|---|---:|---:|---:|---|"]
     for label in labels:
         if label not in by_name:
             print(f"gptq: no row '{label}'", flush=True)
@@ -301,21 +322,15 @@ def gptq_table(labels, rows, linears, fixed, d, feeds, stream, memo, save_memo, 
         else:
             plan = Plan.load(RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
                                         + ".json"))
-        digest = hashlib.sha256(json.dumps([(lp.name, lp.bits, lp.group) for lp in plan.layers]).encode()).hexdigest()
-        key = f"{span}|gptq|{digest[:16]}"
-        if key not in memo:
-            path = RESULTS / "gptq-plan.json"
-            plan.save(path)
-            ctx = CompileContext(calibration=feeds, show_progress=False)
-            model = PassManager.from_pipeline(
-                f"calibrate{{hessian=true}},assign-bits{{plan={path}}},quantize-weights{{method=gptq,symmetric=false}},"
-                "lower-nbits", ctx).run(load_model(d / "stories260K" / "stories260K.bin"))
-            size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-            memo[key] = (perplexity(fast_session(model), stream, batch=1).nll, size)
-            save_memo()
-        nll, size = memo[key]
-        assert size == plan.total_bytes, (label, size, plan.total_bytes)  # the written model holds the planned bytes
-        out.append(f"| {label} | {size:,} | {np.exp(nll):.3f} | {by_name[label]['ppl']:.3f} |")
+        nll, size = materialise(plan)
+        aware = "-"
+        if label in ilp_options:
+            options = ",".join(o for o in ilp_options[label].split(",") if not o.startswith("refine="))
+            ctx.report.clear()
+            PassManager.from_pipeline(f"assign-bits{{{options},quantizer=gptq}}", ctx).run(model)
+            anll, asize = materialise(Plan.from_dict(ctx.report["assign-bits"]["plan"]))
+            aware = f"{asize:,}, {np.exp(anll):.3f}"
+        out.append(f"| {label} | {size:,} | {np.exp(nll):.3f} | {by_name[label]['ppl']:.3f} | {aware} |")
         print(out[-1], flush=True)
     return "\n".join(out)
 
