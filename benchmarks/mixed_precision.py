@@ -2,7 +2,7 @@
 
 Calibrates on CALIB_STORIES, evaluates perplexity on the held-out EVAL_STORIES.  Weight-only
 quantization is simulated exactly: every linear's weight is replaced by its dequantized value
-(``lowbit.bitplan.apply_fake_quant``) in a copy of the float model, which is what a weight-only
+(``lowbit.bitplan.fake_quant_proto``) in a copy of the float model, which is what a weight-only
 quantized model computes (up to float rounding order).  Sizes are the model's initializer bytes
 with the linears in the packed storage format (checked against real packed buffers for every plan).
 ORT's own RTN (``MatMulNBitsQuantizer``) runs on the real MatMulNBits kernels; its size is the
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.analysis import find_linears
-from lowbit.bitplan import LayerPlan, Plan, apply_fake_quant, plan_bytes
+from lowbit.bitplan import LayerPlan, Plan, fake_quant_proto, plan_bytes
 from lowbit.errors import LowbitError
 from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
 from lowbit.frontends import load_model
@@ -55,18 +55,13 @@ def uniform_plan(linears, bits: int, group: int, fixed: int) -> Plan:
     return Plan(layers, budget="uniform", target=bits, estimator="-", fixed_bytes=fixed)
 
 
-def evaluate_plan(model, linears, plan: Plan | None, stream) -> float:
-    import onnx
-
-    proto = to_proto(model)
-    if plan is not None:
-        weights = {lin.name: lin.weight.const_value.numpy() for lin in linears}
-        deq = apply_fake_quant(weights, plan)
-        names = {lin.weight.name: lin.name for lin in linears}
-        for i, t in enumerate(proto.graph.initializer):
-            if t.name in names:
-                proto.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(deq[names[t.name]], t.name))
+def evaluate_plan(model, plan: Plan | None, stream) -> float:
+    proto = to_proto(model) if plan is None else fake_quant_proto(model, plan)
     return perplexity(make_session(proto, threads=1), stream, batch=1).nll
+
+
+def plan_path(label: str) -> Path:
+    return RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".json")
 
 
 def ort_rtn(model, bits: int, block: int, stream) -> tuple[float, int]:
@@ -158,12 +153,12 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(memo))
         tmp.replace(memo_path)
 
-    def evaluate(model, linears, plan, stream):  # re-evaluating an identical plan reuses the result
+    def evaluate(model, plan, stream):  # re-evaluating an identical plan reuses the result
         key = f"{a}:{b}|" + ("float" if plan is None else json.dumps(
             [(lp.name, lp.bits, lp.group, lp.split and (lp.split["bits"], lp.split["group"], lp.split["columns"]))
              for lp in plan.layers]))
         if key not in memo:
-            memo[key] = evaluate_plan(model, linears, plan, stream)
+            memo[key] = evaluate_plan(model, plan, stream)
             save_memo()
         return memo[key]
 
@@ -178,12 +173,12 @@ def main(argv=None) -> int:
         print(f"{name:<34} {size:>9,d} B  {avg:6.3f} b/w  W{nominal:.3f}  ppl {np.exp(nll):8.4f}", flush=True)
 
     t0 = time.time()
-    add("float32", "float", None, evaluate(model, linears, None, stream),
+    add("float32", "float", None, evaluate(model, None, stream),
         fixed + sum(w.nbytes for w in weights.values()))
     for bits, groups in ((2, (32, 128)), (3, (32, 64, 128, 0)), (4, (32, 64, 128, 0)), (8, (0,))):
         for group in groups:
             plan = uniform_plan(linears, bits, group, fixed)
-            add(f"uniform {bits}b g{group or 'ch'}", "uniform", plan, evaluate(model, linears, plan, stream))
+            add(f"uniform {bits}b g{group or 'ch'}", "uniform", plan, evaluate(model, plan, stream))
     if not args.no_ort:
         for bits, block in ((4, 32), (4, 128)):
             try:
@@ -239,7 +234,7 @@ def main(argv=None) -> int:
         ilp = [row for row in ilp if any(p in row[0] for p in args.only.split(","))]
     shard, shards = (int(x) for x in args.shard.split("/"))
     for label, kind, options in ilp[shard::shards]:
-        path = RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".json")
+        path = plan_path(label)
         ctx.report.clear()
         try:
             PassManager.from_pipeline(f"assign-bits{{{options},save={path}}}", ctx).run(model)
@@ -247,7 +242,7 @@ def main(argv=None) -> int:
             print(f"{label}: infeasible ({exc.message})", flush=True)
             continue
         plan = Plan.from_dict(ctx.report["assign-bits"]["plan"])
-        add(label, kind, plan, evaluate(model, linears, plan, stream))
+        add(label, kind, plan, evaluate(model, plan, stream))
         if "refine" in plan.extra:
             ref = plan.extra["refine"]
             rows[-1]["refine"] = {"start": ref["start"], "start_loss": ref["steps"][0]["starts"][ref["start"]],
@@ -320,8 +315,7 @@ def gptq_table(labels, rows, linears, fixed, d, feeds, stream, memo, save_memo, 
             bits, group = label.split()[1:]
             plan = uniform_plan(linears, int(bits[:-1]), 0 if group == "gch" else int(group[1:]), fixed)
         else:
-            plan = Plan.load(RESULTS / ("plan-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
-                                        + ".json"))
+            plan = Plan.load(plan_path(label))
         nll, size = materialise(plan)
         aware = "-"
         if label in ilp_options:

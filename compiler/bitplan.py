@@ -32,7 +32,8 @@ import numpy as np
 from .errors import LowbitError
 from .rtn import FLOAT_BITS, fake_quant, storage_bytes
 
-__all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "nominal_width", "apply_fake_quant", "plan_bytes", "split_bytes",
+__all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "nominal_width", "apply_fake_quant", "fake_quant_proto", "plan_bytes",
+           "split_bytes",
            "PLAN_VERSION", "ORDER_BYTES"]
 
 PLAN_VERSION = 1
@@ -245,6 +246,24 @@ def apply_fake_quant(weights: dict[str, np.ndarray], plan: Plan) -> dict[str, np
             wq[:, cols] = fake_quant(w[:, cols], lp.split["bits"], lp.split["group"])
         out[lp.name] = wq
     return out
+
+
+def fake_quant_proto(model, plan: Plan):
+    """A ModelProto of ``model`` with every planned linear's weight replaced by its dequantized value:
+    what the weight-only quantized model computes, up to float rounding order."""
+    from onnx import numpy_helper
+
+    from .analysis import find_linears
+    from .runtime.session import to_proto
+
+    lins = find_linears(model.graph)
+    deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
+    names = {lin.weight.name: lin.name for lin in lins}
+    proto = to_proto(model)
+    for t in proto.graph.initializer:
+        if t.name in names:
+            t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
+    return proto
 
 
 def plan_bytes(plan: Plan, weights: dict[str, np.ndarray]) -> int:

@@ -112,26 +112,12 @@ def refine(probe, linears, options: dict[str, list[Option]], starts: dict[str, d
     current, loss = dict(starts[start]), scored[start]
     result = Refinement(current, loss, start, [{"starts": dict(scored)}])
     for r in range(rounds):
-        tag = f"{metric}{quantizer_tag(quantizer)}@{_digest(current)}"
         ceiling = loss - probe.base[metric] if same_metric else np.inf
         kept = {n: [o for o in prune_dominated(options[n], resource, keep=current[n])
                     if o.cost <= ceiling or (o.bits, o.group) == current[n]] for n in names}
         jobs = [(n, o) for n in names for o in kept[n] if (o.bits, o.group) != current[n]]
-        delta = {}
-        base = {joint.wname[n]: joint.fq(n, c) for n, c in current.items() if c[0] < FLOAT_BITS}
-        for n, o in tqdm(jobs, desc=f"refine round {r + 1}", unit="probe", disable=not progress):
-            hit = cache.get(n, o.bits, o.group, tag) if cache is not None else None
-            if hit is None:
-                over = dict(base)
-                if o.bits < FLOAT_BITS:
-                    over[joint.wname[n]] = joint.fq(n, (o.bits, o.group))
-                else:
-                    over.pop(joint.wname[n], None)
-                hit = probe.losses(over)[metric] - loss
-                joint.probes += 1
-                if cache is not None:
-                    cache.put(hit, n, o.bits, o.group, tag)
-            delta[(n, o.bits, o.group)] = hit
+        delta = {(n, o.bits, o.group): joint.loss({**current, n: (o.bits, o.group)}) - loss
+                 for n, o in tqdm(jobs, desc=f"refine round {r + 1}", unit="probe", disable=not progress)}
         if cache is not None:
             cache.save()
         units, base_idx = [], []

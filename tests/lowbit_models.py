@@ -62,20 +62,3 @@ def calibrated_small_llama(cfg: LlamaConfig = SMALL_LLAMA, samples: int = 4):
     model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(build_llama(cfg, random_llama_weights(cfg)))
     return model, ctx
 
-
-def fake_quant_proto(model, plan):
-    """The float model with every planned linear's weight replaced by its dequantized value."""
-    from onnx import numpy_helper
-
-    from lowbit.analysis import find_linears
-    from lowbit.bitplan import apply_fake_quant
-    from lowbit.runtime.session import to_proto
-
-    lins = find_linears(model.graph)
-    deq = apply_fake_quant({lin.name: lin.weight.const_value.numpy() for lin in lins}, plan)
-    proto = to_proto(model)
-    names = {lin.weight.name: lin.name for lin in lins}
-    for t in proto.graph.initializer:
-        if t.name in names:
-            t.CopyFrom(numpy_helper.from_array(deq[names[t.name]], t.name))
-    return proto

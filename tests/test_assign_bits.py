@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from lowbit.analysis import find_linears
-from lowbit.bitplan import Option, Plan, Unit, plan_bytes, solve
+from lowbit.bitplan import Option, Plan, Unit, fake_quant_proto, plan_bytes, solve
 from lowbit.errors import LowbitError, PassFailure, PipelineError
 from lowbit.latency import LatencyTable
 from lowbit.passmanager import CompileContext, PassManager
 from lowbit.rtn import storage_bytes
-from lowbit_models import SMALL_LLAMA, calibrated_small_llama, fake_quant_proto
+from lowbit_models import SMALL_LLAMA, calibrated_small_llama
 
 CFG = SMALL_LLAMA
 _calibrated = calibrated_small_llama
