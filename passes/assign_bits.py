@@ -41,7 +41,7 @@ import numpy as np
 from lowbit.ir.analysis import find_linears
 from lowbit.mixed.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve, split_bytes
 from lowbit.mixed.latency import LatencyTable
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import BITS_ASSIGNED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.quant.rtn import FLOAT_BITS, storage_bytes
 from lowbit.mixed.sensitivity import cheap_per_column, hessian_diag, measured_sensitivity, model_fingerprint
 
@@ -106,6 +106,12 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: quantizer must be rtn or gptq, got '{self.quantizer}'")
             if self.refine and self.split:
                 raise ValueError("assign-bits: refine works on whole layers; use split=0 with refine")
+
+    ensures_properties = (BITS_ASSIGNED,)
+
+    @property
+    def requires_properties(self):
+        return () if self.options.plan else (HESSIAN,)  # sensitivity reads XᵀX; a replayed plan does not
 
     def call(self, model):
         linears = find_linears(model.graph)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["Canonicalize"]
@@ -34,6 +34,7 @@ class Canonicalize(Pass):
         norms: bool = True
 
     float_equivalent = True
+    invalidates_properties = (CALIBRATED, HESSIAN)  # fused norms / new MatMuls read new values
 
     def _gemm_to_matmul(self, graph: ir.Graph) -> None:
         for node in list(graph):
