@@ -34,6 +34,10 @@ class Calibrate(Pass):
             if self.samples < 0 or self.rows < 0:
                 raise ValueError(f"calibrate: samples and rows must be >= 0, got {self.samples}, {self.rows}")
 
+    @classmethod
+    def may_ensure(cls):
+        return (CALIBRATED, HESSIAN)
+
     @property
     def ensures_properties(self):
         return (CALIBRATED, HESSIAN) if self.options.hessian else (CALIBRATED,)

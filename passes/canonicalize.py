@@ -72,7 +72,7 @@ class Canonicalize(Pass):
 
         before = sum(1 for n in model.graph if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"))
         try:
-            ShapeInferencePass()(model)
+            self._typed = ShapeInferencePass()(model).modified  # value types/shapes added: the IR changed
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
             del exc
@@ -88,4 +88,5 @@ class Canonicalize(Pass):
         if self.options.norms:
             self._fuse_norms(model)
         graph.meta.pop("lowbit.names", None)
-        return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]))
+        return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]
+                                                or getattr(self, "_typed", False)))

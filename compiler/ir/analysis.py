@@ -39,6 +39,11 @@ class GroupKind(str, enum.Enum):
 
     __hash__ = str.__hash__
 
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
 
 class Via(str, enum.Enum):
     """How a ``LINEAR`` group's activation comes from the previous linear (its value is the report text)."""
@@ -47,6 +52,11 @@ class Via(str, enum.Enum):
     ATTENTION_VO = "attention V→O"  # O's input channels map to V's output channels (GQA)
 
     __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:

@@ -22,7 +22,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from lowbit.errors import LowbitError, PassFailure, PipelineError
 from lowbit.passmanager.pipeline import Pipeline, PipelineItem, build_options, parse_pipeline
-from lowbit.passmanager.properties import Prop
+from lowbit.passmanager.properties import HOW, Prop
 
 __all__ = [
     "Pass",
@@ -222,7 +222,8 @@ class PassManager:
                 providers = [n for n, c in _REGISTRY.items() if set(missing) & {str(x) for x in c.may_ensure()}]
                 raise PipelineError(
                     f"pass '{p.name}' requires {missing} but no earlier pass in '{self.pipeline}' ensures it",
-                    hint=f"put {' or '.join(repr(x) for x in providers) or 'a pass that ensures it'} before '{p.name}'",
+                    hint=f"put {' or '.join(repr(x) for x in providers) or 'a pass that ensures it'} before '{p.name}'"
+                         + "".join(f" ({HOW[Prop(m)]})" for m in missing if Prop(m) in HOW),
                 )
             props -= set(p.invalidates_properties)
             props |= set(p.ensures_properties)

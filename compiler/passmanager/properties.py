@@ -17,7 +17,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-__all__ = ["Prop", "CHECKS", "check_property"]
+__all__ = ["Prop", "CHECKS", "HOW", "check_property"]
 
 
 class Prop(str, enum.Enum):
@@ -30,7 +30,12 @@ class Prop(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    __format__ = str.__format__
     __hash__ = str.__hash__  # Prop.CALIBRATED and "calibrated" are one member of a set
+
+
+# How to get a property when the pass that ensures it needs an option (for the manager's hints).
+HOW: dict[Prop, str] = {Prop.HESSIAN: "calibrate{hessian=true}"}
 
 
 def _float_linears(model: ir.Model):
