@@ -89,6 +89,19 @@ class DeclaresDropping(DropsStatistics):
     invalidates_properties = (CALIBRATED,)
 
 
+class MakesInvalid(Pass):
+    """Feeds the MatMul from a value no node produces: the ONNX checker refuses the result."""
+
+    name = "toy-makes-invalid"
+
+    def call(self, model):
+        import onnx_ir as ir
+
+        lin = find_linears(model.graph)[0]
+        lin.node.replace_input_with(0, ir.Value(name="dangling"))
+        return PassResult(model, modified=True)
+
+
 def _calibrated():
     model = parse(MODEL)
     model, _ = run(model, "calibrate", _ctx())
@@ -100,7 +113,8 @@ def _calibrated():
     (SaysModified, "reported modified=True but the serialized model is unchanged"),
     (ClaimsQuantized, "declares it ensures 'quantized' but no linear layer reads quantized weights"),
     (BreaksFloat, "claims float equivalence but outputs changed"),
-], ids=["false-unmodified", "false-modified", "missing-ensures", "float-broken"])
+    (MakesInvalid, "produced an invalid model"),
+], ids=["false-unmodified", "false-modified", "missing-ensures", "float-broken", "invalid"])
 @pytest.mark.parametrize("how", ["manager", "direct"])
 def test_a_lying_pass_is_caught(toy, message, how):
     ctx = _ctx()
