@@ -54,9 +54,11 @@ COVER: dict[str, list[str]] = {
     "passes/canonicalize.py": ["test_canonicalize.py", "test_before_expected.py"],
     "passes/integer_lut.py": ["test_before_expected.py", "test_integer_check.py"],
     "passes/quantize_embeddings.py": ["test_quantize_embeddings.py", "test_before_expected.py"],
-    "compiler/quant/gptq.py": ["test_gptq_reference.py", "test_quantize_weights.py"],
-    "compiler/quant/rtn.py": ["test_gptq_reference.py", "test_split_columns.py", "test_quantize_weights.py"],
-    "compiler/quant/int8.py": ["test_quantize.py", "test_migrate_steps_reference.py", "test_dyadic_lsb.py"],
+    "compiler/quant/gptq.py": ["test_gptq_reference.py", "test_before_expected.py", "test_quantize_weights.py"],
+    "compiler/quant/rtn.py": ["test_gptq_reference.py", "test_split_columns.py", "test_before_expected.py",
+                              "test_quantize_weights.py"],
+    "compiler/quant/int8.py": ["test_before_expected.py", "test_migrate_steps_reference.py", "test_dyadic_lsb.py",
+                               "test_quantize.py"],
     "compiler/quant/stats.py": ["test_calibration.py", "test_smooth_reference.py", "test_migrate_steps_reference.py"],
 }
 
@@ -202,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
     ap.add_argument("--modules", nargs="*", default=sorted(COVER))
     ap.add_argument("--list", action="store_true", help="only count mutation points per module")
+    ap.add_argument("--only", nargs="*", default=[], help="run these mutants only, as MODULE#INDEX (e.g. survivors)")
     args = ap.parse_args(argv)
     pool = [m for mod in args.modules for m in enumerate_mutants(mod)]
     if args.list:
@@ -210,6 +213,10 @@ def main(argv=None) -> int:
         return 0
     picked = sorted(random.Random(args.seed).sample(pool, min(args.sample, len(pool))),
                     key=lambda m: (m.module, m.index))
+    if args.only:
+        wanted = {tuple(x.rsplit("#", 1)) for x in args.only}
+        picked = [m for m in pool if (m.module, str(m.index)) in wanted]
+        args.modules = sorted({m.module for m in picked})
     results: dict[str, list[tuple[Mutant, str]]] = {}
     with tempfile.TemporaryDirectory(prefix="lowbit-mutation-") as tmp:
         where = stage(Path(tmp))
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
             finally:
                 path.write_text(original)
             results.setdefault(m.module, []).append((m, outcome))
-            print(f"{outcome:16s} {m.module}:{m.line} #{m.index} {m.kind} ({time.perf_counter() - start:.0f}s)",
+            print(f"{outcome:16s} {m.module}#{m.index} line {m.line} {m.kind} ({time.perf_counter() - start:.0f}s)",
                   flush=True)
     total_k = total = 0
     print("\nmodule                              killed / run")
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
     for mod, rows in sorted(results.items()):
         for m, o in rows:
             if o == "survived":
-                print(f"  {m.module}:{m.line} #{m.index} {m.kind}")
+                print(f"  {m.module}#{m.index} (line {m.line}, {m.kind})")
     return 0
 
 

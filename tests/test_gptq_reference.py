@@ -115,3 +115,57 @@ def test_rtn_reference_matches_quantize_weights_rtn(case):
     model, _ = run(_model(w.astype(np.float32)), f"quantize-weights{{bits={BITS},group={GROUP},symmetric=false}}")
     w_hat = ort_outputs(model, {"x": np.eye(K, dtype=np.float32)})[0]
     np.testing.assert_allclose(w_hat, rtn(w), rtol=1e-5, atol=1e-6)
+
+
+def textbook_gptq_act_order(w: np.ndarray, h: np.ndarray, damp=0.01) -> np.ndarray:
+    """act_order: channels by decreasing H diagonal; groups keep the parameters of the unmodified W."""
+    perm = np.argsort(-np.diag(h), kind="stable")
+    params = [_minmax(w[g0:g0 + GROUP].T.astype(np.float64)) for g0 in range(0, K, GROUP)]
+    W = w.T.astype(np.float64)[:, perm].copy()
+    H = h[np.ix_(perm, perm)].astype(np.float64).copy()
+    H[np.diag_indices(K)] += damp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    Q = np.zeros_like(W)
+    for i in range(K):
+        scale, zero = params[perm[i] // GROUP]
+        Q[:, i] = _q(W[:, i], scale, zero)
+        W[:, i + 1:] -= np.outer((W[:, i] - Q[:, i]) / U[i, i], U[i, i + 1:])
+    out = np.zeros_like(Q)
+    out[:, perm] = Q
+    return out.T
+
+
+def test_act_order_matches_the_textbook(case):
+    w, h, _ = case
+    feeds = _feeds()
+    model, _ = run(_model(w.astype(np.float32)), f"calibrate{{hessian=true}},quantize-weights{{bits={BITS},"
+                                                 f"group={GROUP},method=gptq,symmetric=false,act_order=true}}",
+                   CompileContext(calibration=feeds, show_progress=False))
+    w_hat = ort_outputs(model, {"x": np.eye(K, dtype=np.float32)})[0].astype(np.float64)
+    ref = textbook_gptq_act_order(w, h)
+    assert np.isclose(w_hat, ref, rtol=1e-5, atol=1e-6).mean() > 0.99
+    assert output_error(w, w_hat, h) < 0.75 * output_error(w, rtn(w), h)
+
+
+def test_clip_search_picks_the_least_squares_range(case):
+    """RTN with clip_search: per (group, column) the range factor in {1, 0.95, …, 0.5} of least squared error."""
+    w, _, _ = case
+    model, _ = run(_model(w.astype(np.float32)),
+                   f"quantize-weights{{bits={BITS},group={GROUP},symmetric=false,clip_search=true}}")
+    w_hat = ort_outputs(model, {"x": np.eye(K, dtype=np.float32)})[0].astype(np.float64)
+    ref = np.zeros_like(w)
+    for g0 in range(0, K, GROUP):
+        blk = w[g0:g0 + GROUP].T  # [N, g]
+        best, best_err = None, np.full(N, np.inf)
+        for f in np.linspace(1.0, 0.5, 11):
+            lo, hi = np.minimum(blk.min(1), 0) * f, np.maximum(blk.max(1), 0) * f
+            scale = (hi - lo) / QMAX
+            zero = np.clip(np.round(-lo / scale), 0, QMAX)
+            q = _q(blk, scale[:, None], zero[:, None])
+            err = ((q - blk) ** 2).sum(1)
+            take = err < best_err
+            best = q if best is None else np.where(take[:, None], q, best)
+            best_err = np.where(take, err, best_err)
+        ref[g0:g0 + GROUP] = best.T
+    assert np.isclose(w_hat, ref, rtol=1e-5, atol=1e-6).mean() > 0.99
+    assert ((w_hat - w) ** 2).sum() < ((rtn(w) - w) ** 2).sum()
