@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import copy
 import os
+import queue
 import random
 import shutil
 import subprocess
@@ -57,8 +59,8 @@ COVER: dict[str, list[str]] = {
     "compiler/quant/gptq.py": ["test_gptq_reference.py", "test_before_expected.py", "test_quantize_weights.py"],
     "compiler/quant/rtn.py": ["test_gptq_reference.py", "test_split_columns.py", "test_before_expected.py",
                               "test_quantize_weights.py", "test_sensitivity.py"],
-    "compiler/quant/int8.py": ["test_integer_lut.py", "test_before_expected.py", "test_migrate_steps_reference.py", "test_dyadic_lsb.py",
-                               "test_quantize.py"],
+    "compiler/quant/int8.py": ["test_integer_lut.py", "test_before_expected.py", "test_migrate_steps_reference.py",
+                               "test_dyadic_lsb.py", "test_quantize.py"],
     "compiler/quant/stats.py": ["test_calibration.py", "test_smooth_reference.py", "test_migrate_steps_reference.py"],
 }
 
@@ -203,6 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per mutant")
     ap.add_argument("--modules", nargs="*", default=sorted(COVER))
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (one staged copy each)")
     ap.add_argument("--list", action="store_true", help="only count mutation points per module")
     ap.add_argument("--only", nargs="*", default=[], help="run these mutants only, as MODULE#INDEX (e.g. survivors)")
     args = ap.parse_args(argv)
@@ -219,23 +222,33 @@ def main(argv=None) -> int:
         args.modules = sorted({m.module for m in picked})
     results: dict[str, list[tuple[Mutant, str]]] = {}
     with tempfile.TemporaryDirectory(prefix="lowbit-mutation-") as tmp:
-        where = stage(Path(tmp))
-        baseline = run_tests(Path(tmp), sorted({t for mod in args.modules for t in COVER[mod]}), 3 * args.timeout)
+        stages = queue.Queue()
+        for j in range(args.jobs):
+            stages.put((Path(tmp) / str(j), stage(Path(tmp) / str(j))))
+        first = Path(tmp) / "0"
+        baseline = run_tests(first, sorted({t for mod in args.modules for t in COVER[mod]}), 3 * args.timeout)
         if baseline != "survived":
             print(f"baseline: the covering tests fail on the unmutated staged package ({baseline})")
             return 2
-        for m in picked:
+
+        def one(m: Mutant) -> tuple[Mutant, str]:
+            folder, where = stages.get()
             path = where[m.module]
             original = path.read_text()
             start = time.perf_counter()
             try:
                 path.write_text(mutated_source(m))
-                outcome = run_tests(Path(tmp), COVER[m.module], args.timeout)
+                outcome = run_tests(folder, COVER[m.module], args.timeout)
             finally:
                 path.write_text(original)
-            results.setdefault(m.module, []).append((m, outcome))
+                stages.put((folder, where))
             print(f"{outcome:16s} {m.module}#{m.index} line {m.line} {m.kind} ({time.perf_counter() - start:.0f}s)",
                   flush=True)
+            return m, outcome
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool_exec:
+            for m, outcome in pool_exec.map(one, picked):
+                results.setdefault(m.module, []).append((m, outcome))
     total_k = total = 0
     print("\nmodule                              killed / run")
     for mod, rows in sorted(results.items()):
