@@ -126,7 +126,7 @@ class Pass(InPlacePass):
     ensures_properties: tuple[str, ...] = ()
     invalidates_properties: tuple[str, ...] = ()
     float_equivalent: ClassVar[bool] = False
-    _managed: bool = False  # set while a PassManager runs this pass (it calls the instruments itself)
+    _managed: bool = False  # set when a PassManager owns this pass (it calls the instruments itself)
 
     def __init__(self, options=None, ctx: CompileContext | None = None, given=()):
         self.options = options if options is not None else self.Options()
@@ -201,6 +201,8 @@ class PassManager:
         self.passes = list(passes)
         self.ctx = ctx
         self.instruments = _with_defaults(instruments)
+        for p in self.passes:
+            p._managed = True  # this manager calls the instruments around them
 
     @classmethod
     def from_pipeline(cls, pipeline: str | Pipeline, ctx: CompileContext, instruments=()) -> "PassManager":
@@ -235,7 +237,6 @@ class PassManager:
                 inst.before_pass(p, model)
             start = time.perf_counter()
             try:
-                p._managed = True
                 result = p(model)
             except BaseException as exc:
                 for inst in self.instruments:
@@ -246,8 +247,6 @@ class PassManager:
                     raise
                 raise PassFailure(p.name, f"internal error {type(exc).__name__}: {exc}",
                                   hint="this is a lowbit bug; re-run with --reproducer DIR and report it") from exc
-            finally:
-                p._managed = False
             _forget_removed_io(result.model.graph)
             seconds = time.perf_counter() - start
             model = result.model
