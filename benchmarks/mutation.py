@@ -207,15 +207,17 @@ def main(argv=None) -> int:
     ap.add_argument("--modules", nargs="*", default=sorted(COVER))
     ap.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (one staged copy each)")
     ap.add_argument("--list", action="store_true", help="only count mutation points per module")
+    ap.add_argument("--summarize", metavar="LOG", help="print the tables of a (possibly interrupted) run's output")
     ap.add_argument("--only", nargs="*", default=[], help="run these mutants only, as MODULE#INDEX (e.g. survivors)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return _summarize(Path(args.summarize).read_text().splitlines())
     pool = [m for mod in args.modules for m in enumerate_mutants(mod)]
     if args.list:
         for mod in args.modules:
             print(f"{mod}: {sum(1 for m in pool if m.module == mod)} mutation points")
         return 0
-    picked = sorted(random.Random(args.seed).sample(pool, min(args.sample, len(pool))),
-                    key=lambda m: (m.module, m.index))
+    picked = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))  # random order: a cut run stays a sample
     if args.only:
         wanted = {tuple(x.rsplit("#", 1)) for x in args.only}
         picked = [m for m in pool if (m.module, str(m.index)) in wanted]
@@ -249,6 +251,25 @@ def main(argv=None) -> int:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool_exec:
             for m, outcome in pool_exec.map(one, picked):
                 results.setdefault(m.module, []).append((m, outcome))
+    return _report(results)
+
+
+def _summarize(lines: list[str]) -> int:
+    results: dict[str, list[tuple[Mutant, str]]] = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 5 or parts[0] not in ("killed", "survived", "no"):
+            continue
+        outcome = "killed" if parts[0] == "killed" else parts[0]
+        ref = next(p for p in parts if "#" in p)
+        module, index = ref.rsplit("#", 1)
+        kind = parts[parts.index("line") + 2]
+        results.setdefault(module, []).append((Mutant(module, int(index), int(parts[parts.index("line") + 1]), kind),
+                                               outcome))
+    return _report(results)
+
+
+def _report(results: dict[str, list[tuple[Mutant, str]]]) -> int:
     total_k = total = 0
     print("\nmodule                              killed / run")
     for mod, rows in sorted(results.items()):
