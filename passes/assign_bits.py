@@ -124,7 +124,9 @@ class AssignBits(Pass):
             plan = self._replay(linears, fixed)
         else:
             plan = self._solve(model, linears, fixed)
+        before = [dict(lin.node.metadata_props) for lin in linears]
         annotate(linears, plan)
+        changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
         if self.options.save:
             plan.save(self.options.save)
         self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
@@ -134,7 +136,7 @@ class AssignBits(Pass):
         self.stats["split_layers"] = sum(1 for lp in plan.layers if lp.split)
         for lp in plan.layers:
             self.stats[f"{lp.bits}-bit"] += 1
-        return PassResult(model, modified=True)
+        return PassResult(model, modified=changed)
 
     def _replay(self, linears, fixed: int) -> Plan:
         plan = Plan.load(self.options.plan)

@@ -217,3 +217,12 @@ def test_canonicalize_gemm_to_matmul_and_leaves_canonical_graphs():
 def test_passes_preserve_graph_io(pipeline):
     model, _ = run(parse(NORM_LINEAR), pipeline, _ctx())
     assert [v.name for v in model.graph.inputs] == ["x"] and [v.name for v in model.graph.outputs] == ["y"]
+
+
+def test_assign_bits_replaying_its_own_plan_changes_nothing(tmp_path):
+    plan = tmp_path / "plan.json"
+    pipeline = f"calibrate{{hessian=true}},assign-bits{{budget=nominal_bits,target=6,bits=4:8,groups=0,save={plan}}}"
+    model, _ = run(parse(NORM_LINEAR), pipeline, _ctx())
+    before = digest(model)
+    model, pm = run(model, f"assign-bits{{plan={plan}}}", _ctx())
+    assert digest(model) == before and pm.ctx.report["passes"][-1]["modified"] is False
