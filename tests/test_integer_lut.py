@@ -27,7 +27,8 @@ def _lit(a):
 def chain():
     rng = np.random.default_rng(5)
     gamma, beta = (0.5 + rng.random(C)).astype(np.float32), (0.2 * rng.standard_normal(C)).astype(np.float32)
-    w1, w2 = (rng.standard_normal((C, H)) * 0.4).astype(np.float32), (rng.standard_normal((H, N)) * 0.3).astype(np.float32)
+    w1 = (rng.standard_normal((C, H)) * 0.4).astype(np.float32)
+    w2 = (rng.standard_normal((H, N)) * 0.3).astype(np.float32)
     text = f"""
     g (float[b, t, {C}] x) => (float[b, t, {N}] y)
     <float[{C}] gamma = {{{_lit(gamma)}}}, float[{C}] beta = {{{_lit(beta)}}}, float[{C}, {H}] w1 = {{{_lit(w1)}}},
@@ -85,7 +86,8 @@ def test_outputs_stay_those_of_the_float_gelu_path(chain):
 def test_static_quantizer_of_an_all_zero_activation_has_a_finite_step():
     text = """
     g (float[b, 4] x) => (float[b, 3] y)
-    <float[4] zero = {0.0, 0.0, 0.0, 0.0}, float[4, 3] w = {1.0, -2.0, 0.5, 0.25, 1.0, -1.0, 3.0, 0.0, 2.0, -0.5, 1.5, 1.0}>
+    <float[4] zero = {0.0, 0.0, 0.0, 0.0},
+     float[4, 3] w = {1.0, -2.0, 0.5, 0.25, 1.0, -1.0, 3.0, 0.0, 2.0, -0.5, 1.5, 1.0}>
     { h = Mul (x, zero)
       y = MatMul (h, w) }"""
     feeds = [{"x": np.ones((2, 4), np.float32)}]

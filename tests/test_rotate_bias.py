@@ -76,7 +76,8 @@ def test_the_biases_matter():
 
 def test_rotated_biases_are_rotated_not_copied():
     model = qwen_like()
-    before = {lin.name: lin.bias.const_value.numpy().copy() for lin in find_linears(model.graph) if lin.bias is not None}
+    before = {lin.name: lin.bias.const_value.numpy().copy()
+              for lin in find_linears(model.graph) if lin.bias is not None}
     rotated = PassManager.from_pipeline("fold-norms,rotate", CompileContext(show_progress=False)).run(model)
     after = {lin.name: lin.bias.const_value.numpy() for lin in find_linears(rotated.graph) if lin.bias is not None}
     for name, b in before.items():

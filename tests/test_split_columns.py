@@ -53,7 +53,8 @@ def _linear_inputs(model: ir.Model, feeds) -> dict[str, np.ndarray]:
 def planned():
     model, ctx = calibrated_small_llama()
     hdiag = _linear_inputs(model, ctx.calibration)
-    PassManager.from_pipeline(f"assign-bits{{target=3.0,bits=2:4,groups={GROUP},split={SPLIT},budget=nominal_bits}}", ctx).run(model)
+    pipeline = f"assign-bits{{target=3.0,bits=2:4,groups={GROUP},split={SPLIT},budget=nominal_bits}}"
+    PassManager.from_pipeline(pipeline, ctx).run(model)
     return model, hdiag
 
 

@@ -17,7 +17,8 @@ from onnx_text import parse, run
 
 MODEL = """
 g (float[2, 4] x) => (float[2, 3] y)
-<float[4] gamma = {1.0, 2.0, 0.5, 1.5}, float[4, 3] w = {1.0, -2.0, 0.5, 0.25, 1.0, -1.0, 3.0, 0.0, 2.0, -0.5, 1.5, 1.0}>
+<float[4] gamma = {1.0, 2.0, 0.5, 1.5},
+ float[4, 3] w = {1.0, -2.0, 0.5, 0.25, 1.0, -1.0, 3.0, 0.0, 2.0, -0.5, 1.5, 1.0}>
 {
     h = RMSNormalization <axis = -1> (x, gamma)
     y = MatMul (h, w)
