@@ -93,3 +93,23 @@ def test_int32_output_is_within_one_accumulator_lsb(graphs):
             n for n in qdq.graph if n.op_type == "Add" and n.outputs[0].name == "y").inputs[1])
         np.testing.assert_allclose(acc * lsb, y_qdq, rtol=0, atol=float(lsb.max()) * 0.5 + 1e-5)
     del dy.graph.outputs[max(i_c, i_acc)], dy.graph.outputs[min(i_c, i_acc)]
+
+
+def test_an_accumulator_that_can_overflow_int32_is_refused():
+    """A bias of 1e6 on weights of 1e-3: round(bias / (σ·s_w)) alone exceeds 2^31 − 1."""
+    from lowbit.errors import PassFailure
+
+    w = np.full((C, N), 1e-3, np.float32)
+    text = f"""
+    g (float[b, t, {C}] x) => (float[b, t, {N}] y)
+    <float[{C}] gamma = {{{_lit(np.ones(C))}}}, float[{C}, {N}] w = {{{_lit(w)}}},
+     float[{N}] bias = {{{_lit(np.full(N, 1e6))}}}>
+    {{
+        h = RMSNormalization <axis = -1> (x, gamma)
+        m = MatMul (h, w)
+        y = Add (m, bias)
+    }}"""
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 8, C)).astype(np.float32)}]
+    ctx = CompileContext(calibration=feeds, show_progress=False)
+    with pytest.raises(PassFailure, match="int32 accumulator can overflow"):
+        PassManager.from_pipeline("calibrate,migrate-steps,dyadic", ctx).run(parse(text))
