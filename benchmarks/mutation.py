@@ -43,19 +43,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module → the test files that cover it (fast ones; the whole suite is too slow per mutant)
 COVER: dict[str, list[str]] = {
-    "passes/smooth.py": ["test_smooth_reference.py", "test_before_expected.py", "test_smooth.py"],
-    "passes/rotate.py": ["test_rotate_bias.py", "test_before_expected.py", "test_rotate.py"],
-    "passes/fold_norms.py": ["test_fold_norms.py", "test_before_expected.py", "test_rotate_bias.py"],
-    "passes/quantize_weights.py": ["test_gptq_reference.py", "test_before_expected.py", "test_quantize_weights.py"],
-    "passes/quantize.py": ["test_before_expected.py", "test_quantize.py"],
-    "passes/quantize_acts.py": ["test_before_expected.py", "test_quantize_acts.py"],
-    "passes/migrate_steps.py": ["test_migrate_steps_reference.py", "test_dyadic_lsb.py", "test_before_expected.py"],
-    "passes/dyadic.py": ["test_dyadic_lsb.py", "test_before_expected.py", "test_integer_check.py"],
-    "passes/assign_bits.py": ["test_split_columns.py", "test_assign_bits.py"],
+    "passes/smooth.py": ["test_verify.py", "test_smooth_reference.py", "test_before_expected.py", "test_smooth.py"],
+    "passes/rotate.py": ["test_verify.py", "test_rotate_bias.py", "test_before_expected.py", "test_rotate.py"],
+    "passes/fold_norms.py": ["test_verify.py", "test_fold_norms.py", "test_before_expected.py", "test_rotate_bias.py"],
+    "passes/quantize_weights.py": ["test_verify.py", "test_gptq_reference.py", "test_before_expected.py",
+                                   "test_quantize_weights.py"],
+    "passes/quantize.py": ["test_verify.py", "test_before_expected.py", "test_quantize.py"],
+    "passes/quantize_acts.py": ["test_verify.py", "test_before_expected.py", "test_quantize_acts.py"],
+    "passes/migrate_steps.py": ["test_verify.py", "test_migrate_steps_reference.py", "test_dyadic_lsb.py",
+                                "test_before_expected.py"],
+    "passes/dyadic.py": ["test_verify.py", "test_dyadic_lsb.py", "test_before_expected.py", "test_integer_check.py"],
+    "passes/assign_bits.py": ["test_verify.py", "test_split_columns.py", "test_assign_bits.py"],
     "passes/calibrate.py": ["test_calibration.py", "test_verify.py", "test_smooth_reference.py"],
-    "passes/canonicalize.py": ["test_canonicalize.py", "test_before_expected.py"],
-    "passes/integer_lut.py": ["test_integer_lut.py", "test_before_expected.py", "test_integer_check.py"],
-    "passes/quantize_embeddings.py": ["test_quantize_embeddings.py", "test_before_expected.py"],
+    "passes/canonicalize.py": ["test_verify.py", "test_canonicalize.py", "test_before_expected.py"],
+    "passes/integer_lut.py": ["test_verify.py", "test_integer_lut.py", "test_before_expected.py",
+                              "test_integer_check.py"],
+    "passes/quantize_embeddings.py": ["test_verify.py", "test_quantize_embeddings.py", "test_before_expected.py"],
     "compiler/quant/gptq.py": ["test_gptq_reference.py", "test_before_expected.py", "test_quantize_weights.py"],
     "compiler/quant/rtn.py": ["test_gptq_reference.py", "test_split_columns.py", "test_before_expected.py",
                               "test_quantize_weights.py", "test_sensitivity.py"],
@@ -117,7 +120,8 @@ def _points(tree: ast.Module) -> list[tuple[ast.AST, str]]:
             out.append((node, "andor"))
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
             out.append((node, "unary"))
-        elif isinstance(node, ast.Call) and len(node.args) >= 2 and not any(isinstance(a, ast.Starred) for a in node.args[:2]):
+        elif isinstance(node, ast.Call) and len(node.args) >= 2 and not any(
+                isinstance(a, ast.Starred) for a in node.args[:2]):
             out.append((node, "swap-args"))
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Expr)) and not (
                 isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
@@ -217,7 +221,8 @@ def main(argv=None) -> int:
         for mod in args.modules:
             print(f"{mod}: {sum(1 for m in pool if m.module == mod)} mutation points")
         return 0
-    picked = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))  # random order: a cut run stays a sample
+    # random order, so that a run cut short is still a sample of every module
+    picked = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))
     if args.only:
         wanted = {tuple(x.rsplit("#", 1)) for x in args.only}
         picked = [m for m in pool if (m.module, str(m.index)) in wanted]
