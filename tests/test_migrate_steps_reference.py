@@ -120,3 +120,24 @@ def test_linear_producers_migrated_equal_kept_on_a_biased_decoder():
         if migrate:
             assert pm.passes[1].stats["migrated_linear"] == 2 * CFG.n_layers  # V→O and up→down per layer
     assert rel_err(outs[True], outs[False]) <= 1e-5
+
+
+def test_ratio_search_picks_the_reference_minimum(case):
+    """ρ from {1, 2, …, 2^10} minimising the W8A8 output error on the calibration rows (numpy reference)."""
+    _, _, h, w = case
+    lo, hi = np.minimum(h.min(0), 0), np.maximum(h.max(0), 0)
+    a = (hi - lo) / 255
+    errors = {}
+    for r in [2 ** k for k in range(11)]:
+        s = np.exp2(np.ceil(np.log2(np.maximum(a, a.max() / r))))
+        z = np.clip(np.round(-lo / s), 0, 255)
+        xq = np.clip(np.round(h / s) + z, 0, 255) - z
+        ws = (w * s[:, None]).astype(np.float32)
+        sw = np.abs(ws).max(0) / np.float32(127)
+        wq = np.clip(np.round(ws / sw), -127, 127)
+        errors[r] = float(((h @ w - (xq @ wq) * sw) ** 2).sum())
+    best = min(errors.values())
+    _, ctx = _compile(case, "calibrate{rows=4096},migrate-steps")
+    chosen = ctx.report["migrate-steps"]["ratio"]["min"]
+    assert errors[chosen] <= best * 1.001, f"chose ρ={chosen}; reference errors {errors}"
+    assert max(errors.values()) > 1.05 * best, "the case must make the choice matter"
