@@ -61,6 +61,8 @@ class QuantizeWeights(Pass):
         act_order: bool = False
         damp: float = 0.01
         exclude: str = ""  # '|'-separated substrings of linear names that stay float
+        hqq: bool = False  # HQQ-style zero-point/scale refinement per group (asymmetric)
+        sequential: bool = False  # GPTQ: each stage's XᵀX from inputs through the already-quantized stages
 
         def __post_init__(self):
             if self.bits not in (2, 3, 4, 8):
@@ -71,6 +73,10 @@ class QuantizeWeights(Pass):
                 raise ValueError(f"quantize-weights: method must be rtn or gptq, got {self.method}")
             if not 0 <= self.damp < 1:
                 raise ValueError(f"quantize-weights: damp must be in [0, 1), got {self.damp}")
+            if self.hqq and self.symmetric:
+                raise ValueError("quantize-weights: hqq=true refines zero points; it needs symmetric=false")
+            if self.sequential and self.method != "gptq":
+                raise ValueError("quantize-weights: sequential=true is a GPTQ option (method=gptq)")
 
     ensures_properties = (QUANTIZED,)
 
@@ -97,7 +103,7 @@ class QuantizeWeights(Pass):
                 self._split(graph, lin)
         todo = [(lin, plan) for lin in find_linears(graph) if (plan := self._plan(lin)) is not None]
         self.stats["float_linears"] = len(find_linears(graph)) - len(todo)
-        if o.method == "gptq":
+        if o.method == "gptq" and not o.sequential:
             missing = [lin.name for lin, _ in todo if (st := act_stats(lin.input)) is None or st.xtx is None]
             if missing:
                 self.fail(f"GPTQ needs XᵀX for every quantized linear; missing for {missing[:3]}",
@@ -107,19 +113,13 @@ class QuantizeWeights(Pass):
         elif todo:
             model.opset_imports[""] = max(model.opset_imports.get("", 1), 21)
         bits_total = 0
+        results = self._sequential(model, todo) if o.sequential else {}
         for lin, (bits, group) in tqdm(todo, desc=f"quantize-weights ({o.method})", unit="layer",
                                        disable=not self.ctx.show_progress, leave=False):
-            w = lin.weight.const_value.numpy()
-            if not np.all(np.isfinite(w)):
-                self.fail(f"weight of '{lin.name}' holds NaN/Inf", node=lin.node)
-            k = w.shape[0]
-            if group >= k:
-                group = 0  # one group covers the whole column: per channel
-            if o.method == "gptq":
-                q, s, z = gptq_quantize(w, act_stats(lin.input).xtx, bits, group, o.symmetric, o.clip_search,
-                                        o.act_order, o.damp)
+            if lin.name in results:
+                w, group, (q, s, z) = results.pop(lin.name)
             else:
-                q, s, z = rtn_quantize(w, bits, group, o.symmetric, o.clip_search)
+                w, group, (q, s, z) = self._quantize(lin, bits, group, None)
             if bits == 3:
                 self._matmul3bit(graph, lin, q, s, z, group)
             else:
@@ -138,6 +138,40 @@ class QuantizeWeights(Pass):
                                                "float_linears": self.stats["float_linears"],
                                                "code_bits": bits_total}
         return PassResult(model, modified=bool(todo))
+
+    def _quantize(self, lin: Linear, bits: int, group: int, xtx):
+        """(weight, effective group, (codes, scales, zero points)) of one linear."""
+        o = self.options
+        w = lin.weight.const_value.numpy()
+        if not np.all(np.isfinite(w)):
+            self.fail(f"weight of '{lin.name}' holds NaN/Inf", node=lin.node)
+        if group >= w.shape[0]:
+            group = 0  # one group covers the whole column: per channel
+        if o.method == "gptq":
+            xtx = act_stats(lin.input).xtx if xtx is None else xtx
+            return w, group, gptq_quantize(w, xtx, bits, group, o.symmetric, o.clip_search, o.act_order, o.damp,
+                                                  hqq=o.hqq)
+        return w, group, rtn_quantize(w, bits, group, o.symmetric, o.clip_search, o.hqq)
+
+    def _sequential(self, model, todo) -> dict:
+        """True-sequential GPTQ: stage by stage, XᵀX from the quantized prefix (lowbit.quant.sequential)."""
+        from lowbit.ir.sessions import to_proto
+        from lowbit.quant.gptq import dequantize
+        from lowbit.quant.sequential import SequentialCalibrator, linear_stages
+
+        if not self.ctx.calibration:
+            self.fail("sequential=true needs calibration samples", hint="pass --calibration FILE_OR_DIR")
+        plan = {lin.node: p for lin, p in todo}
+        cal = SequentialCalibrator(to_proto(model), self.ctx.calibration)
+        out = {}
+        for stage in linear_stages(model.graph, [lin for lin, _ in todo]):
+            xtx = cal.hessians(sorted({lin.input.name for lin in stage}))
+            for lin in stage:
+                w, group, qsz = self._quantize(lin, *plan[lin.node], xtx[lin.input.name])
+                cal.set_weight(lin.weight.name, dequantize(*qsz, group))
+                out[lin.name] = (w, group, qsz)
+            self.stats["stages"] += 1
+        return out
 
     def _split(self, graph, lin: Linear) -> None:
         """One linear → two (rest, salient columns) + Concat + Gather back into column order."""
