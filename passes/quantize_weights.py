@@ -49,6 +49,13 @@ _SIGNED = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 _UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
 
 
+def _quantize_array(w, xtx, bits, group, method, symmetric, clip_search, act_order, damp, hqq):
+    """(codes, scales, zero points) of one weight: a pure function, run here or as a Ray task."""
+    if method == "gptq":
+        return gptq_quantize(w, xtx, bits, group, symmetric, clip_search, act_order, damp, hqq=hqq)
+    return rtn_quantize(w, bits, group, symmetric, clip_search, hqq)
+
+
 @register_pass("quantize-weights")
 class QuantizeWeights(Pass):
     @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class QuantizeWeights(Pass):
         exclude: str = ""  # '|'-separated substrings of linear names that stay float
         hqq: bool = False  # HQQ-style zero-point/scale refinement per group (asymmetric)
         sequential: bool = False  # GPTQ: each stage's XᵀX from inputs through the already-quantized stages
+        ray: str = ""  # quantize layers as Ray tasks: 'auto' or a cluster address ('' = in this process)
 
         def __post_init__(self):
             if self.bits not in (2, 3, 4, 8):
@@ -113,7 +121,7 @@ class QuantizeWeights(Pass):
         elif todo:
             model.opset_imports[""] = max(model.opset_imports.get("", 1), 21)
         bits_total = 0
-        results = self._sequential(model, todo) if o.sequential else {}
+        results = self._sequential(model, todo) if o.sequential else self._parallel(todo) if o.ray else {}
         for lin, (bits, group) in tqdm(todo, desc=f"quantize-weights ({o.method})", unit="layer",
                                        disable=not self.ctx.show_progress, leave=False):
             if lin.name in results:
@@ -139,24 +147,37 @@ class QuantizeWeights(Pass):
                                                "code_bits": bits_total}
         return PassResult(model, modified=bool(todo))
 
-    def _quantize(self, lin: Linear, bits: int, group: int, xtx):
-        """(weight, effective group, (codes, scales, zero points)) of one linear."""
+    def _job(self, lin: Linear, bits: int, group: int, xtx) -> tuple:
+        """The arguments of :func:`_quantize_array` for one linear."""
         o = self.options
         w = lin.weight.const_value.numpy()
         if not np.all(np.isfinite(w)):
             self.fail(f"weight of '{lin.name}' holds NaN/Inf", node=lin.node)
         if group >= w.shape[0]:
             group = 0  # one group covers the whole column: per channel
-        if o.method == "gptq":
-            xtx = act_stats(lin.input).xtx if xtx is None else xtx
-            return w, group, gptq_quantize(w, xtx, bits, group, o.symmetric, o.clip_search, o.act_order, o.damp,
-                                                  hqq=o.hqq)
-        return w, group, rtn_quantize(w, bits, group, o.symmetric, o.clip_search, o.hqq)
+        if o.method == "gptq" and xtx is None:
+            xtx = act_stats(lin.input).xtx
+        return w, xtx, bits, group, o.method, o.symmetric, o.clip_search, o.act_order, o.damp, o.hqq
+
+    def _quantize(self, lin: Linear, bits: int, group: int, xtx):
+        """(weight, effective group, (codes, scales, zero points)) of one linear."""
+        job = self._job(lin, bits, group, xtx)
+        return job[0], job[3], _quantize_array(*job)
+
+    def _parallel(self, todo) -> dict:
+        """Every layer as one Ray task (lowbit.quant.parallel); the same arrays as the local loop."""
+        from lowbit.quant.parallel import map_tasks
+
+        jobs = [self._job(lin, bits, group, None) for lin, (bits, group) in todo]
+        results = map_tasks(_quantize_array, jobs, self.options.ray)
+        return {lin.name: (job[0], job[3], res) for (lin, _), job, res in zip(todo, jobs, results)}
 
     def _sequential(self, model, todo) -> dict:
-        """True-sequential GPTQ: stage by stage, XᵀX from the quantized prefix (lowbit.quant.sequential)."""
+        """True-sequential GPTQ: stage by stage, XᵀX from the quantized prefix (lowbit.quant.sequential);
+        the layers of one stage are independent (Ray tasks with ``ray``)."""
         from lowbit.ir.sessions import to_proto
         from lowbit.quant.gptq import dequantize
+        from lowbit.quant.parallel import map_tasks
         from lowbit.quant.sequential import SequentialCalibrator, linear_stages
 
         if not self.ctx.calibration:
@@ -166,10 +187,10 @@ class QuantizeWeights(Pass):
         out = {}
         for stage in linear_stages(model.graph, [lin for lin, _ in todo]):
             xtx = cal.hessians(sorted({lin.input.name for lin in stage}))
-            for lin in stage:
-                w, group, qsz = self._quantize(lin, *plan[lin.node], xtx[lin.input.name])
-                cal.set_weight(lin.weight.name, dequantize(*qsz, group))
-                out[lin.name] = (w, group, qsz)
+            jobs = [self._job(lin, *plan[lin.node], xtx[lin.input.name]) for lin in stage]
+            for lin, job, qsz in zip(stage, jobs, map_tasks(_quantize_array, jobs, self.options.ray)):
+                cal.set_weight(lin.weight.name, dequantize(*qsz, job[3]))
+                out[lin.name] = (job[0], job[3], qsz)
             self.stats["stages"] += 1
         return out
 
