@@ -101,13 +101,14 @@ def main() -> None:
     ap.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated recipe names ('' for none)")
     ap.add_argument("--pipeline", action="append", default=[], metavar="LABEL=PIPELINE", help="an extra row")
     ap.add_argument("--minilm", action="store_true", help="also MiniLM STS for w4a16-gptq (and w4a16)")
+    ap.add_argument("--minilm-rows", default="w4a16,w4a16-gptq", help="recipes or pipelines for MiniLM (';'-separated)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     rows = [(r, RECIPES[r]) for r in args.recipes.split(",") if r]
     rows += [tuple(p.split("=", 1)) for p in args.pipeline]
     result = stories_rows(args, rows) if rows or not args.minilm else []
     if args.minilm:
-        result += minilm_rows(args, ["w4a16", "w4a16-gptq"])
+        result += minilm_rows(args, [r for r in args.minilm_rows.split(";") if r])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
