@@ -50,7 +50,8 @@ def _expected_scale(rows, weights, cmap):
 def test_awq_scales_match_reference_and_keep_float_outputs():
     feeds = [tokens(128, batch=1, seq=32, seed=i) for i in range(4)]
     make = lambda: random_llama(dim=64, hidden=96, layers=2, heads=4, kv=2, vocab=128)  # noqa: E731
-    ref = PassManager.from_pipeline("calibrate{rows=256}", CompileContext(calibration=feeds, show_progress=False)).run(make())
+    ref = PassManager.from_pipeline("calibrate{rows=256}",
+                                    CompileContext(calibration=feeds, show_progress=False)).run(make())
     expected = {}
     for g in find_groups(ref.graph):
         if g.kind == "none":
@@ -63,7 +64,8 @@ def test_awq_scales_match_reference_and_keep_float_outputs():
     probe = tokens(128, batch=2, seq=16, seed=99)
     before = logits(make(), probe)
     ctx = CompileContext(calibration=feeds, show_progress=False)
-    out = PassManager.from_pipeline(f"calibrate{{rows=256}},awq{{bits={BITS},group={GROUP},grid={GRID}}}", ctx).run(make())
+    pipe = f"calibrate{{rows=256}},awq{{bits={BITS},group={GROUP},grid={GRID}}}"
+    out = PassManager.from_pipeline(pipe, ctx).run(make())
     assert rel_err(logits(out, probe), before) < 1e-4
     scaled = 0
     for lin in find_linears(out.graph):

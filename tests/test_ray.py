@@ -47,8 +47,9 @@ def test_gptq_on_ray_equals_local(local_ray, extra):
 def test_measured_sweep_on_ray_equals_local(local_ray, tmp_path):
     from lowbit.mixed.sensitivity import measured_sensitivity
 
-    model = PassManager.from_pipeline("calibrate{hessian=true}", CompileContext(calibration=_feeds(), show_progress=False)
-                                      ).run(random_llama(dim=64, hidden=96, layers=1, heads=4, kv=2, vocab=128))
+    ctx = CompileContext(calibration=_feeds(), show_progress=False)
+    model = PassManager.from_pipeline("calibrate{hessian=true}", ctx).run(
+        random_llama(dim=64, hidden=96, layers=1, heads=4, kv=2, vocab=128))
     jobs = [(lin, b, 32) for lin in find_linears(model.graph) for b in (2, 4)]
     local = measured_sensitivity(model, jobs, _feeds(), cache_dir=tmp_path / "a", quantizer="gptq", progress=False)
     remote = measured_sensitivity(model, jobs, _feeds(), cache_dir=tmp_path / "b", quantizer="gptq", progress=False,

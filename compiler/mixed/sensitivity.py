@@ -273,7 +273,8 @@ def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], f
         weights = sorted({lin.weight.name for lin, _, _ in todo})
         items = [(lin.weight.name, _weight(lin), _xtx(lin, bits, quantizer), bits, group, quantizer)
                  for lin, bits, group in todo]
-        deltas = map_actors(ProbeWorker, (to_proto(model).SerializeToString(), feeds, weights, kind), "delta", items, ray)
+        init = (to_proto(model).SerializeToString(), feeds, weights, kind)
+        deltas = map_actors(ProbeWorker, init, "delta", items, ray)
         for (lin, bits, group), values in zip(todo, deltas):
             for m, v in values.items():
                 cache.put(v, lin.name, bits, group, m + quantizer_tag(quantizer))

@@ -29,7 +29,8 @@ RECIPES: dict[str, str] = {
              "quantize-weights{bits=3,group=16,method=gptq,symmetric=false,clip_search=true,exclude=lm_head},"
              "quantize-weights{bits=8,group=0,method=gptq},quantize-embeddings,lower-nbits",
     "w2a16": "fold-norms,rotate,calibrate{hessian=true},"
-             "quantize-weights{bits=2,group=16,method=gptq,symmetric=false,clip_search=true,exclude=lm_head},"
+             "quantize-weights{bits=2,group=16,method=gptq,symmetric=false,clip_search=true,act_order=true,"
+             "exclude=lm_head},"
              "quantize-weights{bits=8,group=0,method=gptq},quantize-embeddings,lower-nbits",
     # int4 weights x int8 activations: ORT's MatMulNBits accuracy level 4 quantizes activations to int8
     "w4a8": "fold-norms,rotate,calibrate,smooth{alpha=0.5},calibrate{hessian=true},"

@@ -57,8 +57,8 @@ class SequentialCalibrator:
         self.done: set[int] = set()
         self.cache: list[dict[str, np.ndarray]] = [dict() for _ in feeds]
         inferred = onnx.shape_inference.infer_shapes(proto)
-        self.types = {v.name: v.type.tensor_type.elem_type
-                      for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+        infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+        self.types = {v.name: v.type.tensor_type.elem_type for v in infos}
 
     def set_weight(self, name: str, w: np.ndarray) -> None:
         """Replace an initializer (a quantized layer's Ŵ, float) for every later stage."""
