@@ -9,7 +9,8 @@ __all__ = ["RECIPES", "resolve_recipe"]
 
 RECIPES: dict[str, str] = {
     # smoothing + static per-tensor uint8 activations + per-channel int8 weights
-    "w8a8": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=static},lower-ort",
+    # (α per group searched on calibration rows: chosen on the tuning slice, +0.30 % against +0.55 % at α=0.5)
+    "w8a8": "calibrate{rows=512},smooth{search=true},quantize{weights=8,acts=8,mode=static},lower-ort",
     "w8a8-nosmooth": "calibrate,quantize{weights=8,acts=8,mode=static},lower-ort",
     # per-token dynamic activations (no calibration needed without smoothing)
     "w8a8-dynamic": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=dynamic},lower-ort",
