@@ -58,7 +58,8 @@ from ..errors import UnsupportedModelError
 from ..graph_builder import GraphBuilder
 from .decoder_attention import attention, causal_bias, rope_angles, apply_rope
 
-__all__ = ["DecoderSpec", "build_decoder", "KV_INPUTS", "kv_input_names", "kv_output_names", "ACTIVATIONS"]
+__all__ = ["DecoderSpec", "build_decoder", "KV_INPUTS", "kv_input_names", "kv_output_names", "ACTIVATIONS",
+           "prefill_feeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,22 @@ def kv_input_names(spec: DecoderSpec) -> list[str]:
 
 def kv_output_names(spec: DecoderSpec) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(spec.n_layers) for kv in ("key", "value")]
+
+
+def prefill_feeds(model: ir.Model, samples: list[dict]) -> list[dict]:
+    """KV-graph feeds for prefill from ``{"ids": int64 [batch, seq]}`` samples: empty past, all-ones
+    mask, positions ``0 .. seq-1`` (valid calibration samples for the KV form)."""
+    pasts = [v for v in model.graph.inputs if v.name.startswith("past_key_values.")]
+    feeds = []
+    for sample in samples:
+        ids = np.asarray(sample["ids"], dtype=np.int64)
+        b, n = ids.shape
+        feed = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
+                "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
+        for v in pasts:
+            feed[v.name] = np.zeros((b, int(v.shape[1]), 0, int(v.shape[3])), np.float32)
+        feeds.append(feed)
+    return feeds
 
 
 class _Emitter:
