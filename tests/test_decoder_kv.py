@@ -37,7 +37,7 @@ def decode_stepwise(sess, ids: np.ndarray, chunks: list[int], n_layers: int, kv_
     return np.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize("impl", ["plain", "expand", "onnx"])
+@pytest.mark.parametrize("impl", ["plain", "expand", "onnx", "gqa"])
 def test_stories260k_cached_decode_reproduces_full_logits(stories_bin, impl):
     cfg, w = read_llama2c(stories_bin)
     ids = np.array([[1, 403, 407, 261, 378, 439, 270, 303, 414, 362, 310, 285, 408, 282, 419, 271, 344]])

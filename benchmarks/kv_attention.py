@@ -1,0 +1,67 @@
+"""KV-cache graph: which attention core ONNX Runtime runs fastest (decode and prefill).
+
+    python benchmarks/kv_attention.py [--layers 8] [--threads 2] [--contexts 16,1024,4096]
+
+A SmolLM2-135M-shaped Llama (dim 576, FFN 1536, 9 heads / 3 KV heads of 64, vocab 49152; random
+weights, speed only, ``--layers`` layers) built by lowbit.frontends.decoder in its KV form with each
+attention core (``plain``: standard ops, the KV heads shared through a broadcasting MatMul;
+``expand``: standard ops, cache repeated per head; ``onnx``: opset-23 ``Attention``; ``gqa``:
+com.microsoft ``GroupQueryAttention``).  Prints the median ms of one decode step (1 new token) after
+each context length, the attention share (decode(ctx) − decode(smallest ctx)), and prefill of 256 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from lowbit.frontends.decoder import build_decoder, prefill_feeds
+from lowbit.frontends.llama2c import LlamaConfig, decoder_weights, llama2c_spec, random_llama_weights
+from lowbit.runtime.session import make_session
+
+
+def median_ms(sess, feed, reps):
+    sess.run(None, feed)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        ts.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(ts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--contexts", default="16,1024,4096")
+    ap.add_argument("--impls", default="plain,expand,onnx,gqa")
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+    cfg = LlamaConfig(dim=576, hidden_dim=1536, n_layers=args.layers, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                      seq_len=8192)
+    spec, w = llama2c_spec(cfg), decoder_weights(cfg, random_llama_weights(cfg))
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rng = np.random.default_rng(0)
+    print(f"{'impl':8}" + "".join(f"{'decode@' + str(c):>14}" for c in contexts) +
+          f"{'attn@' + str(contexts[-1]):>14}{'prefill256':>12}")
+    for impl in args.impls.split(","):
+        model = build_decoder(spec, w, kv_cache=True, attention_impl=impl)
+        sess = make_session(model, threads=args.threads)
+        row = []
+        for ctx in contexts:
+            feed = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, ctx + 1), np.int64),
+                    "position_ids": np.array([[ctx]])}
+            for i in range(cfg.n_layers):
+                for kv in ("key", "value"):
+                    feed[f"past_key_values.{i}.{kv}"] = rng.standard_normal((1, 3, ctx, 64), dtype=np.float32)
+            row.append(median_ms(sess, feed, args.reps))
+        pre = prefill_feeds(model, [{"ids": rng.integers(0, 49152, (1, 256))}])[0]
+        p = median_ms(sess, pre, max(3, args.reps // 3))
+        print(f"{impl:8}" + "".join(f"{t:14.2f}" for t in row) + f"{row[-1] - row[0]:14.2f}{p:12.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
