@@ -19,7 +19,7 @@ import numpy as np
 
 from lowbit.frontends.decoder import build_decoder, prefill_feeds
 from lowbit.frontends.llama2c import LlamaConfig, decoder_weights, llama2c_spec, random_llama_weights
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 
 def median_ms(sess, feed, reps):

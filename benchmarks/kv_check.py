@@ -18,10 +18,10 @@ import time
 import numpy as np
 
 import lowbit
-from lowbit.datasets import data_dir, read_stories
+from lowbit.data.datasets import data_dir, read_stories
 from lowbit.frontends.text_tokenizers import load_tokenizer
 from lowbit.runtime.llm import perplexity, token_stream
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 
 def kv_logits(sess, ids: np.ndarray) -> np.ndarray:

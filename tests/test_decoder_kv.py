@@ -8,7 +8,7 @@ import pytest
 import lowbit
 from lowbit.frontends.decoder import kv_input_names, kv_output_names
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, llama2c_spec, random_llama_weights, read_llama2c
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 
 def decode_stepwise(sess, ids: np.ndarray, chunks: list[int], n_layers: int, kv_heads: int, head_dim: int,

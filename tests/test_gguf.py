@@ -11,8 +11,8 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.frontends.llama2c import LlamaConfig, read_llama2c
 from lowbit.frontends.text_tokenizers import load_tokenizer
-from lowbit.runtime.session import make_session
-from lowbit.tokenizers import Llama2cTokenizer
+from lowbit.ir.sessions import make_session
+from lowbit.data.tokenizers import Llama2cTokenizer
 
 from gguf_reference import BLOCK, DEQUANT
 from llama_reference import forward as numpy_forward
@@ -143,7 +143,7 @@ def test_non_llama_gguf_is_refused(tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_perplexity_is_sane(tinystories):
     from conftest import require_data
-    from lowbit.datasets import read_stories
+    from lowbit.data.datasets import read_stories
     from lowbit.runtime.llm import perplexity, token_stream
 
     path = require_data("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -13,7 +13,7 @@ import pytest
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 from test_decoder_kv import decode_stepwise
 

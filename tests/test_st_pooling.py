@@ -9,7 +9,7 @@ import pytest
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 
 def test_minilm_sentence_embedding_equals_sentence_transformers(minilm_model):

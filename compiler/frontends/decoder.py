@@ -54,9 +54,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto
 
-from ..errors import UnsupportedModelError
-from ..graph_builder import GraphBuilder
-from .decoder_attention import IMPLS, apply_rope, attention, causal_bias, gqa_lengths, rope_angles
+from lowbit.errors import UnsupportedModelError
+from lowbit.ir.graph_builder import GraphBuilder
+from lowbit.frontends.decoder_attention import IMPLS, apply_rope, attention, causal_bias, gqa_lengths, rope_angles
 
 __all__ = ["DecoderSpec", "build_decoder", "KV_INPUTS", "kv_input_names", "kv_output_names", "ACTIVATIONS",
            "prefill_feeds"]

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from onnx import TensorProto
 
-from ..errors import UnsupportedModelError
+from lowbit.errors import UnsupportedModelError
 
 __all__ = ["causal_bias", "rope_angles", "apply_rope", "attention", "IMPLS", "inv_freq", "gqa_lengths"]
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from .decoder import DecoderSpec, build_decoder
-from .hf_names import canonical_weights
+from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.frontends.decoder import DecoderSpec, build_decoder
+from lowbit.frontends.hf_names import canonical_weights
 
 __all__ = ["DECODER_TYPES", "load_hf_decoder", "hf_decoder_spec", "read_safetensors"]
 

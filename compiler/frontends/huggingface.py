@@ -16,9 +16,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from .st_pooling import pool, read_pooling
-from .torch_module import export_module
+from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.frontends.st_pooling import pool, read_pooling
+from lowbit.frontends.torch_module import export_module
 
 __all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir", "hf_model_type"]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ModelLoadError
-from .decoder import DecoderSpec, build_decoder
+from lowbit.errors import ModelLoadError
+from lowbit.frontends.decoder import DecoderSpec, build_decoder
 
 __all__ = ["LlamaConfig", "read_llama2c", "build_llama", "load_llama2c", "random_llama_weights", "llama2c_spec",
            "decoder_weights"]

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from lowbit.errors import ModelLoadError, UnsupportedModelError
 
 __all__ = ["Pooling", "read_pooling", "pool"]
 
