@@ -71,3 +71,9 @@ def test_load_model_kv_option(stories_bin, stories_tok):
     model = lowbit.load_model(stories_bin, tokenizer=stories_tok, kv_cache=True)
     assert "past_key_values.4.value" in [v.name for v in model.graph.inputs]
     assert model.metadata_props["lowbit.tokenizer"].endswith("tok512.bin")
+
+
+def test_kv_cache_on_a_model_without_past_is_refused(stories_model, tmp_path):
+    path = lowbit.save_onnx(stories_model, tmp_path / "m.onnx")
+    with pytest.raises(lowbit.errors.LowbitError, match="no past key/value inputs"):
+        lowbit.load_model(path, kv_cache=True)
