@@ -22,15 +22,18 @@ from lowbit.frontends.llama2c import LlamaConfig, decoder_weights, llama2c_spec,
 from lowbit.ir.sessions import make_session
 
 
-def best_ms(sess, feed, reps):
-    """Fastest of ``reps`` runs: on a shared, noisy machine the minimum is the least disturbed figure."""
-    sess.run(None, feed)
-    ts = []
+def best_ms(sessions: dict, feeds: dict, reps: int) -> dict[str, float]:
+    """Fastest of ``reps`` runs per core, the cores interleaved run by run so that the load of a shared,
+    noisy machine falls on all of them alike; the minimum is the least disturbed figure."""
+    best = {k: float("inf") for k in sessions}
+    for k, sess in sessions.items():
+        sess.run(None, feeds[k])
     for _ in range(reps):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        ts.append(time.perf_counter() - t)
-    return 1e3 * float(np.min(ts))
+        for k, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds[k])
+            best[k] = min(best[k], 1e3 * (time.perf_counter() - t))
+    return best
 
 
 def main() -> None:
@@ -46,22 +49,26 @@ def main() -> None:
     spec, w = llama2c_spec(cfg), decoder_weights(cfg, random_llama_weights(cfg))
     contexts = [int(c) for c in args.contexts.split(",")]
     rng = np.random.default_rng(0)
-    print(f"{'impl':8}" + "".join(f"{'decode@' + str(c):>14}" for c in contexts) +
-          f"{'attn@' + str(contexts[-1]):>14}{'prefill256':>12}")
-    for impl in args.impls.split(","):
-        model = build_decoder(spec, w, kv_cache=True, attention_impl=impl)
-        sess = make_session(model, threads=args.threads)
-        row = []
-        for ctx in contexts:
-            feed = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, ctx + 1), np.int64),
-                    "position_ids": np.array([[ctx]])}
-            for i in range(cfg.n_layers):
-                for kv in ("key", "value"):
-                    feed[f"past_key_values.{i}.{kv}"] = rng.standard_normal((1, 3, ctx, 64), dtype=np.float32)
-            row.append(best_ms(sess, feed, args.reps))
-        pre = prefill_feeds(model, [{"ids": rng.integers(0, 49152, (1, 256))}])[0]
-        p = best_ms(sess, pre, max(3, args.reps // 3))
-        print(f"{impl:8}" + "".join(f"{t:14.2f}" for t in row) + f"{row[-1] - row[0]:14.2f}{p:12.1f}", flush=True)
+    impls = args.impls.split(",")
+    models = {k: build_decoder(spec, w, kv_cache=True, attention_impl=k) for k in impls}
+    sessions = {k: make_session(m, threads=args.threads) for k, m in models.items()}
+    rows = {k: [] for k in impls}
+    for ctx in contexts:
+        feed = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, ctx + 1), np.int64),
+                "position_ids": np.array([[ctx]])}
+        for i in range(cfg.n_layers):
+            for kv in ("key", "value"):
+                feed[f"past_key_values.{i}.{kv}"] = rng.standard_normal((1, 3, ctx, 64), dtype=np.float32)
+        for k, t in best_ms(sessions, {k: feed for k in impls}, args.reps).items():
+            rows[k].append(t)
+    pre = {k: prefill_feeds(m, [{"ids": rng.integers(0, 49152, (1, 256))}])[0] for k, m in models.items()}
+    prefill = best_ms(sessions, pre, max(3, args.reps // 3))
+    print(f"{'core':8}" + "".join(f"{'decode@' + str(c):>14}" for c in contexts) +
+          f"{'attn@' + str(contexts[-1]):>14}{'prefill256':>12}   (ms, fastest of {args.reps}, "
+          f"{args.threads} threads, {cfg.n_layers} layers)")
+    for k in impls:
+        r = rows[k]
+        print(f"{k:8}" + "".join(f"{t:14.2f}" for t in r) + f"{r[-1] - r[0]:14.2f}{prefill[k]:12.1f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def decode_stepwise(sess, ids: np.ndarray, chunks: list[int], n_layers: int, kv_
             for i in range(n_layers) for k in ("key", "value")}
     names = [o.name for o in sess.get_outputs()]
     mask = np.zeros((b, 0), np.int64)
-    outs, start, pos = [], 0, 0
+    outs, start = [], 0
     for n in chunks:
         new = ids[:, start:start + n]
         m = np.ones_like(new)

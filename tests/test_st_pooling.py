@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-import lowbit
 from lowbit.errors import LowbitError
 from lowbit.ir.sessions import make_session
 
