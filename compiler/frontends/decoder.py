@@ -30,6 +30,11 @@ New token ``s`` (key index ``past+s``) attends key ``j`` iff ``j <= past+s`` and
 ``attention_mask[b, j] == 1`` (and ``past+s-j < window`` on sliding-window layers).  Masked
 scores get float32's lowest value (not -inf), so fully padded rows stay finite.
 
+``attention_impl`` picks the attention core (default ``"plain"``: standard ops, the KV heads shared
+by their query heads without copying the cache; ``"onnx"``: opset-23 ``Attention``; ``"gqa"``:
+com.microsoft ``GroupQueryAttention``; ``"expand"``: the cache repeated per head).  All compute the
+same function; :mod:`.decoder_attention` gives the measurement behind the default.
+
 Canonical weight names (matrices [out, in], as torch's Linear stores them; biases optional):
 ``embed`` [vocab, d]; ``pos_embed`` [positions, d] (learned positions); ``lm_head`` (absent =
 tied to ``embed``); ``final_norm.weight/.bias``; per layer ``layers.{i}.`` + ``attn_norm``,
