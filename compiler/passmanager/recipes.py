@@ -47,7 +47,8 @@ RECIPES: dict[str, str] = {
             "sequential=true},calibrate{hessian=true},quantize-weights{bits=8,group=0,method=gptq},"
             "lower-nbits{accuracy_level=4}",
     # (mixed-w3.5 was withdrawn: on held-out stories 600–784 it lost to the uniform w4a16-gptq, which is
-    # smaller (+30.35 % at 338,039 B against +4.97 % at 289,714 B); a mixed recipe ships only when it beats every uniform recipe of equal or larger size)
+    # smaller (+30.35 % at 338,039 B against +4.97 % at 289,714 B); a mixed recipe ships only when it
+    # beats every uniform recipe of equal or larger size)
     # integer-only linears: static per-channel u8 activations with steps migrated into producers
     # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,
     # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables
