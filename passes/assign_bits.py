@@ -120,7 +120,7 @@ class AssignBits(Pass):
             plan = self._solve(model, linears, fixed)
         annotate(linears, plan)
         if self.options.save:
-            plan.save(self.options.save)
+            plan.save(self.ctx.stage(self.options.save))
         self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
                                           "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits,
                                           "nominal_bits": plan.nominal_bits}

@@ -163,6 +163,10 @@ def pareto_plot(rows: list[dict], stem: str | Path, title: str = "") -> Path:
 def run(args) -> int:
     from lowbit.mixed.bitplan import Plan
 
+    if args.plot:
+        from lowbit.api.preflight import check_parent
+
+        check_parent(args.plot, "--plot")
     plan = Plan.load(args.plan)
     plot = plan_plot(plan, args.plot) if args.plot else None
     payload = {"plan": args.plan, "avg_bits": plan.avg_bits, "nominal_bits": plan.nominal_bits,
