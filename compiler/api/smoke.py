@@ -67,6 +67,10 @@ def _session(path: Path):
             raise first from None
         if not any(n.domain == DOMAIN for n in model.graph.all_nodes()):
             raise
+        # the device form keeps lowbit ops: run their standard-ONNX lowering (what --lowered writes)
+        from lowbit.passmanager.manager import CompileContext, PassManager
+
+        model = PassManager.from_pipeline("lower-lowbit", CompileContext(show_progress=False)).run(model)
         attach_functions(model)
         return ort.InferenceSession(to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
 

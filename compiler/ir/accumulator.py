@@ -2,8 +2,10 @@
 
 An integer GEMM accumulates ``acc_n = Σ_k (a_k − z_a)(w_kn − z_w)`` in int32.  With
 ``|a_k − z_a| ≤ A`` (from the activation's integer type and zero point) the accumulator is bounded by
-``A · max_n Σ_k |w_kn − z_w|`` ≤ ``K · A · max|w − z_w|``; when that exceeds 2^31 − 1 the result can
-wrap and the output is garbage with no error from the runtime.  Sites are the explicit integer ops
+``A · max_n Σ_k |w_kn − z_w|`` ≤ ``K · A · max|w − z_w|``.  lowbit refuses a layer whose
+``K · A · max|w|`` exceeds 2^31 − 1 (for int8 weights and uint8 activations: K > 66 000): past it the
+result can wrap — and ORT gives garbage with no error — for weights of that range, and a layer that
+only stays inside by luck of its column sums is one outlier away from wrapping.  Sites are the explicit integer ops
 (``MatMulInteger``, ``MatMulIntegerToFloat``, ``QLinearMatMul``) and the QDQ form that ONNX Runtime
 fuses into them (``MatMul`` of two 8-bit ``DequantizeLinear`` outputs).
 """
@@ -31,7 +33,8 @@ class AccumulatorSite:
     k: int
     a_bound: int
     w_bound: int  # max |w - z_w|
-    bound: int  # A · max_n Σ_k |w_kn − z_w| (or K·A·W when the weight is not a constant)
+    bound: int  # K · A · max|w − z_w|: the worst case of any weights of this range
+    column_bound: int | None = None  # A · max_n Σ_k |w_kn − z_w|: the worst case of these weights
 
     @property
     def overflows(self) -> bool:
@@ -49,8 +52,24 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def _int_dtype(a: ir.Value, zp: ir.Value | None):
+    """The integer type of ``a`` (shape inference may not have run: fall back on its zero point / producer)."""
+    if a.dtype is not None:
+        return a.dtype
+    if zp is not None and zp.dtype is not None:
+        return zp.dtype
+    prod = a.producer()
+    if prod is not None and prod.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"):
+        zps = list(prod.inputs)[2:3]
+        if zps and zps[0] is not None and zps[0].dtype is not None:
+            return zps[0].dtype
+        return ir.DataType.UINT8
+    return None
+
+
 def _a_bound(a: ir.Value, zp: ir.Value | None) -> int | None:
-    lo_hi = _RANGE.get(a.dtype) if a.dtype is not None else None
+    dtype = _int_dtype(a, zp)
+    lo_hi = _RANGE.get(dtype) if dtype is not None else None
     if lo_hi is None:
         return None
     lo, hi = lo_hi
@@ -73,9 +92,9 @@ def _site(node: ir.Node, a: ir.Value, a_zp, w: ir.Value, w_zp) -> AccumulatorSit
             wz = wz.reshape(1, -1)
         d = np.abs(wq.astype(np.int64) - wz)
         k = int(wq.shape[-2])
-        col = d.sum(axis=-2)
-        return AccumulatorSite(node.name or node.op_type, node.op_type, k, a_bound, int(d.max(initial=0)),
-                               int(a_bound * int(col.max(initial=0))))
+        w_bound = int(d.max(initial=0))
+        return AccumulatorSite(node.name or node.op_type, node.op_type, k, a_bound, w_bound, k * a_bound * w_bound,
+                               int(a_bound * int(d.sum(axis=-2).max(initial=0))))
     shape = w.shape
     if shape is None or len(shape) < 2 or not isinstance(shape[-2], int):
         return None
@@ -84,7 +103,7 @@ def _site(node: ir.Node, a: ir.Value, a_zp, w: ir.Value, w_zp) -> AccumulatorSit
         return None
     wb = max(abs(lo_hi[0]), abs(lo_hi[1]))
     k = int(shape[-2])
-    return AccumulatorSite(node.name or node.op_type, node.op_type, k, a_bound, wb, k * a_bound * wb)
+    return AccumulatorSite(node.name or node.op_type, node.op_type, k, a_bound, wb, k * a_bound * wb, None)
 
 
 def accumulator_sites(model: ir.Model) -> list[AccumulatorSite]:
@@ -119,7 +138,7 @@ def check_accumulators(model: ir.Model) -> list[AccumulatorSite]:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise NumericalError(
             f"node '{s.node}' ({s.op}): the int32 accumulator can overflow: K={s.k} × max|a|={s.a_bound} × "
-            f"max|w|={s.w_bound} gives a bound of {s.bound:,} > 2^31-1{more}; the output would be garbage",
+            f"max|w|={s.w_bound} gives a bound of {s.bound:,} > 2^31-1{more}; the output can be garbage",
             hint="keep this layer in float or use fewer activation bits (e.g. a w8a16/w4a16 recipe), "
                  "or split the reduction dimension")
     return sites

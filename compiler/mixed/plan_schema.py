@@ -16,7 +16,7 @@ _BITS = (2, 3, 4, 8, 16)
 
 
 def _fail(where: str, what: str, source: str) -> InputError:
-    return InputError(f"plan '{source}': {where} {what}",
+    return InputError(f"{source}: not a readable lowbit plan: {where} {what}",
                       hint="plans are JSON written by assign-bits{save=PATH}; fix the entry or re-create the plan")
 
 
