@@ -100,8 +100,10 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: split must be in [0, 1), got {self.split}")
             if self.target <= 0:
                 raise ValueError(f"assign-bits: target must be positive, got {self.target}")
-            if self.refine < 0:
-                raise ValueError(f"assign-bits: refine must be >= 0 rounds, got {self.refine}")
+            if not 0 <= self.refine <= 100:
+                raise ValueError(f"assign-bits: refine must be in [0, 100] rounds, got {self.refine}")
+            if self.samples < 0:
+                raise ValueError(f"assign-bits: samples must be >= 0 (0: all), got {self.samples}")
             if self.quantizer not in ("rtn", "gptq"):
                 raise ValueError(f"assign-bits: quantizer must be rtn or gptq, got '{self.quantizer}'")
             if self.refine and self.split:

@@ -33,10 +33,17 @@ def emit(args, payload: dict, human) -> None:
         human()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``lowbit CMD: error: ... (see 'lowbit CMD --help')``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
 
-    parser = argparse.ArgumentParser(prog="lowbit", description="A quantization compiler for transformers.")
+    parser = _Parser(prog="lowbit", description="A quantization compiler for transformers.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log pass progress (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -145,8 +145,10 @@ def check_parent(value: str, where: str) -> None:
 
 def check_pipeline_paths(pipeline: str) -> None:
     """Files that pass options read (``plan=``) exist and are regular; folders they write into exist."""
+    from lowbit.passmanager.manager import CompileContext, PassManager
     from lowbit.passmanager.pipeline import parse_pipeline
 
+    PassManager.from_pipeline(pipeline, CompileContext(show_progress=False))  # every pass option, before loading
     for item in parse_pipeline(pipeline):
         for key, value in item.options:
             if not isinstance(value, str) or not value:
