@@ -100,8 +100,12 @@ def open_regular(path, what: str):
 def read_bytes(path, what: str, limit: int = MAX_SMALL_FILE) -> bytes:
     """The whole file, refused when it is larger than ``limit`` bytes."""
     with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise InputError(f"{what} '{path}': {size:,} bytes, larger than {limit:,}",
+                             hint=f"is this really a {what}? lowbit refuses oversized files rather than exhaust memory")
         try:
-            data = f.read(limit + 1)
+            data = f.read(size + 1)  # read(limit) would allocate the whole limit up front
         except OSError as exc:
             raise os_error(exc, path, what) from None
     if len(data) > limit:
