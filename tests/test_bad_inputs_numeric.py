@@ -189,3 +189,33 @@ def test_fifo_never_blocks_a_real_process(what, tmp_path):
             "tokenizer": ["compile", model, "--tokenizer", fifo, "--calibration", tok, "-o", out],
             "calibration": ["compile", model, "--tokenizer", tok, "--calibration", fifo, "-o", out]}[what]
     cli_refuses_subprocess(args, "is a FIFO (named pipe), not a regular file", out=out, timeout=120)
+
+
+def _biased_fixed_shape(path, layers: int = 3, k: int = 64):
+    rng = np.random.default_rng(0)
+    nodes, inits, last = [], [], "x"
+    for i in range(layers):
+        inits += [numpy_helper.from_array(rng.standard_normal((k, k)).astype(np.float32), f"l{i}.weight"),
+                  numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), f"l{i}.bias")]
+        nodes += [helper.make_node("MatMul", [last, f"l{i}.weight"], [f"m{i}"], name=f"l{i}"),
+                  helper.make_node("Add", [f"m{i}", f"l{i}.bias"], [f"a{i}"], name=f"l{i}.add"),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}")]
+        last = f"r{i}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info(last, TensorProto.FLOAT, [1, k])], inits)
+    return save_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), path)
+
+
+def test_w8a8_refusal_names_the_layers_and_the_way_out(tmp_path, capsys):
+    """Fixed shapes + biases: ORT fuses MatMul+Add into Gemm and runs it in float.  The refusal names the
+    layers and suggests w8a8-dynamic, which then compiles onto integer kernels."""
+    from bad_input_cases import npz_dir
+
+    model = _biased_fixed_shape(tmp_path / "b.onnx")
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)} for i in range(4)]
+    out = tmp_path / "out" / "m.onnx"
+    cal = npz_dir(tmp_path / "cal", feeds)
+    cli_refuses(["compile", model, "--recipe", "w8a8", "--calibration", cal, "-o", out], capsys,
+                ["node 'l0'", "'l0' runs as Gemm", "--recipe w8a8-dynamic"], out=out)
+    res = lowbit.compile(model, "w8a8-dynamic", calibration=feeds, output=out, progress=False)
+    assert res.report["lower-ort"]["ort_integer_gemms"] == 3
