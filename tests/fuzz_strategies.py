@@ -86,7 +86,9 @@ def plans(draw):
     """A valid plan, or one with 1-3 fields dropped / replaced by values of any type."""
     plan = _valid_plan(draw)
     for _ in range(draw(st.integers(0, 3))):
-        target = plan if draw(st.booleans()) else draw(st.sampled_from(plan["layers"]))
+        layers = [lp for lp in plan.get("layers", []) if isinstance(lp, dict)] \
+            if isinstance(plan.get("layers"), list) else []
+        target = plan if not layers or draw(st.booleans()) else draw(st.sampled_from(layers))
         key = draw(st.sampled_from(sorted(target) + ["bogus"]))
         if draw(st.booleans()) and key in target:
             del target[key]
@@ -100,9 +102,10 @@ def calibration_sets(draw):
     """Feed lists for the tiny Llama (input 'tokens', vocab 64): names, dtypes, ranks, sizes and values vary."""
     feeds = []
     for _ in range(draw(st.integers(0, 3))):
-        name = draw(st.sampled_from(["tokens", "tokens", "ids"]))
-        dtype = draw(st.sampled_from([np.int64, np.int64, np.int32, np.float32, np.bool_]))
-        shape = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
+        name = draw(st.sampled_from(["tokens", "tokens", "tokens", "ids"]))
+        dtype = draw(st.sampled_from([np.int64, np.int64, np.int64, np.int32, np.float32, np.bool_]))
+        shape = (1, draw(st.integers(1, 12))) if draw(st.booleans()) else \
+            tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
         hi = draw(st.sampled_from([64, 64, 1000]))
         arr = np.random.default_rng(draw(st.integers(0, 99))).integers(-1 if hi == 1000 else 0, hi, shape)
         feeds.append({name: arr.astype(dtype)})
