@@ -162,3 +162,19 @@ def test_plan_option_values_are_schema_checked(tmp_path, capsys):
 
     path.write_text(json.dumps(plan))
     cli_refuses(["report", path], capsys, "target must be a finite number")
+
+
+TUNE_OPTIONS = {
+    "trials-zero": (["--trials", "0"], "--trials must be in [1, 1000000], got 0"),
+    "trials-negative": (["--trials", "-5"], "--trials must be in [1, 1000000]"),
+    "workers-zero": (["--max-workers", "0"], "--max-workers must be in [1, 1024]"),
+    "shape-zero-dim": (["--shape", "tokens=0x4"], "needs a name and dimensions >= 1"),
+    "shape-text": (["--shape", "tokens=ax4"], "argument --shape: invalid"),
+}
+
+
+@pytest.mark.parametrize("case", list(TUNE_OPTIONS))
+def test_tune_option_refused(case, tiny, tmp_path, capsys):
+    argv, needle = TUNE_OPTIONS[case]
+    cli_refuses(["tune", tiny, "--out", tmp_path / "records", *argv], capsys, needle)
+    assert not (tmp_path / "records").exists()
