@@ -183,3 +183,28 @@ def test_npz_reads_stay_bounded(tmp_path):
     cal = npz_dir(tmp_path / "cal", token_feeds(3))
     res = lowbit.compile(tiny_llama(tmp_path / "t.onnx"), "w8a8", calibration=str(cal), progress=False)
     assert res.report["calibration_samples"] == 3 and np.isfinite(res.report["weight_bytes"])
+
+
+STS_ROWS = "main-captions\tMSRvid\t2012test\t0001\t{score}\tA man plays.\tA man is playing.\n"
+
+
+@pytest.mark.parametrize("header", ["genre\tfile\tyear\tid\tscore\tsentence1\tsentence2\n", ""])
+def test_sts_header_line_is_skipped(header, tmp_path):
+    from lowbit.data.datasets import read_sts
+
+    path = tmp_path / "sts.csv"
+    path.write_text(header + "".join(STS_ROWS.format(score=s) for s in ("5.0", "2.5", "0.0")))
+    a, b, scores = read_sts(path)
+    assert scores.tolist() == [5.0, 2.5, 0.0] and a[0] == "A man plays."
+
+
+@pytest.mark.parametrize("bad, needle", [("abc", "line 3: score column 'abc' is not a number"),
+                                          ("nan", "line 3: score nan is not finite")])
+def test_sts_bad_score_after_the_first_line_is_refused(bad, needle, tmp_path):
+    from lowbit.data.datasets import read_sts
+    from lowbit.errors import InputError
+
+    path = tmp_path / "sts.csv"
+    path.write_text("".join(STS_ROWS.format(score=s) for s in ("5.0", "2.5", bad)))
+    with pytest.raises(InputError, match=needle.replace("(", r"\(")):
+        read_sts(path)

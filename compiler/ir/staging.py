@@ -189,6 +189,11 @@ def _move(src: Path, dst: Path) -> Path:
         os.replace(src, dst)
     except OSError:  # another file system: copy, then rename inside the destination folder
         tmp = dst.with_name(f".{dst.name[:200]}.lowbit-move")
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+        try:
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
     return dst
