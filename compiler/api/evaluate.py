@@ -96,7 +96,7 @@ def _evaluate(model, *, ppl, sts, reference, tokenizer, stories, seq_len, encodi
             raise InputError(f"--stories {window.start or 0}:{'' if window.stop is None else window.stop} selects no "
                              f"story of '{ppl}'", hint="the file holds fewer stories; choose a range inside it")
         stream = token_stream(tok, texts)
-        p = perplexity(sess, stream, seq_len=seq_len)
+        p = _run(lambda: perplexity(sess, stream, seq_len=seq_len), model)
         if p.tokens == 0:
             raise InputError(f"'{ppl}': the selected stories give no token to score", hint="choose more text")
         result.update({"text": str(ppl), "stories": len(texts), "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
@@ -118,12 +118,42 @@ def _evaluate(model, *, ppl, sts, reference, tokenizer, stories, seq_len, encodi
         a, b, scores = read_sts(sts, encoding=encoding, what="--sts csv")
         if len(scores) < 2:
             raise InputError(f"'{sts}': {len(scores)} STS pair(s); Spearman needs at least 2")
-        rho, emb = sts_spearman(sess, tok_dir, a, b, scores)
+        from lowbit.data.datasets import load_hf_tokenizer
+
+        rows, vocab = _embedding_rows(m), len(load_hf_tokenizer(tok_dir))
+        if rows is not None and vocab > rows:
+            raise InputError(f"tokenizer '{tok_dir}' has {vocab} tokens but the model embeds {rows}",
+                             hint="pass the tokenizer folder that belongs to this encoder")
+        rho, emb = _run(lambda: sts_spearman(sess, tok_dir, a, b, scores), model)
         result.update({"csv": str(sts), "pairs": len(scores), "spearman": rho})
         if ref is not None:
             ref_emb = sts_spearman(ref, tok_dir, a, b, scores)[1]
             result["agreement"] = embedding_agreement(ref_emb, emb)
     return result
+
+
+def _run(fn, model):
+    """Run an evaluation; ONNX Runtime refusing the inputs (ids past the vocabulary, wrong shapes) is the
+    user's mismatch of model and data, said in one line."""
+    try:
+        return fn()
+    except LowbitError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if type(exc).__module__.startswith("onnxruntime"):
+            raise InputError(f"model '{model}' fails on this data in ONNX Runtime: {' '.join(str(exc).split())[:300]}",
+                             hint="check that the tokenizer and --seq-len fit this model") from None
+        raise
+
+
+def _embedding_rows(model) -> int | None:
+    """Rows of the table that ``input_ids`` index (the encoder's vocabulary), if a Gather reads it directly."""
+    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
+    for use in ids.uses() if ids is not None else []:
+        node = use.node
+        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].shape is not None:
+            return node.inputs[0].shape[0] if isinstance(node.inputs[0].shape[0], int) else None
+    return None
 
 
 def _vocab(sess) -> int | None:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from lowbit.errors import CalibrationError
 
-__all__ = ["read_stories", "iter_stories", "story_chars", "read_sentences", "read_sts", "causal_lm_feeds", "encoder_feeds",
+__all__ = ["read_stories", "iter_stories", "story_chars", "load_hf_tokenizer", "read_sentences", "read_sts", "causal_lm_feeds", "encoder_feeds",
            "load_calibration", "CALIB_STORIES", "EVAL_STORIES", "data_dir", "model_kind"]
 
 logger = logging.getLogger(__name__)
@@ -122,13 +122,29 @@ def encoder_feeds(tokenizer_dir: str | Path, sentences: list[str], input_names: 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tok = load_hf_tokenizer(tokenizer_dir)
     feeds = []
     for i in range(0, len(sentences), batch):
         enc = tok(sentences[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
         feeds.append({n: enc[n].astype(np.int64) if n in enc else np.zeros_like(enc["input_ids"], np.int64)
                       for n in input_names})
     return feeds
+
+
+def load_hf_tokenizer(tokenizer_dir):
+    """A Hugging Face tokenizer from a local folder; a folder that holds none is a clear error."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    if not Path(tokenizer_dir).is_dir():
+        raise CalibrationError(f"tokenizer '{tokenizer_dir}' is not a folder; an encoder needs its Hugging Face "
+                               "tokenizer folder", hint="pass --tokenizer DIR (the model's folder)")
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 — transformers raises OSError/ValueError/KeyError for unusable folders
+        raise CalibrationError(f"tokenizer folder '{tokenizer_dir}': not a usable Hugging Face tokenizer "
+                               f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                               hint="pass the folder of the model's tokenizer (tokenizer.json or vocab.txt)") from None
 
 
 def _tokenizer_for(model: ir.Model, tokenizer):
