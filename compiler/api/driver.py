@@ -81,7 +81,7 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
             tokenizer: str | Path | None = None, backend: str = "ort", calibration_samples: int | None = 64,
             seed: int = 0, verify: bool = False, dump_ir: str | Path | None = None,
             reproducer: str | Path | None = None, progress: bool = True, encoding: str = "utf-8",
-            check_output: bool = True, extra_artifacts=None) -> CompileResult:
+            check_output: bool = True, extra_artifacts=None, **load_options) -> CompileResult:
     """Compile ``model`` with ``recipe`` (a name from ``RECIPES`` or a pipeline string).
 
     ``calibration`` is a text file, a folder of ``.npz`` samples, or a list of feed dicts.  With
@@ -89,17 +89,19 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
     writes more, a saved plan, a TVM library) — is written into one temporary folder, loaded in ONNX
     Runtime and run on one sample (``check_output``), and only then moved into place.  Raises only
     :class:`LowbitError` subclasses (exit code 2: your input; 3: a lowbit bug, with a crash report).
+    ``load_options`` go to the frontend's ``load_model``.
     """
     from lowbit.api.boundary import boundary
 
     return boundary(_compile, model, recipe, calibration=calibration, output=output, tokenizer=tokenizer,
                     backend=backend, calibration_samples=calibration_samples, seed=seed, verify=verify,
                     dump_ir=dump_ir, reproducer=reproducer, progress=progress, encoding=encoding,
-                    check_output=check_output, extra_artifacts=extra_artifacts, command="lowbit.compile")
+                    check_output=check_output, extra_artifacts=extra_artifacts, load_options=load_options,
+                    command="lowbit.compile")
 
 
 def _compile(model, recipe, *, calibration, output, tokenizer, backend, calibration_samples, seed, verify, dump_ir,
-             reproducer, progress, encoding, check_output, extra_artifacts) -> CompileResult:
+             reproducer, progress, encoding, check_output, extra_artifacts, load_options) -> CompileResult:
     from lowbit.api import preflight
 
     start = time.perf_counter()
@@ -118,7 +120,7 @@ def _compile(model, recipe, *, calibration, output, tokenizer, backend, calibrat
     if tokenizer is not None:
         preflight.check_model_source(tokenizer, "tokenizer")
     src = model
-    model = load_model(model, tokenizer=tokenizer)
+    model = load_model(model, tokenizer=tokenizer, **load_options)
     check_weights(model)
     float_bytes = _weight_bytes(model)
     feeds = load_calibration(model, calibration, tokenizer=tokenizer, limit=calibration_samples, encoding=encoding)
