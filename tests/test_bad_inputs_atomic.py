@@ -211,3 +211,21 @@ def test_saved_plan_appears_only_with_a_successful_compile(tmp_path, monkeypatch
     monkeypatch.undo()
     lowbit.compile(model, recipe, calibration=token_feeds(2), output=tmp_path / "o" / "m.onnx", progress=False)
     assert plan.is_file() and (tmp_path / "o" / "m.onnx").is_file()
+
+
+def test_sigint_while_the_temp_folder_is_made_leaks_nothing(tmp_path, monkeypatch):
+    """The signal lands between mkdtemp and recording the folder: it is held back, then cleaned up."""
+    import lowbit.ir.staging as staging
+
+    real = staging.tempfile.mkdtemp
+
+    def mkdtemp_then_sigint(*args, **kwargs):
+        path = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(staging.tempfile, "mkdtemp", mkdtemp_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        with ArtifactSet(tmp_path / "m.onnx"):
+            pytest.fail("the body must not run")
+    assert list(tmp_path.iterdir()) == []

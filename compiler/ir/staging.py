@@ -125,15 +125,19 @@ class ArtifactSet:
             raise InputError(f"output '{self.path}': the file name is {len(os.fsencode(name))} bytes, longer than "
                              f"this file system allows ({limit})", hint="choose a shorter output name")
         remove_stale(parent)
-        with _signals_blocked():  # a signal between creating the folder and recording it cannot leak it
-            try:
-                self.dir = Path(tempfile.mkdtemp(prefix=temp_prefix(name, limit), dir=parent))
-            except OSError as exc:
-                from lowbit.files import os_error
+        try:
+            with _signals_blocked():  # a signal between creating the folder and recording it cannot leak it
+                try:
+                    self.dir = Path(tempfile.mkdtemp(prefix=temp_prefix(name, limit), dir=parent))
+                except OSError as exc:
+                    from lowbit.files import os_error
 
-                raise os_error(exc, parent, "output folder") from None
-            _LIVE.add(self.dir)
-            self._install_sigterm()
+                    raise os_error(exc, parent, "output folder") from None
+                _LIVE.add(self.dir)
+                self._install_sigterm()
+        except BaseException:  # a SIGINT held back above is delivered as the mask lifts: clean up here
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _install_sigterm(self) -> None:
