@@ -217,14 +217,14 @@ def test_sigint_while_the_temp_folder_is_made_leaks_nothing(tmp_path, monkeypatc
     """The signal lands between mkdtemp and recording the folder: it is held back, then cleaned up."""
     import lowbit.ir.staging as staging
 
-    real = staging.tempfile.mkdtemp
+    real = os.mkdir
 
-    def mkdtemp_then_sigint(*args, **kwargs):
-        path = real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)
-        return path
+    def mkdir_then_sigint(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if ".lowbit-" in str(path):
+            os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(staging.tempfile, "mkdtemp", mkdtemp_then_sigint)
+    monkeypatch.setattr(staging.os, "mkdir", mkdir_then_sigint)
     with pytest.raises(KeyboardInterrupt):
         with ArtifactSet(tmp_path / "m.onnx"):
             pytest.fail("the body must not run")

@@ -17,9 +17,9 @@ import logging
 import os
 import re
 import shutil
+import secrets
 import signal
 import socket
-import tempfile
 import threading
 from pathlib import Path
 
@@ -125,17 +125,26 @@ class ArtifactSet:
             raise InputError(f"output '{self.path}': the file name is {len(os.fsencode(name))} bytes, longer than "
                              f"this file system allows ({limit})", hint="choose a shorter output name")
         remove_stale(parent)
+        prefix = temp_prefix(name, limit)
         try:
-            with _signals_blocked():  # a signal between creating the folder and recording it cannot leak it
-                try:
-                    self.dir = Path(tempfile.mkdtemp(prefix=temp_prefix(name, limit), dir=parent))
-                except OSError as exc:
-                    from lowbit.files import os_error
+            with _signals_blocked():
+                for _ in range(100):
+                    # the name is recorded *before* the folder exists: a KeyboardInterrupt at any point
+                    # (another thread may take the signal while this one has it blocked) cannot leak it
+                    self.dir = parent / f"{prefix}{secrets.token_hex(4)}"
+                    try:
+                        os.mkdir(self.dir, 0o700)
+                        break
+                    except FileExistsError:
+                        continue
+                    except OSError as exc:
+                        self.dir = None
+                        from lowbit.files import os_error
 
-                    raise os_error(exc, parent, "output folder") from None
+                        raise os_error(exc, parent, "output folder") from None
                 _LIVE.add(self.dir)
                 self._install_sigterm()
-        except BaseException:  # a SIGINT held back above is delivered as the mask lifts: clean up here
+        except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
