@@ -182,8 +182,18 @@ def check_graph(model, recipe: str, feeds, folder: Path) -> str:
     ref = np.stack([fs.run(None, {"x": p})[0].astype(np.float64) for p in probes])
     got = np.stack([qs.run(None, {"x": p})[0] for p in probes])
     assert np.all(np.isfinite(got)), "non-finite output at exit 0"
-    if np.linalg.norm(ref) > 1e-3 * math.sqrt(ref.size):
-        err = _rel(got, ref)
+    # the activations are Lipschitz (≤ 1.13), so a GEMM's rounding error reaches the output at most that
+    # much larger; it is measured against the signal scale of the same chain with the activations removed
+    # (a saturated Sigmoid has outputs near 0 that say nothing about the size of its inputs' errors)
+    linear = model.__class__()
+    linear.CopyFrom(model)
+    for node in linear.graph.node:
+        if node.op_type in ACTS:
+            node.op_type = "Identity"
+    ls = ort.InferenceSession(linear.SerializeToString(), providers=["CPUExecutionProvider"])
+    scale = max(np.linalg.norm(ref), np.linalg.norm(np.stack([ls.run(None, {"x": p})[0] for p in probes])))
+    if scale > 1e-3 * math.sqrt(ref.size):
+        err = float(np.linalg.norm(got - ref) / scale)
         assert err < TOLERANCE.get(recipe, 0.25), f"wrong result: {recipe} relative error {err:.3f}"
     return "accepted"
 

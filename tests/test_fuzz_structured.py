@@ -78,3 +78,28 @@ def test_outcomes_cover_both_sides():
     for target in ("plans", "pass-options"):
         if OUTCOMES[target]:
             assert OUTCOMES[target]["accepted"] and OUTCOMES[target]["refused"], (target, OUTCOMES[target])
+
+
+def test_the_graph_oracle_catches_a_planted_wrong_result(monkeypatch, tmp_path):
+    """Independent check of the oracle: a 'compiler' that writes the float model with every weight × 1.3
+    (finite, loads, runs) must be reported as a wrong result."""
+    import numpy as np
+    import onnx
+    from fuzz_strategies import check_graph
+    from onnx import numpy_helper
+    from robust_models import matmul_model
+
+    import lowbit
+
+    def planted(src, recipe, *, output, **kwargs):
+        proto = onnx.load(str(src))
+        for init in proto.graph.initializer:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.3, init.name))
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, str(output))
+
+    monkeypatch.setattr(lowbit, "compile", planted)
+    model = onnx.load(str(matmul_model(tmp_path / "m.onnx", (8, 8))))
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}]
+    with pytest.raises(AssertionError, match="wrong result"):
+        check_graph(model, "w8a8", feeds, tmp_path)
