@@ -85,11 +85,11 @@ def _wait_for_temp(folder: Path, proc, timeout: float = 120) -> Path:
 def test_signal_during_compile_leaves_nothing(sig, rc, word, tmp_path):
     cmd, out = _compile_cmd(tmp_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_temp(out.parent, proc)
-    time.sleep(0.2)
+    _wait_for_temp(out.parent, proc)  # the folder exists while the pipeline runs (seconds for this model)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == rc, err
+    # 128+N from lowbit's handler, or -N when the interpreter re-raises the signal at exit: both say "killed by N"
+    assert proc.returncode in (rc, -sig), (proc.returncode, err, sorted(p.name for p in out.parent.iterdir()))
     assert word in err and "Traceback" not in err, err
     nothing_at(out)
 
