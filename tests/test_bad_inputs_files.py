@@ -93,8 +93,8 @@ def llama(tmp_path_factory):
 TOKENIZER_CASES = {
     "dev-zero": (lambda t: Path("/dev/zero"), "tokenizer '/dev/zero': is a character device"),
     "fifo": (lambda t: _fifo(t / "tok.bin"), "is a FIFO"),
-    "folder": (lambda t: (t / "tokdir").mkdir() or t / "tokdir", "is a folder"),
-    "missing": (lambda t: t / "nope.bin", "no such file"),
+    "folder": (lambda t: (t / "tokdir").mkdir() or t / "tokdir", "tokdir: no usable tokenizer"),
+    "missing": (lambda t: t / "nope.bin", "no such tokenizer file"),
     "name-too-long": (lambda t: t / (LONG + ".bin"), "longer than the file system allows"),
     "garbage": (lambda t: _w(t / "g.bin", b"\x07\x00\x00\x00" + b"\xff" * 13),
                 "not a llama2.c tokenizer file"),

@@ -113,7 +113,7 @@ EVAL_CASES = {
     "binary-text": (lambda f, tok: ["--ppl", _ev(f, "b.txt", b"\x00\x01" * 64), "--tokenizer", tok], "NUL bytes"),
     "latin-1-text": (lambda f, tok: ["--ppl", _ev(f, "l.txt", "caf\u00e9".encode("latin-1")), "--tokenizer", tok],
                      "is not valid utf-8"),
-    "tokenizer-folder": (lambda f, tok: ["--ppl", f / "t.txt", "--tokenizer", f], "is a folder"),
+    "tokenizer-folder": (lambda f, tok: ["--ppl", f / "t.txt", "--tokenizer", f], "no usable tokenizer"),
     "tokenizer-too-big": (lambda f, tok: ["--ppl", f / "t.txt", "--tokenizer", tok, "--model-override"], None),
     "sts-on-causal-lm": (lambda f, tok: ["--sts", f / "t.txt", "--tokenizer", tok], "STS needs an encoder"),
     "ppl-missing": (lambda f, tok: ["--ppl", f / "none.txt", "--tokenizer", tok], "no such file"),

@@ -89,7 +89,8 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
     writes more, a saved plan, a TVM library) — is written into one temporary folder, loaded in ONNX
     Runtime and run on one sample (``check_output``), and only then moved into place.  Raises only
     :class:`LowbitError` subclasses (exit code 2: your input; 3: a lowbit bug, with a crash report).
-    ``load_options`` go to the frontend's ``load_model``.
+    ``load_options`` go to the frontend's ``load_model``: ``kv_cache=True`` loads a decoder built by lowbit
+    (llama2.c, Hugging Face, GGUF) in its KV-cache form (past/present key/values).
     """
     from lowbit.api.boundary import boundary
 

@@ -75,17 +75,14 @@ def _evaluate(model, *, ppl, sts, reference, tokenizer, stories, seq_len, encodi
             raise InputError(f"model '{model}' is an {kind}; perplexity needs a causal LM",
                              hint="use --sts CSV for an encoder")
         from lowbit.data.datasets import iter_stories
-        from lowbit.data.tokenizers import Llama2cTokenizer
+        from lowbit.frontends.text_tokenizers import load_tokenizer
         from lowbit.runtime.agreement import causal_agreement
         from lowbit.runtime.llm import perplexity, token_stream
 
         tok_path = tokenizer or m.metadata_props.get("lowbit.tokenizer")
         if not tok_path:
             raise LowbitError("perplexity needs the model's tokenizer", hint="pass --tokenizer tok.bin")
-        if Path(tok_path).is_dir():
-            raise InputError(f"tokenizer '{tok_path}' is a folder (a Hugging Face tokenizer?); this causal LM needs "
-                             "its llama2.c tok*.bin", hint="pass --tokenizer tok.bin")
-        tok = Llama2cTokenizer(tok_path)
+        tok = load_tokenizer(tok_path)
         vocab = _vocab(sess)
         if vocab is not None and tok.vocab_size > vocab:
             raise InputError(f"tokenizer '{tok_path}' has {tok.vocab_size} tokens but the model's vocabulary is "

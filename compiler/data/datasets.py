@@ -148,12 +148,12 @@ def load_hf_tokenizer(tokenizer_dir):
 
 
 def _tokenizer_for(model: ir.Model, tokenizer):
-    from lowbit.data.tokenizers import Llama2cTokenizer
+    from lowbit.frontends.text_tokenizers import load_tokenizer
 
     path = tokenizer or model.metadata_props.get("lowbit.tokenizer")
     if not path:
         raise CalibrationError("text calibration for a causal LM needs its tokenizer", hint="pass --tokenizer tok.bin")
-    return path if not isinstance(path, (str, Path)) else Llama2cTokenizer(path)
+    return load_tokenizer(path)
 
 
 MIN_TRUSTED_TOKENS = 64  # below this, calibration statistics are too noisy to trust (a warning, not an error)
@@ -213,14 +213,18 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         sentences = sentences[: (limit or 0) * 16 or None]
         feeds = encoder_feeds(tok_dir, sentences, inputs) if sentences else []
     else:
-        if len(inputs) != 1:
-            raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
-                                   hint="give a directory of .npz samples instead")
         tok = _tokenizer_for(model, tokenizer)
         import itertools
 
         stories = list(itertools.islice(iter_stories(path, encoding=encoding, max_chars=story_chars(tok, seq_len),
                                                      what="calibration"), limit))
+        if model.metadata_props.get("lowbit.kv_cache") == "true":  # prefill samples with an empty past
+            from lowbit.frontends.decoder import prefill_feeds
+
+            return _warn_if_small(prefill_feeds(model, causal_lm_feeds(tok, stories, seq_len, "ids")), str(path))
+        if len(inputs) != 1:
+            raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
+                                   hint="give a directory of .npz samples instead")
         feeds = causal_lm_feeds(tok, stories, seq_len, inputs[0])
     if not feeds:
         raise CalibrationError(f"{path}: holds no samples")
