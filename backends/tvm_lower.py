@@ -219,9 +219,10 @@ class LowerTvm(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         o = self.options
-        art = lower_tvm(model, o.target, o.out_dir, o.name, shape_dict=parse_shapes(o.shapes),
-                        tuning_db=o.tuning_db or None)
-        self.ctx.report["tvm"] = {"lib": str(art.lib), "params": str(art.params), "meta": str(art.meta),
-                                  "target": art.target}
+        art = lower_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, shape_dict=parse_shapes(o.shapes),
+                        tuning_db=o.tuning_db or None)  # staged: moved into out_dir only if the compile succeeds
+        final = Path(o.out_dir)
+        self.ctx.report["tvm"] = {"lib": str(final / art.lib.name), "params": str(final / art.params.name),
+                                  "meta": str(final / art.meta.name), "target": art.target}
         self.stats["artifacts"] += 1
         return PassResult(model, modified=False)
