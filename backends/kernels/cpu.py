@@ -31,7 +31,7 @@ __all__ = ["KernelBuildError", "library", "ISA_NAMES", "isa", "set_isa", "set_th
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "lowbit_cpu.c"
-CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11"]
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11"]
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512-vnni"}
 _LIB: ctypes.CDLL | None = None
 

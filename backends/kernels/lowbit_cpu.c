@@ -66,28 +66,61 @@ static int nthreads(void) {
 static inline size_t tg_bytes(int bits, int G) { return (size_t)TILE * G * bits / 8; }
 
 /* ---------------------------------------------------------------- activations */
+/* One group: amax, codes rint(x * 127/amax) (round half to even) clipped to +-127, their sum.  The
+ * vector paths compute the same float products and roundings, so all paths give identical codes. */
+static inline int32_t quant_tail(const float *x, int8_t *q, int from, int to, float inv) {
+    int32_t s = 0;
+    for (int k = from; k < to; k++) {
+        int v = (int)nearbyintf(x[k] * inv);
+        v = v > 127 ? 127 : (v < -127 ? -127 : v);
+        q[k] = (int8_t)v;
+        s += v;
+    }
+    return s;
+}
+
+__attribute__((target("avx512f,avx512bw"))) static int32_t quant_group512(const float *x, int8_t *q, int n, int G,
+                                                                            float *scale) {
+    __m512 mx = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= n; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    float amax = _mm512_reduce_max_ps(mx);
+    for (int t = k; t < n; t++) amax = fmaxf(amax, fabsf(x[t]));
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i sum = _mm512_setzero_si512();
+    for (k = 0; k + 16 <= n; k += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtepi32_epi8(v));
+    }
+    int32_t s = _mm512_reduce_add_epi32(sum) + quant_tail(x, q, k, n, inv);
+    memset(q + n, 0, (size_t)(G - n));
+    *scale = amax / 127.0f;
+    return s;
+}
+
+static int32_t quant_group_generic(const float *x, int8_t *q, int n, int G, float *scale) {
+    float amax = 0.0f;
+    for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t s = quant_tail(x, q, 0, n, inv);
+    memset(q + n, 0, (size_t)(G - n));
+    *scale = amax / 127.0f;
+    return s;
+}
+
 void lowbit_quantize_act(int M, int K, int Kp, int G, const float *x, int8_t *xq, float *xs, int32_t *xsum) {
-    int ng = Kp / G;
+    int ng = Kp / G, v512 = lowbit_isa() == ISA_AVX512VNNI;
     for (int m = 0; m < M; m++) {
-        const float *xr = x + (size_t)m * K;
-        int8_t *qr = xq + (size_t)m * Kp;
         for (int g = 0; g < ng; g++) {
-            int k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
-            float amax = 0.0f;
-            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xr[k]));
-            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int32_t s = 0;
-            for (int k = k0; k < k0 + G; k++) {
-                int v = 0;
-                if (k < k1) {
-                    v = (int)nearbyintf(xr[k] * inv);
-                    v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                }
-                qr[k] = (int8_t)v;
-                s += v;
-            }
-            xs[(size_t)m * ng + g] = amax / 127.0f;
-            xsum[(size_t)m * ng + g] = s;
+            int k0 = g * G, n = k0 + G < K ? G : (K > k0 ? K - k0 : 0);
+            const float *xr = x + (size_t)m * K + k0;
+            int8_t *qr = xq + (size_t)m * Kp + k0;
+            float *sc = xs + (size_t)m * ng + g;
+            xsum[(size_t)m * ng + g] = v512 ? quant_group512(xr, qr, n, G, sc) : quant_group_generic(xr, qr, n, G, sc);
         }
     }
 }
@@ -133,7 +166,7 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
                     const float *scales, const uint8_t *zeros, const int8_t *xq, const float *xs,
                     const int32_t *xsum, float *y) {
     const int b = bits == 3 ? 2 : bits, S = 8 / b, ng = Kp / G, nv = G * b / 32;
-    const int NA = MB == 1 ? 2 * S : 1; /* independent dpbusd chains per row */
+    const int NA = MB == 1 ? 2 : 1; /* independent dpbusd chains per row (groups overlap too) */
     const __m512i mask = _mm512_set1_epi8((char)((1 << b) - 1)), four = _mm512_set1_epi8(4);
     __m512 facc[4];
     for (int m = 0; m < MB; m++) facc[m] = _mm512_setzero_ps();
@@ -148,12 +181,12 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
                 __m512i w = _mm512_loadu_si512(tg + (v + u) * 64);
                 for (int s = 0; s < S; s++) {
                     __m512i c = b == 8 ? w : _mm512_and_si512(_mm512_srli_epi16(w, b * s), mask);
-                    if (bits == 3) c = _mm512_or_si512(c, _mm512_maskz_mov_epi8(_cvtu64_mask64(hi[(v + u) * 4 + s]), four));
+                    if (bits == 3) c = _mm512_mask_add_epi8(c, _cvtu64_mask64(hi[(v + u) * 4 + s]), c, four);
                     int kk = g * G + (v + u) * 4 * S + 4 * s;
                     for (int m = 0; m < MB; m++) {
                         int32_t x4;
                         memcpy(&x4, xq + (size_t)m * Kp + kk, 4);
-                        int a = m * NA + (NA == 1 ? 0 : (s + S * u) % NA);
+                        int a = m * NA + (NA == 1 ? 0 : u);
                         acc[a] = _mm512_dpbusd_epi32(acc[a], c, _mm512_set1_epi32(x4));
                     }
                 }
@@ -322,15 +355,64 @@ int lowbit_linear(int bits, int M, int K, int Kp, int N, int G, const float *x, 
     return rc;
 }
 
-/* Read bandwidth probe: sum of n uint64 words over `reps` passes (the memory floor's denominator). */
-__attribute__((target_clones("avx512f", "avx2", "default"))) uint64_t lowbit_stream_read(const uint64_t *p, size_t n,
-                                                                                          int reps) {
+/* Read bandwidth probe: sum of n uint64 words over `reps` passes, each thread summing one contiguous
+ * chunk with vector loads (the memory floor's denominator). */
+__attribute__((target("avx512f"))) static uint64_t sum512(const uint64_t *p, size_t n) {
+    __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a = _mm512_add_epi64(a, _mm512_loadu_si512(p + i));
+        b = _mm512_add_epi64(b, _mm512_loadu_si512(p + i + 8));
+        c = _mm512_add_epi64(c, _mm512_loadu_si512(p + i + 16));
+        d = _mm512_add_epi64(d, _mm512_loadu_si512(p + i + 24));
+    }
+    uint64_t s = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a, b), _mm512_add_epi64(c, d)));
+    for (; i < n; i++) s += p[i];
+    return s;
+}
+
+__attribute__((target("avx2"))) static uint64_t sum256(const uint64_t *p, size_t n) {
+    __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a = _mm256_add_epi64(a, _mm256_loadu_si256((const __m256i *)(p + i)));
+        b = _mm256_add_epi64(b, _mm256_loadu_si256((const __m256i *)(p + i + 4)));
+        c = _mm256_add_epi64(c, _mm256_loadu_si256((const __m256i *)(p + i + 8)));
+        d = _mm256_add_epi64(d, _mm256_loadu_si256((const __m256i *)(p + i + 12)));
+    }
+    uint64_t t[4];
+    _mm256_storeu_si256((__m256i *)t, _mm256_add_epi64(_mm256_add_epi64(a, b), _mm256_add_epi64(c, d)));
+    uint64_t s = t[0] + t[1] + t[2] + t[3];
+    for (; i < n; i++) s += p[i];
+    return s;
+}
+
+static uint64_t sum_generic(const uint64_t *p, size_t n) {
+    uint64_t s = 0;
+    for (size_t i = 0; i < n; i++) s += p[i];
+    return s;
+}
+
+uint64_t lowbit_stream_read(const uint64_t *p, size_t n, int reps) {
     uint64_t total = 0;
+    int isa = lowbit_isa();
     for (int r = 0; r < reps; r++) {
-        uint64_t s = 0;
-#pragma omp parallel for reduction(+ : s) schedule(static) num_threads(nthreads())
-        for (size_t i = 0; i < n; i++) s += p[i];
-        total += s;
+#pragma omp parallel num_threads(nthreads())
+        {
+            int t = 0, T = 1;
+#ifdef _OPENMP
+            t = omp_get_thread_num();
+            T = omp_get_num_threads();
+#endif
+            size_t chunk = (n + T - 1) / T, lo = chunk * t, hi = lo + chunk < n ? lo + chunk : n;
+            uint64_t s = 0;
+            if (lo < hi)
+                s = isa == ISA_AVX512VNNI ? sum512(p + lo, hi - lo)
+                    : isa == ISA_AVX2     ? sum256(p + lo, hi - lo)
+                                          : sum_generic(p + lo, hi - lo);
+#pragma omp atomic
+            total += s;
+        }
     }
     return total;
 }
