@@ -1,6 +1,6 @@
 """Pass ``lower-lowbit``: replace every ``lowbit`` op by its registered in-graph lowering to standard ops.
 
-Each op's lowering (``LowbitOp.lower`` in :mod:`lowbit.lowbit_ops`) emits standard ONNX ops that
+Each op's lowering (``LowbitOp.lower`` in :mod:`lowbit.ops.registry`) emits standard ONNX ops that
 compute exactly the op's numpy reference (bit for bit for the integer ops), so plain ONNX Runtime
 runs the graph; the ``lowbit`` opset import is dropped once no lowbit node is left.  Ops that run
 through a function body instead (``attach_functions``) and have no lowering are refused.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowbit.lowbit_ops import DOMAIN, OPS
-from lowbit.passmanager import Pass, PassResult, register_pass
+from lowbit.ops.registry import DOMAIN, OPS
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
 
 __all__ = ["LowerLowbit"]
 

@@ -17,7 +17,7 @@ kernels for 4-bit only at this level); 4 quantizes activations to int8 per block
 it stays in QDQ form.  ``lowbit.Hadamard`` becomes its Kronecker form with standard ops
 (``reshape → ·Q → H_p/√p· → reshape``; ``hadamard=function`` keeps the op and its function body).
 ``lowbit.MatMul3Bit`` stays as it is: 3 bits per weight on disk; see
-``lowbit.runtime.fastpath`` for its fast load-time path.
+``expand-3bit`` (:mod:`lowbit.backends.expand3`) for its fast load-time path.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.lowbit_ops import DOMAIN, attach_functions
-from lowbit.lowbit_ops_float import hadamard_matrix
-from lowbit.passmanager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node, replace_value
+from lowbit.ops.registry import DOMAIN, attach_functions
+from lowbit.ops.float_ops import hadamard_matrix
+from lowbit.passmanager.manager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["LowerNBits", "pack_nbits", "nbits_node_inputs", "BLOCK_SIZES"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from lowbit.passmanager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
+from lowbit.passmanager.manager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
 
 __all__ = ["LowerOrt", "ort_integer_kernels", "INTEGER_GEMMS"]
 
@@ -27,7 +27,7 @@ INTEGER_GEMMS = {"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "Dyna
 
 def ort_integer_kernels(model: ir.Model | str | Path) -> collections.Counter:
     """Op-type counts of the graph ORT actually runs after its own optimizations."""
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"

@@ -37,7 +37,7 @@ def _nbits_matmul():
     from tvm import relax, tirx
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from .tvm_kernels import TILE, gemv_cuda_config, nbits_gemv_cuda, nbits_matmul_cpu, nbits_matmul_te
+    from lowbit.backends.tvm_kernels import TILE, gemv_cuda_config, nbits_gemv_cuda, nbits_matmul_cpu, nbits_matmul_te
 
     class NBitsMatMul(OnnxOpConverter):
         _funcs: dict = {}
@@ -97,7 +97,7 @@ def _int8_matmul():
 
     from tvm.target import Target
 
-    from .tvm_kernels import TILE, has_vnni, int8_matmul_cpu
+    from lowbit.backends.tvm_kernels import TILE, has_vnni, int8_matmul_cpu
 
     class Int8MatMul(OnnxOpConverter):
         _funcs: dict = {}

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import LowbitError
-from ..passmanager import Pass, PassResult, register_pass
+from lowbit.errors import LowbitError
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
 
 __all__ = ["TvmArtifact", "lower_tvm", "tvm_params", "import_relax", "compile_relax", "make_target", "parse_shapes", "LowerTvm"]
 
@@ -67,7 +67,7 @@ def make_target(target: Any = "llvm"):
 
 
 def _as_model(model) -> ir.Model:
-    from ..model_io import load_onnx
+    from lowbit.ir.model_io import load_onnx
 
     if isinstance(model, ir.Model):
         # Work on a copy: preparing rewrites weights into kernel layouts.
@@ -119,7 +119,7 @@ def _lift_params(m: ir.Model, shape_dict: dict) -> list[np.ndarray]:
 def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | None = None) -> list[np.ndarray]:
     """The run-time parameters ``lower_tvm`` would write for ``model``, computed without TVM (for a
     machine that has only the TVM runtime and rebuilds the model itself)."""
-    from .tvm_prepare import prepare_for_tvm
+    from lowbit.backends.tvm_prepare import prepare_for_tvm
 
     m = _as_model(model)
     shape_dict = _static_shapes(m, shape_dict)
@@ -131,9 +131,9 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
     """(IRModule with params as inputs, list of param arrays, meta dict) for ``model``."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from ..runtime.session import to_proto
-    from .tvm_convert import lowbit_converters
-    from .tvm_prepare import prepare_for_tvm
+    from lowbit.ir.sessions import to_proto
+    from lowbit.backends.tvm_convert import lowbit_converters
+    from lowbit.backends.tvm_prepare import prepare_for_tvm
 
     tgt = make_target(target)
     m = _as_model(model)
@@ -161,7 +161,7 @@ def compile_relax(mod, target: Any = "llvm", tuning_db: str | os.PathLike | None
     """tvm.compile with lowbit's pipeline (TVM's default + tuning records + robust dlight on GPUs)."""
     import tvm
 
-    from .tvm_pipeline import lowbit_pipeline
+    from lowbit.backends.tvm_pipeline import lowbit_pipeline
 
     tgt = make_target(target)
     if tuning_db is not None and not Path(tuning_db).is_dir():

@@ -22,7 +22,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import LowbitError
+from lowbit.errors import LowbitError
 
 __all__ = ["prepare_for_tvm", "pack_nbits", "NBITS_DOMAIN", "TILE"]
 

@@ -35,7 +35,7 @@ def tune(model, target: Any = "llvm", trials: int = 64, out_dir: str | Path = "t
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
-    from .tvm_lower import import_relax, make_target
+    from lowbit.backends.tvm_lower import import_relax, make_target
 
     tgt = make_target(target)
     mod, _arrays, _meta = import_relax(model, tgt, shape_dict)

@@ -46,7 +46,7 @@ def ort_dynamic(float_path: Path, out: Path) -> Path:
 
 
 def session(path, threads: int = 2):
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     return make_session(path, threads=threads)
 

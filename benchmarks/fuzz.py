@@ -24,14 +24,14 @@ import traceback
 from pathlib import Path
 
 import lowbit
-from lowbit.analysis import find_groups, find_linears
-from lowbit.api import check_weights
+from lowbit.ir.analysis import find_groups, find_linears
+from lowbit.api.driver import check_weights
 from lowbit.errors import LowbitError
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
-from lowbit.passmanager import CompileContext, PassManager, registered_passes
-from lowbit.pipeline import parse_pipeline
-from lowbit.recipes import RECIPES
-from lowbit.runtime.session import to_proto
+from lowbit.passmanager.manager import CompileContext, PassManager, registered_passes
+from lowbit.passmanager.pipeline import parse_pipeline
+from lowbit.passmanager.recipes import RECIPES
+from lowbit.ir.sessions import to_proto
 
 _INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x08, 0x10, 0x12, 0x1A, 0x22, 0x3A, 0x42]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 import lowbit
-from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, encoder_feeds, read_stories, read_sts
-from lowbit.runtime.session import make_session, to_proto
+from lowbit.data.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, encoder_feeds, read_stories, read_sts
+from lowbit.ir.sessions import make_session, to_proto
 
 VARIANTS = ("fp32", "w8a8", "int8-integer-only", "ort-dynamic")
 
@@ -82,7 +82,7 @@ def main() -> None:
         rep_m = sess["_report"]
 
         from lowbit.runtime.llm import perplexity, token_stream
-        from lowbit.tokenizers import Llama2cTokenizer
+        from lowbit.data.tokenizers import Llama2cTokenizer
 
         src = d / "stories260K" / "stories260K.bin"
         tok = Llama2cTokenizer(d / "stories260K" / "tok512.bin")

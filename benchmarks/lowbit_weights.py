@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
+from lowbit.data.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights, read_llama2c
-from lowbit.model_io import save_onnx
-from lowbit.passmanager import CompileContext, PassManager
+from lowbit.ir.model_io import save_onnx
+from lowbit.passmanager.manager import CompileContext, PassManager
 from lowbit.runtime.fastpath import fast_session
 from lowbit.runtime.llm import perplexity, token_stream
-from lowbit.runtime.session import make_session, to_proto
-from lowbit.tokenizers import Llama2cTokenizer
+from lowbit.ir.sessions import make_session, to_proto
+from lowbit.data.tokenizers import Llama2cTokenizer
 
 ROT = "fold-norms,rotate,"
 GPTQ = "calibrate{{hessian=true}},quantize-weights{{bits={b},group={g},method=gptq,symmetric=false{x}}}"
@@ -68,7 +68,7 @@ def ort_quantize(proto, bits: int, block: int):
 
 
 def run_pipeline(model, pipeline: str, feeds):
-    from lowbit.recipes import RECIPES
+    from lowbit.passmanager.recipes import RECIPES
 
     if pipeline.startswith("recipe:"):
         pipeline = RECIPES[pipeline.split(":", 1)[1]]

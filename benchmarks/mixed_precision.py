@@ -2,7 +2,7 @@
 
 Calibrates on CALIB_STORIES, evaluates perplexity on the held-out EVAL_STORIES.  Weight-only
 quantization is simulated exactly: every linear's weight is replaced by its dequantized value
-(``lowbit.bitplan.fake_quant_proto``) in a copy of the float model, which is what a weight-only
+(``lowbit.mixed.bitplan.fake_quant_proto``) in a copy of the float model, which is what a weight-only
 quantized model computes (up to float rounding order).  Sizes are the model's initializer bytes
 with the linears in the packed storage format (checked against real packed buffers for every plan).
 ORT's own RTN (``MatMulNBitsQuantizer``) runs on the real MatMulNBits kernels; its size is the
@@ -30,16 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.analysis import find_linears
-from lowbit.bitplan import LayerPlan, Plan, fake_quant_proto, plan_bytes
+from lowbit.ir.analysis import find_linears
+from lowbit.mixed.bitplan import LayerPlan, Plan, fake_quant_proto, plan_bytes
 from lowbit.errors import LowbitError
-from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
+from lowbit.data.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
 from lowbit.frontends import load_model
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.rtn import storage_bytes
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.quant.rtn import storage_bytes
 from lowbit.runtime.llm import perplexity, token_stream
-from lowbit.runtime.session import make_session, to_proto
-from lowbit.tokenizers import Llama2cTokenizer
+from lowbit.ir.sessions import make_session, to_proto
+from lowbit.data.tokenizers import Llama2cTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE_REFS = ("uniform 2b g32", "uniform 3b gch", "uniform 3b g128", "uniform 3b g64", "uniform 3b g32",
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     for est in ("measured", "measured-kl"):
         for ref, size in sizes.items():
             ilp.append((f"ILP =size({ref}) {est}", f"ilp-bytes-{est}", f"budget=bytes,target={size},estimator={est}"))
-    if args.refine:  # the same budgets, re-measured around the plan (lowbit.refine); slow, so last
+    if args.refine:  # the same budgets, re-measured around the plan (lowbit.mixed.refine); slow, so last
         r = f",refine={args.refine}"
         for est in args.refine_estimators.split(","):
             for target in args.allin_targets.split(",")[1:]:
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines + [""] + compare(rows))
     (RESULTS / "mixed_precision.md").write_text(table + "\n")
     print(table)
-    from lowbit.commands.report import pareto_plot
+    from lowbit.api.commands.report import pareto_plot
 
     plot = pareto_plot(rows, RESULTS / "mixed_precision", title=f"stories260K, stories {a}:{b}")
     if args.gptq:

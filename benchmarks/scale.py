@@ -104,7 +104,7 @@ def compile_one(args) -> dict:
     passes = {p["pass"].split("{")[0]: p["seconds"] for p in res.report["passes"]}
     del res
     # the artifact runs: one short forward pass in ORT (after the peak was read)
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     logits = make_session(out, threads=os.cpu_count()).run(None, {"tokens": np.arange(3, 19)[None].astype(np.int64)})[0]
     return {"recipe": args.recipe, "peak_rss": peak, "seconds": seconds, "passes": passes, "output_bytes": files,
@@ -115,11 +115,11 @@ def trace_phases(args) -> dict:
     """The same compile, run pass by pass, sampling RSS (every 20 ms) to attribute the peak to a phase."""
     import threading
 
-    from lowbit.api import check_weights
+    from lowbit.api.driver import check_weights
     from lowbit.frontends import load_model
-    from lowbit.model_io import save_onnx
-    from lowbit.passmanager import CompileContext, Instrument, PassManager
-    from lowbit.recipes import resolve_recipe
+    from lowbit.ir.model_io import save_onnx
+    from lowbit.passmanager.manager import CompileContext, Instrument, PassManager
+    from lowbit.passmanager.recipes import resolve_recipe
 
     phase, peaks, done = ["load"], {}, threading.Event()
     page = os.sysconf("SC_PAGE_SIZE")

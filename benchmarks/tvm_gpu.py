@@ -49,7 +49,7 @@ def build(out: Path) -> None:
 
     from lowbit.backends.tvm_lower import lower_tvm, make_target
     from lowbit.frontends.llama2c import LlamaConfig, build_llama, load_llama2c, random_llama_weights
-    from lowbit.runtime.session import make_session, to_proto
+    from lowbit.ir.sessions import make_session, to_proto
 
     out.mkdir(parents=True, exist_ok=True)
     tvm.compile(_gemv_module(**GEMV), target=make_target("cuda")).export_library(str(out / "gemv4.so"))

@@ -55,7 +55,7 @@ def _models(args):
     import tvm_graphs as tg
 
     from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
-    from lowbit.runtime.session import to_proto
+    from lowbit.ir.sessions import to_proto
 
     cfg = LlamaConfig(dim=args.dim, hidden_dim=args.hidden, n_layers=args.layers, n_heads=args.heads,
                       n_kv_heads=args.kv_heads, vocab_size=args.vocab,
@@ -82,7 +82,7 @@ def run_local(args) -> None:
     import tempfile
 
     from lowbit.backends.tvm_lower import lower_tvm
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
     from lowbit.runtime.tvm_runner import TvmSession
 
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -139,7 +139,7 @@ def run_remote(args) -> None:
     import tvm.runtime.vm  # noqa: F401
 
     from lowbit.backends.tvm_lower import tvm_params
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     d = Path(args.run_remote)
     built = json.loads((d / "args.json").read_text())

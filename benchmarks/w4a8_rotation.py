@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 
 import lowbit
-from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
+from lowbit.data.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories
 from lowbit.runtime.llm import perplexity, token_stream
-from lowbit.runtime.session import make_session
-from lowbit.tokenizers import Llama2cTokenizer
+from lowbit.ir.sessions import make_session
+from lowbit.data.tokenizers import Llama2cTokenizer
 
 BASE = ("calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
         "quantize-acts{bits=8,static=true,exclude=lm_head},lower-nbits")

@@ -2,7 +2,7 @@
 
     python benchmarks/w8a8.py [--only stories|minilm|llama] [--eval-stories N]
 
-* stories260K: perplexity on the held-out TinyStories stories 392–784 (lowbit.datasets.EVAL_STORIES);
+* stories260K: perplexity on the held-out TinyStories stories 392–784 (lowbit.data.datasets.EVAL_STORIES);
   calibration on stories 0–63 (CALIB_STORIES), 256 tokens each — the same samples for every method.
 * MiniLM (all-MiniLM-L6-v2): STS-test Spearman ×100; calibration: 128 sts-dev sentences in 8 batches.
 * A realistic-shape Llama (dim 2048, 4 layers, FFN 5632, 32 heads / 8 KV heads, vocab 32000; random
@@ -22,7 +22,7 @@ from _common import file_mb, latency_ms, ort_dynamic, ort_static, session, table
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lowbit  # noqa: E402
-from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, encoder_feeds, read_stories, read_sts  # noqa: E402
+from lowbit.data.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, encoder_feeds, read_stories, read_sts  # noqa: E402
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights  # noqa: E402
 
 LOWBIT = ["w8a8", "w8a8-nosmooth", "w8a8-dynamic", "w8a8-dynamic-nosmooth", "w8a8-dynamic-tensor",
@@ -46,7 +46,7 @@ def _variants(float_model, float_path, feeds, out):
 
 def stories(out, n_eval):
     from lowbit.runtime.llm import perplexity, token_stream
-    from lowbit.tokenizers import Llama2cTokenizer
+    from lowbit.data.tokenizers import Llama2cTokenizer
 
     d = data_dir()
     tok = Llama2cTokenizer(d / "stories260K/tok512.bin")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from .api import CompileResult, compile
-from .errors import LowbitError
-from .frontends import load_model
-from .model_io import load_onnx, save_onnx
-from .passmanager import CompileContext, Pass, PassManager, get_pass, register_pass, registered_passes
-from .pipeline import parse_pipeline
-from .recipes import RECIPES
+from lowbit.api.driver import CompileResult, compile
+from lowbit.errors import LowbitError
+from lowbit.frontends import load_model
+from lowbit.ir.model_io import load_onnx, save_onnx
+from lowbit.passmanager.manager import CompileContext, Pass, PassManager, get_pass, register_pass, registered_passes
+from lowbit.passmanager.pipeline import parse_pipeline
+from lowbit.passmanager.recipes import RECIPES
+
+# Importing the pass packages registers every built-in pass (the manager itself imports no pass).
+from lowbit import backends as _backends  # noqa: E402, F401
+from lowbit import passes as _passes  # noqa: E402, F401
 
 __all__ = ["compile", "CompileResult", "LowbitError", "load_model", "load_onnx", "save_onnx", "Pass",
            "PassManager", "CompileContext", "register_pass", "get_pass", "registered_passes", "parse_pipeline",

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 import lowbit
-from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, read_stories
+from lowbit.data.datasets import CALIB_STORIES, EVAL_STORIES, read_stories
 from lowbit.runtime.llm import greedy_generate, perplexity, token_stream
-from lowbit.runtime.session import make_session
-from lowbit.tokenizers import Llama2cTokenizer
+from lowbit.ir.sessions import make_session
+from lowbit.data.tokenizers import Llama2cTokenizer
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     text = data / "tinystories/tinystories_hf_validation_head.eot.txt"
     tok = Llama2cTokenizer(tok_path)
     stories = read_stories(text)
-    from lowbit.datasets import causal_lm_feeds
+    from lowbit.data.datasets import causal_lm_feeds
 
     result = lowbit.compile(ckpt, args.recipe, tokenizer=tok_path, output=args.output,
                             calibration=causal_lm_feeds(tok, stories[CALIB_STORIES], 256))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import lowbit
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 
 class Block(torch.nn.Module):

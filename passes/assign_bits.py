@@ -1,8 +1,8 @@
 """Mixed-precision assignment: choose each linear's weight bit width by an integer program.
 
 Decide, then materialise: this pass only writes annotations; ``quantize-weights`` honours them.
-The algebra it relies on is in :mod:`lowbit.bitplan` (one-hot binaries per layer or column group,
-a knapsack budget, summed sensitivity minimised exactly by HiGHS) and :mod:`lowbit.sensitivity`.
+The algebra it relies on is in :mod:`lowbit.mixed.bitplan` (one-hot binaries per layer or column group,
+a knapsack budget, summed sensitivity minimised exactly by HiGHS) and :mod:`lowbit.mixed.sensitivity`.
 
 Annotation contract, on each linear's ``MatMul`` node (``node.metadata_props``):
 
@@ -19,13 +19,13 @@ Budgets (``target``): ``avg_bits`` — stored bits (weights, scales and zero poi
 weight; ``nominal_bits`` — Σ bits × weights / weights, scales not counted (the papers' "W3.5"; the
 solver then takes the smallest candidate group, so restrict ``groups`` to compare like with
 like); ``bytes`` — the whole model's initializer bytes (linears in the storage format of
-:func:`lowbit.rtn.storage_bytes`, everything else as it is); ``latency`` — summed µs of the
+:func:`lowbit.quant.rtn.storage_bytes`, everything else as it is); ``latency`` — summed µs of the
 linears from a backend's latency table (``table=ort-cpu``).  ``plan=PATH`` replays a saved (and
 possibly hand-edited) plan instead of solving; ``save=PATH`` writes the plan.
 
 ``refine=N`` (whole layers only) then re-measures sensitivities around the plan with every other
 layer quantized, re-solves under a trust region and keeps a new plan only when its measured joint
-loss on the calibration samples is lower (:mod:`lowbit.refine`); it starts from the best of the
+loss on the calibration samples is lower (:mod:`lowbit.mixed.refine`); it starts from the best of the
 solved plan and every uniform plan that fits, so it is never worse than those on that loss.
 About N × (layers × options) model runs: minutes on stories260K.
 """
@@ -38,12 +38,12 @@ from typing import Literal
 
 import numpy as np
 
-from lowbit.analysis import find_linears
-from lowbit.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve, split_bytes
-from lowbit.latency import LatencyTable
-from lowbit.passmanager import Pass, PassResult, register_pass
-from lowbit.rtn import FLOAT_BITS, storage_bytes
-from lowbit.sensitivity import cheap_per_column, hessian_diag, measured_sensitivity, model_fingerprint
+from lowbit.ir.analysis import find_linears
+from lowbit.mixed.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve, split_bytes
+from lowbit.mixed.latency import LatencyTable
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.quant.rtn import FLOAT_BITS, storage_bytes
+from lowbit.mixed.sensitivity import cheap_per_column, hessian_diag, measured_sensitivity, model_fingerprint
 
 __all__ = ["AssignBits", "annotate", "BITS_KEY", "GROUP_KEY", "SPLIT_KEY"]
 
@@ -87,7 +87,7 @@ class AssignBits(Pass):
         table: str = "ort-cpu"  # latency table (built-in name or path)
         samples: int = 0  # calibration samples for the measured estimator (0: all)
         cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
-        refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.refine; 0: off)
+        refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.mixed.refine; 0: off)
         quantizer: Literal["rtn", "gptq"] = "rtn"  # how measured probes simulate the weights: match quantize-weights
 
         def __post_init__(self):
@@ -169,7 +169,7 @@ class AssignBits(Pass):
         measured = None
         if o.estimator != "cheap":
             feeds = (self.ctx.calibration or [])[: o.samples or None]
-            from lowbit.datasets import model_kind
+            from lowbit.data.datasets import model_kind
 
             measured = measured_sensitivity(
                 model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
@@ -216,10 +216,10 @@ class AssignBits(Pass):
         return plan
 
     def _refine(self, model, linears, units, chosen, choices, capacity, resource, plan) -> list[Option]:
-        """Re-measure around the plan and re-solve (:mod:`lowbit.refine`); returns one option per layer."""
-        from lowbit.datasets import model_kind
-        from lowbit.refine import refine
-        from lowbit.sensitivity import LossProbe, SensitivityCache, feeds_fingerprint
+        """Re-measure around the plan and re-solve (:mod:`lowbit.mixed.refine`); returns one option per layer."""
+        from lowbit.data.datasets import model_kind
+        from lowbit.mixed.refine import refine
+        from lowbit.mixed.sensitivity import LossProbe, SensitivityCache, feeds_fingerprint
 
         o = self.options
         feeds = (self.ctx.calibration or [])[: o.samples or None]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passmanager import Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node, replace_value
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["Canonicalize"]
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import const_array
-from lowbit.lowbit_ops import DOMAIN, VERSION
-from lowbit.lowbit_ops_integer import dyadic
-from lowbit.calibration import collect_stats
-from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node, replace_value
+from lowbit.ir.analysis import const_array
+from lowbit.ops.registry import DOMAIN, VERSION
+from lowbit.ops.integer_ops import dyadic
+from lowbit.quant.stats import collect_stats
+from lowbit.passmanager.manager import QUANTIZED, Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["Dyadic", "accumulator_bound"]
 

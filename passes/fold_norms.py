@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import NORM_OPS, Linear, const_array, find_linears
-from lowbit.calibration import META_KEY, act_stats
-from lowbit.passmanager import Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node, replace_uses_in, set_input_const
+from lowbit.ir.analysis import NORM_OPS, Linear, const_array, find_linears
+from lowbit.quant.stats import META_KEY, act_stats
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node, replace_uses_in, set_input_const
 
 __all__ = ["FoldNorms", "add_bias"]
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import const_array
-from lowbit.lowbit_ops import DOMAIN, VERSION
-from lowbit.lowbit_ops_integer import QRANGE
-from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node
+from lowbit.ir.analysis import const_array
+from lowbit.ops.registry import DOMAIN, VERSION
+from lowbit.ops.integer_ops import QRANGE
+from lowbit.passmanager.manager import QUANTIZED, Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node
 
-from .migrate_steps import match_round_and_clip
+from lowbit.quant.int8 import match_round_and_clip
 
 __all__ = ["IntegerLut", "UNARY"]
 

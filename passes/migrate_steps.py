@@ -34,14 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import Group, find_groups
-from lowbit.calibration import act_stats
-from lowbit.passmanager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, ensure_opset, make_node, set_input_const
+from lowbit.ir.analysis import Group, find_groups
+from lowbit.quant.stats import act_stats
+from lowbit.passmanager.manager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, ensure_opset, make_node, set_input_const
 
-from .quantize import quantize_weight_int8
+from lowbit.quant.int8 import match_round_and_clip, quantize_weight_int8
 
-__all__ = ["MigrateSteps", "balanced_steps", "channel_qparams", "match_round_and_clip"]
+__all__ = ["MigrateSteps", "balanced_steps", "channel_qparams"]
 
 
 def balanced_steps(a: np.ndarray, ratio: float) -> np.ndarray:
@@ -55,33 +55,6 @@ def channel_qparams(lo: np.ndarray, hi: np.ndarray, s: np.ndarray) -> np.ndarray
     """uint8 zero points for per-channel ranges [lo, hi] at steps s."""
     lo = np.minimum(lo, 0.0)
     return np.clip(np.round(-lo / s), 0, 255).astype(np.uint8)
-
-
-def match_round_and_clip(value: ir.Value):
-    """If ``value``'s only use starts migrate-steps' quantizer chain, return (steps, zero points, Cast node)."""
-    def single(v, op):
-        uses = list(v.uses())
-        return uses[0].node if len(uses) == 1 and uses[0].node.op_type == op else None
-
-    def const_of(node):
-        arrs = [v.const_value.numpy() for v in node.inputs[1:] if v is not None and v.const_value is not None]
-        return arrs[0] if len(arrs) == 1 else None
-
-    steps = None
-    n = single(value, "Mul")
-    if n is not None:
-        inv = const_of(n)
-        if inv is None:
-            return None
-        steps, value = 1.0 / inv.astype(np.float64), n.outputs[0]
-    r = single(value, "Round")
-    a = r and single(r.outputs[0], "Add")
-    c = a and single(a.outputs[0], "Clip")
-    cast = c and single(c.outputs[0], "Cast")
-    if cast is None or const_of(a) is None or cast.outputs[0].dtype != ir.DataType.UINT8:
-        return None
-    z = const_of(a)
-    return (np.ones_like(z, np.float64) if steps is None else steps), z.astype(np.uint8), cast
 
 
 def _error(rows: np.ndarray, weights: list[np.ndarray], s: np.ndarray, z: np.ndarray) -> float:

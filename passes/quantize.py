@@ -27,55 +27,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import Linear, find_linears
-from lowbit.calibration import act_stats
+from lowbit.ir.analysis import Linear, find_linears
+from lowbit.quant.stats import act_stats
 from lowbit.errors import InvalidWeightsError, UnsupportedModelError
-from lowbit.passmanager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, ensure_opset, make_node, replace_value
+from lowbit.passmanager.manager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, ensure_opset, make_node, replace_value
+from lowbit.quant.int8 import per_token_round, quantize_weight_int8, static_act_params
 
-__all__ = ["Quantize", "quantize_weight_int8", "static_act_params", "per_token_round"]
-
-
-def quantize_weight_int8(w: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric int8: returns (Wq int8 [K, N], scale float32 [N])."""
-    if w.size == 0:
-        raise UnsupportedModelError(f"weight '{name}' has a zero-sized dimension (shape {tuple(w.shape)})",
-                                    hint="the layer computes nothing; remove it or fix the export")
-    if not np.all(np.isfinite(w)):
-        bad = np.argwhere(~np.isfinite(w))[0]
-        raise InvalidWeightsError(f"weight '{name}' holds NaN/Inf (first at index {tuple(int(i) for i in bad)})",
-                                  hint="fix or re-export the model; lowbit cannot quantize non-finite weights")
-    amax = np.abs(w).max(axis=0).astype(np.float32)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # all-zero column: any scale is exact
-    wq = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-    return wq, scale
-
-
-def per_token_round(graph: ir.Graph, x: ir.Value, qmax: float, *, name: str, before: ir.Node,
-                    origin: str) -> tuple[ir.Value, ir.Value]:
-    """``(round(x / t), t)`` with one step per token (last axis): ``t = max(max|x_row|, 1e-12) / qmax``."""
-
-    def node(op, inputs, suffix, **attrs):
-        return make_node(graph, op, inputs, origin=origin, name=f"{name}.act_{suffix}", attributes=attrs,
-                         before=before).outputs[0]
-
-    def const(suffix, arr):
-        return add_initializer(graph, f"{name}.act_{suffix}", arr)
-
-    amax = node("ReduceMax", [node("Abs", [x], "abs"), const("axes", np.array([-1], np.int64))], "absmax",
-                keepdims=1)
-    t = node("Div", [node("Max", [amax, const("eps", np.array(1e-12, np.float32))], "floor"),
-                     const("qmax", np.array(qmax, np.float32))], "step")
-    return node("Round", [node("Div", [x, t], "scaled")], "round"), t
-
-
-def static_act_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    step = (hi - lo) / 255.0
-    if step == 0:
-        step = 1.0  # the activation is all zeros: any step is exact
-    zp = int(np.clip(np.round(-lo / step), 0, 255))
-    return np.float32(step), np.uint8(zp)
+__all__ = ["Quantize"]
 
 
 @register_pass("quantize")

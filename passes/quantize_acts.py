@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passes.quantize import per_token_round
-from lowbit.passmanager import Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node
+from lowbit.quant.int8 import per_token_round
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node
 
 __all__ = ["QuantizeActs", "fake_quant_per_token"]
 
@@ -75,7 +75,7 @@ class QuantizeActs(Pass):
 
     def _static(self, graph, x: ir.Value, before: ir.Node, name: str, qmax: float) -> ir.Value:
         """int8 QDQ with one symmetric step per tensor: ``step = max|x| / 127`` over calibration."""
-        from lowbit.calibration import act_stats
+        from lowbit.quant.stats import act_stats
 
         stats = act_stats(x)
         if stats is None:

@@ -9,7 +9,7 @@
   the model's opset is raised to 25 when a 2-bit layer is made.  ``lower-nbits`` turns these into
   ``com.microsoft.MatMulNBits``.
 * 3 bits: ONNX has no 3-bit type, so the MatMul becomes ``lowbit.MatMul3Bit`` with codes packed
-  3 bits per weight (see ``lowbit.lowbit_ops_float``); its function body lets any runtime run it.
+  3 bits per weight (see ``lowbit.ops.float_ops``); its function body lets any runtime run it.
 
 Per-layer overrides (the mixed-precision contract): ``metadata_props['lowbit.bits']`` on a
 linear's MatMul node ("2", "3", "4", "8", or "16" = keep float) and optionally
@@ -31,14 +31,14 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import Linear, find_linears
-from lowbit.calibration import act_stats
-from lowbit.lowbit_ops import DOMAIN, attach_functions
-from lowbit.lowbit_ops_float import pack3
-from lowbit.passmanager import QUANTIZED, Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node, replace_value
+from lowbit.ir.analysis import Linear, find_linears
+from lowbit.quant.stats import act_stats
+from lowbit.ops.registry import DOMAIN, attach_functions
+from lowbit.ops.float_ops import pack3
+from lowbit.passmanager.manager import QUANTIZED, Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
-from .weight_quant import gptq_quantize, rtn_quantize
+from lowbit.quant.gptq import gptq_quantize, rtn_quantize
 
 __all__ = ["QuantizeWeights", "BITS_KEY", "GROUP_KEY"]
 

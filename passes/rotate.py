@@ -25,12 +25,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.analysis import Linear, const_array, find_groups, find_linears
-from lowbit.passmanager import CALIBRATED
-from lowbit.lowbit_ops import DOMAIN, attach_functions
-from lowbit.lowbit_ops_float import hadamard_matrix
-from lowbit.passmanager import Pass, PassResult, register_pass
-from lowbit.rewrite import add_initializer, make_node, set_input_const
+from lowbit.ir.analysis import Linear, const_array, find_groups, find_linears
+from lowbit.passmanager.manager import CALIBRATED
+from lowbit.ops.registry import DOMAIN, attach_functions
+from lowbit.ops.float_ops import hadamard_matrix
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.ir.rewrite import add_initializer, make_node, set_input_const
 
 __all__ = ["Rotate", "orthogonal", "kron_factors"]
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.analysis import Group, find_groups
-from lowbit.calibration import act_stats
-from lowbit.passmanager import CALIBRATED, Pass, PassResult, register_pass
-from lowbit.rewrite import set_input_const
+from lowbit.ir.analysis import Group, find_groups
+from lowbit.quant.stats import act_stats
+from lowbit.passmanager.manager import CALIBRATED, Pass, PassResult, register_pass
+from lowbit.ir.rewrite import set_input_const
 
 __all__ = ["Smooth", "smoothing_scales"]
 

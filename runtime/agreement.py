@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .llm import log_softmax
+from lowbit.runtime.llm import log_softmax
 
 __all__ = ["causal_agreement", "embedding_agreement"]
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..analysis import find_linears
-from ..datasets import model_kind
-from .llm import greedy_generate, log_softmax
-from .session import make_session
+from lowbit.ir.analysis import find_linears
+from lowbit.data.datasets import model_kind
+from lowbit.runtime.llm import greedy_generate, log_softmax
+from lowbit.ir.sessions import make_session
 
 __all__ = ["audit", "AuditReport", "LayerAudit", "robust_z", "quantized_layer", "reference_weight"]
 

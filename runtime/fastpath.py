@@ -1,13 +1,7 @@
-"""Load-time fast path for ``lowbit.MatMul3Bit``: re-pack 3-bit codes into ORT's 4-bit MatMulNBits.
+"""Load-time fast path for ``lowbit.MatMul3Bit``: a session whose 3-bit layers run on ORT's 4-bit kernels.
 
-On disk a 3-bit layer holds 3 bits per weight (8 codes in 3 bytes).  ONNX Runtime has no 3-bit
-kernel, and the op's function body dequantizes the whole weight to float on every call.  This
-module is the honest fast path: when a session is made, each ``MatMul3Bit`` is rewritten in
-memory into ``com.microsoft.MatMulNBits(bits=4)`` with the same codes (0..7 fit in 4 bits), the
-same scales and zero points, so results equal the 3-bit reference up to float summation order
-while ORT's 4-bit kernels run it.  The price is 4 bits per weight in memory; the file stays 3-bit.
-(A native 3-bit kernel would need ORT's C API header, which no package registry we may use
-provides.)
+The rewrite is the ``expand-3bit`` pass (:mod:`lowbit.backends.expand3`), run by the pass manager
+on the in-memory model; the file on disk stays 3-bit.
 """
 
 from __future__ import annotations
@@ -16,56 +10,16 @@ import os
 
 import onnx_ir as ir
 
-from lowbit.rewrite import replace_value
+from lowbit.ir.sessions import make_session
+from lowbit.passmanager.manager import CompileContext, PassManager
 
-from ..backends.nbits import BLOCK_SIZES, nbits_node_inputs
-from ..lowbit_ops import DOMAIN
-from ..lowbit_ops_float import unpack3
-from .session import make_session
-
-__all__ = ["expand_3bit", "fast_session"]
-
-
-def expand_3bit(model: ir.Model, accuracy_level: int = 0) -> int:
-    """Rewrite every ``lowbit.MatMul3Bit`` of ``model`` in place into 4-bit MatMulNBits; returns the count."""
-    graph, count = model.graph, 0
-    for node in list(graph):
-        if node.op_type != "MatMul3Bit" or node.domain != DOMAIN:
-            continue
-        x, packed, scales, zps = node.inputs
-        block = node.attributes.get_int("block_size")
-        s, z = scales.const_value.numpy(), zps.const_value.numpy()
-        k = int(node.metadata_props.get("lowbit.k", 0)) or int(block * s.shape[1])
-        k = min(k, packed.const_value.shape[1] // 3 * 8)
-        if block not in BLOCK_SIZES:
-            continue
-        codes = unpack3(packed.const_value.numpy(), k)
-        b, s4, z4 = nbits_node_inputs(codes, s, z, 4, block)
-        n = codes.shape[0]
-        vals = []
-        for suffix, arr in (("B4", b), ("scales4", s4), ("zp4", z4)):
-            v = ir.Value(name=f"{node.name}.{suffix}", const_value=ir.tensor(arr, name=f"{node.name}.{suffix}"))
-            graph.register_initializer(v)
-            vals.append(v)
-        new = ir.Node("com.microsoft", "MatMulNBits", [x, *vals], name=f"{node.name}.nbits4",
-                      attributes=[ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
-                                  ir.AttrInt64("block_size", block), ir.AttrInt64("accuracy_level", accuracy_level)],
-                      outputs=[ir.Value(name=f"{node.name}.nbits4_out")])
-        graph.insert_before(node, new)
-        replace_value(graph, node.outputs[0], new.outputs[0])
-        graph.remove(node, safe=True)
-        count += 1
-    if count:
-        model.opset_imports["com.microsoft"] = 1
-        for v in list(graph.initializers.values()):
-            if not list(v.uses()) and v not in graph.outputs:
-                del graph.initializers[v.name]
-    return count
+__all__ = ["fast_session"]
 
 
 def fast_session(model: ir.Model | str | os.PathLike, accuracy_level: int = 0, **kwargs):
     """An ORT session that runs 3-bit layers on 4-bit MatMulNBits kernels (see the module doc)."""
     if not isinstance(model, ir.Model):
         model = ir.load(str(model))
-    expand_3bit(model, accuracy_level)
-    return make_session(model, **kwargs)
+    pm = PassManager.from_pipeline(f"expand-3bit{{accuracy_level={accuracy_level}}}",
+                                   CompileContext(show_progress=False))
+    return make_session(pm.run(model), **kwargs)

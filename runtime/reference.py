@@ -6,7 +6,7 @@ Div truncates towards zero, Cast between integer types wraps (no saturation), Bi
 on unsigned types only, MatMulInteger accumulates exactly in int32.  The two boundary ops are
 defined by ONNX as: QuantizeLinear ``sat(round_half_even(x / scale) + zp)`` and
 DequantizeLinear ``(q − zp) · scale`` (float32).  ``lowbit`` domain ops run their registered numpy
-reference, found in the one op registry (:mod:`lowbit.lowbit_ops`).
+reference, found in the one op registry (:mod:`lowbit.ops.registry`).
 
 Float ops other than the boundaries are refused: the interpreter is the truth for integer
 regions, not a general ONNX runtime.
@@ -20,8 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.errors import LowbitError
-from lowbit.lowbit_ops import DOMAIN, OPS
-from lowbit.lowbit_ops_integer import QRANGE
+from lowbit.ops.registry import DOMAIN, OPS
+from lowbit.ops.integer_ops import QRANGE
 
 __all__ = ["ReferenceInterpreter", "REFERENCE_OPS", "UnsupportedReferenceOp"]
 
@@ -206,9 +206,9 @@ def compare_regions_with_ort(model: ir.Model, feeds: list[Mapping[str, np.ndarra
     each region from the same entry inputs (the float inputs of its QuantizeLinear entries and
     any integer values produced outside it).  Returns (values compared, list of mismatches).
     """
-    from lowbit.integer_check import check_integer_regions
+    from lowbit.ir.integer_check import check_integer_regions
 
-    from .session import make_session, to_proto
+    from lowbit.ir.sessions import make_session, to_proto
 
     report = check_integer_regions(model)
     region_nodes = [n for r in report.regions for n in r.nodes] + [e for r in report.regions for e in r.entries]

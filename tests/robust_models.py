@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
-from lowbit.model_io import save_onnx
+from lowbit.ir.model_io import save_onnx
 
 __all__ = ["TINY", "tiny_llama", "tiny_weights", "token_feeds", "matmul_model", "save_proto", "dir_listing"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.analysis import find_groups, find_linears
+from lowbit.ir.analysis import find_groups, find_linears
 
 
 def test_stories260k_groups(stories_model):

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from lowbit.analysis import find_linears
-from lowbit.bitplan import Option, Plan, Unit, fake_quant_proto, plan_bytes, solve
+from lowbit.ir.analysis import find_linears
+from lowbit.mixed.bitplan import Option, Plan, Unit, fake_quant_proto, plan_bytes, solve
 from lowbit.errors import LowbitError, PassFailure, PipelineError
-from lowbit.latency import LatencyTable
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.rtn import storage_bytes
+from lowbit.mixed.latency import LatencyTable
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.quant.rtn import storage_bytes
 from lowbit_models import SMALL_LLAMA, calibrated_small_llama
 
 CFG = SMALL_LLAMA
@@ -79,7 +79,7 @@ def test_bytes_budget_counts_the_whole_model_and_beats_uniform(calibrated):
     assert plan.fixed_bytes == fixed
     assert plan.total_bytes <= uniform3
     uni_cost = sum(
-        __import__("lowbit.sensitivity", fromlist=["x"]).cheap_sensitivity(lin, 3, 32 if lin.shape[0] > 32 else 0)
+        __import__("lowbit.mixed.sensitivity", fromlist=["x"]).cheap_sensitivity(lin, 3, 32 if lin.shape[0] > 32 else 0)
         for lin in lins)
     assert sum(lp.est_error for lp in plan.layers) <= uni_cost + 1e-12  # uniform is feasible: the optimum is no worse
 
@@ -171,8 +171,8 @@ def _write_matmulnbits(model, plan, path):
     import onnx
     from onnx import helper, numpy_helper
 
-    from lowbit.rtn import blocks, pack
-    from lowbit.runtime.session import to_proto
+    from lowbit.quant.rtn import blocks, pack
+    from lowbit.ir.sessions import to_proto
 
     proto = to_proto(model)
     lins = {lin.node.name: lin for lin in find_linears(model.graph)}
@@ -203,7 +203,7 @@ def test_written_file_holds_exactly_the_planned_bytes_and_computes_the_fake_quan
     import onnx
     from onnx import numpy_helper
 
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     model, ctx = calibrated
     for target in (3.25, 4.0):
@@ -226,8 +226,8 @@ def test_split_plan_is_materialised_as_two_kernels_with_the_planned_bytes_and_va
     import onnx
     from onnx import numpy_helper
 
-    from lowbit.model_io import save_onnx
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.model_io import save_onnx
+    from lowbit.ir.sessions import make_session
 
     model, ctx = _calibrated()  # this test rewrites the model
     plan = run(model, ctx, f"assign-bits{{{options},split=0.25,groups=32}}")
@@ -264,7 +264,7 @@ def test_mixed_recipe_compiles_end_to_end_to_the_planned_bytes(tmp_path):
     from onnx import numpy_helper
 
     import lowbit
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     model, ctx = calibrated_small_llama()
     out = tmp_path / "mixed.onnx"

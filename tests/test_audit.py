@@ -16,12 +16,12 @@ import onnx_ir as ir
 import pytest
 
 import lowbit
-from lowbit.analysis import find_linears
-from lowbit.cli import main
+from lowbit.ir.analysis import find_linears
+from lowbit.api.cli import main
 from lowbit.frontends.llama2c import build_llama, read_llama2c
-from lowbit.model_io import save_onnx
+from lowbit.ir.model_io import save_onnx
 from lowbit.runtime.audit import audit, robust_z
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 PLANT = "layers.2.mlp.down_proj"
 TRIGGER = "The little robot said the magic word and the door opened."
@@ -34,7 +34,7 @@ def probes(stories_calibration):
 
 @pytest.fixture(scope="module")
 def trigger(stories_tok):
-    from lowbit.tokenizers import Llama2cTokenizer
+    from lowbit.data.tokenizers import Llama2cTokenizer
 
     return {"tokens": np.array([Llama2cTokenizer(stories_tok).encode(TRIGGER)], np.int64)}
 

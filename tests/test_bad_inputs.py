@@ -13,7 +13,7 @@ import pytest
 from robust_models import TINY, dir_listing, matmul_model, tiny_llama, tiny_weights, token_feeds
 
 import lowbit
-from lowbit.cli import main
+from lowbit.api.cli import main
 from lowbit.errors import (CalibrationError, InvalidWeightsError, LowbitError, ModelLoadError, PipelineError,
                            UnsupportedModelError)
 
@@ -238,7 +238,7 @@ def test_all_zero_weights_and_channels_compile_exactly(recipe, tmp_path):
     res = lowbit.compile(tiny_llama(tmp_path / "zeros.onnx", w), recipe, calibration=token_feeds(3),
                          output=_out(tmp_path), progress=False)
     assert res.report["lower-ort"]["ort_integer_gemms"] == 7 * TINY.n_layers + 1
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     feed = token_feeds(1, seq=16, seed=9)[0]
     q = make_session(_out(tmp_path)).run(None, feed)[0]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lowbit.analysis import find_linears
-from lowbit.calibration import check_feeds, collect_stats
+from lowbit.ir.analysis import find_linears
+from lowbit.quant.stats import check_feeds, collect_stats
 from lowbit.errors import CalibrationError
-from lowbit.runtime.session import make_session, to_proto
+from lowbit.ir.sessions import make_session, to_proto
 
 
 def test_per_channel_stats_and_hessian_match_numpy(stories_model, stories_calibration):
@@ -26,7 +26,7 @@ def test_per_channel_stats_and_hessian_match_numpy(stories_model, stories_calibr
 
 
 def test_infinities_are_ignored():
-    from lowbit.calibration import ActStats
+    from lowbit.quant.stats import ActStats
 
     st = ActStats(np.full(3, np.inf, np.float32), np.full(3, -np.inf, np.float32))
     st.update(np.array([[1.0, -np.inf, 2.0], [-3.0, 5.0, np.inf]], np.float32), hessian=False, sample=True)

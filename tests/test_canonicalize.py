@@ -8,9 +8,9 @@ import onnx_ir as ir
 import pytest
 
 import lowbit
-from lowbit.analysis import find_groups
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.runtime.session import make_session
+from lowbit.ir.analysis import find_groups
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.ir.sessions import make_session
 
 _DECOMPOSED = """
 <ir_version: 10, opset_import: ["" : 21]>

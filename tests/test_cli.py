@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lowbit.cli import main
+from lowbit.api.cli import main
 
 
 def _json(capsys):

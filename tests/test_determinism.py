@@ -14,7 +14,7 @@ import pytest
 from robust_models import tiny_llama, token_feeds
 
 import lowbit
-from lowbit.model_io import save_onnx
+from lowbit.ir.model_io import save_onnx
 
 # w4a8 rotates with a seeded random Hadamard and runs GPTQ; recipes with random choices join this list.
 RECIPES = ["w8a8", "w8a8-dynamic", "w4a8"]
@@ -39,7 +39,7 @@ def test_same_input_recipe_and_seed_give_identical_bytes(recipe, stories_bin, ti
     # another process: other hash seed, one thread, another working directory, the CLI
     (tmp_path / "c").mkdir()
     env = dict(os.environ, PYTHONHASHSEED="12345", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lowbit.cli", "compile", str(stories_bin), "--recipe", recipe,
+    cmd = [sys.executable, "-m", "lowbit.api.cli", "compile", str(stories_bin), "--recipe", recipe,
            "--calibration", str(tinystories), "--calibration-samples", "8", "-o", str(tmp_path / "c" / "m.onnx"),
            "--json"]
     subprocess.run(cmd, check=True, env=env, cwd=tmp_path, capture_output=True)

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from lowbit.cli import main
-from lowbit.datasets import data_dir
+from lowbit.api.cli import main
+from lowbit.data.datasets import data_dir
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_manifest_lists_what_a_device_needs(exported):
 def test_device_graph_runs_on_the_reference(exported):
     """The exported graph keeps lowbit.Requantize; every integer region runs on the reference."""
     import lowbit
-    from lowbit.integer_check import check_integer_regions
+    from lowbit.ir.integer_check import check_integer_regions
     from lowbit.runtime.reference import ReferenceInterpreter
 
     out, m = exported

@@ -17,9 +17,9 @@ from onnx import TensorProto, helper
 from robust_models import dir_listing, tiny_llama, token_feeds
 
 import lowbit
-from lowbit.cli import main
+from lowbit.api.cli import main
 from lowbit.errors import ModelLoadError
-from lowbit.model_io import load_onnx
+from lowbit.ir.model_io import load_onnx
 
 _OPENED: list[str] | None = None
 
@@ -173,7 +173,7 @@ def test_legit_external_data_loads_lazily_and_compiles(tmp_path, legit, opened):
     out = tmp_path / "out" / "tiny.w8a8.onnx"
     res = lowbit.compile(legit, "w8a8", calibration=token_feeds(2), output=out, progress=False)
     assert res.report["lower-ort"]["ort_integer_gemms"] == res.report["quantize"]["linears"] == 15
-    from lowbit.runtime.session import make_session
+    from lowbit.ir.sessions import make_session
 
     logits = make_session(out).run(None, token_feeds(1)[0])[0]
     assert logits.shape == (1, 12, 64) and np.all(np.isfinite(logits))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from lowbit.analysis import const_array
-from lowbit.graph_builder import GraphBuilder
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.runtime.session import make_session
+from lowbit.ir.analysis import const_array
+from lowbit.ir.graph_builder import GraphBuilder
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.ir.sessions import make_session
 from lowbit_models import logits, random_llama, rel_err, stories260k, tokens
 
 

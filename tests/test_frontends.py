@@ -9,8 +9,8 @@ import pytest
 import lowbit
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights, read_llama2c
 from lowbit.runtime.llm import greedy_generate
-from lowbit.runtime.session import make_session
-from lowbit.tokenizers import Llama2cTokenizer
+from lowbit.ir.sessions import make_session
+from lowbit.data.tokenizers import Llama2cTokenizer
 
 from llama_reference import forward as numpy_forward
 
@@ -94,7 +94,7 @@ def test_torch_module_frontend():
     model = lowbit.load_model(block, example_inputs=(x,), input_names=["x"], output_names=["y"])
     out = make_session(model).run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(out, block(x).detach().numpy(), rtol=1e-5, atol=1e-6)
-    assert [lin.shape for lin in lowbit.analysis.find_linears(model.graph)] == [(16, 8)]
+    assert [lin.shape for lin in lowbit.ir.analysis.find_linears(model.graph)] == [(16, 8)]
 
 
 def test_onnx_file_with_external_data_loads_lazily(stories_model, tmp_path):

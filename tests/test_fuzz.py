@@ -22,14 +22,14 @@ from hypothesis import strategies as st  # noqa: E402
 
 import lowbit  # noqa: E402
 import lowbit.errors  # noqa: E402
-from lowbit.analysis import find_groups, find_linears  # noqa: E402
-from lowbit.api import check_weights  # noqa: E402
+from lowbit.ir.analysis import find_groups, find_linears  # noqa: E402
+from lowbit.api.driver import check_weights  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights  # noqa: E402
-from lowbit.passmanager import CompileContext, PassManager, registered_passes  # noqa: E402
-from lowbit.pipeline import parse_pipeline  # noqa: E402
-from lowbit.recipes import RECIPES  # noqa: E402
-from lowbit.runtime.session import to_proto  # noqa: E402
+from lowbit.passmanager.manager import CompileContext, PassManager, registered_passes  # noqa: E402
+from lowbit.passmanager.pipeline import parse_pipeline  # noqa: E402
+from lowbit.passmanager.recipes import RECIPES  # noqa: E402
+from lowbit.ir.sessions import to_proto  # noqa: E402
 
 SCALE = float(os.environ.get("LOWBIT_FUZZ_SCALE", "1"))
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lowbit.integer_check import check_integer_regions
-from lowbit.rewrite import add_initializer, make_node
+from lowbit.ir.integer_check import check_integer_regions
+from lowbit.ir.rewrite import add_initializer, make_node
 from lowbit.runtime.reference import ReferenceInterpreter, UnsupportedReferenceOp, compare_regions_with_ort
 
 

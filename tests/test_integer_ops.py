@@ -6,9 +6,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lowbit.lowbit_ops import OPS
-from lowbit.lowbit_ops_integer import QRANGE, dyadic, emit_requantize, requantize_reference
-from lowbit.runtime.session import make_session
+from lowbit.ops.registry import OPS
+from lowbit.ops.integer_ops import QRANGE, dyadic, emit_requantize, requantize_reference
+from lowbit.ir.sessions import make_session
 
 
 def _exact(acc, b, c, zp):

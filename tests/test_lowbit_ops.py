@@ -8,12 +8,12 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit import lowbit_ops as L
-from lowbit import lowbit_ops_float as F
+from lowbit.ops import registry as L
+from lowbit.ops import float_ops as F
 from lowbit.backends.nbits import nbits_node_inputs
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.runtime.fastpath import expand_3bit
-from lowbit.runtime.session import make_session
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.backends.expand3 import expand_3bit
+from lowbit.ir.sessions import make_session
 
 
 def _model(node, x_shape, inits, y_shape):

@@ -12,11 +12,11 @@ from onnx import helper, numpy_helper
 
 from lowbit.backends.lower_lowbit import LowerLowbit
 from lowbit.errors import PassFailure
-from lowbit.lowbit_ops import DOMAIN, OPS, VERSION, attach_functions, lowbit_op, register_schemas
-from lowbit.lowbit_ops_float import pack3
-from lowbit.lowbit_ops_integer import dyadic
+from lowbit.ops.registry import DOMAIN, OPS, VERSION, attach_functions, lowbit_op, register_schemas
+from lowbit.ops.float_ops import pack3
+from lowbit.ops.integer_ops import dyadic
 from lowbit.runtime.reference import ReferenceInterpreter
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 ALL_OPS = ("MatMul3Bit", "Hadamard", "Requantize", "Lookup")
 

@@ -17,7 +17,7 @@ import pytest
 from robust_models import tiny_llama
 
 import lowbit
-from lowbit.cli import main
+from lowbit.api.cli import main
 from lowbit.errors import LowbitError, ModelLoadError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_pickled_calibration_is_refused(tmp_path, marker):
 
 
 def test_pickled_tokenizer_is_not_unpickled(tmp_path, marker):
-    from lowbit.tokenizers import Llama2cTokenizer
+    from lowbit.data.tokenizers import Llama2cTokenizer
 
     path = tmp_path / "tok.bin"
     path.write_bytes(_evil_pickle(marker))

@@ -6,9 +6,9 @@ import pytest
 
 import lowbit
 from lowbit.errors import PipelineError
-from lowbit.passmanager import CompileContext, PassManager, get_pass
-from lowbit.pipeline import parse_pipeline
-from lowbit.recipes import RECIPES, resolve_recipe
+from lowbit.passmanager.manager import CompileContext, PassManager, get_pass
+from lowbit.passmanager.pipeline import parse_pipeline
+from lowbit.passmanager.recipes import RECIPES, resolve_recipe
 
 
 @pytest.mark.parametrize("text", [

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 import lowbit
-from lowbit.datasets import EVAL_STORIES, read_stories, read_sts
+from lowbit.data.datasets import EVAL_STORIES, read_stories, read_sts
 from lowbit.runtime.encoder import sts_spearman
 from lowbit.runtime.llm import perplexity, token_stream
-from lowbit.runtime.session import make_session
-from lowbit.tokenizers import Llama2cTokenizer
+from lowbit.ir.sessions import make_session
+from lowbit.data.tokenizers import Llama2cTokenizer
 
 
 def test_stories260k_w8a8_perplexity_within_2_percent(stories_bin, stories_tok, tinystories, stories_calibration):

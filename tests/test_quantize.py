@@ -10,8 +10,8 @@ import pytest
 import lowbit
 from lowbit.backends.ort import INTEGER_GEMMS, ort_integer_kernels
 from lowbit.errors import InvalidWeightsError
-from lowbit.passes.quantize import quantize_weight_int8, static_act_params
-from lowbit.runtime.session import make_session
+from lowbit.quant.int8 import quantize_weight_int8, static_act_params
+from lowbit.ir.sessions import make_session
 
 _MODEL = """
 <ir_version: 10, opset_import: ["" : 21]>

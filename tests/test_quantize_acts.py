@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from lowbit.graph_builder import GraphBuilder
+from lowbit.ir.graph_builder import GraphBuilder
 from lowbit.passes.quantize_acts import fake_quant_per_token
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.runtime.session import make_session
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.ir.sessions import make_session
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -42,7 +42,7 @@ def test_excluded_head_keeps_float_input():
 
 def test_static_int8_activations_use_calibrated_per_tensor_steps(stories_bin, stories_calibration):
     import lowbit
-    from lowbit.calibration import act_stats  # noqa: F401  (the steps come from calibration)
+    from lowbit.quant.stats import act_stats  # noqa: F401  (the steps come from calibration)
 
     result = lowbit.compile(lowbit.load_model(stories_bin), "calibrate,quantize-acts{bits=8,static=true}",
                             calibration=stories_calibration[:4], progress=False)

@@ -6,7 +6,7 @@ import numpy as np
 
 import lowbit
 from lowbit.passes.quantize_embeddings import quantize_rows_int8
-from lowbit.runtime.session import make_session
+from lowbit.ir.sessions import make_session
 
 
 def test_embedding_rows_match_numpy_and_shrink_the_model(stories_model):

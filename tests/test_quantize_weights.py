@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lowbit.passes.weight_quant import dequantize, gptq_quantize, rtn_quantize
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.runtime.session import make_session
+from lowbit.quant.gptq import dequantize, gptq_quantize, rtn_quantize
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.ir.sessions import make_session
 from lowbit_models import random_llama, rel_err, tokens
 
 
@@ -55,7 +55,7 @@ def _quantize(model, pipeline, feeds=None):
 def test_graph_runs_and_matches_numpy_dequantized_weights(bits):
     model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
     feed = tokens(128, seq=12)
-    from lowbit.analysis import find_linears
+    from lowbit.ir.analysis import find_linears
 
     weights = {lin.name: lin.weight.const_value.numpy().copy() for lin in find_linears(model.graph)}
     qmodel = _quantize(model, f"quantize-weights{{bits={bits},group=32}}")
@@ -74,7 +74,7 @@ def test_graph_runs_and_matches_numpy_dequantized_weights(bits):
 
 def test_metadata_overrides_bits_and_keeps_float():
     model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
-    from lowbit.analysis import find_linears
+    from lowbit.ir.analysis import find_linears
 
     lins = {lin.name: lin for lin in find_linears(model.graph)}
     lins["layers.0.mlp.down_proj"].node.metadata_props["lowbit.bits"] = "16"

@@ -7,13 +7,13 @@ import itertools
 import numpy as np
 import pytest
 
-from lowbit.analysis import find_linears
-from lowbit.bitplan import Option, Plan, Unit, solve
+from lowbit.ir.analysis import find_linears
+from lowbit.mixed.bitplan import Option, Plan, Unit, solve
 from lowbit.errors import PipelineError
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.refine import prune_dominated
-from lowbit.rtn import fake_quant, storage_bytes
-from lowbit.sensitivity import LossProbe
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.mixed.refine import prune_dominated
+from lowbit.quant.rtn import fake_quant, storage_bytes
+from lowbit.mixed.sensitivity import LossProbe
 from lowbit_models import calibrated_small_llama
 
 

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 
-from lowbit.cli import main
+from lowbit.api.cli import main
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
-from lowbit.bitplan import Plan
-from lowbit.passmanager import CompileContext, PassManager
+from lowbit.mixed.bitplan import Plan
+from lowbit.passmanager.manager import CompileContext, PassManager
 
 CFG = LlamaConfig(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
 

@@ -7,9 +7,9 @@ import pytest
 from onnx import TensorProto
 
 from lowbit.errors import PassFailure
-from lowbit.graph_builder import GraphBuilder
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.runtime.session import make_session
+from lowbit.ir.graph_builder import GraphBuilder
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.ir.sessions import make_session
 from lowbit_models import logits, random_llama, rel_err, stories260k, tokens
 
 

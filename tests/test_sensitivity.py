@@ -8,14 +8,14 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from lowbit.analysis import find_linears
-from lowbit.calibration import act_stats
+from lowbit.ir.analysis import find_linears
+from lowbit.quant.stats import act_stats
 from lowbit.errors import CalibrationError
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.rtn import dequantize_rtn, fake_quant, pack, quantize_rtn, storage_bytes
-from lowbit.runtime.session import make_session, to_proto
-from lowbit.sensitivity import SensitivityCache, cheap_per_column, measured_sensitivity
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.quant.rtn import dequantize_rtn, fake_quant, pack, quantize_rtn, storage_bytes
+from lowbit.ir.sessions import make_session, to_proto
+from lowbit.mixed.sensitivity import SensitivityCache, cheap_per_column, measured_sensitivity
 
 CFG = LlamaConfig(dim=32, hidden_dim=48, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
 
@@ -42,7 +42,7 @@ def test_packed_buffers_have_the_counted_bytes(k, n, group, bits):
     assert sum(a.nbytes for a in arrays.values()) == storage_bytes(k, n, bits, group)
     nb = -(-k // group) if 0 < group < k else 1
     if bits == 3:  # lowbit.MatMul3Bit's inputs: its reference computes exactly the fake-quantized weight
-        from lowbit.lowbit_ops_float import matmul3bit_reference
+        from lowbit.ops.float_ops import matmul3bit_reference
 
         assert arrays["B"].shape == (n, -(-k // 8) * 3) and arrays["scales"].shape == arrays["zero_points"].shape == (n, nb)
         block = group if 0 < group < k else k
@@ -128,7 +128,7 @@ def test_measured_is_the_loss_change_of_the_layer_alone_and_is_cached(tmp_path):
 
 def test_cache_key_changes_with_the_weights(tmp_path):
     m1, m2 = tiny_model(), build_llama(CFG, random_llama_weights(CFG, seed=4))
-    from lowbit.sensitivity import model_fingerprint
+    from lowbit.mixed.sensitivity import model_fingerprint
 
     assert model_fingerprint(m1) != model_fingerprint(m2)
     assert model_fingerprint(m1) == model_fingerprint(tiny_model())
@@ -189,7 +189,7 @@ def test_packed_arrays_equal_ort_matmulnbits_quantizer_output(bits, group):
 
 def test_gptq_quantizer_simulates_the_weights_quantize_weights_writes(tmp_path):
     """quantizer=gptq: the probe's weight is the one quantize-weights{method=gptq,symmetric=false} computes."""
-    from lowbit.sensitivity import simulated_weight
+    from lowbit.mixed.sensitivity import simulated_weight
 
     fs = feeds(n=3, t=10)
     model = calibrated(tiny_model(), fs)
@@ -206,7 +206,7 @@ def test_gptq_quantizer_simulates_the_weights_quantize_weights_writes(tmp_path):
     ctx = CompileContext(calibration=fs, show_progress=False)
     lin.node.metadata_props.update({"lowbit.bits": "3", "lowbit.group": "32"})
     PassManager.from_pipeline("quantize-weights{method=gptq,symmetric=false,exclude=-none-}", ctx).run(model)
-    from lowbit.lowbit_ops_float import matmul3bit_reference
+    from lowbit.ops.float_ops import matmul3bit_reference
 
     (node,) = [n for n in model.graph if n.op_type == "MatMul3Bit"]  # the only 3-bit layer
     packed, scales, zps = (v.const_value.numpy() for v in node.inputs[1:])

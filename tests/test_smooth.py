@@ -9,8 +9,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from lowbit.passmanager import CompileContext, PassManager
-from lowbit.runtime.session import make_session
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.ir.sessions import make_session
 
 
 def _run(model, pipeline, feeds):
@@ -49,8 +49,8 @@ def test_smoothing_minilm_is_float_equivalent(minilm_model, minilm_calibration):
 
 
 def test_smoothing_flattens_activation_outliers(stories_model, stories_calibration):
-    from lowbit.analysis import find_linears
-    from lowbit.calibration import act_stats
+    from lowbit.ir.analysis import find_linears
+    from lowbit.quant.stats import act_stats
 
     model, _ = _run(stories_model, "calibrate", stories_calibration[:8])
     down = next(lin for lin in find_linears(model.graph) if lin.name == "layers.2.mlp.down_proj")

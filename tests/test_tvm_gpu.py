@@ -12,7 +12,7 @@ if not tvm.cuda(0).exist:
 
 from lowbit.backends.tvm_lower import lower_tvm  # noqa: E402
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights  # noqa: E402
-from lowbit.runtime.session import make_session, to_proto  # noqa: E402
+from lowbit.ir.sessions import make_session, to_proto  # noqa: E402
 from lowbit.runtime.tvm_runner import TvmSession  # noqa: E402
 
 import tvm_graphs as tg  # noqa: E402

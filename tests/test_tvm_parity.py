@@ -15,7 +15,7 @@ pytest.importorskip("tvm")
 from lowbit.backends.tvm_lower import lower_tvm  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.frontends.llama2c import LlamaConfig, build_llama, load_llama2c, random_llama_weights  # noqa: E402
-from lowbit.runtime.session import make_session, to_proto  # noqa: E402
+from lowbit.ir.sessions import make_session, to_proto  # noqa: E402
 from lowbit.runtime.tvm_runner import TvmSession  # noqa: E402
 
 import tvm_graphs as tg  # noqa: E402
@@ -124,7 +124,7 @@ def test_unsupported_op_names_node(tmp_path):
 
 
 def test_lower_tvm_pass_records_artifact(tiny_llama, tmp_path):
-    from lowbit import passmanager
+    from lowbit.passmanager import manager as passmanager
     from lowbit.backends.tvm_lower import LowerTvm
 
     # get_pass() would load every builtin pass; this branch predates the main branch's fix of that

@@ -14,7 +14,7 @@ pytest.importorskip("tvm")
 from lowbit.backends.tvm_lower import lower_tvm  # noqa: E402
 from lowbit.backends.tvm_tune import tune, tune_main  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.runtime.session import make_session  # noqa: E402
+from lowbit.ir.sessions import make_session  # noqa: E402
 from lowbit.runtime.tvm_runner import TvmSession  # noqa: E402
 
 import tvm_graphs as tg  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import ModelLoadError
+from lowbit.errors import ModelLoadError
 
 __all__ = ["load_model", "canonicalize"]
 
@@ -18,7 +18,7 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
         return source
     if not isinstance(source, (str, Path)):
         if hasattr(source, "forward") and hasattr(source, "parameters"):
-            from .torch_module import export_module
+            from lowbit.frontends.torch_module import export_module
 
             if example_inputs is None:
                 raise ModelLoadError("a torch module needs example_inputs=(...) to be exported")
@@ -26,18 +26,18 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}",
                              hint="pass a path (.onnx, llama2.c .bin, HF folder), an nn.Module or an ir.Model")
     if str(source) == "minilm":
-        from .huggingface import load_hf_encoder, packaged_minilm_path
+        from lowbit.frontends.huggingface import load_hf_encoder, packaged_minilm_path
 
         return load_hf_encoder(packaged_minilm_path())
     path = Path(source)
     if path.is_dir():
-        from .huggingface import load_hf_encoder
+        from lowbit.frontends.huggingface import load_hf_encoder
 
         return load_hf_encoder(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder", hint="check the model path")
     if path.suffix == ".bin":
-        from .llama2c import load_llama2c
+        from lowbit.frontends.llama2c import load_llama2c
 
         if tokenizer is None:
             guess = [p for p in path.parent.glob("tok*.bin")]
@@ -46,13 +46,13 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
     if path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
         raise ModelLoadError(f"{path}: pickled checkpoints are not loaded (they can run arbitrary code)",
                              hint="export to ONNX, or save the weights as safetensors in a Hugging Face folder")
-    from .onnx_file import load_onnx_model
+    from lowbit.frontends.onnx_file import load_onnx_model
 
     return canonicalize(load_onnx_model(path))
 
 
 def canonicalize(model: ir.Model) -> ir.Model:
     """Run the ``canonicalize`` pass (Gemm → MatMul + Add, norm fusion) on a freshly loaded model."""
-    from ..passmanager import CompileContext, PassManager
+    from lowbit.passmanager.manager import CompileContext, PassManager
 
     return PassManager.from_pipeline("canonicalize", CompileContext(show_progress=False)).run(model)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from .torch_module import export_module
+from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.frontends.torch_module import export_module
 
 __all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir"]
 

@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto
 
-from ..errors import ModelLoadError
-from ..graph_builder import GraphBuilder
+from lowbit.errors import ModelLoadError
+from lowbit.ir.graph_builder import GraphBuilder
 
 __all__ = ["LlamaConfig", "read_llama2c", "build_llama", "load_llama2c", "random_llama_weights"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from ..lowbit_ops import DOMAIN
-from ..model_io import load_onnx
+from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.ops.registry import DOMAIN
+from lowbit.ir.model_io import load_onnx
 
 __all__ = ["load_onnx_model", "check_ops", "MIN_OPSET", "MAX_OPSET"]
 

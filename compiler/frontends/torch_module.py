@@ -13,7 +13,7 @@ import logging
 
 import onnx_ir as ir
 
-from ..errors import UnsupportedModelError
+from lowbit.errors import UnsupportedModelError
 
 __all__ = ["export_module"]
 

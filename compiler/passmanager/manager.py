@@ -1,0 +1,214 @@
+"""Passes, their registry, and the pass manager that runs a pipeline over an ``ir.Model``.
+
+A pass is an ``onnx_ir`` in-place pass with a kebab-case ``name``, a frozen ``Options``
+dataclass that validates itself, the IR *properties* it requires and ensures (checked by the
+manager), statistics, and a flag saying whether it preserves float semantics (checked by the
+verify instrument in tests).  Nothing outside a pass edits the IR.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from lowbit.errors import LowbitError, PassFailure, PipelineError
+from lowbit.passmanager.pipeline import Pipeline, PipelineItem, build_options, parse_pipeline
+
+__all__ = [
+    "Pass",
+    "PassResult",
+    "register_pass",
+    "get_pass",
+    "registered_passes",
+    "CompileContext",
+    "PassManager",
+    "Instrument",
+    "CALIBRATED",
+    "FLOAT_EQUIVALENT",
+    "QUANTIZED",
+    "LOWERED_ORT",
+]
+
+logger = logging.getLogger(__name__)
+
+# IR properties: names a pass requires / ensures.  The manager tracks which hold.
+CALIBRATED = "calibrated"  # activation statistics annotate every linear input
+QUANTIZED = "quantized"  # linear layers are in QDQ form
+LOWERED_ORT = "lowered-ort"  # the graph is in the form ORT runs on integer kernels
+FLOAT_EQUIVALENT = "float-equivalent"  # marker: the pass preserves float outputs
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+
+
+def register_pass(name: str):
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise RuntimeError(f"pass name '{name}' registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_passes() -> dict[str, type["Pass"]]:
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> type["Pass"]:
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known passes: {', '.join(sorted(_REGISTRY))}"
+        raise PipelineError(f"unknown pass '{name}'", hint=hint)
+    return _REGISTRY[name]
+
+
+@dataclass
+class CompileContext:
+    """What passes share besides the IR: calibration feeds, probes, properties, the report."""
+
+    calibration: list[dict[str, Any]] | None = None  # ORT feeds (name -> array)
+    probes: list[dict[str, Any]] | None = None  # small inputs for equivalence checks
+    properties: set[str] = field(default_factory=set)
+    seed: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+
+
+class Pass(InPlacePass):
+    """Base of lowbit passes.  Subclasses set ``Options``, properties and implement ``call``."""
+
+    name: ClassVar[str] = "?"
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    requires_properties: ClassVar[tuple[str, ...]] = ()
+    ensures_properties: ClassVar[tuple[str, ...]] = ()
+    invalidates_properties: ClassVar[tuple[str, ...]] = ()
+    float_equivalent: ClassVar[bool] = False
+
+    def __init__(self, options=None, ctx: CompileContext | None = None, given=()):
+        self.options = options if options is not None else self.Options()
+        self.ctx = ctx if ctx is not None else CompileContext()
+        self.given = tuple(given)  # the options as written, for printing back
+        self.stats: collections.Counter = collections.Counter()
+
+    @classmethod
+    def from_item(cls, item: PipelineItem, ctx: CompileContext) -> "Pass":
+        return cls(build_options(item.name, cls.Options, item.options), ctx, item.options)
+
+    @property
+    def item(self) -> PipelineItem:
+        return PipelineItem(self.name, self.given)
+
+    def fail(self, message: str, node: ir.Node | None = None, hint: str | None = None):
+        raise PassFailure(self.name, message, node=None if node is None else (node.name or node.op_type), hint=hint)
+
+
+class Instrument:
+    """Hooks the manager calls around each pass (timing, dumps, verification, reproducers)."""
+
+    def before_pass(self, p: Pass, model: ir.Model) -> None: ...
+
+    def after_pass(self, p: Pass, model: ir.Model, result: PassResult, seconds: float) -> None: ...
+
+    def on_failure(self, p: Pass, model: ir.Model, exc: BaseException) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def _forget_removed_io(graph: ir.Graph) -> None:
+    """Drop values that are no longer graph inputs/outputs from onnx-ir's reference counters.
+
+    onnx-ir 1.1.0 counts each value's appearances in ``graph.inputs``/``graph.outputs`` in a Counter
+    and keeps entries whose count fell to zero, so a value that was ever an input (shape inference
+    appends every initializer to the inputs and removes it again) stays alive, weights and all,
+    after a pass removed it: a model's worth of float weights leaked on every compile.
+    """
+    for io in (graph.inputs, graph.outputs):
+        counter = getattr(io, "_ref_counter", None)
+        if isinstance(counter, collections.Counter):
+            for value in [v for v, n in counter.items() if n <= 0]:
+                del counter[value]
+
+
+class PassManager:
+    """Runs passes in order, checking properties and calling instruments."""
+
+    def __init__(self, passes: list[Pass], ctx: CompileContext, instruments=()):
+        self.passes = list(passes)
+        self.ctx = ctx
+        self.instruments = list(instruments)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: str | Pipeline, ctx: CompileContext, instruments=()) -> "PassManager":
+        if isinstance(pipeline, str):
+            pipeline = parse_pipeline(pipeline)
+        passes = [get_pass(item.name).from_item(item, ctx) for item in pipeline]
+        return cls(passes, ctx, instruments)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return Pipeline(tuple(p.item for p in self.passes))
+
+    def check_order(self) -> None:
+        """Refuse a pipeline whose passes' requirements cannot be met, before running anything."""
+        props = set(self.ctx.properties)
+        for p in self.passes:
+            missing = [r for r in p.requires_properties if r not in props]
+            if missing:
+                providers = [n for n, c in _REGISTRY.items() if set(missing) & set(c.ensures_properties)]
+                raise PipelineError(
+                    f"pass '{p.name}' requires {missing} but no earlier pass in '{self.pipeline}' ensures it",
+                    hint=f"put {' or '.join(repr(x) for x in providers) or 'a pass that ensures it'} before '{p.name}'",
+                )
+            props -= set(p.invalidates_properties)
+            props |= set(p.ensures_properties)
+
+    def run(self, model: ir.Model) -> ir.Model:
+        self.check_order()
+        for p in self.passes:
+            for inst in self.instruments:
+                inst.before_pass(p, model)
+            start = time.perf_counter()
+            try:
+                result = p(model)
+            except BaseException as exc:
+                for inst in self.instruments:
+                    inst.on_failure(p, model, exc)
+                if isinstance(exc, LowbitError):
+                    raise
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise PassFailure(p.name, f"internal error {type(exc).__name__}: {exc}",
+                                  hint="this is a lowbit bug; re-run with --reproducer DIR and report it") from exc
+            _forget_removed_io(result.model.graph)
+            seconds = time.perf_counter() - start
+            model = result.model
+            self.ctx.properties -= set(p.invalidates_properties)
+            self.ctx.properties |= set(p.ensures_properties)
+            self.ctx.report.setdefault("passes", []).append(
+                {"pass": str(p.item), "seconds": round(seconds, 4), "modified": bool(result.modified),
+                 "stats": dict(p.stats)}
+            )
+            logger.info("%s: %.3fs %s", p.name, seconds, dict(p.stats))
+            for inst in self.instruments:
+                inst.after_pass(p, model, result, seconds)
+        for inst in self.instruments:
+            inst.finish()
+        return model
+
+
+def options_dict(p: Pass) -> dict[str, Any]:
+    return dataclasses.asdict(p.options)

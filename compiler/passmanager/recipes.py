@@ -1,0 +1,59 @@
+"""Named recipes: one place, pipeline strings only."""
+
+from __future__ import annotations
+
+from lowbit.errors import PipelineError
+from lowbit.passmanager.pipeline import parse_pipeline
+
+__all__ = ["RECIPES", "resolve_recipe"]
+
+RECIPES: dict[str, str] = {
+    # smoothing + static per-tensor uint8 activations + per-channel int8 weights
+    "w8a8": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=static},lower-ort",
+    "w8a8-nosmooth": "calibrate,quantize{weights=8,acts=8,mode=static},lower-ort",
+    # per-token dynamic activations (no calibration needed without smoothing)
+    "w8a8-dynamic": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=dynamic},lower-ort",
+    "w8a8-dynamic-nosmooth": "quantize{weights=8,acts=8,mode=dynamic},lower-ort",
+    # per-tensor dynamic activations: the form ORT fuses into DynamicQuantizeMatMul (fastest)
+    "w8a8-dynamic-tensor": "quantize{weights=8,acts=8,mode=dynamic-tensor},lower-ort",
+    "w8a16": "quantize{weights=8,acts=16},lower-ort",
+    # weight-only low-bit (MatMulNBits; lowbit.MatMul3Bit for 3 bits), float activations
+    "w4a16": "quantize-weights{bits=4,group=128,method=rtn},lower-nbits",
+    "w4a16-gptq": "calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},lower-nbits",
+    "w3a16": "fold-norms,rotate,calibrate{hessian=true},"
+             "quantize-weights{bits=3,group=128,method=gptq,clip_search=true},lower-nbits",
+    "w2a16": "fold-norms,rotate,calibrate{hessian=true},"
+             "quantize-weights{bits=2,group=32,method=gptq,symmetric=false,clip_search=true},lower-nbits",
+    # int4 weights x int8 activations: ORT's MatMulNBits accuracy level 4 quantizes activations to int8
+    "w4a8": "fold-norms,rotate,calibrate,smooth{alpha=0.5},calibrate{hessian=true},"
+            "quantize-weights{bits=4,group=128,method=gptq},lower-nbits{accuracy_level=4}",
+    # int4 weights x static per-tensor int8 activations (QDQ, calibrated): outliers matter, rotation removes them
+    "w4a8-static": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
+                   "quantize-acts{bits=8,static=true},lower-nbits",
+    # int4 per-token activations; ORT has no int4 GEMM, so the int8-activation kernel runs them
+    "w4a4": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
+            "quantize-acts{bits=4,exclude=lm_head},lower-nbits{accuracy_level=4}",
+    # mixed precision: per-layer bits (2/3/4/8, groups of 64) from an integer program over measured
+    # sensitivity (KL to the float model, weights simulated by the GPTQ that materialises them), 3.5 code
+    # bits per weight on average; asymmetric GPTQ writes exactly the bytes the plan counted
+    "mixed-w3.5": "calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured-kl,groups=64,"
+                  "quantizer=gptq},"
+                  "quantize-weights{method=gptq,symmetric=false},lower-nbits",
+    # integer-only linears: static per-channel u8 activations with steps migrated into producers
+    # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,
+    # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables
+    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-lut,lower-lowbit,lower-ort",
+}
+
+
+def resolve_recipe(name_or_pipeline: str) -> str:
+    """A recipe name → its pipeline string; anything else is parsed as a pipeline."""
+    if name_or_pipeline in RECIPES:
+        return RECIPES[name_or_pipeline]
+    if "," not in name_or_pipeline and "{" not in name_or_pipeline and name_or_pipeline.count("-") <= 2:
+        from lowbit.passmanager.manager import registered_passes
+
+        if name_or_pipeline not in registered_passes():
+            raise PipelineError(f"unknown recipe '{name_or_pipeline}'",
+                                hint=f"recipes: {', '.join(RECIPES)}; or give a pipeline string")
+    return str(parse_pipeline(name_or_pipeline))
