@@ -36,7 +36,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's glue must not spin
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
-DIM, FFN, LAYERS, HEADS, KV_HEADS, VOCAB, CTX = 2048, 5632, 22, 32, 4, 32000, 16
+DIM, FFN, HEADS, KV_HEADS, VOCAB, CTX = 2048, 5632, 32, 4, 32000, 16
+LAYERS = 22  # --layers changes it (smoke runs)
 HD = DIM // HEADS
 # lowbit's recipes: w8a16 per channel, w4a16/w3a16 groups of 128, w2a16 asymmetric groups of 32
 FORMATS = {8: 0, 4: 128, 3: 128, 2: 32}
@@ -122,10 +123,13 @@ class Decoder:
         self.head(xs[DIM])
 
 
+_DECODERS: dict[int, Decoder] = {}
+
+
 def time_lowbit(bits: int, tokens: int) -> dict:
-    dec = Decoder(bits, FORMATS[bits])
+    dec = _DECODERS.get(bits) or _DECODERS.setdefault(bits, Decoder(bits, FORMATS[bits]))
     tok = 1
-    for pos in range(CTX):  # fill the cache, warm up
+    for pos in range(CTX):  # fill the cache (again: random keys/values past it), warm up
         tok = dec.step(tok, pos)
     t = time.perf_counter()
     for pos in range(CTX, CTX + tokens):
@@ -246,10 +250,10 @@ def gguf_weight_bytes(path: Path) -> int:
 
 def time_llama(bin_dir: Path, gguf_dir: Path, qtype: str, threads: int, tokens: int) -> dict:
     gguf_dir.mkdir(parents=True, exist_ok=True)
-    f16 = gguf_dir / "tinyllama-random-f16.gguf"
+    f16 = gguf_dir / f"tinyllama{LAYERS}-random-f16.gguf"
     if not f16.is_file():
         write_f16_gguf(f16)
-    q = gguf_dir / f"tinyllama-random-{qtype}.gguf"
+    q = gguf_dir / f"tinyllama{LAYERS}-random-{qtype}.gguf"
     if not q.is_file():
         subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(q), qtype, str(os.cpu_count())],
                        check=True, capture_output=True)
@@ -268,10 +272,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-gguf")
     ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES)
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (22; fewer for a smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
+    globals()["LAYERS"] = args.layers
     rows = []
-    print(f"lowbit kernels: {cpu.isa()}; TinyLlama-1.1B shape, random weights, context {CTX}, batch 1")
+    print(f"lowbit kernels: {cpu.isa()}; TinyLlama-1.1B shape ({args.layers} layers), random weights, context {CTX}, "
+          f"batch 1, {args.tokens} tokens")
     for th in args.threads:
         cpu.set_threads(th)
         bw = cpu.stream_read(1 << 30, 5, th)
