@@ -6,8 +6,8 @@ Shape: dim 2048, FFN 5632, 22 layers, 32/4 heads, vocab 32000; batch 1, a KV cac
 
 * ``lowbit N-bit``: one decode step per token — every linear (q/k/v fused, gate/up fused, o, down, head)
   runs lowbit's C kernel (``backends/kernels``, weights repacked at compile time, activations int8 per
-  group); RMSNorm, RoPE, attention over the cache and SwiGLU run in numpy.  ``linears`` is the time
-  of the kernel calls alone (the same calls, no glue).
+  group); RMSNorm, RoPE + attention over the cache and SwiGLU run in ``lowbit_decode.c`` (one thread),
+  called through ctypes.  ``linears`` is the time of the kernel calls alone (the same calls, no glue).
 * ``llama.cpp <type>``: ``llama-bench -p 0 -n <tokens> -d 16`` on a random-weight GGUF written with
   the ``gguf`` package and quantized with ``llama-quantize`` (``--llama-bin``; skipped without it).
 * ``ORT MatMulNBits 4-bit``: the same chain of linears as one ONNX graph of MatMulNBits nodes
@@ -88,32 +88,35 @@ class Decoder:
         inv = 1.0 / (10000.0 ** (np.arange(0, HD, 2) / HD))
         ang = np.arange(CTX + 512)[:, None] * inv[None]
         self.cos, self.sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        self.kc_ptr, self.vc_ptr = self.kc.ctypes.data, self.vc.ctypes.data
+        self._bufs = {"x": np.zeros((1, DIM), np.float32), "h": np.zeros((1, DIM), np.float32),
+                      "att": np.zeros((1, DIM), np.float32), "act": np.zeros((1, FFN), np.float32),
+                      "scratch": np.zeros(CTX + 512, np.float32)}
         self.weight_bytes = sum(l_.p.nbytes for layer in self.layers for l_ in layer.values()) + self.head.p.nbytes
 
-    def _rope(self, x, pos):  # x [h, HD]
-        a, b = x[:, : HD // 2], x[:, HD // 2:]
-        c, s = self.cos[pos], self.sin[pos]
-        return np.concatenate([a * c - b * s, a * s + b * c], axis=1)
-
     def step(self, token: int, pos: int) -> int:
-        x = self.embed[token][None].copy()
+        """One token: every op is a C call on preallocated buffers (addresses computed once)."""
+        lib, f4 = cpu.library(), 4
+        b = self._bufs
+        np.copyto(b["x"], self.embed[token][None])
+        x, h, att, act = (b[k].ctypes.data for k in ("x", "h", "att", "act"))
+        cs, sn = self.cos.ctypes.data + pos * (HD // 2) * f4, self.sin.ctypes.data + pos * (HD // 2) * f4
+        cap, layer_kv = self.kc.shape[2], KV_HEADS * self.kc.shape[2] * HD * f4
         for i, L in enumerate(self.layers):
-            h = x * (1.0 / np.sqrt((x * x).mean() + 1e-5))
-            qkv = L["qkv"](np.ascontiguousarray(h, np.float32))[0]
-            q = self._rope(qkv[:DIM].reshape(HEADS, HD), pos)
-            self.kc[i, :, pos] = self._rope(qkv[DIM:DIM + KV_HEADS * HD].reshape(KV_HEADS, HD), pos)
-            self.vc[i, :, pos] = qkv[DIM + KV_HEADS * HD:].reshape(KV_HEADS, HD)
-            att = q.reshape(KV_HEADS, HEADS // KV_HEADS, HD) @ self.kc[i, :, : pos + 1].transpose(0, 2, 1)
-            att = np.exp(att * np.float32(HD ** -0.5) - att.max(-1, keepdims=True) * np.float32(HD ** -0.5))
-            att /= att.sum(-1, keepdims=True)
-            o = (att @ self.vc[i, :, : pos + 1]).reshape(1, DIM)
-            x = x + L["o"](o)
-            h = x * (1.0 / np.sqrt((x * x).mean() + 1e-5))
-            gu = L["gu"](np.ascontiguousarray(h, np.float32))
-            g, u = gu[:, :FFN], gu[:, FFN:]
-            x = x + L["down"](np.ascontiguousarray(g / (1.0 + np.exp(-g)) * u, np.float32))
-        h = x * (1.0 / np.sqrt((x * x).mean() + 1e-5))
-        return int(np.argmax(self.head(np.ascontiguousarray(h, np.float32))))
+            lib.lowbit_rmsnorm(DIM, x, None, 1e-5, h)
+            L["qkv"].run_ptr(h)
+            lib.lowbit_rope_attend(HEADS, KV_HEADS, HD, pos, cap, L["qkv"].y_ptr, cs, sn, self.kc_ptr + i * layer_kv,
+                                   self.vc_ptr + i * layer_kv, att, b["scratch"].ctypes.data)
+            L["o"].run_ptr(att)
+            lib.lowbit_add(DIM, x, L["o"].y_ptr)
+            lib.lowbit_rmsnorm(DIM, x, None, 1e-5, h)
+            L["gu"].run_ptr(h)
+            lib.lowbit_swiglu(FFN, L["gu"].y_ptr, act)
+            L["down"].run_ptr(act)
+            lib.lowbit_add(DIM, x, L["down"].y_ptr)
+        lib.lowbit_rmsnorm(DIM, x, None, 1e-5, h)
+        self.head.run_ptr(h)
+        return int(np.argmax(self.head.y))
 
     def linears_only(self) -> None:
         xs = {DIM: np.ones((1, DIM), np.float32), FFN: np.ones((1, FFN), np.float32)}

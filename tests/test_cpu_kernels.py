@@ -117,3 +117,41 @@ def test_refuses_bad_format():
         repack(codes, scales, zeros, 5, 32)
     with pytest.raises(ValueError, match="exceed 2 bits"):
         repack(codes, scales, zeros, 2, 32)
+
+
+def test_decode_helpers_match_numpy():
+    """lowbit_decode.c: RMSNorm, RoPE + cache append + GQA attention, SwiGLU against their formulas."""
+    lib, rng = cpu.library(), np.random.default_rng(5)
+    heads, kv, d, pos, cap = 8, 2, 16, 5, 12
+    x = rng.standard_normal(64).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    y = np.empty(64, np.float32)
+    lib.lowbit_rmsnorm(64, x.ctypes.data, w.ctypes.data, 1e-5, y.ctypes.data)
+    np.testing.assert_allclose(y, x / np.sqrt((x.astype(np.float64) ** 2).mean() + 1e-5) * w, rtol=1e-5)
+    qkv = rng.standard_normal((heads + 2 * kv) * d).astype(np.float32)
+    kc, vc = (rng.standard_normal((kv, cap, d)).astype(np.float32) for _ in range(2))
+    ang = pos * 10000.0 ** (-np.arange(d // 2) / (d // 2))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    ref_k, ref_v = kc.copy(), vc.copy()
+
+    def rope(v):  # [h, d]
+        a, b = v[:, : d // 2], v[:, d // 2:]
+        return np.concatenate([a * cos - b * sin, a * sin + b * cos], 1)
+
+    q = rope(qkv[: heads * d].reshape(heads, d))
+    ref_k[:, pos] = rope(qkv[heads * d:(heads + kv) * d].reshape(kv, d))
+    ref_v[:, pos] = qkv[(heads + kv) * d:].reshape(kv, d)
+    out, scratch = np.empty(heads * d, np.float32), np.empty(cap, np.float32)
+    lib.lowbit_rope_attend(heads, kv, d, pos, cap, qkv.ctypes.data, cos.ctypes.data, sin.ctypes.data, kc.ctypes.data,
+                           vc.ctypes.data, out.ctypes.data, scratch.ctypes.data)
+    np.testing.assert_allclose(kc, ref_k, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(vc, ref_v)
+    for h in range(heads):
+        g = h // (heads // kv)
+        s = ref_k[g, : pos + 1] @ q[h] / np.sqrt(d)
+        p = np.exp(s - s.max())
+        np.testing.assert_allclose(out[h * d:(h + 1) * d], (p / p.sum()) @ ref_v[g, : pos + 1], rtol=1e-5, atol=1e-6)
+    gu = rng.standard_normal(2 * 64).astype(np.float32)
+    act = np.empty(64, np.float32)
+    lib.lowbit_swiglu(64, gu.ctypes.data, act.ctypes.data)
+    np.testing.assert_allclose(act, gu[:64] / (1 + np.exp(-gu[:64].astype(np.float64))) * gu[64:], rtol=1e-5)

@@ -1,6 +1,6 @@
 """Build and call lowbit's CPU kernels (``lowbit_cpu.c``) through ctypes.
 
-The C source is compiled with gcc on first use into a cache directory (``$LOWBIT_KERNEL_CACHE``,
+The C sources are compiled with gcc on first use into a cache directory (``$LOWBIT_KERNEL_CACHE``,
 default ``~/.cache/lowbit/kernels``), keyed by the source's hash, and loaded once per process.  The
 library picks its instruction set (AVX-512 VNNI, AVX2 or generic C) from cpuid when it loads.
 Only numpy and the standard library: the decode benchmark loads this file on machines without
@@ -30,7 +30,7 @@ __all__ = ["KernelBuildError", "library", "ISA_NAMES", "isa", "set_isa", "set_th
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "lowbit_cpu.c"
+SOURCES = [Path(__file__).resolve().parent / name for name in ("lowbit_cpu.c", "lowbit_decode.c")]
 CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11"]
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512-vnni"}
 _LIB: ctypes.CDLL | None = None
@@ -46,7 +46,7 @@ def _cache_dir() -> Path:
 
 def build(force: bool = False) -> Path:
     """Compile ``lowbit_cpu.c`` (once per source version) and return the shared library's path."""
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     tag = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:16]
     out = _cache_dir() / f"lowbit_cpu-{tag}.so"
     if out.is_file() and not force:
@@ -58,7 +58,7 @@ def build(force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+    proc = subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
     if proc.returncode:
         os.unlink(tmp)
         raise KernelBuildError(f"lowbit-cpu kernels: {cc} failed: {proc.stderr.strip()[:500]}")
@@ -71,7 +71,7 @@ def library() -> ctypes.CDLL:
     global _LIB
     if _LIB is None:
         lib = ctypes.CDLL(str(build()))
-        P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float  # noqa: F841
+        P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         lib.lowbit_linear.argtypes = [I, I, I, I, I, I, P, P, P, P, P, P]
         lib.lowbit_gemm_q.argtypes = [I, I, I, I, I, P, P, P, P, P, P, P]
         lib.lowbit_quantize_act.argtypes = [I, I, I, I, P, P, P, P]
@@ -81,6 +81,12 @@ def library() -> ctypes.CDLL:
         lib.lowbit_set_isa.argtypes = [I]
         lib.lowbit_stream_read.argtypes = [P, ctypes.c_size_t, I]
         lib.lowbit_stream_read.restype = ctypes.c_uint64
+        lib.lowbit_rmsnorm.argtypes = [I, P, P, F, P]
+        lib.lowbit_rope_attend.argtypes = [I, I, I, I, I, P, P, P, P, P, P, P]
+        lib.lowbit_swiglu.argtypes = [I, P, P]
+        lib.lowbit_add.argtypes = [I, P, P]
+        for name in ("lowbit_rmsnorm", "lowbit_rope_attend", "lowbit_swiglu", "lowbit_add"):
+            getattr(lib, name).restype = None
         _LIB = lib
     return _LIB
 
@@ -141,19 +147,21 @@ def linear(p, x: np.ndarray, out: np.ndarray | None = None, workspace: np.ndarra
 
 
 class CpuLinear:
-    """A packed linear with its buffers preallocated for a fixed number of rows (decode loops)."""
+    """A packed linear with its buffers preallocated for a fixed number of rows (decode loops):
+    ``run_ptr(x_address)`` writes ``y`` (address ``y_ptr``) without any numpy call."""
 
     def __init__(self, packed, rows: int = 1):
         self.p, self.rows = packed, rows
         self.y = np.empty((rows, packed.n), np.float32)
         self.ws = np.empty(rows * packed.kp + 8 * rows * (packed.kp // packed.group) + 64, np.uint8)
-        lib = library()
+        self.y_ptr = _ptr(self.y)
         p = packed
-        self._call = lambda xp: lib.lowbit_linear(p.bits, rows, p.k, p.kp, p.n, p.group, xp, _ptr(p.codes),
-                                                  _ptr(p.scales), _ptr(p.zeros), _ptr(self.y), _ptr(self.ws))
+        args = (_ptr(p.codes), _ptr(p.scales), _ptr(p.zeros), self.y_ptr, _ptr(self.ws))
+        fn = library().lowbit_linear
+        self.run_ptr = lambda xp: fn(p.bits, rows, p.k, p.kp, p.n, p.group, xp, *args)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        self._call(x.ctypes.data)  # x: float32 C-contiguous [rows, K]
+        self.run_ptr(np.ascontiguousarray(x, np.float32).ctypes.data)  # x: [rows, K]
         return self.y
 
 

@@ -27,6 +27,9 @@
 #endif
 
 #define TILE 16
+#ifndef LOWBIT_PREFETCH
+#define LOWBIT_PREFETCH 1024 /* bytes ahead in the code stream (0: none) */
+#endif
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 static int g_isa = -1;
@@ -166,7 +169,7 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
                     const float *scales, const uint8_t *zeros, const int8_t *xq, const float *xs,
                     const int32_t *xsum, float *y) {
     const int b = bits == 3 ? 2 : bits, S = 8 / b, ng = Kp / G, nv = G * b / 32;
-    const int NA = MB == 1 ? 2 : 1; /* independent dpbusd chains per row (groups overlap too) */
+    const int NA = MB == 1 ? 2 * S : MB == 2 ? 2 : 1; /* independent dpbusd chains: hide its latency */
     const __m512i mask = _mm512_set1_epi8((char)((1 << b) - 1)), four = _mm512_set1_epi8(4);
     __m512 facc[4];
     for (int m = 0; m < MB; m++) facc[m] = _mm512_setzero_ps();
@@ -176,7 +179,7 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
         __m512i acc[8];
         for (int a = 0; a < MB * NA; a++) acc[a] = _mm512_setzero_si512();
         for (int v = 0; v < nv; v += 2) {
-            _mm_prefetch((const char *)(tg + v * 64 + 1024), _MM_HINT_T0);
+            if (LOWBIT_PREFETCH) _mm_prefetch((const char *)(tg + v * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
             for (int u = 0; u < 2; u++) {
                 __m512i w = _mm512_loadu_si512(tg + (v + u) * 64);
                 for (int s = 0; s < S; s++) {
@@ -186,7 +189,7 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
                     for (int m = 0; m < MB; m++) {
                         int32_t x4;
                         memcpy(&x4, xq + (size_t)m * Kp + kk, 4);
-                        int a = m * NA + (NA == 1 ? 0 : u);
+                        int a = m * NA + (NA == 1 ? 0 : (s + S * u) % NA);
                         acc[a] = _mm512_dpbusd_epi32(acc[a], c, _mm512_set1_epi32(x4));
                     }
                 }
