@@ -88,3 +88,22 @@ def test_kernels_option_validated():
         LowerTvm.Options(kernels="lowbit-gpu")
     with pytest.raises(ValueError, match="needs target=llvm"):
         LowerTvm.Options(target="cuda", kernels="lowbit-cpu")
+
+
+def test_c_and_python_bridges_agree(tmp_path):
+    """The C packed function (built against tvm-ffi's header) and the Python one give identical outputs."""
+    from lowbit.backends.kernels import tvm_bridge
+
+    model = PassManager.from_pipeline("quantize-weights{bits=4,group=64,method=rtn},lower-nbits", CompileContext()
+                                      ).run(_linear(11))
+    art = lower_tvm(model, "llvm", tmp_path, "m", kernels="lowbit-cpu")
+    x = np.random.default_rng(3).standard_normal((M, K)).astype(np.float32)
+    outs = {}
+    try:
+        for prefer_c in (True, False):
+            how = tvm_bridge.register(prefer_c=prefer_c)
+            assert how == ("c" if prefer_c else "python")
+            outs[how] = TvmSession(art.lib).run(None, {"x": x})[0]
+    finally:
+        tvm_bridge.register(prefer_c=True)
+    np.testing.assert_array_equal(outs["c"], outs["python"])

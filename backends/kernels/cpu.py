@@ -44,11 +44,12 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LOWBIT_KERNEL_CACHE") or Path.home() / ".cache" / "lowbit" / "kernels")
 
 
-def build(force: bool = False) -> Path:
-    """Compile ``lowbit_cpu.c`` (once per source version) and return the shared library's path."""
-    src = b"".join(p.read_bytes() for p in SOURCES)
-    tag = hashlib.sha256(src + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"lowbit_cpu-{tag}.so"
+def build(force: bool = False, sources=None, extra: tuple[str, ...] = (), stem: str = "lowbit_cpu") -> Path:
+    """Compile the kernels (or ``sources`` with ``extra`` flags) once per source version; the library's path."""
+    sources = list(sources or SOURCES)
+    src = b"".join(p.read_bytes() for p in sources)
+    tag = hashlib.sha256(src + " ".join(CFLAGS + list(extra)).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{stem}-{tag}.so"
     if out.is_file() and not force:
         return out
     cc = os.environ.get("CC", "gcc")
@@ -58,7 +59,7 @@ def build(force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    proc = subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
+    proc = subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, sources), *extra, "-lm"], capture_output=True, text=True)
     if proc.returncode:
         os.unlink(tmp)
         raise KernelBuildError(f"lowbit-cpu kernels: {cc} failed: {proc.stderr.strip()[:500]}")

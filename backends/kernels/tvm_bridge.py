@@ -21,7 +21,7 @@ __all__ = ["FUNC", "register", "kernel_operands", "matmul3bit_operands"]
 logger = logging.getLogger(__name__)
 
 FUNC = "lowbit.cpu_linear"
-_REGISTERED = False
+_REGISTERED: str | bool = False
 
 
 def kernel_operands(codes_kn: np.ndarray, scale_gn: np.ndarray, zero_gn: np.ndarray, bits: int, block: int):
@@ -50,11 +50,26 @@ def matmul3bit_operands(node):
     return codes.T, s.T, z.T.astype(np.float32), 3, block, k
 
 
-def register() -> None:
-    """Register ``lowbit.cpu_linear`` (idempotent): out[M, N] = x[M, K] @ W through the C kernels."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+def _register_c() -> bool:
+    """Build ``lowbit_tvm.c`` against the installed tvm-ffi header and register it (no Python per call)."""
+    import ctypes
+    from pathlib import Path
+
+    import tvm_ffi.libinfo as info
+
+    from . import cpu
+
+    kernels = cpu.build()
+    cpu.library()  # loaded first: the bridge links to this very file, so they share one copy
+    lib_ffi = Path(info.find_libtvm_ffi())
+    flags = [f"-I{p}" for p in info.include_paths()] + [str(kernels), f"-L{lib_ffi.parent}", "-ltvm_ffi",
+                                                        f"-Wl,-rpath,{lib_ffi.parent}", f"-Wl,-rpath,{kernels.parent}"]
+    path = cpu.build(sources=[Path(__file__).resolve().parent / "lowbit_tvm.c"], extra=tuple(flags), stem="lowbit_tvm")
+    bridge = ctypes.CDLL(str(path))
+    return bridge.lowbit_tvm_register() == 0
+
+
+def _register_python() -> None:
     import tvm
 
     from . import cpu
@@ -77,5 +92,24 @@ def register() -> None:
             raise ValueError(f"{FUNC}: bad operands (bits={bits}, K={k}, N={n}, group={group})")
 
     tvm.register_global_func(FUNC, cpu_linear, override=True)
-    _REGISTERED = True
-    logger.debug("registered %s (%s)", FUNC, cpu.isa())
+
+
+def register(prefer_c: bool | None = None) -> str:
+    """Register ``lowbit.cpu_linear``: out[M, N] = x[M, K] @ W through the C kernels.  The C packed function
+    is used where it builds, else a Python one (a few µs more per call); ``prefer_c=None`` keeps whichever is
+    registered already.  Returns which ("c" or "python")."""
+    global _REGISTERED
+    if _REGISTERED and (prefer_c is None or (_REGISTERED == "c") == prefer_c):
+        return _REGISTERED
+    prefer_c = True if prefer_c is None else prefer_c
+    how = "python"
+    if prefer_c:
+        try:
+            how = "c" if _register_c() else "python"
+        except Exception as exc:  # noqa: BLE001 - no header/compiler: the Python bridge still works
+            logger.info("C packed function unavailable (%s); using the Python one", exc)
+    if how == "python":
+        _register_python()
+    _REGISTERED = how
+    logger.debug("registered %s (%s bridge)", FUNC, how)
+    return how
