@@ -65,6 +65,8 @@ static int nthreads(void) {
 #endif
 }
 
+int lowbit_num_threads(void) { return nthreads(); }
+
 /* bytes of packed codes for one (tile, group) */
 static inline size_t tg_bytes(int bits, int G) { return (size_t)TILE * G * bits / 8; }
 

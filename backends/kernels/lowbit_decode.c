@@ -1,6 +1,6 @@
 /* lowbit decode-step helpers around the low-bit linears (batch 1, float32): RMSNorm, rotary embedding
- * + KV-cache append + grouped-query attention for one new token, SwiGLU.  Plain C, single thread:
- * at decode these touch kilobytes, the linears touch the megabytes.
+ * + KV-cache append + grouped-query attention for one new token, SwiGLU.  Plain C, one thread except
+ * SwiGLU (its expf runs on the kernels' threads): at decode these touch kilobytes, the linears megabytes.
  *
  * rmsnorm:  y = x / sqrt(mean(x^2) + eps) * w            (w NULL: 1)
  * rope:     pairs (i, i + d/2) of each head rotated by pos * theta_i (cos/sin given for this position)
@@ -62,7 +62,10 @@ void lowbit_rope_attend(int heads, int kv, int d, int pos, int cap, float *qkv, 
     }
 }
 
+int lowbit_num_threads(void); /* lowbit_cpu.c: the kernels' thread count */
+
 void lowbit_swiglu(int n, const float *gu, float *out) {
+#pragma omp parallel for schedule(static) num_threads(lowbit_num_threads()) if (n >= 4096)
     for (int i = 0; i < n; i++) out[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[n + i];
 }
 
