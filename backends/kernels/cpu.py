@@ -25,7 +25,7 @@ try:
 except ImportError:  # loaded standalone (benchmarks on a bare machine)
     _Base = RuntimeError
 
-__all__ = ["KernelBuildError", "library", "ISA_NAMES", "isa", "set_isa", "set_threads", "linear", "gemm_q",
+__all__ = ["KernelBuildError", "build", "library", "ISA_NAMES", "isa", "set_isa", "set_threads", "linear", "gemm_q",
            "quantize_act", "stream_read", "CpuLinear"]
 
 logger = logging.getLogger(__name__)
