@@ -37,7 +37,10 @@ def _linear(seed: int) -> ir.Model:
 
 def _decode(model: ir.Model):
     """codes [N, K], scales [N, G], zero points [N, G], block from the lowered file's only linear."""
-    node = next(n for n in model.graph if n.op_type in ("MatMulNBits", "MatMul3Bit"))
+    return _decode_node(next(n for n in model.graph if n.op_type in ("MatMulNBits", "MatMul3Bit")), N)
+
+
+def _decode_node(node: ir.Node, N: int):  # noqa: N803
     arr = lambda i: node.inputs[i].const_value.numpy()  # noqa: E731
     if node.op_type == "MatMul3Bit":  # 8 codes per 3 little-endian bytes
         block = node.attributes["block_size"].as_int()
@@ -54,6 +57,8 @@ def _decode(model: ir.Model):
 
 
 def _kernel_formula(x, codes, scales, zps, block):
+    M, K = x.shape  # noqa: N806
+    N = codes.shape[0]  # noqa: N806
     g = K // block
     xg = x.reshape(M, g, block)
     amax = np.abs(xg).max(-1)
@@ -107,3 +112,36 @@ def test_c_and_python_bridges_agree(tmp_path):
     finally:
         tvm_bridge.register(prefer_c=True)
     np.testing.assert_array_equal(outs["c"], outs["python"])
+
+
+def test_mixed_bits_per_layer(tmp_path):
+    """Per-layer bits (the mixed-precision contract: ``lowbit.bits`` on each MatMul): 3-bit then 2-bit then
+    8-bit linears in one TVM module, all on the kernels, equal to the formula applied layer by layer."""
+    rng = np.random.default_rng(2)
+    ws = [rng.standard_normal((K, K)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="l0"), helper.make_node("Relu", ["h0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="l1"), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["y"], name="l2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, K])],
+                          [helper.make_tensor(f"w{i}", TensorProto.FLOAT, [K, K], w.ravel()) for i, w in enumerate(ws)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    model = ir.serde.deserialize_model(m)
+    for node, bits in zip([n for n in model.graph if n.op_type == "MatMul"], (3, 2, 8)):
+        node.metadata_props["lowbit.bits"] = str(bits)
+    model = PassManager.from_pipeline("quantize-weights{group=64,method=rtn,symmetric=false},lower-nbits",
+                                      CompileContext()).run(model)
+    layers = [n for n in model.graph if n.op_type in ("MatMulNBits", "MatMul3Bit")]
+    assert [n.op_type for n in layers] == ["MatMul3Bit", "MatMulNBits", "MatMulNBits"]
+    assert [n.attributes["bits"].as_int() for n in layers[1:]] == [2, 8]
+    art = lower_tvm(model, "llvm", tmp_path, "m", kernels="lowbit-cpu")
+    x = np.random.default_rng(4).standard_normal((M, K)).astype(np.float32)
+    y = TvmSession(art.lib).run(None, {"x": x})[0]
+    h = x
+    for i, node in enumerate(layers):
+        codes, scales, zps, block, _ = _decode_node(node, K)
+        h = _kernel_formula(h.astype(np.float32), codes, scales, zps, block)
+        h = np.maximum(h, 0) if i < 2 else h
+    # float32 between layers vs float64 here can move an activation code by one: 1e-4 of the output scale
+    np.testing.assert_allclose(y, h, rtol=0, atol=1e-4 * np.abs(h).max())
