@@ -82,7 +82,7 @@ class Decoder:
             self.layers.append({name: cpu.CpuLinear(random_packed(k, n, bits, g2(k), rng)) for name, k, n in (
                 ("qkv", DIM, DIM + 2 * KV_HEADS * HD), ("o", DIM, DIM), ("gu", DIM, 2 * FFN), ("down", FFN, DIM))})
         self.head = cpu.CpuLinear(random_packed(DIM, VOCAB, bits, g2(DIM), rng))
-        self.embed = rng.standard_normal((VOCAB, DIM), dtype=np.float32) * np.float32(0.02)
+        self.embed = _embedding()
         self.kc = rng.standard_normal((LAYERS, KV_HEADS, CTX + 512, HD), dtype=np.float32)
         self.vc = rng.standard_normal((LAYERS, KV_HEADS, CTX + 512, HD), dtype=np.float32)
         inv = 1.0 / (10000.0 ** (np.arange(0, HD, 2) / HD))
@@ -127,6 +127,14 @@ class Decoder:
 
 
 _DECODERS: dict[int, Decoder] = {}
+_EMBED: list[np.ndarray] = []
+
+
+def _embedding() -> np.ndarray:
+    """One float32 token-embedding table shared by every decoder (one row is read per token)."""
+    if not _EMBED:
+        _EMBED.append(np.random.default_rng(1).standard_normal((VOCAB, DIM), dtype=np.float32) * np.float32(0.02))
+    return _EMBED[0]
 
 
 def time_lowbit(bits: int, tokens: int) -> dict:
@@ -251,7 +259,8 @@ def gguf_weight_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
 
 
-def time_llama(bin_dir: Path, gguf_dir: Path, qtype: str, threads: int, tokens: int) -> dict:
+def prepare_gguf(bin_dir: Path, gguf_dir: Path, qtype: str) -> Path:
+    """The random-weight F16 GGUF (written once) quantized to ``qtype`` by llama-quantize (once)."""
     gguf_dir.mkdir(parents=True, exist_ok=True)
     f16 = gguf_dir / f"tinyllama{LAYERS}-random-f16.gguf"
     if not f16.is_file():
@@ -260,6 +269,11 @@ def time_llama(bin_dir: Path, gguf_dir: Path, qtype: str, threads: int, tokens: 
     if not q.is_file():
         subprocess.run([str(bin_dir / "llama-quantize"), str(f16), str(q), qtype, str(os.cpu_count())],
                        check=True, capture_output=True)
+    return q
+
+
+def time_llama(bin_dir: Path, gguf_dir: Path, qtype: str, threads: int, tokens: int) -> dict:
+    q = prepare_gguf(bin_dir, gguf_dir, qtype)
     out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(q), "-p", "0", "-n", str(tokens), "-d", str(CTX),
                           "-t", str(threads), "-r", "3", "-o", "json"], check=True, capture_output=True, text=True)
     res = json.loads(out.stdout)[0]
@@ -269,7 +283,7 @@ def time_llama(bin_dir: Path, gguf_dir: Path, qtype: str, threads: int, tokens: 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
-    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    ap.add_argument("--bits", type=int, nargs="*", default=[8, 4, 3, 2])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--llama-bin", type=Path, default=None, help="folder with llama-bench and llama-quantize")
     ap.add_argument("--gguf-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-gguf")
@@ -280,6 +294,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     globals()["LAYERS"] = args.layers
     rows = []
+    if args.llama_bin is not None:  # write the GGUFs first, while no decoder holds memory
+        for qt in args.llama_types:
+            prepare_gguf(args.llama_bin, args.gguf_dir, qt)
     print(f"lowbit kernels: {cpu.isa()}; TinyLlama-1.1B shape ({args.layers} layers), random weights, context {CTX}, "
           f"batch 1, {args.tokens} tokens")
     for th in args.threads:
