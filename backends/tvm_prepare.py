@@ -157,6 +157,8 @@ def _replace(graph: ir.Graph, node: ir.Node, a: ir.Value, codes, scale, zero, bi
         ops = kernel_operands(codes, scale, zero, bits, bs)
         if ops is None:
             layout, bits = "tiled", 4 if bits == 3 else bits  # 3-bit codes fit the 4-bit TIR kernel exactly
+    if ops is None and bits == 3:
+        bits = 4  # the TIR kernels have no 3-bit layout; 3-bit codes are exact 4-bit codes
     packed, s, z = ops if ops is not None else pack_nbits(codes, scale, zero, bits, layout)
     base = node.name or "nbits"
     inits = []
@@ -236,7 +238,7 @@ def prepare_for_tvm(model: ir.Model, layout: str = "tiled", kernels: str | None 
         dom = node.domain or ""
         if dom in ("", "ai.onnx"):
             pass
-        elif (dom, node.op_type) == ("lowbit", "MatMul3Bit") and wlayout == "lowbit-cpu":
+        elif (dom, node.op_type) == ("lowbit", "MatMul3Bit"):  # lowbit-cpu: 3-bit kernels; TIR: as 4-bit codes
             from .kernels.tvm_bridge import matmul3bit_operands
 
             codes, scale, zero, bits, bs, _ = matmul3bit_operands(node)

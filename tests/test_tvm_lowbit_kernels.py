@@ -145,3 +145,17 @@ def test_mixed_bits_per_layer(tmp_path):
         h = np.maximum(h, 0) if i < 2 else h
     # float32 between layers vs float64 here can move an activation code by one: 1e-4 of the output scale
     np.testing.assert_allclose(y, h, rtol=0, atol=1e-4 * np.abs(h).max())
+
+
+def test_matmul3bit_on_the_tir_path(tmp_path):
+    """Without kernels, a 3-bit layer runs TVM's 4-bit TIR kernel on the same codes: x @ W exactly (float)."""
+    model = PassManager.from_pipeline("quantize-weights{bits=3,group=64,method=rtn,symmetric=false},lower-nbits",
+                                      CompileContext()).run(_linear(5))
+    codes, scales, zps, block, node = _decode(model)
+    assert node.op_type == "MatMul3Bit"
+    w = (codes - np.repeat(zps, block, 1)) * np.repeat(scales.astype(np.float64), block, 1)  # [N, K]
+    x = np.random.default_rng(9).standard_normal((M, K)).astype(np.float32)
+    art = lower_tvm(model, "llvm", tmp_path, "m")
+    y = TvmSession(art.lib).run(None, {"x": x})[0]
+    ref = x.astype(np.float64) @ w.T
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
