@@ -89,6 +89,7 @@ class AssignBits(Pass):
         cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
         refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.mixed.refine; 0: off)
         quantizer: Literal["rtn", "gptq"] = "rtn"  # how measured probes simulate the weights: match quantize-weights
+        ray: str = ""  # run the measured sweep on Ray workers: 'auto' or a cluster address ('' = here)
 
         def __post_init__(self):
             bits, groups = _ints(self.bits, "bits"), _ints(self.groups, "groups")
@@ -182,7 +183,7 @@ class AssignBits(Pass):
             measured = measured_sensitivity(
                 model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
                 metric="kl" if o.estimator == "measured-kl" else "nll", cache_dir=o.cache or None,
-                quantizer=o.quantizer, progress=self.ctx.show_progress)
+                quantizer=o.quantizer, progress=self.ctx.show_progress, ray=o.ray)
             layer_cost = _monotone(measured, choices)
         units = []
         for lin in linears:
