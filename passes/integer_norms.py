@@ -70,9 +70,11 @@ class IntegerNorms(Pass):
             probe += [x] + (list(add.inputs) if add is not None and add.op_type == "Add" else [])
         probe += [n.outputs[0] for ns in groups.values() for n in ns]
         rng = absmax(model, probe, self.ctx.calibration)
-        step = {x: max(rng[x.name], *(rng[v.name] for v in (x.producer().inputs if x.producer() is not None
-                                                              and x.producer().op_type == "Add" else []))) / I16
-                or 1.0 for x in groups}
+        step = {}
+        for x in groups:
+            add = x.producer()
+            parts = list(add.inputs) if add is not None and add.op_type == "Add" else []
+            step[x] = max([rng[x.name]] + [rng[v.name] for v in parts]) / I16 or 1.0
         # the step a norm's residual output must carry: that of the add reading it (or its own range)
         out_step: dict[ir.Value, float] = {}
         for x in groups:
