@@ -17,11 +17,12 @@ output steps (migrated steps of the linears that read the norm) cost nothing.  `
 role.  Contract (checked by the reference): |d| < 2^31, Σd² < 2^62 and |z·g| + |bias| < 2^61;
 then d·f < 2^31·2^31 (r ≥ 2^29).
 
-ORT body.  isqrt by Newton's method from above: x₀ = 2^⌈(L+2e)/2⌉ ≥ √(n·4^e), then six steps of
-x ← min(x, ⌊(x + ⌊n/x⌋)/2⌋).  From x₀ < 2√n the relative error after k steps is below
-2^(1−2^k), so six steps reach ⌊√n⌋ for every n < 2^62; ⌊(x + ⌊n/x⌋)/2⌋ ≥ ⌊√n⌋ (AM–GM), and the
-min keeps the sequence non-increasing, so it stays there.  L is Σ_k [n ≥ 2^k] (one comparison
-against 63 constants); 4^e, x₀ and 2^(60−e−F) are gathered from 64-entry tables indexed by L.
+ORT body.  isqrt of n' = n·4^e ∈ [2^58, 2^62) by Newton's method from above: x₀ from a 1024-entry
+table indexed by n' >> 52 (x₀ ≥ √n', relative excess δ < 1/128), then three steps of
+x ← min(x, ⌊(x + ⌊n'/x⌋)/2⌋).  The relative excess after a step is below δ²/2 (δ: 2^-7 → 2^-15
+→ 2^-31 → 2^-63), and √n' < 2^31, so three steps reach ⌊√n'⌋; ⌊(x + ⌊n'/x⌋)/2⌋ ≥ ⌊√n'⌋ (AM–GM),
+and the min keeps the sequence non-increasing, so it stays there.  L is Σ_k [n ≥ 2^k] (one
+comparison against 63 constants); 4^e and 2^(60−e−F) are gathered from 64-entry tables indexed by L.
 The tail is Requantize's offset-into-uint64 + BitShift form (see :mod:`lowbit.ops.integer_ops`).
 
 ``lowbit.IntSoftmax`` — softmax of 8-bit codes by an exact exp table (I-ViT's lookup form)::
@@ -45,18 +46,23 @@ from lowbit.ir.rewrite import add_initializer, make_node
 from lowbit.ops.integer_ops import QRANGE
 from lowbit.ops.registry import lowbit_op
 
-__all__ = ["NEWTON_STEPS", "exp_table", "int_norm_reference", "int_softmax_reference", "isqrt_newton"]
+__all__ = ["NEWTON_STEPS", "exp_table", "int_norm_reference", "int_softmax_reference", "isqrt_newton",
+           "isqrt_start"]
 
-NEWTON_STEPS = 6
+NEWTON_STEPS = 3
 EXP_BITS = 15
 _OFF = 62
 
 
+def isqrt_start() -> np.ndarray:
+    """x₀ for n' in [2^58, 2^62), indexed by n' >> 52: ⌊√((i+1)·2^52 − 1)⌋ + 1 ≥ √n' (relative excess < 1/128)."""
+    return np.array([math.isqrt(((i + 1) << 52) - 1) + 1 for i in range(1024)], np.int64)
+
+
 def isqrt_newton(n: np.ndarray, steps: int = NEWTON_STEPS) -> np.ndarray:
-    """The ORT body's isqrt, in numpy (for tests): Newton from 2^⌈L/2⌉, ``steps`` times."""
+    """The ORT body's isqrt of n' in [2^58, 2^62), in numpy (for tests): table start, ``steps`` Newton steps."""
     n = np.asarray(n, np.int64)
-    bitlen = (n[..., None] >= (np.int64(1) << np.arange(63, dtype=np.int64))).sum(-1)
-    x = np.left_shift(np.int64(1), (bitlen + 1) // 2)
+    x = isqrt_start()[n >> 52]
     for _ in range(steps):
         x = np.minimum(x, (x + n // x) // 2)
     return x
@@ -88,12 +94,12 @@ def _norm_check(d, f, g, bias):
         raise ValueError("lowbit.IntNorm: d·f·g + bias can reach 2^61 (frac_bits or g too large)")
 
 
-def _row_tables(frac_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indexed by bit length L = 0..63: 4^e, Newton's start 2^⌈(L+2e)/2⌉, and 2^(60−e−F)."""
+def _row_tables(frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indexed by bit length L = 0..63: 4^e and 2^(60−e−F)."""
     ln = np.arange(64, dtype=np.int64)
     e = np.maximum((60 - ln) // 2, 0)
     one = np.int64(1)
-    return one << (2 * e), one << ((ln + 2 * e + 1) // 2), one << (60 - e - frac_bits)
+    return one << (2 * e), one << (60 - e - frac_bits)
 
 
 @lowbit_op("IntNorm", doc="Integer LayerNorm (rms=0) / RMSNorm (rms=1): d = C·(x−zx) − Σ(x−zx) (or x−zx), "
@@ -157,9 +163,10 @@ def _lower_norm(graph: ir.Graph, node: ir.Node, origin: str) -> ir.Value:
     pow2 = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))
     bitlen = n_("ReduceSum", [n_("Cast", [n_("GreaterOrEqual", [n, k_("pow2", pow2)], "ge_pow2")], "ge_i64",
                                   to=ir.DataType.INT64), axes], "bitlen", keepdims=1)
-    mul4, start, div = _row_tables(a["frac_bits"])
+    mul4, div = _row_tables(a["frac_bits"])
     n = n_("Mul", [n, n_("Gather", [k_("scale_4e", mul4), bitlen], "scale", axis=0)], "n_scaled")
-    r = n_("Gather", [k_("isqrt_start", start), bitlen], "isqrt_x0", axis=0)
+    r = n_("Gather", [k_("isqrt_start", isqrt_start()), n_("Div", [n, k_("two_52", np.int64(1) << 52)], "top_bits")],
+           "isqrt_x0", axis=0)
     two = k_("two", np.int64(2))
     for i in range(NEWTON_STEPS):
         step = n_("Div", [n_("Add", [r, n_("Div", [n, r], f"newton{i}.q")], f"newton{i}.s"), two], f"newton{i}.h")
