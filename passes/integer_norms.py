@@ -8,6 +8,8 @@ come from where it was made:
 * a linear's output ``DQ(Requantize(acc; b, c, z); s_o, z)`` → ``Requantize(acc; b', c', 0) → int16``
   with b'/2^c' ≈ (b/2^c)·s_o/s_X (the same accumulator, rescaled straight to the residual step);
 * a norm's output → that norm's own ``IntNorm`` emits int16 codes at step s_X (γ/s_X folded in g);
+* the previous residual sum (pre-norm decoders: the stream feeds the next add and a norm) → its
+  int32 codes at step s_P, ``Requantize(·; s_P/s_X) → int16``;
 * anything else (the embedding sum) → ``QuantizeLinear(·; s_X, int16)``: the float→integer entry.
 
 A norm ``N(X)`` on codes x = X/s_X is ``lowbit.IntNorm``: LayerNorm is invariant to the input
@@ -85,8 +87,10 @@ class IntegerNorms(Pass):
                         out_step[v] = step[x]
         model.opset_imports[DOMAIN] = VERSION
         codes: dict[ir.Value, ir.Value] = {}  # float norm output → its int16 codes (made when the norm is)
+        residual: dict[ir.Value, tuple[ir.Value, float]] = {}  # norm input → (int32 codes, step): pre-norm streams
         for x, norms in groups.items():  # graph order: a norm is rewritten before the add that reads it
-            x32 = self._input_codes(graph, x, step[x], codes, norms[0])
+            x32 = self._input_codes(graph, x, step[x], codes, norms[0], residual)
+            residual[x] = (x32, step[x])
             for norm in norms:
                 self._rewrite_norm(graph, norm, x32, step[x], out_step, rng, codes)
         graph.meta.pop("lowbit.names", None)
@@ -100,13 +104,14 @@ class IntegerNorms(Pass):
         return make_node(graph, op, inputs, origin=self.name, name=name, attributes=attrs, domain=domain,
                          before=before).outputs[0]
 
-    def _input_codes(self, graph, x: ir.Value, s_x: float, codes, before) -> ir.Value:
+    def _input_codes(self, graph, x: ir.Value, s_x: float, codes, before, residual) -> ir.Value:
         """int32 codes of x at step s_x: the sum of its operands' int16 codes, or a QuantizeLinear entry."""
         add = x.producer()
         parts = []
         if add is not None and add.op_type == "Add":
             for v in add.inputs:
-                parts.append(codes.get(v) or self._from_requantize(graph, v, s_x, before))
+                parts.append(codes.get(v) or self._from_requantize(graph, v, s_x, before)
+                             or self._rescale(graph, residual.get(v), s_x, before))
         name = x.name or "residual"
         if len(parts) != 2 or any(p is None for p in parts):
             q = self._node(graph, "QuantizeLinear", [x, add_initializer(graph, f"{name}.res_step", np.float32(s_x)),
@@ -118,6 +123,21 @@ class IntegerNorms(Pass):
         a, b = (self._node(graph, "Cast", [p], f"{name}.res_i32", before, to=ir.DataType.INT32) for p in parts)
         self.stats["integer_adds"] += 1
         return self._node(graph, "Add", [a, b], f"{name}.res_add", before)
+
+    def _rescale(self, graph, src: tuple[ir.Value, float] | None, s_x: float, before) -> ir.Value | None:
+        """A pre-norm residual stream: the previous sum's int32 codes (step s) → int16 codes at s_x."""
+        if src is None:
+            return None
+        v, s = src
+        b, c, _ = dyadic(np.array([s / s_x]), 30)
+        name = v.name or "residual"
+        out = self._node(graph, "Requantize", [v, add_initializer(graph, f"{name}.rescale_mult", b.reshape(())),
+                                               add_initializer(graph, f"{name}.rescale_shift", c.reshape(())),
+                                               add_initializer(graph, f"{name}.rescale_zp", np.int16(0))],
+                         f"{name}.rescale", before, domain=DOMAIN)
+        out.dtype = ir.DataType.INT16
+        self.stats["residual_rescale"] += 1
+        return out
 
     def _from_requantize(self, graph, v: ir.Value, s_x: float, before) -> ir.Value | None:
         dq = v.producer()

@@ -113,6 +113,7 @@ def test_stories_reference_matches_ort_on_100_inputs(stories):
     rep = check_integer_regions(model)
     assert rep.integer_gemms == 36 and not rep.float_rescales and not rep.float_gemms
     assert "RMSNormalization" not in rep.float_ops and report["integer-norms"]["norms"] == 11
+    assert report["integer-norms"]["entries"] == 1 and report["integer-norms"]["residual_rescale"] == 10  # int stream
     assert report["dyadic"]["worst_relative_scale_error"] < 2.0 ** -20  # shared shift: ≈2^-26 here
     compared, mismatches = compare_graph_with_ort(model, probes)
     assert compared > 100 * 36 and mismatches == []
