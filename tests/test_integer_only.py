@@ -114,11 +114,13 @@ def test_stories_reference_matches_ort_on_100_inputs(stories):
     assert rep.integer_gemms == 36 and not rep.float_rescales and not rep.float_gemms
     assert "RMSNormalization" not in rep.float_ops and report["integer-norms"]["norms"] == 11
     assert report["integer-norms"]["entries"] == 1 and report["integer-norms"]["residual_rescale"] == 10  # int stream
+    assert report["integer-swiglu"] == {"swiglu": 5} and "Sigmoid" not in rep.float_ops
     assert report["dyadic"]["worst_relative_scale_error"] < 2.0 ** -20  # shared shift: ≈2^-26 here
     compared, mismatches = compare_graph_with_ort(model, probes)
     assert compared > 100 * 36 and mismatches == []
 
 
+@pytest.mark.slow  # compiling MiniLM end to end integer takes minutes on 2 shared cores
 def test_minilm_integer_regions_cover_every_linear(minilm):
     model, report, *_ = minilm
     rep = check_integer_regions(model)
@@ -138,6 +140,7 @@ def test_minilm_reference_matches_ort_on_100_inputs(minilm):
     assert compared > 100 * 250 and mismatches == []
 
 
+@pytest.mark.slow
 def test_minilm_sts_slice_close_to_fp32(minilm):
     from lowbit.frontends.huggingface import packaged_minilm_path
     from lowbit.runtime.encoder import sts_spearman
