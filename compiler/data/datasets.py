@@ -90,12 +90,12 @@ def encoder_feeds(tokenizer_dir: str | Path, sentences: list[str], input_names: 
 
 
 def _tokenizer_for(model: ir.Model, tokenizer):
-    from lowbit.data.tokenizers import Llama2cTokenizer
+    from lowbit.frontends.text_tokenizers import load_tokenizer
 
     path = tokenizer or model.metadata_props.get("lowbit.tokenizer")
     if not path:
         raise CalibrationError("text calibration for a causal LM needs its tokenizer", hint="pass --tokenizer tok.bin")
-    return path if not isinstance(path, (str, Path)) else Llama2cTokenizer(path)
+    return load_tokenizer(path)
 
 
 def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | None = None,
@@ -136,6 +136,10 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         feeds = encoder_feeds(tok_dir, sentences, inputs)
     else:
         stories = read_stories(path)[:limit]
+        if model.metadata_props.get("lowbit.kv_cache") == "true":  # prefill samples with an empty past
+            from lowbit.frontends.decoder import prefill_feeds
+
+            return prefill_feeds(model, causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, "ids"))
         if len(inputs) != 1:
             raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
                                    hint="give a directory of .npz samples instead")

@@ -116,7 +116,7 @@ def check_feeds(model: ir.Model, feeds: list[dict]) -> None:
             if v.shape is not None and arr.ndim != len(v.shape):
                 raise CalibrationError(f"calibration sample {i}, input '{name}': rank {arr.ndim}, "
                                        f"model wants {len(v.shape)} (shape {v.shape})")
-            if arr.size == 0:
+            if arr.size == 0 and not name.startswith("past"):  # an empty KV past is a prefill sample
                 raise CalibrationError(f"calibration sample {i}, input '{name}' is empty")
 
 
