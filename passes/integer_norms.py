@@ -18,7 +18,9 @@ scale (ε in code units becomes n_min = ⌈C²·ε/s_X²⌉), RMSNorm likewise, 
 ``g = round(γ/s_o·2^(c−F))``, ``bias = round(β/s_o·2^c)``.  The clone norms of ``migrate-steps``
 whose outputs feed a round-and-clip quantizer become IntNorms with uint8 output (the quantizer is
 absorbed); norms feeding the residual emit int16; a norm output that is a graph output is read
-through ``DequantizeLinear`` (the integer→float exit).
+through ``DequantizeLinear`` (the integer→float exit).  A clone whose residual-side twin is already
+an IntNorm (γ' = γ/m, β' = β/m) reads the twin's int16 codes y instead of normalising again:
+``Requantize(y; s_y/(m_j·t_j), u_j)``.
 """
 
 from __future__ import annotations
@@ -91,12 +93,15 @@ class IntegerNorms(Pass):
         for x, norms in groups.items():  # graph order: a norm is rewritten before the add that reads it
             x32 = self._input_codes(graph, x, step[x], codes, norms[0], residual)
             residual[x] = (x32, step[x])
-            for norm in norms:
-                self._rewrite_norm(graph, norm, x32, step[x], out_step, rng, codes)
+            made: dict = {}  # this input's residual-side IntNorm: its clones requantize its output
+            for norm in sorted(norms, key=lambda n: match_round_and_clip(n.outputs[0]) is not None):
+                if not self._from_sibling(graph, norm, made):
+                    self._rewrite_norm(graph, norm, x32, step[x], out_step, rng, codes, made)
         graph.meta.pop("lowbit.names", None)
-        from onnx_ir.passes.common import RemoveUnusedNodesPass
+        from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
         RemoveUnusedNodesPass()(model)
+        TopologicalSortPass()(model)  # a clone's quantizer may sit before its twin's IntNorm
         self.ctx.report["integer-norms"] = dict(self.stats)
         return PassResult(model, modified=True)
 
@@ -160,7 +165,34 @@ class IntegerNorms(Pass):
         self.stats["residual_requantize"] += 1
         return out
 
-    def _rewrite_norm(self, graph, norm: ir.Node, x32: ir.Value, s_x: float, out_step, rng, codes) -> None:
+    def _from_sibling(self, graph, norm: ir.Node, made: dict) -> bool:
+        """A migrate-steps clone (γ' = γ/m, β' = β/m) of a norm already on int16 codes y (step s):
+        its quantizer's codes are Requantize(y; s/(m_j·t_j), u_j) — one op instead of a second IntNorm."""
+        chain = match_round_and_clip(norm.outputs[0])
+        if chain is None or not made or made["op"] != (norm.op_type, str(norm.attributes.get("epsilon"))):
+            return False
+        gamma = const_array(norm.inputs[1]).astype(np.float64)
+        beta = const_array(norm.inputs[2]).astype(np.float64) if len(norm.inputs) > 2 and norm.inputs[2] is not None \
+            else np.zeros_like(gamma)
+        if np.any(gamma == 0) or np.any(made["gamma"] == 0):
+            return False
+        m = made["gamma"] / gamma
+        if np.any(m <= 0) or not np.allclose(beta * m, made["beta"], rtol=1e-6, atol=1e-9):
+            return False
+        t, u, cast = chain
+        b, c, _ = dyadic(made["step"] / (m * np.asarray(t, np.float64)), 30, shared_shift=True)
+        name = norm.name or "norm"
+        y32 = self._node(graph, "Cast", [made["codes"]], f"{name}.codes_i32", cast, to=ir.DataType.INT32)
+        y = self._node(graph, "Requantize", [y32, add_initializer(graph, f"{name}.mult", b),
+                                             add_initializer(graph, f"{name}.shift", c),
+                                             add_initializer(graph, f"{name}.zp", u)], f"{name}.from_sibling", cast,
+                       domain=DOMAIN)
+        y.dtype = ir.DataType.UINT8
+        cast.outputs[0].replace_all_uses_with(y)
+        self.stats["norms_shared"] += 1
+        return True
+
+    def _rewrite_norm(self, graph, norm: ir.Node, x32: ir.Value, s_x: float, out_step, rng, codes, made) -> None:
         rms = int(norm.op_type != "LayerNormalization")
         gamma = const_array(norm.inputs[1]).astype(np.float64)
         beta = const_array(norm.inputs[2]).astype(np.float64) if len(norm.inputs) > 2 and norm.inputs[2] is not None \
@@ -190,6 +222,8 @@ class IntegerNorms(Pass):
             sink.replace_all_uses_with(y)
             return
         codes[out] = y
+        made.update(op=(norm.op_type, str(norm.attributes.get("epsilon"))), gamma=gamma, beta=beta, step=float(s_o),
+                    codes=y)
         users = [u for u in out.uses() if u.node.op_type != "Add"
                  or not any(w.node.op_type in _NORMS for w in u.node.outputs[0].uses())]
         if users or out in graph.outputs:  # float readers other than a residual add: the integer→float exit
