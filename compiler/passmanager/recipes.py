@@ -51,8 +51,11 @@ RECIPES: dict[str, str] = {
     # beats every uniform recipe of equal or larger size)
     # integer-only linears: static per-channel u8 activations with steps migrated into producers
     # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,
-    # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables
-    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-lut,lower-lowbit,lower-ort",
+    # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables, SwiGLU by a silu table and an int32
+    # product; attention (Q·Kᵀ, exp-table softmax, P·V) and LayerNorm/RMSNorm over an int16-step residual
+    # stream integer too (BERT: float only at the embedding and the output; RoPE attention stays float)
+    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-swiglu,integer-lut,integer-attention,"
+                         "integer-norms,lower-lowbit,lower-ort",
 }
 
 
