@@ -89,6 +89,7 @@ class AssignBits(Pass):
         cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
         refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.mixed.refine; 0: off)
         quantizer: Literal["rtn", "gptq"] = "rtn"  # how measured probes simulate the weights: match quantize-weights
+        ray: str = ""  # run the measured sweep on Ray workers: 'auto' or a cluster address ('' = here)
 
         def __post_init__(self):
             bits, groups = _ints(self.bits, "bits"), _ints(self.groups, "groups")
@@ -100,8 +101,10 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: split must be in [0, 1), got {self.split}")
             if self.target <= 0:
                 raise ValueError(f"assign-bits: target must be positive, got {self.target}")
-            if self.refine < 0:
-                raise ValueError(f"assign-bits: refine must be >= 0 rounds, got {self.refine}")
+            if not 0 <= self.refine <= 100:
+                raise ValueError(f"assign-bits: refine must be in [0, 100] rounds, got {self.refine}")
+            if self.samples < 0:
+                raise ValueError(f"assign-bits: samples must be >= 0 (0: all), got {self.samples}")
             if self.quantizer not in ("rtn", "gptq"):
                 raise ValueError(f"assign-bits: quantizer must be rtn or gptq, got '{self.quantizer}'")
             if self.refine and self.split:
@@ -128,7 +131,7 @@ class AssignBits(Pass):
         annotate(linears, plan)
         changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
         if self.options.save:
-            plan.save(self.options.save)
+            plan.save(self.ctx.stage(self.options.save))
         self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
                                           "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits,
                                           "nominal_bits": plan.nominal_bits}
@@ -182,7 +185,7 @@ class AssignBits(Pass):
             measured = measured_sensitivity(
                 model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
                 metric="kl" if o.estimator == "measured-kl" else "nll", cache_dir=o.cache or None,
-                quantizer=o.quantizer, progress=self.ctx.show_progress)
+                quantizer=o.quantizer, progress=self.ctx.show_progress, ray=o.ray)
             layer_cost = _monotone(measured, choices)
         units = []
         for lin in linears:

@@ -90,3 +90,17 @@ def test_static_needs_calibration(stories_model):
 
     with pytest.raises(lowbit.LowbitError, match="put 'calibrate' before 'quantize-acts'"):
         lowbit.compile(stories_model, "quantize-acts{bits=8,static=true}", progress=False)
+
+
+def test_clip_ratio_narrows_the_per_token_range():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    g = GraphBuilder(opset=23)
+    x = g.input("x", TensorProto.FLOAT, [4, 16])
+    g.output("y", TensorProto.FLOAT, [4, 8])
+    g.op("MatMul", [x, g.init("proj.weight", w)], name="proj", out="y")
+    model = PassManager.from_pipeline("quantize-acts{bits=4,clip=0.8}", CompileContext()).run(g.build("one"))
+    xs = rng.standard_t(2, (4, 16)).astype(np.float32)
+    got = make_session(model, optimize=False).run(None, {"x": xs})[0]
+    t = 0.8 * np.abs(xs).max(-1, keepdims=True) / 7  # QuaRot-style clipped int4 step, written out
+    np.testing.assert_allclose(got, (np.clip(np.round(xs / t), -8, 7) * t) @ w, rtol=1e-4, atol=1e-4)
