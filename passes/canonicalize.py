@@ -3,8 +3,13 @@
 * ``Gemm(A, B, C)`` with a constant ``B`` (and ``transA = 0``) becomes ``MatMul(A, B') + C'`` with
   ``B' = alpha·op(B)`` and ``C' = beta·C``: ``alpha·A·op(B) + beta·C = A·(alpha·op(B)) + beta·C``.
 * Decomposed LayerNorm / RMSNorm subgraphs (ReduceMean, Sub, Pow, Sqrt, Div, …) become
-  ``LayerNormalization`` / ``SimplifiedLayerNormalization`` through onnxscript's own fusion rules,
-  so smoothing and rotation can fold into their scales.
+  ``LayerNormalization`` / an RMS norm through onnxscript's own fusion rules, so smoothing and
+  rotation can fold into their scales.  The RMS norm is ONNX ``RMSNormalization`` only where the
+  model's opset has it (>= 23); below, it is ONNX Runtime's ``SimplifiedLayerNormalization`` (same
+  formula ``x / sqrt(mean(x²) + ε) · γ``, registered by ORT in the ONNX domain at every opset).
+  The model's opset is never raised behind its back: an opset-21 model stays opset 21.
+* A float16 / bfloat16 / float64 model gets a float32 interior with its interface type kept
+  (:mod:`lowbit.ir.precision`), so every node later passes insert is type-consistent.
 Float outputs are unchanged up to rounding.  The ONNX frontend runs this pass on every file.
 """
 
@@ -21,6 +26,9 @@ from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 __all__ = ["Canonicalize"]
 
 
+_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+
+
 def _attr(node: ir.Node, name: str, default):
     a = node.attributes.get(name)
     return default if a is None else a.value
@@ -32,6 +40,7 @@ class Canonicalize(Pass):
     class Options:
         gemm: bool = True
         norms: bool = True
+        float32: bool = True  # float32 interior for float16/bfloat16/float64 models
 
     float_equivalent = True
 
@@ -69,7 +78,7 @@ class Canonicalize(Pass):
         from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_ruleset
         from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_ruleset
 
-        before = sum(1 for n in model.graph if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"))
+        before = sum(1 for n in model.graph if n.op_type in _NORMS)
         try:
             ShapeInferencePass()(model)
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
@@ -77,14 +86,26 @@ class Canonicalize(Pass):
             del exc
         rules = [*layer_normalization_ruleset.rules, *rms_normalization_ruleset.rules]
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
-        after = sum(1 for n in model.graph if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"))
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset < 23:  # RMSNormalization is opset 23: use ORT's equivalent op instead
+            for node in model.graph:
+                if node.op_type == "RMSNormalization" and node.domain in ("", "ai.onnx"):
+                    node.op_type = "SimplifiedLayerNormalization"
+                    node.domain = ""
+                    self.stats["rms_as_simplified_layer_norm"] += 1
+        after = sum(1 for n in model.graph if n.op_type in _NORMS)
         self.stats["norms_fused"] += after - before
 
     def call(self, model):
         graph = model.graph
+        if self.options.float32:
+            from lowbit.ir.precision import to_float32_interior
+
+            self.stats["float32_interior"] = int(to_float32_interior(model))
         if self.options.gemm:
             self._gemm_to_matmul(graph)
         if self.options.norms:
             self._fuse_norms(model)
         graph.meta.pop("lowbit.names", None)
-        return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]))
+        return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]
+                                               or self.stats["float32_interior"]))

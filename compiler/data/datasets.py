@@ -135,11 +135,11 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
             raise CalibrationError("text calibration for an encoder needs its tokenizer folder", hint="pass --tokenizer DIR")
         feeds = encoder_feeds(tok_dir, sentences, inputs)
     else:
+        from lowbit.data.lm_feeds import lm_feeds
+
         stories = read_stories(path)[:limit]
-        if len(inputs) != 1:
-            raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
-                                   hint="give a directory of .npz samples instead")
-        feeds = causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, inputs[0])
+        tok = _tokenizer_for(model, tokenizer)
+        feeds = lm_feeds(model, [tok.encode(s, bos=True) for s in stories], max_len=seq_len)
     if not feeds:
         raise CalibrationError(f"{path}: holds no samples")
     return feeds
