@@ -25,15 +25,26 @@ __all__ = ["LowerOrt", "ort_integer_kernels", "INTEGER_GEMMS"]
 INTEGER_GEMMS = {"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul"}
 
 
-def ort_integer_kernels(model: ir.Model | str | Path) -> collections.Counter:
-    """Op-type counts of the graph ORT actually runs after its own optimizations."""
+def ort_integer_kernels(model: ir.Model | str | Path, integer_inputs: set | None = None) -> collections.Counter:
+    """Op-type counts of the graph ORT actually runs after its own optimizations.
+
+    With ``integer_inputs`` (a set), the names of every tensor read by an integer GEMM are added to it.
+    """
     from lowbit.ir.sessions import make_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
         make_session(model, optimized_model_path=str(path))
         proto = onnx.load(str(path), load_external_data=False)
+    if integer_inputs is not None:
+        integer_inputs.update(i for n in proto.graph.node if n.op_type in INTEGER_GEMMS for i in n.input)
     return collections.Counter(n.op_type for n in proto.graph.node)
+
+
+def _weight_name(node: ir.Node) -> str | None:
+    w = node.inputs[1]
+    prod = w.producer() if w is not None else None
+    return prod.inputs[0].name if prod is not None and prod.op_type == "DequantizeLinear" else (w.name if w else None)
 
 
 def _weight_dtype(node: ir.Node) -> ir.DataType | None:
@@ -58,7 +69,7 @@ class LowerOrt(Pass):
 
     def call(self, model):
         graph = model.graph
-        quantized = 0
+        quantized, weights = 0, {}
         for node in graph:
             if node.op_type == "MatMulInteger":
                 b = node.inputs[1]
@@ -75,16 +86,22 @@ class LowerOrt(Pass):
                     if _weight_dtype(node) != ir.DataType.INT8:
                         self.fail("weights must be int8 for ORT's u8×s8 integer kernels", node=node)
                     quantized += 1
+                    weights[_weight_name(node)] = node
         self.stats["integer_linears"] = quantized
         report = {"integer_linears": quantized}
         if self.options.verify and quantized:
-            counts = ort_integer_kernels(model)
+            used: set[str] = set()
+            counts = ort_integer_kernels(model, used)
             on_int = sum(counts[k] for k in INTEGER_GEMMS)
+            missed = [n.name for w, n in weights.items() if w not in used]
             report["ort_integer_gemms"] = on_int
             report["ort_ops"] = dict(counts.most_common())
             self.stats["ort_integer_gemms"] = on_int
             if on_int < quantized:
-                self.fail(f"ORT runs only {on_int} of {quantized} quantized linears on integer kernels",
-                          hint="inspect the optimized graph with 'lowbit inspect --ort-optimized'")
+                names = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+                self.fail(f"ORT runs only {on_int} of {quantized} quantized linears on integer kernels"
+                          + (f"; float kernels for {names}" if missed else ""),
+                          hint="use recipe w8a8-dynamic (per-token activations; ORT fuses it in every graph form), "
+                               "or inspect the optimized graph with 'lowbit inspect --ort-optimized'")
         self.ctx.report["lower-ort"] = report
         return PassResult(model, modified=False)

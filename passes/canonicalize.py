@@ -34,6 +34,15 @@ def _attr(node: ir.Node, name: str, default):
     return default if a is None else a.value
 
 
+def _gemm_base(node: ir.Node, b: ir.Value) -> str:
+    """A layer name for a Gemm: its weight's name without ``.weight`` (``h.0.attn.c_attn``), else the node's."""
+    name = (b.name or "").removeprefix("m.")
+    for suffix in (".weight", ".W", "_weight"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return node.name or "gemm"
+
+
 @register_pass("canonicalize")
 class Canonicalize(Pass):
     @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Canonicalize(Pass):
                 continue
             w = b.const_value.numpy().astype(np.float32)
             w = (w.T if _attr(node, "transB", 0) else w) * np.float32(_attr(node, "alpha", 1.0))
-            base = node.name or "gemm"
+            base = _gemm_base(node, b)
             wv = add_initializer(graph, f"{base}.weight", np.ascontiguousarray(w))
             mm = make_node(graph, "MatMul", [node.inputs[0], wv], origin=self.name, name=f"{base}.matmul", before=node)
             out = mm.outputs[0]

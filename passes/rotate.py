@@ -60,6 +60,21 @@ def orthogonal(n: int, kind: str, rng: np.random.Generator, signs: bool = True) 
     return full, qm
 
 
+_INDEX_PATH = {"Reshape", "Unsqueeze", "Squeeze", "Cast", "Flatten", "Identity"}
+_NO_CHANNEL_USE = {"Shape", "Size"}  # read only the stream's shape, which a rotation keeps
+_ALTERNATIVE = "use a recipe without rotation instead (w4a16-gptq, w8a8, w8a8-dynamic)"
+
+
+def _from_input(v: ir.Value, graph: ir.Graph) -> bool:
+    """``v`` is a graph input, possibly reshaped or cast (token ids flattened before the embedding)."""
+    while v is not None and v not in graph.inputs:
+        node = v.producer()
+        if node is None or node.op_type not in _INDEX_PATH:
+            return False
+        v = node.inputs[0]
+    return v is not None
+
+
 @register_pass("rotate")
 class Rotate(Pass):
     @dataclass(frozen=True)
@@ -85,10 +100,12 @@ class Rotate(Pass):
             by_input.setdefault(lin.input, []).append(lin)
         by_output = {lin.output: lin for lin in linears}
         embed = self._embedding(graph)
+        self._tables = [embed]
         readers, writers = self._walk(graph, embed.outputs[0], by_input, by_output)
         d = const_array(embed.inputs[0]).shape[1]
         q, _ = orthogonal(d, self.options.kind, rng)
-        set_input_const(graph, embed, 0, const_array(embed.inputs[0]).astype(np.float64) @ q)
+        for table in self._tables:
+            set_input_const(graph, table, 0, const_array(table.inputs[0]).astype(np.float64) @ q)
         for lin in readers:
             self._weight(graph, lin, q.T @ self._w(lin))
         for lin in writers:
@@ -123,10 +140,10 @@ class Rotate(Pass):
     def _embedding(self, graph: ir.Graph) -> ir.Node:
         for node in graph:
             if node.op_type == "Gather" and const_array(node.inputs[0]) is not None \
-                    and const_array(node.inputs[0]).ndim == 2 and node.inputs[1] in graph.inputs:
+                    and const_array(node.inputs[0]).ndim == 2 and _from_input(node.inputs[1], graph):
                 return node
         self.fail("no token embedding (Gather of a 2-D initializer by a graph input) starts a residual stream",
-                  hint="rotate applies to decoder LMs built by lowbit's frontends (llama2.c, HF Llama)")
+                  hint=f"rotate applies to decoder LMs; {_ALTERNATIVE}")
 
     def _walk(self, graph, start: ir.Value, by_input, by_output) -> tuple[list[Linear], list[Linear]]:
         readers, writers, todo, seen = [], [], [start], set()
@@ -139,11 +156,12 @@ class Rotate(Pass):
                 self.fail(f"the residual stream value '{s.name}' is a graph output; rotating would change it")
             for use in list(s.uses()):
                 node = use.node
+                if node.op_type in _NO_CHANNEL_USE:
+                    continue
                 if node.op_type == "LayerNormalization":
                     self.fail("the residual stream is normalised by LayerNormalization (mean subtraction), "
-                              "which does not commute with a rotation; post-norm encoders (BERT) and LayerNorm "
-                              "models are not supported", node=node,
-                              hint="use rotate on pre-norm RMSNorm decoders (Llama family)")
+                              "which does not commute with a rotation (LayerNorm models: GPT-2, OPT, BERT)",
+                              node=node, hint=_ALTERNATIVE)
                 if node.op_type in _RMS:
                     gamma = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
                     if gamma is None or not np.all(gamma == 1):
@@ -152,20 +170,27 @@ class Rotate(Pass):
                     out = node.outputs[0]
                     lins = by_input.get(out, [])
                     if not lins or {u.node for u in out.uses()} != {lin.node for lin in lins}:
-                        self.fail("a normalised stream feeds something other than linears", node=node,
-                                  hint="post-norm models, or norms read by non-linear ops, cannot be rotated")
+                        self.fail("a normalised stream feeds something other than linears (post-norm or "
+                                  "sandwich norms)", node=node, hint=_ALTERNATIVE)
                     readers.extend(lins)
                 elif node.op_type == "Add":
                     other = node.inputs[1 - use.idx]
                     lin = by_output.get(other)
+                    table = other.producer()
+                    if lin is None and table is not None and table.op_type == "Gather" \
+                            and const_array(table.inputs[0]) is not None and const_array(table.inputs[0]).ndim == 2:
+                        self._tables.append(table)  # learned positions added to the embedding: rotated alike
+                        todo.append(node.outputs[0])
+                        continue
                     if lin is None and other not in seen:
-                        self.fail("a residual Add whose other operand is not a linear layer's output", node=node)
+                        self.fail("a residual Add whose other operand is not a linear layer's output", node=node,
+                                  hint=_ALTERNATIVE)
                     if lin is not None:
                         writers.append(lin)
                     todo.append(node.outputs[0])
                 else:
                     self.fail(f"the residual stream feeds {node.op_type}; rotation folds only into norms and "
-                              "residual adds (is this a post-norm model?)", node=node)
+                              "residual adds (is this a post-norm model?)", node=node, hint=_ALTERNATIVE)
         if not readers or not writers:
             self.fail("no linear reads or writes the residual stream")
         return readers, writers

@@ -74,4 +74,9 @@ def _upgrade(model: ir.Model, path, opset: int) -> ir.Model:
         raise ModelLoadError(f"{path}: cannot upgrade opset {opset} to {MIN_OPSET}: {exc}",
                              hint=f"re-export the model with opset >= {MIN_OPSET}") from exc
     proto.ir_version = 10
-    return ir.serde.deserialize_model(proto)
+    upgraded = ir.serde.deserialize_model(proto)
+    meta = {n.name: dict(n.metadata_props) for n in model.graph if n.name and n.metadata_props}
+    for node in upgraded.graph:  # the converter drops node metadata (torch's module paths name the layers)
+        if node.name in meta and not node.metadata_props:
+            node.metadata_props.update(meta[node.name])
+    return upgraded

@@ -4,7 +4,8 @@ A *linear* is ``MatMul(x, W)`` with a constant 2-D ``W`` of shape [in, out], opt
 ``Add(·, b)`` with a constant 1-D bias.  Its input ``x`` is *produced* by:
 
 * a norm (LayerNormalization, RMSNormalization, SimplifiedLayerNormalization) whose output feeds
-  only linears — then all those linears form one group (q/k/v, gate/up) sharing one scale;
+  only linears — then all those linears form one group (q/k/v, gate/up) sharing one scale — also
+  through Reshapes that keep the channel axis (``[b, s, C] → [b·s, C]`` before a Gemm);
 * a previous linear through an operation that is linear per channel, so that a per-channel
   scale on x can be moved into that linear's output columns:
     - ``Mul(silu(gate), up)`` (SwiGLU): x's channel j is up's output channel j;
@@ -71,9 +72,22 @@ class Group:
 
 
 def linear_name(node: ir.Node, weight: ir.Value, bias: ir.Value | None) -> str:
-    for v, suffix in ((bias, ".bias"), (weight, ".weight")):
-        if v is not None and v.name and v.name.endswith(suffix):
-            return v.name[: -len(suffix)]
+    """The layer's name: its weight's (``….weight``), else its bias's when no other node shares that bias
+    (exporters merge identical constants: every zero bias of a model may be one initializer), else the node's."""
+    if weight.name and weight.name.endswith(".weight"):
+        return weight.name[: -len(".weight")]
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")  # torch's dynamo exporter: the module path
+    if scopes:
+        import ast
+
+        try:
+            path = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            path = []
+        if len(path) >= 2 and path[-2]:
+            return path[-2]
+    if bias is not None and bias.name and bias.name.endswith(".bias") and len(list(bias.uses())) == 1:
+        return bias.name[: -len(".bias")]
     return node.name or weight.name
 
 
@@ -156,6 +170,27 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
     return lin, ("vo", n_v, hd), "attention V→O"
 
 
+def _through_flatten(act: ir.Value, n_in: int, graph: ir.Graph) -> ir.Value:
+    """The value before Reshapes that keep the channel axis (``[b, s, C] → [b·s, C]``, GPT-2's Conv1D).
+
+    A per-channel scale commutes with a reshape that leaves the last axis whole, so a norm before
+    the reshape is still the activation's foldable producer.
+    """
+    v = act
+    while True:
+        node = v.producer()
+        if node is None or node.op_type not in ("Reshape", "Flatten") or not node.inputs:
+            return v
+        src = node.inputs[0]
+        target = const_array(node.inputs[1]) if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+        keeps = (target is not None and target.size and int(target[-1]) == n_in) or (
+            v.shape is not None and src.shape is not None and len(v.shape) and len(src.shape)
+            and v.shape[-1] == n_in and src.shape[-1] == n_in)
+        if not keeps or not _single_use(src, graph):
+            return v
+        v = src
+
+
 def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Group]:
     """Group linears by the activation they read; classify each group's producer."""
     linears = find_linears(graph) if linears is None else linears
@@ -165,12 +200,18 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
     by_out = _by_output(linears)
     groups = []
     for act, consumers in by_input.items():
-        node = act.producer()
         n_in = consumers[0].shape[0]
+        node = act.producer()
+        src = _through_flatten(act, n_in, graph) if len(consumers) == len(list(act.uses())) else act
+        if src is not act and src.producer() is not None and src.producer().op_type in NORM_OPS:
+            groups.append(Group("norm", act, consumers, producer=src.producer(), reason="norm through a reshape"))
+            continue
         if node is not None and node.op_type in NORM_OPS:
             users = [u.node for u in act.uses()]
             if act in graph.outputs or any(u not in {c.node for c in consumers} for u in users):
-                groups.append(Group("none", act, consumers, reason=f"{node.op_type} output also feeds non-linears"))
+                others = sorted({u.op_type for u in users if u not in {c.node for c in consumers}})
+                groups.append(Group("none", act, consumers, reason=f"{node.op_type} output also feeds "
+                                    f"{', '.join(others) or 'a graph output'} (post-norm residual or sandwich norm)"))
             else:
                 groups.append(Group("norm", act, consumers, producer=node))
             continue
@@ -178,6 +219,8 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
             groups.append(Group("none", act, consumers, reason="activation also feeds non-linears"))
             continue
         lin, cmap, reason = _linear_producer(act, graph, by_out)
+        if lin is None and src is not act and src.producer() is not None:
+            reason = f"produced by {src.producer().op_type} (through a reshape)"
         if lin is None:
             groups.append(Group("none", act, consumers, reason=reason))
             continue
