@@ -89,6 +89,16 @@ class Canonicalize(Pass):
 
         before = sum(1 for n in model.graph if n.op_type in _NORMS)
         try:
+            from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+            LiftConstantsToInitializersPass(size_limit=0)(model)  # Constant nodes (axes) become initializers the rules read
+        except Exception:  # an older onnx_ir: the rules see Constant nodes through their const_value
+            self.stats["lift_constants_failed"] += 1
+        for node in model.graph:  # the fusion patterns match these attributes literally: spell out defaults
+            if node.op_type == "ReduceMean":
+                node.attributes.setdefault("keepdims", ir.AttrInt64("keepdims", 1))
+                node.attributes.setdefault("noop_with_empty_axes", ir.AttrInt64("noop_with_empty_axes", 0))
+        try:
             ShapeInferencePass()(model)
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
@@ -107,14 +117,14 @@ class Canonicalize(Pass):
 
     def call(self, model):
         graph = model.graph
-        if self.options.float32:
-            from lowbit.ir.precision import to_float32_interior
-
-            self.stats["float32_interior"] = int(to_float32_interior(model))
         if self.options.gemm:
             self._gemm_to_matmul(graph)
         if self.options.norms:
             self._fuse_norms(model)
+        if self.options.float32:  # after fusion: the rules would fuse through the interface Cast
+            from lowbit.ir.precision import to_float32_interior
+
+            self.stats["float32_interior"] = int(to_float32_interior(model))
         graph.meta.pop("lowbit.names", None)
         return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]
                                                or self.stats["float32_interior"]))

@@ -88,6 +88,9 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
     src = model
     model = load_model(model, tokenizer=tokenizer)
     check_weights(model)
+    from lowbit.frontends.onnx_file import refuse_quantized
+
+    refuse_quantized(model, str(src) if isinstance(src, (str, Path)) else "the model")
     float_bytes = _weight_bytes(model)
     feeds = load_calibration(model, calibration, tokenizer=tokenizer, limit=calibration_samples)
     ctx = CompileContext(calibration=feeds or None, probes=feeds[:2] or None, seed=seed, show_progress=progress)

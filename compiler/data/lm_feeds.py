@@ -51,8 +51,8 @@ def _static_dim(v: ir.Value, axis: int) -> int | None:
 def context_length(model: ir.Model) -> int | None:
     """The longest sequence the graph accepts, from metadata, a fixed token axis, or its position tables.
 
-    Position tables: constant 2-D tables read row-wise by a computed index (``Gather`` not fed by
-    a graph input: learned positions of GPT-2/OPT/BERT; two rows kept spare for OPT's offset) or
+    Position tables: constant 2-D tables read row-wise by any index but the token ids (learned
+    positions of GPT-2/OPT/BERT; two rows kept spare for OPT's offset) or
     sliced along rows (precomputed RoPE caches).  None: nothing in the graph bounds the length.
     """
     for key in _META_KEYS:
@@ -62,15 +62,14 @@ def context_length(model: ir.Model) -> int | None:
     tok = token_input(model)
     if tok is not None and _static_dim(tok, 1):
         return _static_dim(tok, 1)
-    inputs = set(model.graph.inputs)
     bounds = []
     for node in model.graph:
         data = node.inputs[0] if node.inputs else None
         if data is None or data.const_value is None or len(data.const_value.shape) != 2:
             continue
         rows = data.const_value.shape[0]
-        if node.op_type == "Gather" and len(node.inputs) > 1 and node.inputs[1] not in inputs \
-                and _attr(node, "axis", 0) == 0 and node.inputs[1].producer() is not None:
+        if node.op_type == "Gather" and len(node.inputs) > 1 and _attr(node, "axis", 0) == 0 \
+                and not _reads(node.inputs[1], tok):
             bounds.append(rows - 2 if rows > 4 else rows)
         elif node.op_type == "Slice":
             axes = node.inputs[3] if len(node.inputs) > 3 else None
@@ -78,6 +77,16 @@ def context_length(model: ir.Model) -> int | None:
             if ax in (None, [0]):
                 bounds.append(rows)
     return min(bounds) if bounds else None
+
+
+def _reads(v: ir.Value | None, source: ir.Value | None) -> bool:
+    """``v`` is ``source`` reshaped or cast (the token embedding's index is the token input)."""
+    while v is not None and v is not source:
+        node = v.producer()
+        if node is None or node.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Cast", "Flatten", "Identity"):
+            return False
+        v = node.inputs[0]
+    return v is not None and source is not None
 
 
 def _attr(node: ir.Node, name: str, default):

@@ -82,12 +82,15 @@ class VerifyInstrument(Instrument):
 
         from lowbit.ir.sessions import needs_file, saved_copy, to_proto
 
+        from lowbit.frontends.onnx_file import ort_ops_for_checker
+
         try:
-            if needs_file(model):  # external or > 2 GB weights: check a saved copy
-                with saved_copy(model) as path:
-                    onnx.checker.check_model(str(path), full_check=False)
-            else:
-                onnx.checker.check_model(to_proto(model), full_check=False)
+            with ort_ops_for_checker(model):  # ORT's ONNX-domain contrib ops are not ONNX ops
+                if needs_file(model):  # external or > 2 GB weights: check a saved copy
+                    with saved_copy(model) as path:
+                        onnx.checker.check_model(str(path), full_check=False)
+                else:
+                    onnx.checker.check_model(to_proto(model), full_check=False)
         except Exception as exc:
             raise PassFailure(p.name, f"produced an invalid model: {exc}") from exc
         if self._before is None or not result.modified:
