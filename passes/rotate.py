@@ -100,12 +100,14 @@ class Rotate(Pass):
             by_input.setdefault(lin.input, []).append(lin)
         by_output = {lin.output: lin for lin in linears}
         embed = self._embedding(graph)
-        self._tables = [embed]
+        self._tables, self._consts = [embed], []
         readers, writers = self._walk(graph, embed.outputs[0], by_input, by_output)
         d = const_array(embed.inputs[0]).shape[1]
         q, _ = orthogonal(d, self.options.kind, rng)
         for table in self._tables:
             set_input_const(graph, table, 0, const_array(table.inputs[0]).astype(np.float64) @ q)
+        for node, idx in self._consts:  # constants added to the stream (positions folded by a fixed-shape export)
+            set_input_const(graph, node, idx, const_array(node.inputs[idx]).astype(np.float64) @ q)
         for lin in readers:
             self._weight(graph, lin, q.T @ self._w(lin))
         for lin in writers:
@@ -147,6 +149,7 @@ class Rotate(Pass):
 
     def _walk(self, graph, start: ir.Value, by_input, by_output) -> tuple[list[Linear], list[Linear]]:
         readers, writers, todo, seen = [], [], [start], set()
+        d_stream = const_array(start.producer().inputs[0]).shape[1]
         while todo:
             s = todo.pop()
             if s in seen:
@@ -158,6 +161,11 @@ class Rotate(Pass):
                 node = use.node
                 if node.op_type in _NO_CHANNEL_USE:
                     continue
+                if node.op_type in ("Mul", "Div") and use.idx == 0 or node.op_type == "Mul":
+                    k = const_array(node.inputs[1 - use.idx])
+                    if k is not None and k.size == 1:  # a scalar scale (Gemma's √d) commutes with Q
+                        todo.append(node.outputs[0])
+                        continue
                 if node.op_type == "LayerNormalization":
                     self.fail("the residual stream is normalised by LayerNormalization (mean subtraction), "
                               "which does not commute with a rotation (LayerNorm models: GPT-2, OPT, BERT)",
@@ -182,8 +190,17 @@ class Rotate(Pass):
                         self._tables.append(table)  # learned positions added to the embedding: rotated alike
                         todo.append(node.outputs[0])
                         continue
+                    arr = const_array(other)
+                    if lin is None and arr is not None and arr.ndim >= 1 and arr.shape[-1] == d_stream:
+                        self._consts.append((node, 1 - use.idx))
+                        todo.append(node.outputs[0])
+                        continue
                     if lin is None and other not in seen:
-                        self.fail("a residual Add whose other operand is not a linear layer's output", node=node,
+                        prod = other.producer()
+                        what = f"the output of {prod.op_type} '{prod.name}'" if prod is not None else f"'{other.name}'"
+                        if prod is not None and prod.op_type in _RMS | {"LayerNormalization"}:
+                            what += " (a sandwich norm after the layer)"
+                        self.fail(f"a residual Add adds {what}, not a linear layer's output", node=node,
                                   hint=_ALTERNATIVE)
                     if lin is not None:
                         writers.append(lin)

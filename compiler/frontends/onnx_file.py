@@ -114,6 +114,7 @@ def _upgrade(model: ir.Model, path, opset: int) -> ir.Model:
                              hint=f"re-export the model with opset >= {MIN_OPSET}") from exc
     proto.ir_version = 10
     upgraded = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(upgraded.graph, Path(path).resolve().parent)  # not the working directory
     meta = {n.name: dict(n.metadata_props) for n in model.graph if n.name and n.metadata_props}
     for node in upgraded.graph:  # the converter drops node metadata (torch's module paths name the layers)
         if node.name in meta and not node.metadata_props:
