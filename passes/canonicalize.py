@@ -81,6 +81,27 @@ class Canonicalize(Pass):
             graph.remove(node, safe=True)
             self.stats["gemm_to_matmul"] += 1
 
+    def _reciprocal_form(self, graph: ir.Graph) -> None:
+        """``1 / sqrt(v)`` and ``x / sqrt(v)`` (TorchScript exports) as ``Reciprocal`` (+ ``Mul``): the form the
+        RMSNorm rules match.  x / y = x · (1 / y)."""
+        for node in list(graph):
+            if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            num, den = node.inputs
+            if den is None or den.producer() is None or den.producer().op_type != "Sqrt":
+                continue
+            one = num.const_value.numpy() if num is not None and num.const_value is not None else None
+            rec = make_node(graph, "Reciprocal", [den], origin=self.name, name=f"{node.name or 'div'}.reciprocal",
+                            before=node)
+            if one is not None and one.size == 1 and float(one.ravel()[0]) == 1.0:
+                replace_value(graph, node.outputs[0], rec.outputs[0])
+            else:
+                mul = make_node(graph, "Mul", [num, rec.outputs[0]], origin=self.name, name=f"{node.name or 'div'}.mul",
+                                before=node)
+                replace_value(graph, node.outputs[0], mul.outputs[0])
+            graph.remove(node, safe=True)
+            self.stats["div_sqrt_as_reciprocal"] += 1
+
     def _fuse_norms(self, model: ir.Model) -> None:
         from onnx_ir.passes.common import ShapeInferencePass
         from onnxscript import rewriter
@@ -88,12 +109,12 @@ class Canonicalize(Pass):
         from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_ruleset
 
         before = sum(1 for n in model.graph if n.op_type in _NORMS)
-        try:
-            from onnx_ir.passes.common import LiftConstantsToInitializersPass
-
-            LiftConstantsToInitializersPass(size_limit=0)(model)  # Constant nodes (axes) become initializers the rules read
-        except Exception:  # an older onnx_ir: the rules see Constant nodes through their const_value
-            self.stats["lift_constants_failed"] += 1
+        for node in model.graph:  # the rules read constants (axes) through const_value: give Constant outputs one
+            value = node.attributes.get("value")
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None \
+                    and node.outputs[0].const_value is None and value.type == ir.AttributeType.TENSOR:
+                node.outputs[0].const_value = value.value
+        self._reciprocal_form(model.graph)
         for node in model.graph:  # the fusion patterns match these attributes literally: spell out defaults
             if node.op_type == "ReduceMean":
                 node.attributes.setdefault("keepdims", ir.AttrInt64("keepdims", 1))
@@ -103,6 +124,14 @@ class Canonicalize(Pass):
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
             del exc
+        for node in list(model.graph):  # Cast to the type the value already has is the identity
+            to = node.attributes.get("to")
+            src = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
+            if src is not None and to is not None and src.dtype is not None and int(src.dtype) == to.value \
+                    and node.outputs[0] not in model.graph.outputs:
+                node.outputs[0].replace_all_uses_with(src)
+                model.graph.remove(node, safe=True)
+                self.stats["identity_casts_removed"] += 1
         rules = [*layer_normalization_ruleset.rules, *rms_normalization_ruleset.rules]
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import NORM_OPS, Linear, const_array, find_linears
+from lowbit.ir.analysis import NORM_OPS, Linear, const_array, find_linears, value_users
 from lowbit.quant.stats import META_KEY, act_stats
 from lowbit.passmanager.manager import Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_uses_in, set_input_const
@@ -61,7 +61,7 @@ class FoldNorms(Pass):
                 continue
             out = node.outputs[0]
             consumers = by_input.get(out, [])
-            users = {u.node for u in out.uses()}
+            users = set(value_users(out))
             if not consumers or out in graph.outputs or users != {c.node for c in consumers}:
                 self.stats["skipped_non_linear_consumer"] += 1
                 continue

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import Linear, const_array, find_groups, find_linears
+from lowbit.ir.analysis import Linear, const_array, find_groups, find_linears, value_users
 from lowbit.passmanager.manager import CALIBRATED
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
@@ -177,7 +177,7 @@ class Rotate(Pass):
                                   node=node, hint="run fold-norms before rotate")
                     out = node.outputs[0]
                     lins = by_input.get(out, [])
-                    if not lins or {u.node for u in out.uses()} != {lin.node for lin in lins}:
+                    if not lins or set(value_users(out)) != {lin.node for lin in lins}:
                         self.fail("a normalised stream feeds something other than linears (post-norm or "
                                   "sandwich norms)", node=node, hint=_ALTERNATIVE)
                     readers.extend(lins)

@@ -23,11 +23,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "linear_name", "const_array"]
+__all__ = ["Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "SHAPE_ONLY", "linear_name", "const_array",
+           "value_users"]
 
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+SHAPE_ONLY = {"Shape", "Size"}  # read a value's shape only: per-channel scales and rotations keep it
 _PASSTHROUGH = {"Reshape", "Transpose"}  # rearrange channels into heads and back
 _KV_REPEAT = {"Reshape", "Transpose", "Expand", "Unsqueeze"}
+
+
+def value_users(v: ir.Value) -> list[ir.Node]:
+    """The nodes that read ``v``'s values (not those reading only its shape: TorchScript exports' Shape)."""
+    return [u.node for u in v.uses() if u.node.op_type not in SHAPE_ONLY]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -88,6 +95,8 @@ def linear_name(node: ir.Node, weight: ir.Value, bias: ir.Value | None) -> str:
             return path[-2]
     if bias is not None and bias.name and bias.name.endswith(".bias") and len(list(bias.uses())) == 1:
         return bias.name[: -len(".bias")]
+    if node.name and node.name.startswith("/") and node.name.count("/") > 1:  # TorchScript: /model/layers.0/q_proj/MatMul
+        return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
     return node.name or weight.name
 
 
@@ -118,7 +127,7 @@ def find_linears(graph: ir.Graph) -> list[Linear]:
 
 
 def _single_use(v: ir.Value, graph: ir.Graph) -> bool:
-    return len(list(v.uses())) == 1 and v not in graph.outputs
+    return len(value_users(v)) == 1 and v not in graph.outputs
 
 
 def _trace_back(v: ir.Value, ops: set[str], graph: ir.Graph) -> tuple[ir.Value, list[ir.Node]]:
@@ -202,12 +211,12 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
     for act, consumers in by_input.items():
         n_in = consumers[0].shape[0]
         node = act.producer()
-        src = _through_flatten(act, n_in, graph) if len(consumers) == len(list(act.uses())) else act
+        src = _through_flatten(act, n_in, graph) if len(consumers) == len(value_users(act)) else act
         if src is not act and src.producer() is not None and src.producer().op_type in NORM_OPS:
             groups.append(Group("norm", act, consumers, producer=src.producer(), reason="norm through a reshape"))
             continue
         if node is not None and node.op_type in NORM_OPS:
-            users = [u.node for u in act.uses()]
+            users = value_users(act)
             if act in graph.outputs or any(u not in {c.node for c in consumers} for u in users):
                 others = sorted({u.op_type for u in users if u not in {c.node for c in consumers}})
                 groups.append(Group("none", act, consumers, reason=f"{node.op_type} output also feeds "
@@ -215,7 +224,7 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
             else:
                 groups.append(Group("norm", act, consumers, producer=node))
             continue
-        if len(consumers) != len(list(act.uses())):
+        if len(consumers) != len(value_users(act)):
             groups.append(Group("none", act, consumers, reason="activation also feeds non-linears"))
             continue
         lin, cmap, reason = _linear_producer(act, graph, by_out)
