@@ -38,6 +38,9 @@ def _weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+_MASK_OPS = {"Where", "Expand", "Min", "Max", "Clip", "ConstantOfShape"}  # optimum exports fill masks with -inf
+
+
 def check_weights(model: ir.Model) -> None:
     """Refuse NaN/Inf in float initializers, naming the first one found."""
     for v in model.graph.initializers.values():
@@ -50,8 +53,8 @@ def check_weights(model: ir.Model) -> None:
             raise ModelLoadError(f"initializer '{v.name}': cannot read its data ({exc})",
                                  hint="keep the model's files in place while lowbit runs") from exc
         finite = bool(np.all(np.isfinite(arr)))
-        if not finite and not np.any(np.isnan(arr)) and not any(  # ±inf masks (optimum exports) are fine
-                u.node.op_type in ("MatMul", "Gemm", "Conv", "Gather") for u in v.uses()):
+        if not finite and not np.any(np.isnan(arr)) and v.uses() and all(  # ±inf attention-mask fill values
+                u.node.op_type in _MASK_OPS for u in v.uses()):
             finite = True
         del arr
         if isinstance(t, ir.ExternalTensor):
