@@ -10,9 +10,10 @@ offset, embedding scale, GeGLU, sandwich norms), GPT-2 (Conv1D → Gemm, learned
 * ``fp16``: the model in float16, exported at the default opset;
 * ``external``: weights in an external data file, loaded from another working directory;
 * ``fixed``: the token input pinned to ``[1, 16]`` (no dynamic axes);
-* ``optimum``: ``optimum-onnx`` export with past key/values (``.venv-optimum``, see
-  :func:`optimum_python`), skipped when absent;
-* ``genai``: onnxruntime-genai's model builder (decoders), skipped when absent.
+* ``optimum``: ``optimum-onnx`` export with past key/values (run in ``.venv-optimum``, see
+  :func:`optimum_python`: optimum needs transformers < 4.58), skipped when absent;
+* ``genai``: onnxruntime-genai's model builder (decoders; ``pip install --no-deps onnxruntime-genai``),
+  skipped when absent.
 
 Random weights of realistic shape: for graph forms and error bounds, never for quality claims.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ARCHS", "DECODERS", "FORMS", "build_module", "export", "feeds", "optimum_python", "SEQ"]
+__all__ = ["ARCHS", "DECODERS", "FORMS", "build_module", "export", "feeds", "optimum_python", "save_hf", "SEQ"]
 
 ARCHS = ("llama", "qwen2", "mistral", "phi3", "gemma3", "gpt2", "opt", "bert")
 DECODERS = tuple(a for a in ARCHS if a != "bert")
@@ -129,55 +130,75 @@ def optimum_python() -> Path | None:
     return py if py.exists() else None
 
 
-_TOOL_SCRIPT = r'''
-import sys, json, pathlib, torch
+_OPTIMUM_SCRIPT = r'''
+import sys, pathlib
 sys.path.insert(0, sys.argv[4])
 import conformance_models as cm
-arch, form, out = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
-model = cm.build_module(arch)
-src = out / "hf"
-model.save_pretrained(src, safe_serialization=True)
-if form == "optimum":
-    from optimum.exporters.onnx import main_export
-    task = "feature-extraction" if arch == "bert" else "text-generation-with-past"
-    main_export(str(src), output=str(out / "optimum"), task=task, no_post_process=True, do_validation=False)
-else:
-    from onnxruntime_genai.models.builder import create_model
-    create_model(arch, str(src), str(out / "genai"), "fp32", "cpu", str(out / "cache"))
+arch, out = sys.argv[1], pathlib.Path(sys.argv[3])
+cm.save_hf(arch, out / "hf")
+from optimum.exporters.onnx import main_export
+task = "feature-extraction" if arch == "bert" else "text-generation-with-past"
+main_export(str(out / "hf"), output=str(out / "optimum"), task=task, no_post_process=True, do_validation=False)
 '''
 
 
-def _export_external_tool(arch: str, form: str, folder: Path) -> Path:
+def save_hf(arch: str, folder: Path) -> Path:
+    """The random-weight model as a Hugging Face folder (safetensors) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    build_module(arch).save_pretrained(folder, safe_serialization=True)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(folder)
+    return folder
+
+
+def _run_tool(cmd: list[str], form: str, arch: str) -> None:
     import pytest
 
-    py = optimum_python()
-    if py is None:
-        pytest.skip(f"{form} exports need .venv-optimum (python -m venv .venv-optimum; pip install torch==2.13.0 "
-                    "'transformers<4.58' optimum-onnx onnxruntime-genai)")
-    if form == "genai" and arch == "bert":
-        pytest.skip("the onnxruntime-genai builder exports decoders only")
-    script = folder / "export_tool.py"
-    script.write_text(_TOOL_SCRIPT)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([str(py), str(script), arch, form, str(folder), str(Path(__file__).parent)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         pytest.skip(f"{form} export of {arch} failed in the exporting tool: {tail[0][:200]}")
+
+
+def _export_external_tool(arch: str, form: str, folder: Path) -> Path:
+    import importlib.util
+
+    import pytest
+
+    if form == "optimum":
+        py = optimum_python()
+        if py is None:
+            pytest.skip("optimum exports need .venv-optimum (python -m venv .venv-optimum; .venv-optimum/bin/pip "
+                        "install torch==2.13.0 'transformers<4.58' optimum-onnx)")
+        script = folder / "export_optimum.py"
+        script.write_text(_OPTIMUM_SCRIPT)
+        _run_tool([str(py), str(script), arch, form, str(folder), str(Path(__file__).parent)], form, arch)
+    else:
+        if arch not in DECODERS:
+            pytest.skip("the onnxruntime-genai builder exports decoders only")
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            pytest.skip("genai exports need onnxruntime-genai (pip install --no-deps onnxruntime-genai)")
+        save_hf(arch, folder / "hf")
+        _run_tool([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder / "hf"), "-o",
+                   str(folder / "genai"), "-p", "fp32", "-e", "cpu", "-c", str(folder / "cache")], form, arch)
     found = sorted((folder / form).glob("*.onnx"))
     model = [p for p in found if "decoder_model" in p.name or p.name == "model.onnx"] or found
+    if not model:
+        pytest.skip(f"the {form} exporter wrote no .onnx file for {arch}")
     return model[0]
 
 
 def feeds(path: Path, n: int, seed: int, length: int = 12) -> list[dict]:
     """``n`` prefill feeds for the model at ``path`` (token ids < VOCAB; empty KV past)."""
-    import onnx_ir as ir
+    from lowbit.data.lm_feeds import lm_feeds, token_input
+    from lowbit.frontends.onnx_file import load_onnx_model
 
-    from lowbit.data.lm_feeds import lm_feeds
-
-    from lowbit.data.lm_feeds import token_input
-
-    model = ir.load(path)
+    model = load_onnx_model(path)  # reads the exporter's config beside the file (KV head size)
     tok = token_input(model)
     if tok is not None and tok.shape is not None and isinstance(tok.shape[1], int):
         length = tok.shape[1]  # a fixed-shape export takes exactly this many tokens

@@ -94,11 +94,25 @@ def _attr(node: ir.Node, name: str, default):
     return default if a is None else a.value
 
 
-def _resolve(v: ir.Value, seq: int, batch: int = 1) -> list[int]:
-    """A concrete shape for ``v``: batch axis 1, other dynamic axes ``seq`` (or 0 for a past axis)."""
+def _past_shape(model: ir.Model, v: ir.Value) -> list[int]:
+    """An empty KV past for ``v``: batch 1, the (dynamic) sequence axis 0, a dynamic head size from the
+    exporter's config (``lowbit.head_size``)."""
+    shape = list(v.shape or [])
     out = []
-    for i, d in enumerate(v.shape or []):
-        out.append(d if isinstance(d, int) else (batch if i == 0 else seq))
+    for i, d in enumerate(shape):
+        if isinstance(d, int):
+            out.append(d)
+        elif i == 0:
+            out.append(1)
+        elif i == len(shape) - 1 and len(shape) >= 3 and "seq" not in str(d) and "past" not in str(d):
+            head = model.metadata_props.get("lowbit.head_size")
+            if not head:
+                raise CalibrationError(f"text calibration: input '{v.name}' has a dynamic head size '{d}'",
+                                       hint="keep the exporter's genai_config.json/config.json beside the model, "
+                                            "or give a directory of .npz samples")
+            out.append(int(head))
+        else:
+            out.append(0)
     return out
 
 
@@ -142,7 +156,7 @@ def lm_feeds(model: ir.Model, token_lists: list[list[int]], max_len: int | None 
             elif "type" in v.name or "segment" in v.name:
                 feed[v.name] = np.zeros((1, length), dt)
             elif "past" in v.name or "cache" in v.name:
-                feed[v.name] = np.zeros(_resolve(v, 0), dt)
+                feed[v.name] = np.zeros(_past_shape(model, v), dt)
             elif v.shape is not None and len(v.shape) == 0 and np.issubdtype(dt, np.integer):
                 feed[v.name] = np.array(length, dt)  # total sequence length (genai)
             else:

@@ -93,7 +93,36 @@ def load_onnx_model(path: str | Path) -> ir.Model:
     if opset < MIN_OPSET:
         model = _upgrade(model, path, opset)
     model.metadata_props.setdefault("lowbit.source", Path(path).name)
+    _read_sidecar_config(model, Path(path))
     return model
+
+
+def _read_sidecar_config(model: ir.Model, path: Path) -> None:
+    """Context length and KV head size from the config an exporter writes beside the model
+    (onnxruntime-genai's ``genai_config.json``, optimum's ``config.json``), for text calibration."""
+    import json
+
+    for name in ("genai_config.json", "config.json"):
+        f = path.parent / name
+        if not f.is_file() or f.stat().st_size > (1 << 20):
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(cfg, dict):
+            continue
+        inner = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
+        decoder = inner.get("decoder", {}) if isinstance(inner.get("decoder"), dict) else {}
+        context = inner.get("context_length") or cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        head = decoder.get("head_size") or cfg.get("head_dim")
+        if not head and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+            head = cfg["hidden_size"] // cfg["num_attention_heads"]
+        if isinstance(context, int) and context > 0:
+            model.metadata_props.setdefault("lowbit.context", str(context))
+        if isinstance(head, int) and head > 0:
+            model.metadata_props.setdefault("lowbit.head_size", str(head))
+        return
 
 
 def _upgrade(model: ir.Model, path, opset: int) -> ir.Model:
