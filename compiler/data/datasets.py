@@ -90,12 +90,12 @@ def encoder_feeds(tokenizer_dir: str | Path, sentences: list[str], input_names: 
 
 
 def _tokenizer_for(model: ir.Model, tokenizer):
-    from lowbit.data.tokenizers import Llama2cTokenizer
+    from lowbit.frontends.text_tokenizers import load_tokenizer
 
     path = tokenizer or model.metadata_props.get("lowbit.tokenizer")
     if not path:
         raise CalibrationError("text calibration for a causal LM needs its tokenizer", hint="pass --tokenizer tok.bin")
-    return path if not isinstance(path, (str, Path)) else Llama2cTokenizer(path)
+    return load_tokenizer(path)
 
 
 def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | None = None,
@@ -138,6 +138,13 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         from lowbit.data.lm_feeds import lm_feeds
 
         stories = read_stories(path)[:limit]
+        from lowbit.data.lm_feeds import context_length
+
+        seq_len = min(seq_len, context_length(model) or seq_len)  # never longer than the model's context
+        if model.metadata_props.get("lowbit.kv_cache") == "true":  # prefill samples with an empty past
+            from lowbit.frontends.decoder import prefill_feeds
+
+            return prefill_feeds(model, causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, "ids"))
         tok = _tokenizer_for(model, tokenizer)
         feeds = lm_feeds(model, [tok.encode(s, bos=True) for s in stories], max_len=seq_len)
     if not feeds:

