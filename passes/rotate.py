@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import Linear, const_array, find_groups, find_linears, value_users
+from lowbit.ir.analysis import NORM_INPUTS, Linear, const_array, find_groups, find_linears, value_users
 from lowbit.passmanager.manager import CALIBRATED
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
@@ -34,7 +34,7 @@ from lowbit.ir.rewrite import add_initializer, make_node, set_input_const
 
 __all__ = ["Rotate", "orthogonal", "kron_factors"]
 
-_RMS = {"RMSNormalization", "SimplifiedLayerNormalization"}
+_RMS = {"RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
 
 def kron_factors(n: int) -> tuple[int, int]:
@@ -166,12 +166,15 @@ class Rotate(Pass):
                     if k is not None and k.size == 1:  # a scalar scale (Gemma's √d) commutes with Q
                         todo.append(node.outputs[0])
                         continue
-                if node.op_type == "LayerNormalization":
+                if node.op_type in ("LayerNormalization", "SkipLayerNormalization"):
                     self.fail("the residual stream is normalised by LayerNormalization (mean subtraction), "
                               "which does not commute with a rotation (LayerNorm models: GPT-2, OPT, BERT)",
                               node=node, hint=_ALTERNATIVE)
                 if node.op_type in _RMS:
-                    gamma = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+                    if node.op_type == "SkipSimplifiedLayerNormalization":  # out = norm(input + skip + bias)
+                        self._skip_norm(node, use.idx, s, seen, by_output, writers, todo)
+                    gi = NORM_INPUTS[node.op_type][0]
+                    gamma = const_array(node.inputs[gi]) if len(node.inputs) > gi else None
                     if gamma is None or not np.all(gamma == 1):
                         self.fail("norm scale γ is not 1: RMSNorm commutes with a rotation only at unit scale",
                                   node=node, hint="run fold-norms before rotate")
@@ -211,6 +214,26 @@ class Rotate(Pass):
         if not readers or not writers:
             self.fail("no linear reads or writes the residual stream")
         return readers, writers
+
+    def _skip_norm(self, node, idx, s, seen, by_output, writers, todo) -> None:
+        """SkipSimplifiedLayerNormalization(input, skip, γ, bias): the residual add and the norm in one op;
+        the other summand is a writer, the bias a constant on the stream, output 3 the stream after the add."""
+        if idx > 1:
+            self.fail("the residual stream is a norm's scale or bias", node=node, hint=_ALTERNATIVE)
+        other = node.inputs[1 - idx]
+        lin = by_output.get(other)
+        if lin is not None:
+            writers.append(lin)
+        elif other not in seen and other is not s:
+            prod = other.producer()
+            self.fail(f"a fused residual add sums {prod.op_type if prod else 'an input'} output, not a linear "
+                      "layer's output", node=node, hint=_ALTERNATIVE)
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            if const_array(node.inputs[3]) is None:
+                self.fail("the fused residual add has a non-constant bias", node=node, hint=_ALTERNATIVE)
+            self._consts.append((node, 3))
+        if len(node.outputs) > 3 and node.outputs[3] is not None and list(node.outputs[3].uses()):
+            todo.append(node.outputs[3])
 
     def _r2(self, graph, group, rng) -> None:
         v, o = group.producer_linear, group.consumers[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.ir.analysis import Group, find_groups
+from lowbit.ir.analysis import NORM_INPUTS, Group, find_groups
 from lowbit.quant.stats import act_stats
 from lowbit.passmanager.manager import CALIBRATED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import set_input_const
@@ -127,8 +127,8 @@ class Smooth(Pass):
                 set_input_const(graph, lin.node, 1, w * sc[:, None].astype(w.dtype))
             if group.kind == "norm":  # 1/s into γ (and β)
                 norm = group.producer
-                for idx in (1, 2):
-                    if idx < len(norm.inputs) and norm.inputs[idx] is not None:
+                for idx in NORM_INPUTS[norm.op_type]:
+                    if idx is not None and idx < len(norm.inputs) and norm.inputs[idx] is not None:
                         arr = norm.inputs[idx].const_value
                         if arr is None:
                             self.fail("norm scale is not a constant", node=norm)

@@ -191,3 +191,35 @@ def test_unsmoothed_layers_are_listed_with_their_reason(tmp_path):
     assert unsmoothed == [{"layer": "fc2", "reason": "no foldable producer: produced by Relu"}]
 
 
+
+
+def test_context_length_from_a_llama2c_header_cuts_text_calibration(tmp_path):
+    """A llama2.c model's context (seq_len in its header) bounds text calibration samples."""
+    from lowbit.data.datasets import load_calibration
+    from lowbit.data.lm_feeds import context_length
+    model = lowbit.load_model(_kv_free_decoder(tmp_path))
+    model.metadata_props["lowbit.llama2c_config"] = "dim=16,seq_len=8,vocab_size=32"
+    assert context_length(model) == 8
+
+    class Tok:
+        def encode(self, text, bos=True):
+            return [1] + [3 + len(w) % 20 for w in text.split()]
+
+    text = tmp_path / "stories.txt"
+    text.write_text("<|endoftext|>".join(["a b c d e f g h i j k l m n", "a b"]), encoding="utf-8")
+    feeds = load_calibration(model, text, tokenizer=Tok())
+    assert [f["input_ids"].shape[1] for f in feeds] == [8, 3]
+
+
+def _kv_free_decoder(tmp_path):
+    """input_ids → logits: embedding and one linear (no position table: unbounded by the graph)."""
+    emb = RNG.standard_normal((32, D)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["embed.weight", "input_ids"], ["h"]),
+             helper.make_node("MatMul", ["h", "fc.weight"], ["logits"])]
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 32])],
+                              [numpy_helper.from_array(emb, "embed.weight"),
+                               numpy_helper.from_array(RNG.standard_normal((D, 32)).astype(np.float32), "fc.weight")])
+    path = tmp_path / "lm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+    return path

@@ -59,6 +59,12 @@ def context_length(model: ir.Model) -> int | None:
         val = model.metadata_props.get(key)
         if val and str(val).isdigit():
             return int(val)
+    for key, val in model.metadata_props.items():  # frontends' "k=v,k=v" configs (llama2.c: seq_len=…)
+        if key.startswith("lowbit.") and "=" in str(val):
+            pairs = dict(p.split("=", 1) for p in str(val).split(",") if "=" in p)
+            for name in ("seq_len", "context_length", "max_position_embeddings", "n_positions"):
+                if pairs.get(name, "").isdigit() and int(pairs[name]) > 0:
+                    return int(pairs[name])
     tok = token_input(model)
     if tok is not None and _static_dim(tok, 1):
         return _static_dim(tok, 1)

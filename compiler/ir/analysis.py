@@ -23,10 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "SHAPE_ONLY", "linear_name", "const_array",
+__all__ = ["Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "NORM_INPUTS", "SKIP_NORMS", "SHAPE_ONLY", "linear_name", "const_array",
            "value_users"]
 
-NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+# norm op → (γ input index, β input index or None).  The Skip forms (ONNX Runtime contrib ops that
+# onnxruntime-genai's builder emits) add a residual first: output 0 is the norm, output 3 the sum.
+NORM_INPUTS = {"LayerNormalization": (1, 2), "RMSNormalization": (1, None), "SimplifiedLayerNormalization": (1, None),
+               "SkipSimplifiedLayerNormalization": (2, None), "SkipLayerNormalization": (2, 3)}
+NORM_OPS = set(NORM_INPUTS)
+SKIP_NORMS = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 SHAPE_ONLY = {"Shape", "Size"}  # read a value's shape only: per-channel scales and rotations keep it
 _PASSTHROUGH = {"Reshape", "Transpose"}  # rearrange channels into heads and back
 _KV_REPEAT = {"Reshape", "Transpose", "Expand", "Unsqueeze"}
@@ -212,10 +217,11 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
         n_in = consumers[0].shape[0]
         node = act.producer()
         src = _through_flatten(act, n_in, graph) if len(consumers) == len(value_users(act)) else act
-        if src is not act and src.producer() is not None and src.producer().op_type in NORM_OPS:
+        if src is not act and src.producer() is not None and src.producer().op_type in NORM_OPS \
+                and src is src.producer().outputs[0]:
             groups.append(Group("norm", act, consumers, producer=src.producer(), reason="norm through a reshape"))
             continue
-        if node is not None and node.op_type in NORM_OPS:
+        if node is not None and node.op_type in NORM_OPS and act is node.outputs[0]:
             users = value_users(act)
             if act in graph.outputs or any(u not in {c.node for c in consumers} for u in users):
                 others = sorted({u.op_type for u in users if u not in {c.node for c in consumers}})
