@@ -223,3 +223,21 @@ def _kv_free_decoder(tmp_path):
     path = tmp_path / "lm.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
     return path
+
+
+def test_shared_zero_bias_does_not_name_every_layer():
+    """Exporters merge identical constants: one zero bias named after a norm must not name the linears (OPT)."""
+    from lowbit.ir.analysis import find_linears
+
+    zero = np.zeros(D, np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w_a"], ["a"], name="/model/layers.0/fc1/MatMul"),
+             helper.make_node("Add", ["a", "final_layer_norm.bias"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "w_b"], ["b"], name="/model/layers.0/fc2/MatMul"),
+             helper.make_node("Add", ["b", "final_layer_norm.bias"], ["y"])]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])],
+                              [numpy_helper.from_array(RNG.standard_normal((D, D)).astype(np.float32), "w_a"),
+                               numpy_helper.from_array(RNG.standard_normal((D, D)).astype(np.float32), "w_b"),
+                               numpy_helper.from_array(zero, "final_layer_norm.bias")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert sorted(lin.name for lin in find_linears(model.graph)) == ["model.layers.0.fc1", "model.layers.0.fc2"]
