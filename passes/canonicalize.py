@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["Canonicalize"]
@@ -52,6 +52,7 @@ class Canonicalize(Pass):
         float32: bool = True  # float32 interior for float16/bfloat16/float64 models
 
     float_equivalent = True
+    invalidates_properties = (CALIBRATED, HESSIAN)  # fused norms / new MatMuls read new values
 
     def _gemm_to_matmul(self, graph: ir.Graph) -> None:
         for node in list(graph):
@@ -120,7 +121,7 @@ class Canonicalize(Pass):
                 node.attributes.setdefault("keepdims", ir.AttrInt64("keepdims", 1))
                 node.attributes.setdefault("noop_with_empty_axes", ir.AttrInt64("noop_with_empty_axes", 0))
         try:
-            ShapeInferencePass()(model)
+            self._typed = ShapeInferencePass()(model).modified  # value types/shapes added: the IR changed
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
             del exc
@@ -156,4 +157,4 @@ class Canonicalize(Pass):
             self.stats["float32_interior"] = int(to_float32_interior(model))
         graph.meta.pop("lowbit.names", None)
         return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]
-                                               or self.stats["float32_interior"]))
+                                               or self.stats["float32_interior"] or getattr(self, "_typed", False)))

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.quant.int8 import per_token_round
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node
 
 __all__ = ["QuantizeActs", "fake_quant_per_token"]
@@ -47,6 +47,12 @@ class QuantizeActs(Pass):
                 raise ValueError(f"quantize-acts: bits must be 4 or 8, got {self.bits}")
             if self.static and self.bits != 8:
                 raise ValueError("quantize-acts: static=true is int8 (QuantizeLinear/DequantizeLinear)")
+
+    invalidates_properties = (CALIBRATED, HESSIAN)  # linears now read the quantizers' outputs
+
+    @property
+    def requires_properties(self):
+        return (CALIBRATED,) if self.options.static else ()
 
     def call(self, model):
         graph = model.graph

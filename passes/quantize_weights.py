@@ -35,7 +35,7 @@ from lowbit.ir.analysis import Linear, find_linears
 from lowbit.quant.stats import act_stats
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import pack3
-from lowbit.passmanager.manager import QUANTIZED, Pass, PassResult, register_pass
+from lowbit.passmanager.manager import HESSIAN, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 from lowbit.quant.gptq import gptq_quantize, rtn_quantize
@@ -73,6 +73,10 @@ class QuantizeWeights(Pass):
                 raise ValueError(f"quantize-weights: damp must be in [0, 1), got {self.damp}")
 
     ensures_properties = (QUANTIZED,)
+
+    @property
+    def requires_properties(self):
+        return (HESSIAN,) if self.options.method == "gptq" else ()
 
     def _plan(self, lin: Linear) -> tuple[int, int] | None:
         pats = [p for p in self.options.exclude.split("|") if p]

@@ -146,6 +146,12 @@ def test_replay_refuses_a_plan_for_another_model(calibrated, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(PassFailure, match="no entry"):
         run(model, ctx, f"assign-bits{{plan={path}}}")
+    run(model, ctx, f"assign-bits{{target=3.0,save={path}}}")
+    data = json.loads(path.read_text())
+    data["layers"].append(dict(data["layers"][0], name="not.a.layer"))
+    path.write_text(json.dumps(data))
+    with pytest.raises(PassFailure, match="'not.a.layer' is not a linear of this model"):
+        run(model, ctx, f"assign-bits{{plan={path}}}")
 
 
 def test_options_validate_themselves():
