@@ -236,6 +236,12 @@ def _through_flatten(act: ir.Value, n_in: int, graph: ir.Graph) -> ir.Value:
         v = src
 
 
+def _constant_scales(norm: ir.Node) -> bool:
+    """The norm's γ (and β) are constants a scale can fold into."""
+    return all(i is None or i >= len(norm.inputs) or norm.inputs[i] is None or norm.inputs[i].const_value is not None
+               for i in NORM_INPUTS[norm.op_type])
+
+
 def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Group]:
     """Group linears by the activation they read; classify each group's producer."""
     linears = find_linears(graph) if linears is None else linears
@@ -249,7 +255,7 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
         node = act.producer()
         src = _through_flatten(act, n_in, graph) if len(consumers) == len(value_users(act)) else act
         if src is not act and src.producer() is not None and src.producer().op_type in NORM_OPS \
-                and src is src.producer().outputs[0]:
+                and src is src.producer().outputs[0] and _constant_scales(src.producer()):
             groups.append(Group(GroupKind.NORM, act, consumers, producer=src.producer(), reason="norm through a reshape"))
             continue
         if node is not None and node.op_type in NORM_OPS and act is node.outputs[0]:
@@ -258,6 +264,9 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
                 others = sorted({u.op_type for u in users if u not in {c.node for c in consumers}})
                 groups.append(Group(GroupKind.NONE, act, consumers, reason=f"{node.op_type} output also feeds "
                                     f"{', '.join(others) or 'a graph output'} (post-norm residual or sandwich norm)"))
+            elif not _constant_scales(node):
+                groups.append(Group(GroupKind.NONE, act, consumers,
+                                    reason=f"{node.op_type} scale is not a constant initializer"))
             else:
                 groups.append(Group(GroupKind.NORM, act, consumers, producer=node))
             continue
