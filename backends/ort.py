@@ -25,12 +25,16 @@ __all__ = ["LowerOrt", "ort_integer_kernels", "INTEGER_GEMMS"]
 INTEGER_GEMMS = {"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul"}
 
 
-def ort_integer_kernels(model: ir.Model | str | Path) -> collections.Counter:
-    """Op-type counts of the graph ORT actually runs after its own optimizations."""
-    return collections.Counter(op for op, _ in ort_optimized_nodes(model))
+def ort_integer_kernels(model: ir.Model | str | Path, integer_inputs: set | None = None) -> collections.Counter:
+    """Op-type counts of the graph ORT actually runs after its own optimizations.
+
+    With ``integer_inputs`` (a set), the names of every tensor read by an integer GEMM are added to it.
+    """
+    nodes = ort_optimized_nodes(model, integer_inputs)
+    return collections.Counter(op for op, _ in nodes)
 
 
-def ort_optimized_nodes(model: ir.Model | str | Path) -> list[tuple[str, str]]:
+def ort_optimized_nodes(model: ir.Model | str | Path, integer_inputs: set | None = None) -> list[tuple[str, str]]:
     """(op type, node name) of the graph ORT actually runs after its own optimizations."""
     from lowbit.ir.sessions import make_session
 
@@ -38,6 +42,8 @@ def ort_optimized_nodes(model: ir.Model | str | Path) -> list[tuple[str, str]]:
         path = Path(tmp) / "optimized.onnx"
         make_session(model, optimized_model_path=str(path))
         proto = onnx.load(str(path), load_external_data=False)
+    if integer_inputs is not None:
+        integer_inputs.update(i for n in proto.graph.node if n.op_type in INTEGER_GEMMS for i in n.input)
     return [(n.op_type, n.name) for n in proto.graph.node]
 
 
@@ -51,6 +57,12 @@ def _not_on_integer_kernels(names: list[str], nodes: list[tuple[str, str]]) -> l
         if mine and not any(op in INTEGER_GEMMS for op, _ in mine):
             out.append((name, mine[0][0]))
     return out
+
+
+def _weight_name(node: ir.Node) -> str | None:
+    w = node.inputs[1]
+    prod = w.producer() if w is not None else None
+    return prod.inputs[0].name if prod is not None and prod.op_type == "DequantizeLinear" else (w.name if w else None)
 
 
 def _weight_dtype(node: ir.Node) -> ir.DataType | None:
@@ -75,7 +87,7 @@ class LowerOrt(Pass):
 
     def call(self, model):
         graph = model.graph
-        quantized = 0
+        quantized, weights = 0, {}
         for node in graph:
             if node.op_type == "MatMulInteger":
                 b = node.inputs[1]
@@ -92,11 +104,14 @@ class LowerOrt(Pass):
                     if _weight_dtype(node) != ir.DataType.INT8:
                         self.fail("weights must be int8 for ORT's u8×s8 integer kernels", node=node)
                     quantized += 1
+                    weights[_weight_name(node)] = node
         self.stats["integer_linears"] = quantized
         report = {"integer_linears": quantized}
         if self.options.verify and quantized:
-            counts = ort_integer_kernels(model)
+            used: set[str] = set()
+            counts = ort_integer_kernels(model, used)
             on_int = sum(counts[k] for k in INTEGER_GEMMS)
+            missed = [n.name for w, n in weights.items() if w not in used]
             report["ort_integer_gemms"] = on_int
             report["ort_ops"] = dict(counts.most_common())
             self.stats["ort_integer_gemms"] = on_int
@@ -105,8 +120,10 @@ class LowerOrt(Pass):
                 slow = _not_on_integer_kernels(names, ort_optimized_nodes(model))
                 which = (": " + ", ".join(f"'{n}' runs as {op}" for n, op in slow[:3])
                          + (f" and {len(slow) - 3} more" if len(slow) > 3 else "")) if slow else ""
+                floats = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
                 gemm = any(op in ("Gemm", "FusedGemm") for _, op in slow)
-                self.fail(f"ORT runs only {on_int} of {quantized} quantized linears on integer kernels{which}"
+                self.fail(f"ORT runs only {on_int} of {quantized} quantized linears on integer kernels"
+                          + (f"; float kernels for {floats}" if missed else "") + which
                           + (" (ORT fuses a fixed-shape MatMul + bias into Gemm before its QDQ fusion)" if gemm else ""),
                           node=None if not slow else next(n for n in graph if n.name == slow[0][0]),
                           hint="use --recipe w8a8-dynamic (per-token activations run on MatMulInteger whatever the "

@@ -16,7 +16,27 @@ from lowbit.ir.analysis import find_linears
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.quant.stats import META_KEY, collect_stats
 
-__all__ = ["Calibrate"]
+__all__ = ["Calibrate", "calibration_extent"]
+
+
+def calibration_extent(model, feeds: list[dict]) -> dict:
+    """How much data calibrated: samples (feeds), sequences (token rows) and tokens (unpadded)."""
+    from lowbit.data.lm_feeds import token_input
+
+    tok = token_input(model)
+    sequences = tokens = 0
+    for feed in feeds:
+        ids = feed.get(tok.name) if tok is not None else None
+        mask = feed.get("attention_mask")
+        if ids is None:
+            continue
+        ids = np.asarray(ids)
+        sequences += ids.shape[0] if ids.ndim > 1 else 1
+        if mask is not None and np.asarray(mask).shape == ids.shape:
+            tokens += int(np.asarray(mask).sum())
+        else:
+            tokens += int(ids.size)
+    return {"samples": len(feeds), "sequences": sequences, "tokens": tokens}
 
 
 @register_pass("calibrate")
@@ -60,4 +80,5 @@ class Calibrate(Pass):
             v.meta[META_KEY] = st
         self.stats["activations"] = len(stats)
         self.stats["samples"] = len(feeds)
+        self.ctx.report["calibration"] = calibration_extent(model, feeds)
         return PassResult(model, modified=False)

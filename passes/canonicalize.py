@@ -3,8 +3,13 @@
 * ``Gemm(A, B, C)`` with a constant ``B`` (and ``transA = 0``) becomes ``MatMul(A, B') + C'`` with
   ``B' = alpha·op(B)`` and ``C' = beta·C``: ``alpha·A·op(B) + beta·C = A·(alpha·op(B)) + beta·C``.
 * Decomposed LayerNorm / RMSNorm subgraphs (ReduceMean, Sub, Pow, Sqrt, Div, …) become
-  ``LayerNormalization`` / ``SimplifiedLayerNormalization`` through onnxscript's own fusion rules,
-  so smoothing and rotation can fold into their scales.
+  ``LayerNormalization`` / an RMS norm through onnxscript's own fusion rules, so smoothing and
+  rotation can fold into their scales.  The RMS norm is ONNX ``RMSNormalization`` only where the
+  model's opset has it (>= 23); below, it is ONNX Runtime's ``SimplifiedLayerNormalization`` (same
+  formula ``x / sqrt(mean(x²) + ε) · γ``, registered by ORT in the ONNX domain at every opset).
+  The model's opset is never raised behind its back: an opset-21 model stays opset 21.
+* A float16 / bfloat16 / float64 model gets a float32 interior with its interface type kept
+  (:mod:`lowbit.ir.precision`), so every node later passes insert is type-consistent.
 Float outputs are unchanged up to rounding.  The ONNX frontend runs this pass on every file.
 """
 
@@ -21,9 +26,21 @@ from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 __all__ = ["Canonicalize"]
 
 
+_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+
+
 def _attr(node: ir.Node, name: str, default):
     a = node.attributes.get(name)
     return default if a is None else a.value
+
+
+def _gemm_base(node: ir.Node, b: ir.Value) -> str:
+    """A layer name for a Gemm: its weight's name without ``.weight`` (``h.0.attn.c_attn``), else the node's."""
+    name = (b.name or "").removeprefix("m.")
+    for suffix in (".weight", ".W", "_weight"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return node.name or "gemm"
 
 
 @register_pass("canonicalize")
@@ -32,6 +49,7 @@ class Canonicalize(Pass):
     class Options:
         gemm: bool = True
         norms: bool = True
+        float32: bool = True  # float32 interior for float16/bfloat16/float64 models
 
     float_equivalent = True
     invalidates_properties = (CALIBRATED, HESSIAN)  # fused norms / new MatMuls read new values
@@ -46,7 +64,7 @@ class Canonicalize(Pass):
                 continue
             w = b.const_value.numpy().astype(np.float32)
             w = (w.T if _attr(node, "transB", 0) else w) * np.float32(_attr(node, "alpha", 1.0))
-            base = node.name or "gemm"
+            base = _gemm_base(node, b)
             wv = add_initializer(graph, f"{base}.weight", np.ascontiguousarray(w))
             mm = make_node(graph, "MatMul", [node.inputs[0], wv], origin=self.name, name=f"{base}.matmul", before=node)
             out = mm.outputs[0]
@@ -64,21 +82,67 @@ class Canonicalize(Pass):
             graph.remove(node, safe=True)
             self.stats["gemm_to_matmul"] += 1
 
+    def _reciprocal_form(self, graph: ir.Graph) -> None:
+        """``1 / sqrt(v)`` and ``x / sqrt(v)`` (TorchScript exports) as ``Reciprocal`` (+ ``Mul``): the form the
+        RMSNorm rules match.  x / y = x · (1 / y)."""
+        for node in list(graph):
+            if node.op_type != "Div" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            num, den = node.inputs
+            if den is None or den.producer() is None or den.producer().op_type != "Sqrt":
+                continue
+            one = num.const_value.numpy() if num is not None and num.const_value is not None else None
+            rec = make_node(graph, "Reciprocal", [den], origin=self.name, name=f"{node.name or 'div'}.reciprocal",
+                            before=node)
+            if one is not None and one.size == 1 and float(one.ravel()[0]) == 1.0:
+                replace_value(graph, node.outputs[0], rec.outputs[0])
+            else:
+                mul = make_node(graph, "Mul", [num, rec.outputs[0]], origin=self.name, name=f"{node.name or 'div'}.mul",
+                                before=node)
+                replace_value(graph, node.outputs[0], mul.outputs[0])
+            graph.remove(node, safe=True)
+            self.stats["div_sqrt_as_reciprocal"] += 1
+
     def _fuse_norms(self, model: ir.Model) -> None:
         from onnx_ir.passes.common import ShapeInferencePass
         from onnxscript import rewriter
         from onnxscript.rewriter.rules.fusion._layer_norm import layer_normalization_ruleset
         from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_ruleset
 
-        before = sum(1 for n in model.graph if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"))
+        before = sum(1 for n in model.graph if n.op_type in _NORMS)
+        for node in model.graph:  # the rules read constants (axes) through const_value: give Constant outputs one
+            value = node.attributes.get("value")
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None \
+                    and node.outputs[0].const_value is None and value.type == ir.AttributeType.TENSOR:
+                node.outputs[0].const_value = value.value
+        self._reciprocal_form(model.graph)
+        for node in model.graph:  # the fusion patterns match these attributes literally: spell out defaults
+            if node.op_type == "ReduceMean":
+                node.attributes.setdefault("keepdims", ir.AttrInt64("keepdims", 1))
+                node.attributes.setdefault("noop_with_empty_axes", ir.AttrInt64("noop_with_empty_axes", 0))
         try:
             self._typed = ShapeInferencePass()(model).modified  # value types/shapes added: the IR changed
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
             del exc
+        for node in list(model.graph):  # Cast to the type the value already has is the identity
+            to = node.attributes.get("to")
+            src = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
+            if src is not None and to is not None and src.dtype is not None and int(src.dtype) == to.value \
+                    and node.outputs[0] not in model.graph.outputs:
+                node.outputs[0].replace_all_uses_with(src)
+                model.graph.remove(node, safe=True)
+                self.stats["identity_casts_removed"] += 1
         rules = [*layer_normalization_ruleset.rules, *rms_normalization_ruleset.rules]
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
-        after = sum(1 for n in model.graph if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"))
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset < 23:  # RMSNormalization is opset 23: use ORT's equivalent op instead
+            for node in model.graph:
+                if node.op_type == "RMSNormalization" and node.domain in ("", "ai.onnx"):
+                    node.op_type = "SimplifiedLayerNormalization"
+                    node.domain = ""
+                    self.stats["rms_as_simplified_layer_norm"] += 1
+        after = sum(1 for n in model.graph if n.op_type in _NORMS)
         self.stats["norms_fused"] += after - before
 
     def call(self, model):
@@ -87,6 +151,10 @@ class Canonicalize(Pass):
             self._gemm_to_matmul(graph)
         if self.options.norms:
             self._fuse_norms(model)
+        if self.options.float32:  # after fusion: the rules would fuse through the interface Cast
+            from lowbit.ir.precision import to_float32_interior
+
+            self.stats["float32_interior"] = int(to_float32_interior(model))
         graph.meta.pop("lowbit.names", None)
         return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]
-                                                or getattr(self, "_typed", False)))
+                                               or self.stats["float32_interior"] or getattr(self, "_typed", False)))

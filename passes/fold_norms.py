@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import NORM_OPS, Linear, const_array, find_linears
+from lowbit.ir.analysis import NORM_INPUTS, NORM_OPS, Linear, const_array, find_linears, value_users
 from lowbit.quant.stats import META_KEY, act_stats
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_uses_in, set_input_const
@@ -62,14 +62,16 @@ class FoldNorms(Pass):
                 continue
             out = node.outputs[0]
             consumers = by_input.get(out, [])
-            users = {u.node for u in out.uses()}
+            users = set(value_users(out))
             if not consumers or out in graph.outputs or users != {c.node for c in consumers}:
                 self.stats["skipped_non_linear_consumer"] += 1
                 continue
-            gamma = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-            beta = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-            if (len(node.inputs) > 1 and node.inputs[1] is not None and gamma is None) or \
-                    (len(node.inputs) > 2 and node.inputs[2] is not None and beta is None):
+            gi, bi = NORM_INPUTS[node.op_type]
+            bi = bi if bi is not None else len(node.inputs)  # no β input
+            gamma = const_array(node.inputs[gi]) if len(node.inputs) > gi and node.inputs[gi] is not None else None
+            beta = const_array(node.inputs[bi]) if len(node.inputs) > bi and node.inputs[bi] is not None else None
+            if (len(node.inputs) > gi and node.inputs[gi] is not None and gamma is None) or \
+                    (len(node.inputs) > bi and node.inputs[bi] is not None and beta is None):
                 self.stats["skipped_non_constant_scale"] += 1
                 continue
             if beta is not None and not self.options.bias and np.any(beta != 0):
@@ -87,9 +89,9 @@ class FoldNorms(Pass):
                     add_bias(graph, lin, b @ w, self.name)
                 set_input_const(graph, lin.node, 1, g[:, None] * w)
             if gamma is not None:
-                set_input_const(graph, node, 1, np.ones_like(gamma))
+                set_input_const(graph, node, gi, np.ones_like(gamma))
             if beta is not None:
-                set_input_const(graph, node, 2, np.zeros_like(beta))
+                set_input_const(graph, node, bi, np.zeros_like(beta))
             stats = act_stats(out)
             if stats is not None:
                 if b is None and np.all(g != 0):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import Group, find_groups
+from lowbit.ir.analysis import NORM_INPUTS, Group, find_groups
 from lowbit.quant.stats import act_stats
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, ensure_opset, make_node, set_input_const
@@ -123,8 +123,8 @@ class MigrateSteps(Pass):
                                   name=f"{norm.name}.migrated", attributes=attrs, before=norm)
                 clone.outputs[0].dtype, clone.outputs[0].shape = group.activation.dtype, group.activation.shape
                 norm = clone
-            for idx in (1, 2):
-                if idx < len(norm.inputs) and norm.inputs[idx] is not None:
+            for idx in NORM_INPUTS.get(norm.op_type, (1, 2)):  # γ, β (Skip norms: inputs 2, 3)
+                if idx is not None and idx < len(norm.inputs) and norm.inputs[idx] is not None:
                     if norm.inputs[idx].const_value is None:
                         self.fail("norm scale is not a constant", node=norm)
                     set_input_const(graph, norm, idx, norm.inputs[idx].const_value.numpy() * inv)

@@ -83,6 +83,9 @@ class Quantize(Pass):
                            "are not recognised")
         linears = [lin for lin in found if not self._excluded(lin)]
         self.stats["excluded"] = len(found) - len(linears)
+        self.ctx.report.setdefault("float_layers", []).extend(
+            {"layer": lin.name, "reason": f"matches exclude='{self.options.exclude}'"}
+            for lin in found if self._excluded(lin))
         act_qdq: dict[ir.Value, object] = {}  # one activation quantizer per activation
         for lin in linears:
             w = lin.weight.const_value.numpy()

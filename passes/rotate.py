@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import GroupKind, Linear, Via, const_array, find_groups, find_linears
+from lowbit.ir.analysis import NORM_INPUTS, GroupKind, Linear, Via, const_array, find_groups, find_linears, value_users
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
@@ -34,7 +34,7 @@ from lowbit.ir.rewrite import add_initializer, make_node, set_input_const
 
 __all__ = ["Rotate", "orthogonal", "kron_factors"]
 
-_RMS = {"RMSNormalization", "SimplifiedLayerNormalization"}
+_RMS = {"RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
 
 def kron_factors(n: int) -> tuple[int, int]:
@@ -58,6 +58,21 @@ def orthogonal(n: int, kind: str, rng: np.random.Generator, signs: bool = True) 
     if signs:
         full = rng.choice([-1.0, 1.0], n)[:, None] * full
     return full, qm
+
+
+_INDEX_PATH = {"Reshape", "Unsqueeze", "Squeeze", "Cast", "Flatten", "Identity"}
+_NO_CHANNEL_USE = {"Shape", "Size"}  # read only the stream's shape, which a rotation keeps
+_ALTERNATIVE = "use a recipe without rotation instead (w4a16-gptq, w8a8, w8a8-dynamic)"
+
+
+def _from_input(v: ir.Value, graph: ir.Graph) -> bool:
+    """``v`` is a graph input, possibly reshaped or cast (token ids flattened before the embedding)."""
+    while v is not None and v not in graph.inputs:
+        node = v.producer()
+        if node is None or node.op_type not in _INDEX_PATH:
+            return False
+        v = node.inputs[0]
+    return v is not None
 
 
 @register_pass("rotate")
@@ -87,10 +102,14 @@ class Rotate(Pass):
             by_input.setdefault(lin.input, []).append(lin)
         by_output = {lin.output: lin for lin in linears}
         embed = self._embedding(graph)
+        self._tables, self._consts = [embed], []
         readers, writers = self._walk(graph, embed.outputs[0], by_input, by_output)
         d = const_array(embed.inputs[0]).shape[1]
         q, _ = orthogonal(d, self.options.kind, rng)
-        set_input_const(graph, embed, 0, const_array(embed.inputs[0]).astype(np.float64) @ q)
+        for table in self._tables:
+            set_input_const(graph, table, 0, const_array(table.inputs[0]).astype(np.float64) @ q)
+        for node, idx in self._consts:  # constants added to the stream (positions folded by a fixed-shape export)
+            set_input_const(graph, node, idx, const_array(node.inputs[idx]).astype(np.float64) @ q)
         for lin in readers:
             self._weight(graph, lin, q.T @ self._w(lin))
         for lin in writers:
@@ -125,13 +144,14 @@ class Rotate(Pass):
     def _embedding(self, graph: ir.Graph) -> ir.Node:
         for node in graph:
             if node.op_type == "Gather" and const_array(node.inputs[0]) is not None \
-                    and const_array(node.inputs[0]).ndim == 2 and node.inputs[1] in graph.inputs:
+                    and const_array(node.inputs[0]).ndim == 2 and _from_input(node.inputs[1], graph):
                 return node
         self.fail("no token embedding (Gather of a 2-D initializer by a graph input) starts a residual stream",
-                  hint="rotate applies to decoder LMs built by lowbit's frontends (llama2.c, HF Llama)")
+                  hint=f"rotate applies to decoder LMs; {_ALTERNATIVE}")
 
     def _walk(self, graph, start: ir.Value, by_input, by_output) -> tuple[list[Linear], list[Linear]]:
         readers, writers, todo, seen = [], [], [start], set()
+        d_stream = const_array(start.producer().inputs[0]).shape[1]
         while todo:
             s = todo.pop()
             if s in seen:
@@ -141,36 +161,81 @@ class Rotate(Pass):
                 self.fail(f"the residual stream value '{s.name}' is a graph output; rotating would change it")
             for use in list(s.uses()):
                 node = use.node
-                if node.op_type == "LayerNormalization":
+                if node.op_type in _NO_CHANNEL_USE:
+                    continue
+                if node.op_type in ("Mul", "Div") and use.idx == 0 or node.op_type == "Mul":
+                    k = const_array(node.inputs[1 - use.idx])
+                    if k is not None and k.size == 1:  # a scalar scale (Gemma's √d) commutes with Q
+                        todo.append(node.outputs[0])
+                        continue
+                if node.op_type in ("LayerNormalization", "SkipLayerNormalization"):
                     self.fail("the residual stream is normalised by LayerNormalization (mean subtraction), "
-                              "which does not commute with a rotation; post-norm encoders (BERT) and LayerNorm "
-                              "models are not supported", node=node,
-                              hint="use rotate on pre-norm RMSNorm decoders (Llama family)")
+                              "which does not commute with a rotation (LayerNorm models: GPT-2, OPT, BERT)",
+                              node=node, hint=_ALTERNATIVE)
                 if node.op_type in _RMS:
-                    gamma = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+                    if node.op_type == "SkipSimplifiedLayerNormalization":  # out = norm(input + skip + bias)
+                        self._skip_norm(node, use.idx, s, seen, by_output, writers, todo)
+                    gi = NORM_INPUTS[node.op_type][0]
+                    gamma = const_array(node.inputs[gi]) if len(node.inputs) > gi else None
                     if gamma is None or not np.all(gamma == 1):
                         self.fail("norm scale γ is not 1: RMSNorm commutes with a rotation only at unit scale",
                                   node=node, hint="run fold-norms before rotate")
                     out = node.outputs[0]
                     lins = by_input.get(out, [])
-                    if not lins or {u.node for u in out.uses()} != {lin.node for lin in lins}:
-                        self.fail("a normalised stream feeds something other than linears", node=node,
-                                  hint="post-norm models, or norms read by non-linear ops, cannot be rotated")
+                    if not lins or set(value_users(out)) != {lin.node for lin in lins}:
+                        self.fail("a normalised stream feeds something other than linears (post-norm or "
+                                  "sandwich norms)", node=node, hint=_ALTERNATIVE)
                     readers.extend(lins)
                 elif node.op_type == "Add":
                     other = node.inputs[1 - use.idx]
                     lin = by_output.get(other)
+                    table = other.producer()
+                    if lin is None and table is not None and table.op_type == "Gather" \
+                            and const_array(table.inputs[0]) is not None and const_array(table.inputs[0]).ndim == 2:
+                        self._tables.append(table)  # learned positions added to the embedding: rotated alike
+                        todo.append(node.outputs[0])
+                        continue
+                    arr = const_array(other)
+                    if lin is None and arr is not None and arr.ndim >= 1 and arr.shape[-1] == d_stream:
+                        self._consts.append((node, 1 - use.idx))
+                        todo.append(node.outputs[0])
+                        continue
                     if lin is None and other not in seen:
-                        self.fail("a residual Add whose other operand is not a linear layer's output", node=node)
+                        prod = other.producer()
+                        what = f"the output of {prod.op_type} '{prod.name}'" if prod is not None else f"'{other.name}'"
+                        if prod is not None and prod.op_type in _RMS | {"LayerNormalization"}:
+                            what += " (a sandwich norm after the layer)"
+                        self.fail(f"a residual Add adds {what}, not a linear layer's output", node=node,
+                                  hint=_ALTERNATIVE)
                     if lin is not None:
                         writers.append(lin)
                     todo.append(node.outputs[0])
                 else:
                     self.fail(f"the residual stream feeds {node.op_type}; rotation folds only into norms and "
-                              "residual adds (is this a post-norm model?)", node=node)
+                              "residual adds (is this a post-norm model?)", node=node, hint=_ALTERNATIVE)
         if not readers or not writers:
             self.fail("no linear reads or writes the residual stream")
         return readers, writers
+
+    def _skip_norm(self, node, idx, s, seen, by_output, writers, todo) -> None:
+        """SkipSimplifiedLayerNormalization(input, skip, γ, bias): the residual add and the norm in one op;
+        the other summand is a writer, the bias a constant on the stream, output 3 the stream after the add."""
+        if idx > 1:
+            self.fail("the residual stream is a norm's scale or bias", node=node, hint=_ALTERNATIVE)
+        other = node.inputs[1 - idx]
+        lin = by_output.get(other)
+        if lin is not None:
+            writers.append(lin)
+        elif other not in seen and other is not s:
+            prod = other.producer()
+            self.fail(f"a fused residual add sums {prod.op_type if prod else 'an input'} output, not a linear "
+                      "layer's output", node=node, hint=_ALTERNATIVE)
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            if const_array(node.inputs[3]) is None:
+                self.fail("the fused residual add has a non-constant bias", node=node, hint=_ALTERNATIVE)
+            self._consts.append((node, 3))
+        if len(node.outputs) > 3 and node.outputs[3] is not None and list(node.outputs[3].uses()):
+            todo.append(node.outputs[3])
 
     def _r2(self, graph, group, rng) -> None:
         v, o = group.producer_linear, group.consumers[0]

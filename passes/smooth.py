@@ -5,8 +5,8 @@ Per input channel j of a group of linears reading one activation X:
 every consumer; ``diag(s)⁻¹`` folds into the producer: a norm's γ (and β), or a previous linear's
 output columns and bias (SwiGLU up-projection for the down-projection; V for O, where with GQA
 every O channel of one KV head shares the V channel's scale).  No Mul node is left behind, and
-float outputs are unchanged up to rounding.  Groups without a foldable producer are skipped
-and counted.
+float outputs are unchanged up to rounding.  Groups without a foldable producer are skipped;
+the report lists every linear left unsmoothed with the reason (``report["smooth"]["unsmoothed"]``).
 
 ``search=true`` picks α per group from a grid by the W8A8 output error on calibration rows
 (needs ``calibrate{rows=N}``).
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.ir.analysis import Group, find_groups
+from lowbit.ir.analysis import NORM_INPUTS, Group, find_groups
 from lowbit.quant.stats import act_stats
 from lowbit.passmanager.manager import CALIBRATED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import set_input_const
@@ -102,13 +102,21 @@ class Smooth(Pass):
                 (st := act_stats(v)) is not None and st.rows is not None for v in
                 {g.activation for g in find_groups(graph)}):
             self.fail("search=true needs calibration rows", hint="run calibrate{rows=512} before smooth")
-        alphas = []
+        alphas, unsmoothed = [], []
+
+        def skip(group: Group, reason: str) -> None:
+            self.stats["skipped"] += 1
+            unsmoothed.extend({"layer": c.name, "reason": reason} for c in group.consumers)
+
         for group in find_groups(graph):
-            if group.kind == "none" or act_stats(group.activation) is None:
-                self.stats["skipped"] += 1
+            if group.kind == "none":
+                skip(group, f"no foldable producer: {group.reason}")
+                continue
+            if act_stats(group.activation) is None:
+                skip(group, "no calibration statistics for its input")
                 continue
             if (group.kind == "norm" and not self.options.norms) or (group.kind == "linear" and not self.options.linears):
-                self.stats["skipped"] += 1
+                skip(group, f"smooth{{{'norms' if group.kind == 'norm' else 'linears'}=false}}")
                 continue
             alpha = self._choose_alpha(group)
             alphas.append(alpha)
@@ -119,8 +127,8 @@ class Smooth(Pass):
                 set_input_const(graph, lin.node, 1, w * sc[:, None].astype(w.dtype))
             if group.kind == "norm":  # 1/s into γ (and β)
                 norm = group.producer
-                for idx in (1, 2):
-                    if idx < len(norm.inputs) and norm.inputs[idx] is not None:
+                for idx in NORM_INPUTS[norm.op_type]:
+                    if idx is not None and idx < len(norm.inputs) and norm.inputs[idx] is not None:
                         arr = norm.inputs[idx].const_value
                         if arr is None:
                             self.fail("norm scale is not a constant", node=norm)
@@ -134,7 +142,8 @@ class Smooth(Pass):
                     set_input_const(graph, prev.bias_node, idx, prev.bias.const_value.numpy() / s.astype(np.float32))
             act_stats(group.activation).scale_channels(sc)
             self.stats[f"groups_{group.kind}"] += 1
+        report = self.ctx.report.setdefault("smooth", {})
         if alphas:
-            self.ctx.report.setdefault("smooth", {})["alpha"] = {"mean": float(np.mean(alphas)),
-                                                                  "min": min(alphas), "max": max(alphas)}
+            report["alpha"] = {"mean": float(np.mean(alphas)), "min": min(alphas), "max": max(alphas)}
+        report["unsmoothed"] = unsmoothed  # every linear left unsmoothed, with its reason
         return PassResult(model, modified=bool(alphas))

@@ -37,6 +37,9 @@ def _weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+_MASK_OPS = {"Where", "Expand", "Min", "Max", "Clip", "ConstantOfShape"}  # optimum exports fill masks with -inf
+
+
 def check_weights(model: ir.Model) -> None:
     """Refuse NaN/Inf in float initializers, naming the first one found."""
     for v in model.graph.initializers.values():
@@ -49,6 +52,9 @@ def check_weights(model: ir.Model) -> None:
             raise ModelLoadError(f"initializer '{v.name}': cannot read its data ({exc})",
                                  hint="keep the model's files in place while lowbit runs") from exc
         finite = bool(np.all(np.isfinite(arr)))
+        if not finite and not np.any(np.isnan(arr)) and v.uses() and all(  # ±inf attention-mask fill values
+                u.node.op_type in _MASK_OPS for u in v.uses()):
+            finite = True
         del arr
         if isinstance(t, ir.ExternalTensor):
             t.release()  # unmap: a model over RAM must not stay resident after the check
@@ -123,6 +129,9 @@ def _compile(model, recipe, *, calibration, output, tokenizer, backend, calibrat
     src = model
     model = load_model(model, tokenizer=tokenizer, **load_options)
     check_weights(model)
+    from lowbit.frontends.onnx_file import refuse_quantized
+
+    refuse_quantized(model, str(src) if isinstance(src, (str, Path)) else "the model")
     float_bytes = _weight_bytes(model)
     feeds = load_calibration(model, calibration, tokenizer=tokenizer, limit=calibration_samples, encoding=encoding)
     ctx = CompileContext(calibration=feeds or None, probes=feeds[:2] or None, seed=seed, show_progress=progress)

@@ -25,6 +25,17 @@ def summary_table(report: dict):
             ("compiled weights", human_bytes(report.get("weight_bytes", 0)))]
     if "file_bytes" in report:
         rows.append(("output", f"{report['output']} ({human_bytes(report['file_bytes'])})"))
+    cal = report.get("calibration")
+    if cal:
+        rows.append(("calibration data", f"{cal['sequences']} sequences, {cal['tokens']} tokens "
+                                         f"({cal['samples']} samples)"))
+    by_reason: dict[str, list[str]] = {}
+    for item in (report.get("smooth") or {}).get("unsmoothed", []):
+        by_reason.setdefault(item["reason"], []).append(item["layer"])
+    for reason, layers in by_reason.items():
+        rows.append((f"unsmoothed ({len(layers)})", f"{', '.join(layers)}: {reason}"))
+    for item in report.get("float_layers", []):
+        rows.append(("kept float", f"{item['layer']}: {item['reason']}"))
     q = report.get("quantize")
     if q:
         rows.append(("quantized linears", f"{q['linears']} ({q['mode']})"))

@@ -221,19 +221,19 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         sentences = sentences[: (limit or 0) * 16 or None]
         feeds = encoder_feeds(tok_dir, sentences, inputs) if sentences else []
     else:
-        tok = _tokenizer_for(model, tokenizer)
         import itertools
 
+        from lowbit.data.lm_feeds import context_length, lm_feeds
+
+        tok = _tokenizer_for(model, tokenizer)
+        seq_len = min(seq_len, context_length(model) or seq_len)  # never longer than the model's context
         stories = list(itertools.islice(iter_stories(path, encoding=encoding, max_chars=story_chars(tok, seq_len),
                                                      what="calibration"), limit))
         if model.metadata_props.get("lowbit.kv_cache") == "true":  # prefill samples with an empty past
             from lowbit.frontends.decoder import prefill_feeds
 
             return _warn_if_small(prefill_feeds(model, causal_lm_feeds(tok, stories, seq_len, "ids")), str(path))
-        if len(inputs) != 1:
-            raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
-                                   hint="give a directory of .npz samples instead")
-        feeds = causal_lm_feeds(tok, stories, seq_len, inputs[0])
+        feeds = lm_feeds(model, [tok.encode(s, bos=True) for s in stories], max_len=seq_len)
     if not feeds:
         raise CalibrationError(f"{path}: holds no samples")
     return _warn_if_small(feeds, str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -11,13 +12,51 @@ from lowbit.errors import ModelLoadError, UnsupportedModelError
 from lowbit.ops.registry import DOMAIN
 from lowbit.ir.model_io import load_onnx
 
-__all__ = ["load_onnx_model", "check_ops", "MIN_OPSET", "MAX_OPSET"]
+__all__ = ["load_onnx_model", "check_ops", "refuse_quantized", "MIN_OPSET", "MAX_OPSET", "ORT_ONNX_DOMAIN_OPS",
+           "ort_ops_for_checker"]
 
 logger = logging.getLogger(__name__)
 MIN_OPSET = 21  # int4 QDQ and blocked quantization need 21
 MAX_OPSET = 26  # the newest default-domain opset ONNX Runtime 1.31 loads
 # Domains whose ops ONNX Runtime's CPU EP (or lowbit itself) implements.
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", DOMAIN}
+# ONNX Runtime contrib ops registered in the ONNX domain at every opset (exporters emit them there:
+# onnxruntime-genai's builder, onnxscript's fusions below opset 23).
+ORT_ONNX_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+_QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                  "QGemm", "QAttention", "DynamicQuantizeLinear", "ConvInteger", "QLinearConv", "GatherBlockQuantized"}
+
+
+@contextlib.contextmanager
+def ort_ops_for_checker(model: ir.Model):
+    """While open, ORT's ONNX-domain contrib ops sit in ``com.microsoft``, so ``onnx.checker`` (which knows
+    only standard ops in the default domain and skips other domains) can check the rest of the model."""
+    moved = [n for n in model.graph.all_nodes() if n.domain in ("", "ai.onnx") and n.op_type in ORT_ONNX_DOMAIN_OPS]
+    had = "com.microsoft" in model.opset_imports
+    for n in moved:
+        n.domain = "com.microsoft"
+    if moved and not had:
+        model.opset_imports["com.microsoft"] = 1
+    try:
+        yield model
+    finally:
+        for n in moved:
+            n.domain = ""
+        if moved and not had:
+            del model.opset_imports["com.microsoft"]
+
+
+def refuse_quantized(model: ir.Model, what: str = "the model") -> None:
+    """Refuse a model that is already quantized (integer weights behind DequantizeLinear, integer GEMMs)."""
+    for node in model.graph:
+        quantized = node.op_type in _QUANTIZED_OPS or node.domain == DOMAIN
+        if node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].const_value is not None:
+            quantized = True  # a constant integer tensor dequantized: a quantized weight
+        if quantized:
+            raise UnsupportedModelError(
+                f"{what} is already quantized: node '{node.name or '?'}' ({node.domain or 'ai.onnx'}::{node.op_type})",
+                hint="compile the float model (lowbit quantizes float weights); quantizing twice compounds the error")
 
 
 def check_ops(model: ir.Model, path) -> None:
@@ -39,7 +78,7 @@ def check_ops(model: ir.Model, path) -> None:
             raise UnsupportedModelError(f"{where} uses the unknown op domain '{node.domain}'",
                                         hint="lowbit runs models of the standard ONNX ops (plus com.microsoft); "
                                              "replace or export the custom op as standard ops")
-        if node.domain in ("", "ai.onnx"):
+        if node.domain in ("", "ai.onnx") and node.op_type not in ORT_ONNX_DOMAIN_OPS:
             try:
                 onnx.defs.get_schema(node.op_type, opset, "")
             except onnx.defs.SchemaError:
@@ -54,7 +93,36 @@ def load_onnx_model(path: str | Path) -> ir.Model:
     if opset < MIN_OPSET:
         model = _upgrade(model, path, opset)
     model.metadata_props.setdefault("lowbit.source", Path(path).name)
+    _read_sidecar_config(model, Path(path))
     return model
+
+
+def _read_sidecar_config(model: ir.Model, path: Path) -> None:
+    """Context length and KV head size from the config an exporter writes beside the model
+    (onnxruntime-genai's ``genai_config.json``, optimum's ``config.json``), for text calibration."""
+    import json
+
+    for name in ("genai_config.json", "config.json"):
+        f = path.parent / name
+        if not f.is_file() or f.stat().st_size > (1 << 20):
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(cfg, dict):
+            continue
+        inner = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
+        decoder = inner.get("decoder", {}) if isinstance(inner.get("decoder"), dict) else {}
+        context = inner.get("context_length") or cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        head = decoder.get("head_size") or cfg.get("head_dim")
+        if not head and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+            head = cfg["hidden_size"] // cfg["num_attention_heads"]
+        if isinstance(context, int) and context > 0:
+            model.metadata_props.setdefault("lowbit.context", str(context))
+        if isinstance(head, int) and head > 0:
+            model.metadata_props.setdefault("lowbit.head_size", str(head))
+        return
 
 
 def _upgrade(model: ir.Model, path, opset: int) -> ir.Model:
@@ -74,4 +142,10 @@ def _upgrade(model: ir.Model, path, opset: int) -> ir.Model:
         raise ModelLoadError(f"{path}: cannot upgrade opset {opset} to {MIN_OPSET}: {exc}",
                              hint=f"re-export the model with opset >= {MIN_OPSET}") from exc
     proto.ir_version = 10
-    return ir.serde.deserialize_model(proto)
+    upgraded = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(upgraded.graph, Path(path).resolve().parent)  # not the working directory
+    meta = {n.name: dict(n.metadata_props) for n in model.graph if n.name and n.metadata_props}
+    for node in upgraded.graph:  # the converter drops node metadata (torch's module paths name the layers)
+        if node.name in meta and not node.metadata_props:
+            node.metadata_props.update(meta[node.name])
+    return upgraded

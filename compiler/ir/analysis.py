@@ -4,7 +4,8 @@ A *linear* is ``MatMul(x, W)`` with a constant 2-D ``W`` of shape [in, out], opt
 ``Add(·, b)`` with a constant 1-D bias.  Its input ``x`` is *produced* by:
 
 * a norm (LayerNormalization, RMSNormalization, SimplifiedLayerNormalization) whose output feeds
-  only linears — then all those linears form one group (q/k/v, gate/up) sharing one scale;
+  only linears — then all those linears form one group (q/k/v, gate/up) sharing one scale — also
+  through Reshapes that keep the channel axis (``[b, s, C] → [b·s, C]`` before a Gemm);
 * a previous linear through an operation that is linear per channel, so that a per-channel
   scale on x can be moved into that linear's output columns:
     - ``Mul(silu(gate), up)`` (SwiGLU): x's channel j is up's output channel j;
@@ -23,11 +24,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["GroupKind", "Via", "Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "linear_name", "const_array"]
+__all__ = ["GroupKind", "Via", "Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "NORM_INPUTS", "SKIP_NORMS",
+           "SHAPE_ONLY", "linear_name", "const_array", "value_users"]
 
-NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+# norm op → (γ input index, β input index or None).  The Skip forms (ONNX Runtime contrib ops that
+# onnxruntime-genai's builder emits) add a residual first: output 0 is the norm, output 3 the sum.
+NORM_INPUTS = {"LayerNormalization": (1, 2), "RMSNormalization": (1, None), "SimplifiedLayerNormalization": (1, None),
+               "SkipSimplifiedLayerNormalization": (2, None), "SkipLayerNormalization": (2, 3)}
+NORM_OPS = set(NORM_INPUTS)
+SKIP_NORMS = {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
+SHAPE_ONLY = {"Shape", "Size"}  # read a value's shape only: per-channel scales and rotations keep it
 _PASSTHROUGH = {"Reshape", "Transpose"}  # rearrange channels into heads and back
 _KV_REPEAT = {"Reshape", "Transpose", "Expand", "Unsqueeze"}
+
+
+def value_users(v: ir.Value) -> list[ir.Node]:
+    """The nodes that read ``v``'s values (not those reading only its shape: TorchScript exports' Shape)."""
+    return [u.node for u in v.uses() if u.node.op_type not in SHAPE_ONLY]
 
 
 class GroupKind(str, enum.Enum):
@@ -102,9 +115,24 @@ class Group:
 
 
 def linear_name(node: ir.Node, weight: ir.Value, bias: ir.Value | None) -> str:
-    for v, suffix in ((bias, ".bias"), (weight, ".weight")):
-        if v is not None and v.name and v.name.endswith(suffix):
-            return v.name[: -len(suffix)]
+    """The layer's name: its weight's (``….weight``), else its bias's when no other node shares that bias
+    (exporters merge identical constants: every zero bias of a model may be one initializer), else the node's."""
+    if weight.name and weight.name.endswith(".weight"):
+        return weight.name[: -len(".weight")]
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")  # torch's dynamo exporter: the module path
+    if scopes:
+        import ast
+
+        try:
+            path = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            path = []
+        if len(path) >= 2 and path[-2]:
+            return path[-2]
+    if bias is not None and bias.name and bias.name.endswith(".bias") and len(list(bias.uses())) == 1:
+        return bias.name[: -len(".bias")]
+    if node.name and node.name.startswith("/") and node.name.count("/") > 1:  # TorchScript: /model/layers.0/q_proj/MatMul
+        return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
     return node.name or weight.name
 
 
@@ -135,7 +163,7 @@ def find_linears(graph: ir.Graph) -> list[Linear]:
 
 
 def _single_use(v: ir.Value, graph: ir.Graph) -> bool:
-    return len(list(v.uses())) == 1 and v not in graph.outputs
+    return len(value_users(v)) == 1 and v not in graph.outputs
 
 
 def _trace_back(v: ir.Value, ops: set[str], graph: ir.Graph) -> tuple[ir.Value, list[ir.Node]]:
@@ -187,6 +215,33 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
     return lin, ("vo", n_v, hd), Via.ATTENTION_VO
 
 
+def _through_flatten(act: ir.Value, n_in: int, graph: ir.Graph) -> ir.Value:
+    """The value before Reshapes that keep the channel axis (``[b, s, C] → [b·s, C]``, GPT-2's Conv1D).
+
+    A per-channel scale commutes with a reshape that leaves the last axis whole, so a norm before
+    the reshape is still the activation's foldable producer.
+    """
+    v = act
+    while True:
+        node = v.producer()
+        if node is None or node.op_type not in ("Reshape", "Flatten") or not node.inputs:
+            return v
+        src = node.inputs[0]
+        target = const_array(node.inputs[1]) if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+        keeps = (target is not None and target.size and int(target[-1]) == n_in) or (
+            v.shape is not None and src.shape is not None and len(v.shape) and len(src.shape)
+            and v.shape[-1] == n_in and src.shape[-1] == n_in)
+        if not keeps or not _single_use(src, graph):
+            return v
+        v = src
+
+
+def _constant_scales(norm: ir.Node) -> bool:
+    """The norm's γ (and β) are constants a scale can fold into."""
+    return all(i is None or i >= len(norm.inputs) or norm.inputs[i] is None or norm.inputs[i].const_value is not None
+               for i in NORM_INPUTS[norm.op_type])
+
+
 def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Group]:
     """Group linears by the activation they read; classify each group's producer."""
     linears = find_linears(graph) if linears is None else linears
@@ -196,19 +251,31 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
     by_out = _by_output(linears)
     groups = []
     for act, consumers in by_input.items():
-        node = act.producer()
         n_in = consumers[0].shape[0]
-        if node is not None and node.op_type in NORM_OPS:
-            users = [u.node for u in act.uses()]
+        node = act.producer()
+        src = _through_flatten(act, n_in, graph) if len(consumers) == len(value_users(act)) else act
+        if src is not act and src.producer() is not None and src.producer().op_type in NORM_OPS \
+                and src is src.producer().outputs[0] and _constant_scales(src.producer()):
+            groups.append(Group(GroupKind.NORM, act, consumers, producer=src.producer(), reason="norm through a reshape"))
+            continue
+        if node is not None and node.op_type in NORM_OPS and act is node.outputs[0]:
+            users = value_users(act)
             if act in graph.outputs or any(u not in {c.node for c in consumers} for u in users):
-                groups.append(Group(GroupKind.NONE, act, consumers, reason=f"{node.op_type} output also feeds non-linears"))
+                others = sorted({u.op_type for u in users if u not in {c.node for c in consumers}})
+                groups.append(Group(GroupKind.NONE, act, consumers, reason=f"{node.op_type} output also feeds "
+                                    f"{', '.join(others) or 'a graph output'} (post-norm residual or sandwich norm)"))
+            elif not _constant_scales(node):
+                groups.append(Group(GroupKind.NONE, act, consumers,
+                                    reason=f"{node.op_type} scale is not a constant initializer"))
             else:
                 groups.append(Group(GroupKind.NORM, act, consumers, producer=node))
             continue
-        if len(consumers) != len(list(act.uses())):
+        if len(consumers) != len(value_users(act)):
             groups.append(Group(GroupKind.NONE, act, consumers, reason="activation also feeds non-linears"))
             continue
         lin, cmap, reason = _linear_producer(act, graph, by_out)
+        if lin is None and src is not act and src.producer() is not None:
+            reason = f"produced by {src.producer().op_type} (through a reshape)"
         if lin is None:
             groups.append(Group(GroupKind.NONE, act, consumers, reason=reason))
             continue

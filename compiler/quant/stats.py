@@ -137,7 +137,10 @@ def check_feeds(model: ir.Model, feeds: list[dict]) -> None:
             if v.shape is not None and arr.ndim != len(v.shape):
                 raise CalibrationError(f"calibration sample {i}, input '{name}': rank {arr.ndim}, "
                                        f"model wants {len(v.shape)} (shape {v.shape})")
-            if arr.size == 0 and not name.startswith("past"):  # an empty KV past is a prefill sample
+            empty_past = (name.startswith("past") or arr.ndim >= 3 and np.issubdtype(arr.dtype, np.floating)) \
+                and v.shape is not None and any(arr.shape[k] == 0 and not isinstance(d, int)
+                                                for k, d in enumerate(v.shape))  # a prefill's KV past
+            if arr.size == 0 and not empty_past:
                 raise CalibrationError(f"calibration sample {i}, input '{name}' is empty")
 
 

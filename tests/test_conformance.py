@@ -1,0 +1,139 @@
+"""Conformance: architectures × export forms × recipes.  Every cell compiles to a file that ONNX
+Runtime loads and runs, agreeing with the float model within the recipe's bound — or it is refused
+by design with a one-line :class:`LowbitError` naming the node and the reason.  No cell may exit
+with an unusable file.
+
+Bounds are on the relative L2 error ‖y_q − y‖ / ‖y‖ of the model's first output (logits, or the
+encoder's hidden states) against the float model in ORT, averaged over 4 evaluation prefills
+(seed 2).  They were set at about twice the largest error seen over every architecture and form on
+separate tuning prefills (seed 1) with these random-weight tiny models (hidden 64, 2 layers):
+random weights are incompressible, so 4- and 3-bit errors are large; the bounds catch broken
+graphs (errors of order 1), not quality, which benchmarks measure on real models.
+
+Refused by design (each with the reason in the message):
+* rotation recipes (``w4a8``, ``w3a16``) on LayerNorm models (GPT-2, OPT, BERT): mean subtraction
+  does not commute with a rotation; on Gemma-3: sandwich norms put a norm between the attention
+  output and the residual add;
+* static ``w8a8`` where ORT would run some quantized linears on float kernels (a 2-D MatMul + bias
+  becomes a float Gemm: OPT's fc2, fixed-shape exports): the message names them and suggests
+  ``w8a8-dynamic``.
+
+The default run checks a fast subset (one decoder at torch's default opset); the full product is
+``@pytest.mark.slow``.  Exports are cached per session.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import conformance_models as cm  # noqa: E402
+
+RECIPES = ("w8a8", "w8a8-dynamic", "w4a16-gptq", "w4a8", "w3a16", "int8-integer-only")
+BOUNDS = {"w8a8": 0.08, "w8a8-dynamic": 0.04, "w4a16-gptq": 0.3, "w4a8": 0.3, "w3a16": 0.5,
+          "int8-integer-only": 0.2}
+LAYERNORM = {"gpt2", "opt", "bert"}
+ROTATING = {"w4a8", "w3a16"}
+
+
+def expected_refusal(arch: str, form: str, recipe: str) -> str | None:
+    """The pattern a by-design refusal of this cell must match, or None if the cell must compile."""
+    if recipe in ROTATING and arch in LAYERNORM:
+        return r"node '.+'.*LayerNormalization .*does not commute with a rotation"
+    if recipe in ROTATING and arch == "gemma3":
+        return r"node '.+'.*residual Add adds the output of \w*Normalization '.+' \(a sandwich norm after the layer\)"
+    if recipe == "w8a8":
+        return r"ORT runs only \d+ of \d+ quantized linears on integer kernels; float kernels for \S+"
+    return None
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    cache: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("conformance")
+
+    def get(arch: str, form: str) -> Path:
+        if (arch, form) not in cache:
+            cache[(arch, form)] = cm.export(arch, form, root / f"{arch}_{form}")
+        return cache[(arch, form)]
+
+    return get
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def check_cell(exports, tmp_path, monkeypatch, arch: str, form: str, recipe: str) -> None:
+    import lowbit
+    from lowbit.errors import LowbitError
+
+    src = exports(arch, form)
+    calibration = cm.feeds(src, 8, seed=0)
+    evaluation = cm.feeds(src, 4, seed=2)
+    out = tmp_path / "out" / "model.onnx"
+    if form == "external":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)  # external data must not depend on the working directory
+    pattern = expected_refusal(arch, form, recipe)
+    try:
+        lowbit.compile(str(src), recipe, calibration=calibration, output=out, progress=False)
+    except LowbitError as exc:
+        assert "\n" not in exc.message, f"refusal is not one line: {exc.message!r}"
+        assert not out.exists(), "a refused compile left a file at the output path"
+        if pattern is None or not re.search(pattern, exc.message):
+            pytest.fail(f"{arch}/{form}/{recipe} refused unexpectedly: {exc}")
+        return
+    assert out.exists()
+    float_sess, q_sess = _session(src), _session(out)
+    want_type = float_sess.get_outputs()[0].type
+    assert q_sess.get_outputs()[0].type == want_type, "the output type of the interface changed"
+    errors = []
+    for feed in evaluation:
+        ref = float_sess.run(None, feed)[0]
+        got = q_sess.run(None, feed)[0]
+        assert np.all(np.isfinite(got)), f"{arch}/{form}/{recipe}: non-finite outputs"
+        errors.append(_rel_l2(got, ref))
+    err = float(np.mean(errors))
+    assert err <= BOUNDS[recipe], f"{arch}/{form}/{recipe}: relative L2 {err:.4f} > bound {BOUNDS[recipe]}"
+
+
+FAST = [("llama", "dynamo", "w8a8-dynamic"), ("llama", "dynamo", "w4a16-gptq"), ("llama", "dynamo", "w8a8")]
+
+
+@pytest.mark.parametrize("arch,form,recipe", FAST)
+def test_conformance_fast(exports, tmp_path, monkeypatch, arch, form, recipe):
+    check_cell(exports, tmp_path, monkeypatch, arch, form, recipe)
+
+
+def _full():
+    for arch in cm.ARCHS:
+        for form in cm.FORMS:
+            if form == "genai" and arch not in cm.DECODERS:
+                continue
+            for recipe in RECIPES:
+                if (arch, form, recipe) not in FAST:
+                    yield arch, form, recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,form,recipe", list(_full()))
+def test_conformance_full(exports, tmp_path, monkeypatch, arch, form, recipe):
+    check_cell(exports, tmp_path, monkeypatch, arch, form, recipe)
+
