@@ -11,9 +11,13 @@ from lowbit.errors import ModelLoadError
 __all__ = ["load_model", "canonicalize"]
 
 
-def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=None, **kwargs) -> ir.Model:
-    """Load an ``.onnx`` file, a llama2.c ``.bin`` (+ tokenizer), a Hugging Face folder, an
-    ``nn.Module`` (with ``example_inputs``), an ``ir.Model``, or the name ``minilm``."""
+def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=None, kv_cache: bool = False,
+               **kwargs) -> ir.Model:
+    """Load an ``.onnx`` file, a llama2.c ``.bin`` (+ tokenizer), a Hugging Face folder, a GGUF file, an
+    ``nn.Module`` (with ``example_inputs``), an ``ir.Model``, or the name ``minilm``.
+
+    For decoders built by lowbit (llama2.c, Hugging Face, GGUF), ``kv_cache=True`` gives the graph with
+    past/present key/values (see :mod:`lowbit.frontends.decoder`) instead of ``tokens → logits``."""
     if isinstance(source, ir.Model):
         return source
     if not isinstance(source, (str, Path)):
@@ -42,7 +46,7 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
         if tokenizer is None:
             guess = [p for p in path.parent.glob("tok*.bin")]
             tokenizer = guess[0] if len(guess) == 1 else None
-        return load_llama2c(path, tokenizer)
+        return load_llama2c(path, tokenizer, kv_cache=kv_cache)
     if path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
         raise ModelLoadError(f"{path}: pickled checkpoints are not loaded (they can run arbitrary code)",
                              hint="export to ONNX, or save the weights as safetensors in a Hugging Face folder")
