@@ -20,7 +20,7 @@ import onnx_ir as ir
 from lowbit.errors import CalibrationError
 
 __all__ = ["read_stories", "read_sentences", "read_sts", "causal_lm_feeds", "encoder_feeds",
-           "load_calibration", "CALIB_STORIES", "EVAL_STORIES", "data_dir", "model_kind"]
+           "load_calibration", "kv_prefill_feed", "CALIB_STORIES", "EVAL_STORIES", "data_dir", "model_kind"]
 
 CALIB_STORIES = slice(0, 64)
 EVAL_STORIES = slice(392, 785)
@@ -98,6 +98,19 @@ def _tokenizer_for(model: ir.Model, tokenizer):
     return path if not isinstance(path, (str, Path)) else Llama2cTokenizer(path)
 
 
+def kv_prefill_feed(model: ir.Model, ids: np.ndarray) -> dict:
+    """A prefill feed for a KV-cache graph: ``ids`` [batch, seq], all-ones mask, positions 0.., empty past."""
+    ids = np.asarray(ids, dtype=np.int64)
+    b, s = ids.shape
+    feed = {"input_ids": ids, "attention_mask": np.ones((b, s), np.int64),
+            "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
+    for v in model.graph.inputs:
+        if v.name.startswith("past_key_values."):
+            dims = [b if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(v.shape)]
+            feed[v.name] = np.zeros(dims, dtype=v.dtype.numpy())
+    return feed
+
+
 def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | None = None,
                      seq_len: int = 256) -> list[dict]:
     """Feeds from a text file (stories or sentences), a directory of ``.npz`` files, or a list."""
@@ -136,6 +149,9 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         feeds = encoder_feeds(tok_dir, sentences, inputs)
     else:
         stories = read_stories(path)[:limit]
+        if "input_ids" in inputs and any(n.startswith("past_key_values.") for n in inputs):  # KV-cache form
+            feeds = causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, "input_ids")
+            return [kv_prefill_feed(model, f["input_ids"]) for f in feeds]
         if len(inputs) != 1:
             raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
                                    hint="give a directory of .npz samples instead")

@@ -20,17 +20,19 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer, if the model does not record one")
     p.add_argument("--stories", default=":", metavar="A:B", help="use stories A..B of the text (Python slice)")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--cache", action="store_true",
+                   help="score token by token through the KV cache (a KV-cache model; sources are loaded in that form)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
-def _session(model_arg, tokenizer):
+def _session(model_arg, tokenizer, kv_cache: bool = False):
     from pathlib import Path
 
     from lowbit.frontends import load_model
     from lowbit.ir.sessions import make_session
 
-    model = load_model(model_arg, tokenizer=tokenizer)
+    model = load_model(model_arg, tokenizer=tokenizer, kv_cache=kv_cache and not str(model_arg).endswith(".onnx"))
     return make_session(model if not str(model_arg).endswith(".onnx") else Path(model_arg)), model
 
 
@@ -42,22 +44,26 @@ def _slice(text: str) -> slice:
 def run(args) -> int:
     from lowbit.errors import LowbitError
 
-    sess, model = _session(args.model, args.tokenizer)
+    sess, model = _session(args.model, args.tokenizer, kv_cache=args.cache)
     ref = _session(args.reference, args.tokenizer)[0] if args.reference else None
     result: dict = {"model": args.model}
     if args.ppl:
         from lowbit.data.datasets import read_stories
         from lowbit.data.tokenizers import Llama2cTokenizer
         from lowbit.runtime.agreement import causal_agreement
-        from lowbit.runtime.llm import perplexity, token_stream
+        from lowbit.runtime.kv_session import KVSession
+        from lowbit.runtime.llm import perplexity, perplexity_cached, token_stream
 
         tok_path = args.tokenizer or model.metadata_props.get("lowbit.tokenizer")
         if not tok_path:
             raise LowbitError("perplexity needs the model's tokenizer", hint="pass --tokenizer tok.bin")
         stories = read_stories(args.ppl)[_slice(args.stories)]
         stream = token_stream(Llama2cTokenizer(tok_path), stories)
-        p = perplexity(sess, stream, seq_len=args.seq_len)
-        result.update({"text": args.ppl, "stories": len(stories), "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
+        if args.cache:
+            p = perplexity_cached(KVSession(sess), stream, seq_len=args.seq_len)
+        else:
+            p = perplexity(sess, stream, seq_len=args.seq_len)
+        result.update({"path": "cache" if args.cache else "window", "text": args.ppl, "stories": len(stories), "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
         if ref is not None:
             result["agreement"] = causal_agreement(ref, sess, stream)
     else:
