@@ -62,11 +62,12 @@ def check_weights(model: ir.Model) -> None:
 def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path | None = None,
             tokenizer: str | Path | None = None, backend: str = "ort", calibration_samples: int | None = 64,
             seed: int = 0, verify: bool = False, dump_ir: str | Path | None = None,
-            reproducer: str | Path | None = None, progress: bool = True) -> CompileResult:
+            reproducer: str | Path | None = None, progress: bool = True, kv_cache: bool = False) -> CompileResult:
     """Compile ``model`` with ``recipe`` (a name from ``RECIPES`` or a pipeline string).
 
     ``calibration`` is a text file, a folder of ``.npz`` samples, or a list of feed dicts.  With
-    ``output`` the compiled model is written atomically (IR version 10).
+    ``output`` the compiled model is written atomically (IR version 10).  ``kv_cache`` loads a decoder
+    source (llama2.c, HF, GGUF) in its KV-cache form (past/present key/values) instead of tokens → logits.
     """
     if backend not in ("ort", "tvm"):
         from lowbit.errors import PipelineError
@@ -86,7 +87,7 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
     if backend == "tvm" and "lower-tvm" not in pipeline:
         pipeline = pipeline + ",lower-tvm"
     src = model
-    model = load_model(model, tokenizer=tokenizer)
+    model = load_model(model, tokenizer=tokenizer, kv_cache=kv_cache)
     check_weights(model)
     float_bytes = _weight_bytes(model)
     feeds = load_calibration(model, calibration, tokenizer=tokenizer, limit=calibration_samples)

@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer (llama2.c tok*.bin, or a HF folder)")
     p.add_argument("--backend", default="ort", choices=["ort", "tvm"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache", action="store_true",
+                   help="build a decoder in its KV-cache form (past/present key/values) for generation")
     p.add_argument("--verify", action="store_true", help="check each pass (ONNX checker, float equivalence)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass that changed it")
     p.add_argument("--reproducer", metavar="DIR", help="on failure, save the input model and the pipeline here")
@@ -39,7 +41,7 @@ def run(args) -> int:
                             tokenizer=args.tokenizer, backend=args.backend,
                             calibration_samples=args.calibration_samples, seed=args.seed, verify=args.verify,
                             dump_ir=args.dump_ir, reproducer=args.reproducer,
-                            progress=sys.stderr.isatty() and not args.json)
+                            progress=sys.stderr.isatty() and not args.json, kv_cache=args.kv_cache)
 
     def human():
         from rich.console import Console
