@@ -67,7 +67,7 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
 
     ``calibration`` is a text file, a folder of ``.npz`` samples, or a list of feed dicts.  With
     ``output`` the compiled model is written atomically (IR version 10).  ``kv_cache`` loads a decoder
-    source (llama2.c, HF, GGUF) in its KV-cache form (past/present key/values) instead of tokens → logits.
+    built by lowbit (llama2.c, Hugging Face, GGUF) in its KV-cache form (past/present key/values).
     """
     if backend not in ("ort", "tvm"):
         from lowbit.errors import PipelineError

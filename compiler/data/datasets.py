@@ -90,12 +90,12 @@ def encoder_feeds(tokenizer_dir: str | Path, sentences: list[str], input_names: 
 
 
 def _tokenizer_for(model: ir.Model, tokenizer):
-    from lowbit.data.tokenizers import Llama2cTokenizer
+    from lowbit.frontends.text_tokenizers import load_tokenizer
 
     path = tokenizer or model.metadata_props.get("lowbit.tokenizer")
     if not path:
         raise CalibrationError("text calibration for a causal LM needs its tokenizer", hint="pass --tokenizer tok.bin")
-    return path if not isinstance(path, (str, Path)) else Llama2cTokenizer(path)
+    return load_tokenizer(path)
 
 
 def kv_prefill_feed(model: ir.Model, ids: np.ndarray) -> dict:
@@ -149,7 +149,8 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         feeds = encoder_feeds(tok_dir, sentences, inputs)
     else:
         stories = read_stories(path)[:limit]
-        if "input_ids" in inputs and any(n.startswith("past_key_values.") for n in inputs):  # KV-cache form
+        if model.metadata_props.get("lowbit.kv_cache") == "true" or (
+                "input_ids" in inputs and any(n.startswith("past_key_values.") for n in inputs)):
             feeds = causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, "input_ids")
             return [kv_prefill_feed(model, f["input_ids"]) for f in feeds]
         if len(inputs) != 1:

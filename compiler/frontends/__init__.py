@@ -35,8 +35,11 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
         return load_hf_encoder(packaged_minilm_path())
     path = Path(source)
     if path.is_dir():
-        from lowbit.frontends.huggingface import load_hf_encoder
+        from lowbit.frontends.hf_decoder import DECODER_TYPES, load_hf_decoder
+        from lowbit.frontends.huggingface import hf_model_type, load_hf_encoder
 
+        if hf_model_type(path) in DECODER_TYPES:
+            return load_hf_decoder(path, kv_cache=kv_cache)
         return load_hf_encoder(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder", hint="check the model path")
@@ -47,6 +50,10 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
             guess = [p for p in path.parent.glob("tok*.bin")]
             tokenizer = guess[0] if len(guess) == 1 else None
         return load_llama2c(path, tokenizer, kv_cache=kv_cache)
+    if path.suffix == ".gguf":
+        from .gguf_file import load_gguf
+
+        return load_gguf(path, kv_cache=kv_cache)
     if path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
         raise ModelLoadError(f"{path}: pickled checkpoints are not loaded (they can run arbitrary code)",
                              hint="export to ONNX, or save the weights as safetensors in a Hugging Face folder")

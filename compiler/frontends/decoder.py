@@ -58,7 +58,8 @@ from lowbit.errors import UnsupportedModelError
 from lowbit.ir.graph_builder import GraphBuilder
 from .decoder_attention import attention, causal_bias, rope_angles, apply_rope
 
-__all__ = ["DecoderSpec", "build_decoder", "KV_INPUTS", "kv_input_names", "kv_output_names", "ACTIVATIONS"]
+__all__ = ["DecoderSpec", "build_decoder", "KV_INPUTS", "kv_input_names", "kv_output_names", "ACTIVATIONS",
+           "prefill_feeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class DecoderSpec:
     rope_style: str = "half"             # "half" (HF rotate_half) | "interleaved" (llama2.c, GGUF)
     rotary_dim: int = 0                  # 0 = head_dim (partial rotary otherwise)
     rope_scaling: tuple = ()             # () | ("linear", factor) | ("llama3", factor, low, high, orig_max)
+    rope_freq_factors: tuple = ()        # llama.cpp rope_freqs: inv_freq[i] /= factor[i] (global layers)
     layer_windows: tuple = ()            # per layer: 0 = global attention, W = sliding window of W keys
     local_rope_theta: float = 0.0        # Gemma-3: theta of sliding layers (0 = rope_theta)
     embed_scale: float = 0.0             # Gemma: embeddings × sqrt(hidden) (0 = none)
@@ -127,6 +129,10 @@ class DecoderSpec:
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0
 
+    def rope_kind(self, layer: int) -> str:
+        """"local" for sliding layers with their own RoPE theta (Gemma-3), else "global"."""
+        return "local" if (self.window(layer) and self.local_rope_theta) else "global"
+
     def describe(self) -> str:
         skip = {"metadata"}
         return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name not in skip)
@@ -138,6 +144,22 @@ def kv_input_names(spec: DecoderSpec) -> list[str]:
 
 def kv_output_names(spec: DecoderSpec) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(spec.n_layers) for kv in ("key", "value")]
+
+
+def prefill_feeds(model: ir.Model, samples: list[dict]) -> list[dict]:
+    """KV-graph feeds for prefill from ``{"ids": int64 [batch, seq]}`` samples: empty past, all-ones
+    mask, positions ``0 .. seq-1`` (valid calibration samples for the KV form)."""
+    pasts = [v for v in model.graph.inputs if v.name.startswith("past_key_values.")]
+    feeds = []
+    for sample in samples:
+        ids = np.asarray(sample["ids"], dtype=np.int64)
+        b, n = ids.shape
+        feed = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
+                "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
+        for v in pasts:
+            feed[v.name] = np.zeros((b, int(v.shape[1]), 0, int(v.shape[3])), np.float32)
+        feeds.append(feed)
+    return feeds
 
 
 class _Emitter:
@@ -225,10 +247,9 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], *, kv_cache
                                   name="pos_embed")], name="embed.add_positions")
     biases = {w: causal_bias(g, ids, mask, w, attention_impl) for w in sorted({s.window(i) for i in range(s.n_layers)})}
     angles = {}
-    if s.positions == "rope":
-        thetas = {s.local_rope_theta if (s.window(i) and s.local_rope_theta) else s.rope_theta
-                  for i in range(s.n_layers)}
-        angles = {t: rope_angles(g, pos, s, t) for t in sorted(thetas)}
+    if s.positions == "rope":  # sliding layers with their own theta (Gemma-3) are never scaled
+        kinds = {s.rope_kind(i) for i in range(s.n_layers)}
+        angles = {k: rope_angles(g, pos, s, k == "local") for k in sorted(kinds)}
     for i in range(s.n_layers):
         p = f"layers.{i}"
         h = e.norm(x, f"{p}.attn_norm")
@@ -242,9 +263,8 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], *, kv_cache
             q = e.norm(q, f"{p}.attn.q_norm")
             k = e.norm(k, f"{p}.attn.k_norm")
         if s.positions == "rope":
-            theta = s.local_rope_theta if (s.window(i) and s.local_rope_theta) else s.rope_theta
-            q = apply_rope(g, q, angles[theta], s, f"{p}.attn.q_rope")
-            k = apply_rope(g, k, angles[theta], s, f"{p}.attn.k_rope")
+            q = apply_rope(g, q, angles[s.rope_kind(i)], s, f"{p}.attn.q_rope")
+            k = apply_rope(g, k, angles[s.rope_kind(i)], s, f"{p}.attn.k_rope")
         past = (f"past_key_values.{i}.key", f"past_key_values.{i}.value") if kv_cache else None
         present = (f"present.{i}.key", f"present.{i}.value") if kv_cache else None
         ctx = attention(e, q, k, v, biases[s.window(i)], past, present, p, attention_impl)

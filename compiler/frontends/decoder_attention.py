@@ -54,10 +54,13 @@ def causal_bias(g, ids: str, mask: str | None, window: int, impl: str) -> str:
     return bias
 
 
-def inv_freq(spec, theta: float) -> np.ndarray:
-    rot = spec.rot
+def inv_freq(spec, local: bool = False) -> np.ndarray:
+    """θ^(-2i/rot) for the global layers (scaled) or Gemma-3's local layers (own θ, unscaled)."""
+    rot, theta = spec.rot, spec.local_rope_theta if local else spec.rope_theta
     f = 1.0 / (theta ** (np.arange(0, rot, 2, dtype=np.float32) / np.float32(rot)))
-    kind = spec.rope_scaling[0] if spec.rope_scaling else "default"
+    if spec.rope_freq_factors and not local:  # llama.cpp's rope_freqs: per-frequency divisors
+        f = f / np.asarray(spec.rope_freq_factors, dtype=np.float32)
+    kind = spec.rope_scaling[0] if (spec.rope_scaling and not local) else "default"
     if kind == "linear":
         f = f / spec.rope_scaling[1]
     elif kind == "llama3":
@@ -75,11 +78,11 @@ def inv_freq(spec, theta: float) -> np.ndarray:
     return np.asarray(f, dtype=np.float32)
 
 
-def rope_angles(g, pos: str, spec, theta: float) -> tuple[str, str]:
+def rope_angles(g, pos: str, spec, local: bool = False) -> tuple[str, str]:
     """cos, sin of ``position · inv_freq``, shaped [batch, seq, 1, rot/2]."""
-    t = f"rope_t{theta:g}"
+    t = "rope_local" if local else "rope"
     posf = g.op("Unsqueeze", [g.op("Cast", [pos], name=f"{t}.posf", to=TensorProto.FLOAT), g.const([-1])])
-    ang = g.op("Mul", [posf, g.init(f"{t}.inv_freq", inv_freq(spec, theta))], name=f"{t}.angles")
+    ang = g.op("Mul", [posf, g.init(f"{t}.inv_freq", inv_freq(spec, local))], name=f"{t}.angles")
     ang = g.op("Unsqueeze", [ang, g.const([2])], name=f"{t}.heads")
     return g.op("Cos", [ang], name=f"{t}.cos"), g.op("Sin", [ang], name=f"{t}.sin")
 

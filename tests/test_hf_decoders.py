@@ -1,0 +1,109 @@
+"""Hugging Face decoder folders: lowbit's graphs against the transformers model they were saved from.
+
+Tiny random-weight models (transformers' own config classes, every weight perturbed so norms and
+biases matter), saved with ``save_pretrained(safe_serialization=True)``.  Two checks per
+architecture: the cache-less logits equal transformers' logits, and the KV-cache graph fed token by
+token reproduces the cache-less logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.ir.sessions import make_session
+
+from test_decoder_kv import decode_stepwise
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+_SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              max_position_embeddings=64)
+_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0})),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, attention_bias=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(partial_rotary_factor=0.5)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_SLIDING, query_pre_attn_scalar=12,
+                                                        attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_SLIDING, query_pre_attn_scalar=8, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=96,
+                                                  bos_token_id=1, eos_token_id=2)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                                               num_attention_heads=4, word_embed_proj_dim=32, vocab_size=96,
+                                               max_position_embeddings=64, pad_token_id=1, bos_token_id=2,
+                                               eos_token_id=2)),
+}
+
+
+def save_tiny(name: str, folder, seed: int = 0):
+    cfg_cls, model_cls, extra = CASES[name]
+    kwargs = extra if name in ("gpt2", "opt") else dict(_SMALL, **extra)
+    config = getattr(transformers, cfg_cls)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    model = save_tiny(request.param, folder)
+    return request.param, folder, model
+
+
+def test_cacheless_logits_match_transformers(tiny):
+    name, folder, model = tiny
+    ids = np.random.default_rng(1).integers(3, 96, (2, 11))
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    lb = lowbit.load_model(folder)
+    assert [v.name for v in lb.graph.inputs] == ["input_ids"]
+    got = make_session(lb).run(None, {"input_ids": ids})[0]
+    assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref)), name
+
+
+def test_kv_decode_reproduces_full_logits(tiny):
+    name, folder, _ = tiny
+    ids = np.random.default_rng(2).integers(3, 96, (1, 10))
+    full = make_session(lowbit.load_model(folder)).run(None, {"input_ids": ids})[0]
+    kv = lowbit.load_model(folder, kv_cache=True)
+    past = kv.graph.inputs[3]
+    heads, head_dim = past.shape[1], past.shape[3]
+    n_layers = (len(kv.graph.inputs) - 3) // 2
+    got = decode_stepwise(make_session(kv), ids, [3] + [1] * 7, n_layers, heads, head_dim)
+    assert np.max(np.abs(got - full)) <= 1e-5 * np.max(np.abs(full)), name
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    cfg = transformers.LlamaConfig(**dict(_SMALL, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                    "rope_theta": 10000.0,
+                                                                    "original_max_position_embeddings": 16}))
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(LowbitError, match="RoPE scaling 'yarn' is not implemented"):
+        lowbit.load_model(tmp_path)
+
+
+def test_pickle_only_decoder_folder_is_refused(tmp_path):
+    save_tiny("qwen2", tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(LowbitError, match="no .safetensors"):
+        lowbit.load_model(tmp_path)
