@@ -37,6 +37,7 @@ class TextCodec:
     bos_token: str = ""
     eos_token: str = ""
     files: dict[str, Path] = field(default_factory=dict)   # tokenizer files a deployment folder needs
+    hf_tokenizer: object = None                             # a tokenizers.Tokenizer, when one was built
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         ids = list(self.encode_fn(text))
@@ -95,12 +96,28 @@ def load_codec(source: str | Path) -> TextCodec:
     if path.is_dir() or path.name.endswith(".json"):
         return _hf(path)
     if path.suffix == ".gguf":
-        try:
-            from lowbit.frontends.gguf_tokenizer import hf_tokenizer_folder  # written by the GGUF frontend
-        except ImportError as exc:
-            raise ModelLoadError(f"{path}: this lowbit cannot read a GGUF tokenizer yet") from exc
-        return _hf(hf_tokenizer_folder(path))
+        return _gguf(path)
     return _llama2c(path)
+
+
+def _gguf(path: Path) -> TextCodec:
+    """The tokenizer embedded in a GGUF file (read by lowbit's GGUF frontend) and its chat template."""
+    from lowbit.frontends.gguf_file import _reader, gguf_fields
+    from lowbit.frontends.text_tokenizers import load_tokenizer
+
+    tok = load_tokenizer(path)
+    f = gguf_fields(_reader(path))
+    tokens = list(f.get("tokenizer.ggml.tokens", []))
+    eos = [tok.eos] if tok.eos is not None else []
+    if "<|endoftext|>" in tokens:  # ends a document in GPT-2-style vocabularies
+        eos.append(tokens.index("<|endoftext|>"))
+    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", False)) and tok.bos is not None
+    codec = TextCodec(lambda t: tok.encode(t, bos=False), tok.decode, bos_id=tok.bos, eos_ids=tuple(dict.fromkeys(eos)),
+                      add_bos=add_bos, chat_template=f.get("tokenizer.chat_template"),
+                      bos_token=tokens[tok.bos] if tok.bos is not None and tok.bos < len(tokens) else "",
+                      eos_token=tokens[tok.eos] if tok.eos is not None and tok.eos < len(tokens) else "")
+    codec.hf_tokenizer = getattr(tok, "tok", None)  # a tokenizers.Tokenizer (byte-level BPE): can be saved as JSON
+    return codec
 
 
 def render_chat(codec: TextCodec, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
