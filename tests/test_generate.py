@@ -125,3 +125,15 @@ def test_chat_template_renders_messages(tmp_path):
     text = render_chat(codec, [{"role": "user", "content": "hello"}])
     assert text == "<|user|> hello <|assistant|>"
     assert codec.encode("hello hi") == [0, 4, 5]
+
+
+def test_cli_eval_cache_path_equals_window(stories_bin, tinystories, capsys):
+    from lowbit.api.cli import main
+
+    common = [str(stories_bin), "--ppl", str(tinystories), "--stories", "600:601", "--seq-len", "64", "--json"]
+    assert main(["eval", *common]) == 0
+    window = json.loads(capsys.readouterr().out)
+    assert main(["eval", *common, "--cache"]) == 0
+    cached = json.loads(capsys.readouterr().out)
+    assert cached["path"] == "cache" and window["path"] == "window"
+    assert cached["tokens"] == window["tokens"] and abs(cached["nll"] - window["nll"]) <= 1e-5 * window["nll"]
