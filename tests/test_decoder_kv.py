@@ -21,7 +21,7 @@ def decode_stepwise(sess, ids: np.ndarray, chunks: list[int], n_layers: int, kv_
             for i in range(n_layers) for k in ("key", "value")}
     names = [o.name for o in sess.get_outputs()]
     mask = np.zeros((b, 0), np.int64)
-    outs, start, pos = [], 0, 0
+    outs, start = [], 0
     for n in chunks:
         new = ids[:, start:start + n]
         m = np.ones_like(new)
@@ -37,7 +37,7 @@ def decode_stepwise(sess, ids: np.ndarray, chunks: list[int], n_layers: int, kv_
     return np.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize("impl", ["plain", "expand", "onnx"])
+@pytest.mark.parametrize("impl", ["plain", "expand", "onnx", "gqa"])
 def test_stories260k_cached_decode_reproduces_full_logits(stories_bin, impl):
     cfg, w = read_llama2c(stories_bin)
     ids = np.array([[1, 403, 407, 261, 378, 439, 270, 303, 414, 362, 310, 285, 408, 282, 419, 271, 344]])
@@ -71,3 +71,9 @@ def test_load_model_kv_option(stories_bin, stories_tok):
     model = lowbit.load_model(stories_bin, tokenizer=stories_tok, kv_cache=True)
     assert "past_key_values.4.value" in [v.name for v in model.graph.inputs]
     assert model.metadata_props["lowbit.tokenizer"].endswith("tok512.bin")
+
+
+def test_kv_cache_on_a_model_without_past_is_refused(stories_model, tmp_path):
+    path = lowbit.save_onnx(stories_model, tmp_path / "m.onnx")
+    with pytest.raises(lowbit.errors.LowbitError, match="no past key/value inputs"):
+        lowbit.load_model(path, kv_cache=True)

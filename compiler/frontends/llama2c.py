@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.errors import ModelLoadError
-from .decoder import DecoderSpec, build_decoder
+from lowbit.frontends.decoder import DecoderSpec, build_decoder
 
 __all__ = ["LlamaConfig", "read_llama2c", "build_llama", "load_llama2c", "random_llama_weights", "llama2c_spec",
            "decoder_weights"]
@@ -137,7 +137,7 @@ def decoder_weights(cfg: LlamaConfig, w: dict[str, np.ndarray]) -> dict[str, np.
 def build_llama(cfg: LlamaConfig, w: dict[str, np.ndarray], metadata: dict[str, str] | None = None, *,
                 kv_cache: bool = False, attention_impl: str = "plain") -> ir.Model:
     """The cache-less ``tokens → logits`` graph, or the KV-cache graph (see :mod:`.decoder`)."""
-    meta = {"lowbit.config": ",".join(f"{k}={getattr(cfg, k)}" for k in cfg.__dataclass_fields__)}
+    meta = {"lowbit.llama2c_config": ",".join(f"{k}={getattr(cfg, k)}" for k in cfg.__dataclass_fields__)}
     meta.update(metadata or {})
     return build_decoder(llama2c_spec(cfg), decoder_weights(cfg, w), kv_cache=kv_cache,
                          attention_impl=attention_impl, metadata=meta)

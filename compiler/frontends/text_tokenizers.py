@@ -20,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from lowbit.errors import ModelLoadError, UnsupportedModelError
 from lowbit.data.tokenizers import Llama2cTokenizer
 
 __all__ = ["load_tokenizer", "HFTokenizer", "SentencePieceTokenizer", "BPETokenizer"]
@@ -125,7 +125,7 @@ class BPETokenizer:
 
 
 def _gguf_tokenizer(path: Path):
-    from .gguf_file import _reader, gguf_fields
+    from lowbit.frontends.gguf_file import _reader, gguf_fields
 
     f = gguf_fields(_reader(path))
     kind = f.get("tokenizer.ggml.model")

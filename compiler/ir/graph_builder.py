@@ -57,8 +57,9 @@ class GraphBuilder:
 
     def build(self, graph_name: str, metadata: dict[str, str] | None = None, producer: str = "lowbit") -> ir.Model:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.inits)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name=producer)
+        domains = sorted({n.domain for n in self.nodes if n.domain not in ("", "ai.onnx")})
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)]
+                                  + [helper.make_opsetid(d, 1) for d in domains], producer_name=producer)
         proto.ir_version = 10
         for k, v in (metadata or {}).items():
             proto.metadata_props.add(key=k, value=v)

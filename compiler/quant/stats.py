@@ -116,9 +116,7 @@ def check_feeds(model: ir.Model, feeds: list[dict]) -> None:
             if v.shape is not None and arr.ndim != len(v.shape):
                 raise CalibrationError(f"calibration sample {i}, input '{name}': rank {arr.ndim}, "
                                        f"model wants {len(v.shape)} (shape {v.shape})")
-            empty_ok = name.startswith("past_key_values.") and v.shape is not None and all(  # a KV graph's
-                not isinstance(v.shape[k], int) for k in range(arr.ndim) if arr.shape[k] == 0)  # empty past
-            if arr.size == 0 and not empty_ok:
+            if arr.size == 0 and not name.startswith("past"):  # an empty KV past is a prefill sample
                 raise CalibrationError(f"calibration sample {i}, input '{name}' is empty")
 
 
