@@ -156,8 +156,6 @@ def genai_rows(cfg, w, work: Path, ids, contexts, prefill, steps, threads) -> di
                            stdout=subprocess.DEVNULL)
         conf = json.loads((out / "genai_config.json").read_text())
         conf["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-        if CLOCK is time.process_time:
-            conf["model"]["decoder"]["session_options"]["config_entries"] = {"session.intra_op.allow_spinning": "0"}
         (out / "genai_config.json").write_text(json.dumps(conf))
         model = og.Model(str(out))
         r = {}
