@@ -38,6 +38,7 @@ class LowerLowbit(Pass):
             old = node.outputs[0]
             if old in graph.outputs:  # first: onnx_ir refuses to replace the uses of a graph output
                 graph.outputs[graph.outputs.index(old)] = out
+                out.dtype, out.shape = out.dtype or old.dtype, out.shape or old.shape  # a graph output keeps its type
             old.replace_all_uses_with(out)
             old.name, out.name = f"{old.name}_lowered", old.name
             graph.remove(node, safe=True)

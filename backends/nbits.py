@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
-from lowbit.passmanager.manager import LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["LowerNBits", "pack_nbits", "nbits_node_inputs", "BLOCK_SIZES"]
@@ -77,6 +77,7 @@ class LowerNBits(Pass):
 
     requires_properties = (QUANTIZED,)
     ensures_properties = (LOWERED_ORT,)
+    invalidates_properties = (CALIBRATED, HESSIAN)  # the Kronecker Hadamard adds MatMuls without statistics
 
     def call(self, model):
         graph = model.graph

@@ -13,7 +13,7 @@ budgets (2.75/3.0/3.5 bits per weight, scales included), and byte budgets equal 
 plan's size, for the cheap and measured estimators; then the same budgets with ``refine`` (slow:
 minutes a row).  Every ILP row is compared with the smallest uniform plan at least as large.
 
-    python benchmarks/mixed_precision.py [--targets 2.5,3.0,3.5] [--eval-stories 392:785] [--refine 2]
+    python benchmarks/mixed_precision.py [--targets 2.5,3.0,3.5] [--eval-stories 600:785] [--refine 2]
     # in parallel: --shard 0/2 and --shard 1/2, then once without --shard to gather the table
 
 Writes ``benchmarks/results/mixed_precision.{json,md,png|html}`` and the plans beside them.

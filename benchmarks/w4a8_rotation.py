@@ -3,7 +3,7 @@
     python benchmarks/w4a8_rotation.py [--eval-stories N]
 
 stories260K, GPTQ 4-bit group 128 weights, calibrated static int8 activations (`quantize-acts{static=true}`);
-calibration on TinyStories stories 0–63, perplexity on the held-out stories 392–784.
+calibration on TinyStories stories 0–99, perplexity on the held-out stories 600–784.
 """
 
 from __future__ import annotations

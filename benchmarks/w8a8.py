@@ -2,8 +2,8 @@
 
     python benchmarks/w8a8.py [--only stories|minilm|llama] [--eval-stories N]
 
-* stories260K: perplexity on the held-out TinyStories stories 392–784 (lowbit.data.datasets.EVAL_STORIES);
-  calibration on stories 0–63 (CALIB_STORIES), 256 tokens each — the same samples for every method.
+* stories260K: perplexity on the held-out TinyStories stories 600–784 (lowbit.data.datasets.REPORT_STORIES);
+  calibration on stories 0–99 (CALIB_STORIES), 256 tokens each — the same samples for every method.
 * MiniLM (all-MiniLM-L6-v2): STS-test Spearman ×100; calibration: 128 sts-dev sentences in 8 batches.
 * A realistic-shape Llama (dim 2048, 4 layers, FFN 5632, 32 heads / 8 KV heads, vocab 32000; random
   weights, speed only): latency at batch 1 with 1 token and with 64 tokens.
@@ -64,7 +64,7 @@ def stories(out, n_eval):
         base = base or (ppl, ms)
         rows.append({"method": name, "ppl": ppl, "Δppl %": 100 * (ppl / base[0] - 1), "MB": file_mb(path),
                      "ms @64 tok": ms, "speed vs fp32": base[1] / ms})
-    print(f"\nstories260K — perplexity on {len(stream):,} held-out tokens (stories 392–{392 + n_eval - 1})")
+    print(f"\nstories260K — perplexity on {len(stream):,} held-out tokens (stories {EVAL_STORIES.start}–{EVAL_STORIES.start + n_eval - 1})")
     print(table(rows, ["method", "ppl", "Δppl %", "MB", "ms @64 tok", "speed vs fp32"]))
 
 

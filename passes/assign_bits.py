@@ -41,7 +41,7 @@ import numpy as np
 from lowbit.ir.analysis import find_linears
 from lowbit.mixed.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve, split_bytes
 from lowbit.mixed.latency import LatencyTable
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import BITS_ASSIGNED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.quant.rtn import FLOAT_BITS, storage_bytes
 from lowbit.mixed.sensitivity import cheap_per_column, hessian_diag, measured_sensitivity, model_fingerprint
 
@@ -89,6 +89,7 @@ class AssignBits(Pass):
         cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
         refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.mixed.refine; 0: off)
         quantizer: Literal["rtn", "gptq"] = "rtn"  # how measured probes simulate the weights: match quantize-weights
+        ray: str = ""  # run the measured sweep on Ray workers: 'auto' or a cluster address ('' = here)
 
         def __post_init__(self):
             bits, groups = _ints(self.bits, "bits"), _ints(self.groups, "groups")
@@ -107,6 +108,12 @@ class AssignBits(Pass):
             if self.refine and self.split:
                 raise ValueError("assign-bits: refine works on whole layers; use split=0 with refine")
 
+    ensures_properties = (BITS_ASSIGNED,)
+
+    @property
+    def requires_properties(self):
+        return () if self.options.plan else (HESSIAN,)  # sensitivity reads XᵀX; a replayed plan does not
+
     def call(self, model):
         linears = find_linears(model.graph)
         if not linears:
@@ -118,7 +125,9 @@ class AssignBits(Pass):
             plan = self._replay(linears, fixed)
         else:
             plan = self._solve(model, linears, fixed)
+        before = [dict(lin.node.metadata_props) for lin in linears]
         annotate(linears, plan)
+        changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
         if self.options.save:
             plan.save(self.options.save)
         self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
@@ -128,7 +137,7 @@ class AssignBits(Pass):
         self.stats["split_layers"] = sum(1 for lp in plan.layers if lp.split)
         for lp in plan.layers:
             self.stats[f"{lp.bits}-bit"] += 1
-        return PassResult(model, modified=True)
+        return PassResult(model, modified=changed)
 
     def _replay(self, linears, fixed: int) -> Plan:
         plan = Plan.load(self.options.plan)
@@ -174,7 +183,7 @@ class AssignBits(Pass):
             measured = measured_sensitivity(
                 model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
                 metric="kl" if o.estimator == "measured-kl" else "nll", cache_dir=o.cache or None,
-                quantizer=o.quantizer, progress=self.ctx.show_progress)
+                quantizer=o.quantizer, progress=self.ctx.show_progress, ray=o.ray)
             layer_cost = _monotone(measured, choices)
         units = []
         for lin in linears:

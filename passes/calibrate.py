@@ -13,7 +13,7 @@ import numpy as np
 
 from lowbit.errors import CalibrationError
 from lowbit.ir.analysis import find_linears
-from lowbit.passmanager.manager import CALIBRATED, Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.quant.stats import META_KEY, collect_stats
 
 __all__ = ["Calibrate"]
@@ -34,7 +34,13 @@ class Calibrate(Pass):
             if self.samples < 0 or self.rows < 0:
                 raise ValueError(f"calibrate: samples and rows must be >= 0, got {self.samples}, {self.rows}")
 
-    ensures_properties = (CALIBRATED,)
+    @classmethod
+    def may_ensure(cls):
+        return (CALIBRATED, HESSIAN)
+
+    @property
+    def ensures_properties(self):
+        return (CALIBRATED, HESSIAN) if self.options.hessian else (CALIBRATED,)
 
     def call(self, model):
         feeds = self.ctx.calibration

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 __all__ = ["Canonicalize"]
@@ -34,6 +34,7 @@ class Canonicalize(Pass):
         norms: bool = True
 
     float_equivalent = True
+    invalidates_properties = (CALIBRATED, HESSIAN)  # fused norms / new MatMuls read new values
 
     def _gemm_to_matmul(self, graph: ir.Graph) -> None:
         for node in list(graph):
@@ -71,7 +72,7 @@ class Canonicalize(Pass):
 
         before = sum(1 for n in model.graph if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"))
         try:
-            ShapeInferencePass()(model)
+            self._typed = ShapeInferencePass()(model).modified  # value types/shapes added: the IR changed
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
             del exc
@@ -87,4 +88,5 @@ class Canonicalize(Pass):
         if self.options.norms:
             self._fuse_norms(model)
         graph.meta.pop("lowbit.names", None)
-        return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]))
+        return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]
+                                                or getattr(self, "_typed", False)))

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from lowbit.ir.analysis import NORM_OPS, Linear, const_array, find_linears
 from lowbit.quant.stats import META_KEY, act_stats
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_uses_in, set_input_const
 
 __all__ = ["FoldNorms", "add_bias"]
@@ -49,6 +49,7 @@ class FoldNorms(Pass):
         bias: bool = True  # fold β (LayerNorm) into the linears' bias
 
     float_equivalent = True
+    invalidates_properties = (CALIBRATED, HESSIAN)  # β folded: the norm output's statistics are dropped
 
     def call(self, model):
         graph = model.graph

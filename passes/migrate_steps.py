@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from lowbit.ir.analysis import Group, find_groups
 from lowbit.quant.stats import act_stats
-from lowbit.passmanager.manager import CALIBRATED, QUANTIZED, Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, ensure_opset, make_node, set_input_const
 
 from lowbit.quant.int8 import match_round_and_clip, quantize_weight_int8
@@ -80,6 +80,7 @@ class MigrateSteps(Pass):
 
     requires_properties = (CALIBRATED,)
     ensures_properties = (QUANTIZED,)
+    invalidates_properties = (CALIBRATED, HESSIAN)  # linears read the new quantizers
 
     def _steps(self, group: Group) -> tuple[np.ndarray, np.ndarray]:
         st = act_stats(group.activation)

@@ -59,6 +59,10 @@ class Quantize(Pass):
 
     ensures_properties = (QUANTIZED,)
 
+    @property
+    def requires_properties(self):
+        return (CALIBRATED,) if self.options.acts == 8 and self.options.mode == "static" else ()
+
     def _excluded(self, lin: Linear) -> bool:
         pats = [p for p in self.options.exclude.split("|") if p]
         return any(p in lin.name for p in pats)

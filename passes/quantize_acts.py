@@ -1,6 +1,6 @@
 """Dynamic per-token activation quantization in front of linear layers (for W4A4 / W4A8).
 
-Per token (row) t = max|x| / q_max with q_max = 2^(b−1) − 1, and the linear reads
+Per token (row) t = c·max|x| / q_max with q_max = 2^(b−1) − 1 and a clip ratio c ≤ 1 (``clip``), and the linear reads
 ``clip(round(x / t), −q_max − 1, q_max) · t`` — b-bit integer values times one scale per token.
 ONNX has no per-token QuantizeLinear, so the quantizer is written with standard ops (Abs,
 ReduceMax, Div, Round, Clip, Mul); one quantizer is shared by all linears that read the same
@@ -21,16 +21,16 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.quant.int8 import per_token_round
-from lowbit.passmanager.manager import Pass, PassResult, register_pass
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node
 
 __all__ = ["QuantizeActs", "fake_quant_per_token"]
 
 
-def fake_quant_per_token(x: np.ndarray, bits: int) -> np.ndarray:
+def fake_quant_per_token(x: np.ndarray, bits: int, clip: float = 1.0) -> np.ndarray:
     """The numpy reference of what the inserted ops compute."""
     qmax = float(2 ** (bits - 1) - 1)
-    t = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-12) / qmax
+    t = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-12) / np.float32(qmax / clip)
     return (np.clip(np.round(x / t), -qmax - 1, qmax) * t).astype(np.float32)
 
 
@@ -41,12 +41,21 @@ class QuantizeActs(Pass):
         bits: int = 4
         exclude: str = "lm_head"  # '|'-separated substrings of linear names whose input stays float
         static: bool = False  # per-tensor symmetric steps from calibration (int8 QDQ) instead of per token
+        clip: float = 1.0  # per-token range = clip · max|x| (QuaRot clips int4 activations at 0.9)
 
         def __post_init__(self):
             if self.bits not in (4, 8):
                 raise ValueError(f"quantize-acts: bits must be 4 or 8, got {self.bits}")
+            if not 0.5 <= self.clip <= 1.0:
+                raise ValueError(f"quantize-acts: clip must be in [0.5, 1], got {self.clip}")
             if self.static and self.bits != 8:
                 raise ValueError("quantize-acts: static=true is int8 (QuantizeLinear/DequantizeLinear)")
+
+    invalidates_properties = (CALIBRATED, HESSIAN)  # linears now read the quantizers' outputs
+
+    @property
+    def requires_properties(self):
+        return (CALIBRATED,) if self.options.static else ()
 
     def call(self, model):
         graph = model.graph
@@ -89,7 +98,7 @@ class QuantizeActs(Pass):
                          name=f"{name}.act_dq", before=before).outputs[0]
 
     def _quantizer(self, graph, x: ir.Value, before: ir.Node, name: str, qmax: float) -> ir.Value:
-        r, t = per_token_round(graph, x, qmax, name=name, before=before, origin=self.name)
+        r, t = per_token_round(graph, x, qmax / self.options.clip, name=name, before=before, origin=self.name)
 
         def c(suffix, arr):
             return add_initializer(graph, f"{name}.act_{suffix}", arr)

@@ -35,7 +35,7 @@ from lowbit.ir.analysis import Linear, find_linears
 from lowbit.quant.stats import act_stats
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import pack3
-from lowbit.passmanager.manager import QUANTIZED, Pass, PassResult, register_pass
+from lowbit.passmanager.manager import HESSIAN, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 from lowbit.quant.gptq import gptq_quantize, rtn_quantize
@@ -47,6 +47,13 @@ GROUP_KEY = "lowbit.group"
 SPLIT_KEY = "lowbit.bits_split"
 _SIGNED = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 _UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
+
+
+def _quantize_array(w, xtx, bits, group, method, symmetric, clip_search, act_order, damp, hqq):
+    """(codes, scales, zero points) of one weight: a pure function, run here or as a Ray task."""
+    if method == "gptq":
+        return gptq_quantize(w, xtx, bits, group, symmetric, clip_search, act_order, damp, hqq=hqq)
+    return rtn_quantize(w, bits, group, symmetric, clip_search, hqq)
 
 
 @register_pass("quantize-weights")
@@ -61,6 +68,9 @@ class QuantizeWeights(Pass):
         act_order: bool = False
         damp: float = 0.01
         exclude: str = ""  # '|'-separated substrings of linear names that stay float
+        hqq: bool = False  # HQQ-style zero-point/scale refinement per group (asymmetric)
+        sequential: bool = False  # GPTQ: each stage's XᵀX from inputs through the already-quantized stages
+        ray: str = ""  # quantize layers as Ray tasks: 'auto' or a cluster address ('' = in this process)
 
         def __post_init__(self):
             if self.bits not in (2, 3, 4, 8):
@@ -71,8 +81,16 @@ class QuantizeWeights(Pass):
                 raise ValueError(f"quantize-weights: method must be rtn or gptq, got {self.method}")
             if not 0 <= self.damp < 1:
                 raise ValueError(f"quantize-weights: damp must be in [0, 1), got {self.damp}")
+            if self.hqq and self.symmetric:
+                raise ValueError("quantize-weights: hqq=true refines zero points; it needs symmetric=false")
+            if self.sequential and self.method != "gptq":
+                raise ValueError("quantize-weights: sequential=true is a GPTQ option (method=gptq)")
 
     ensures_properties = (QUANTIZED,)
+
+    @property
+    def requires_properties(self):
+        return (HESSIAN,) if self.options.method == "gptq" else ()
 
     def _plan(self, lin: Linear) -> tuple[int, int] | None:
         pats = [p for p in self.options.exclude.split("|") if p]
@@ -97,7 +115,7 @@ class QuantizeWeights(Pass):
                 self._split(graph, lin)
         todo = [(lin, plan) for lin in find_linears(graph) if (plan := self._plan(lin)) is not None]
         self.stats["float_linears"] = len(find_linears(graph)) - len(todo)
-        if o.method == "gptq":
+        if o.method == "gptq" and not o.sequential:
             missing = [lin.name for lin, _ in todo if (st := act_stats(lin.input)) is None or st.xtx is None]
             if missing:
                 self.fail(f"GPTQ needs XᵀX for every quantized linear; missing for {missing[:3]}",
@@ -107,19 +125,13 @@ class QuantizeWeights(Pass):
         elif todo:
             model.opset_imports[""] = max(model.opset_imports.get("", 1), 21)
         bits_total = 0
+        results = self._sequential(model, todo) if o.sequential else self._parallel(todo) if o.ray else {}
         for lin, (bits, group) in tqdm(todo, desc=f"quantize-weights ({o.method})", unit="layer",
                                        disable=not self.ctx.show_progress, leave=False):
-            w = lin.weight.const_value.numpy()
-            if not np.all(np.isfinite(w)):
-                self.fail(f"weight of '{lin.name}' holds NaN/Inf", node=lin.node)
-            k = w.shape[0]
-            if group >= k:
-                group = 0  # one group covers the whole column: per channel
-            if o.method == "gptq":
-                q, s, z = gptq_quantize(w, act_stats(lin.input).xtx, bits, group, o.symmetric, o.clip_search,
-                                        o.act_order, o.damp)
+            if lin.name in results:
+                w, group, (q, s, z) = results.pop(lin.name)
             else:
-                q, s, z = rtn_quantize(w, bits, group, o.symmetric, o.clip_search)
+                w, group, (q, s, z) = self._quantize(lin, bits, group, None)
             if bits == 3:
                 self._matmul3bit(graph, lin, q, s, z, group)
             else:
@@ -138,6 +150,53 @@ class QuantizeWeights(Pass):
                                                "float_linears": self.stats["float_linears"],
                                                "code_bits": bits_total}
         return PassResult(model, modified=bool(todo))
+
+    def _job(self, lin: Linear, bits: int, group: int, xtx) -> tuple:
+        """The arguments of :func:`_quantize_array` for one linear."""
+        o = self.options
+        w = lin.weight.const_value.numpy()
+        if not np.all(np.isfinite(w)):
+            self.fail(f"weight of '{lin.name}' holds NaN/Inf", node=lin.node)
+        if group >= w.shape[0]:
+            group = 0  # one group covers the whole column: per channel
+        if o.method == "gptq" and xtx is None:
+            xtx = act_stats(lin.input).xtx
+        return w, xtx, bits, group, o.method, o.symmetric, o.clip_search, o.act_order, o.damp, o.hqq
+
+    def _quantize(self, lin: Linear, bits: int, group: int, xtx):
+        """(weight, effective group, (codes, scales, zero points)) of one linear."""
+        job = self._job(lin, bits, group, xtx)
+        return job[0], job[3], _quantize_array(*job)
+
+    def _parallel(self, todo) -> dict:
+        """Every layer as one Ray task (lowbit.quant.parallel); the same arrays as the local loop."""
+        from lowbit.quant.parallel import map_tasks
+
+        jobs = [self._job(lin, bits, group, None) for lin, (bits, group) in todo]
+        results = map_tasks(_quantize_array, jobs, self.options.ray)
+        return {lin.name: (job[0], job[3], res) for (lin, _), job, res in zip(todo, jobs, results)}
+
+    def _sequential(self, model, todo) -> dict:
+        """True-sequential GPTQ: stage by stage, XᵀX from the quantized prefix (lowbit.quant.sequential);
+        the layers of one stage are independent (Ray tasks with ``ray``)."""
+        from lowbit.ir.sessions import to_proto
+        from lowbit.quant.gptq import dequantize
+        from lowbit.quant.parallel import map_tasks
+        from lowbit.quant.sequential import SequentialCalibrator, linear_stages
+
+        if not self.ctx.calibration:
+            self.fail("sequential=true needs calibration samples", hint="pass --calibration FILE_OR_DIR")
+        plan = {lin.node: p for lin, p in todo}
+        cal = SequentialCalibrator(to_proto(model), self.ctx.calibration)
+        out = {}
+        for stage in linear_stages(model.graph, [lin for lin, _ in todo]):
+            xtx = cal.hessians(sorted({lin.input.name for lin in stage}))
+            jobs = [self._job(lin, *plan[lin.node], xtx[lin.input.name]) for lin in stage]
+            for lin, job, qsz in zip(stage, jobs, map_tasks(_quantize_array, jobs, self.options.ray)):
+                cal.set_weight(lin.weight.name, dequantize(*qsz, job[3]))
+                out[lin.name] = (job[0], job[3], qsz)
+            self.stats["stages"] += 1
+        return out
 
     def _split(self, graph, lin: Linear) -> None:
         """One linear → two (rest, salient columns) + Concat + Gather back into column order."""

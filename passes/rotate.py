@@ -25,8 +25,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import Linear, const_array, find_groups, find_linears
-from lowbit.passmanager.manager import CALIBRATED
+from lowbit.ir.analysis import GroupKind, Linear, Via, const_array, find_groups, find_linears
+from lowbit.passmanager.manager import CALIBRATED, HESSIAN
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
 from lowbit.passmanager.manager import Pass, PassResult, register_pass
@@ -74,7 +74,7 @@ class Rotate(Pass):
                 raise ValueError(f"rotate: kind must be hadamard or random, got {self.kind}")
 
     float_equivalent = True
-    invalidates_properties = (CALIBRATED,)
+    invalidates_properties = (CALIBRATED, HESSIAN)
 
     def call(self, model):
         graph = model.graph
@@ -100,11 +100,11 @@ class Rotate(Pass):
         groups = find_groups(graph)
         if self.options.r2:
             for g in groups:
-                if g.kind == "linear" and g.reason == "attention V→O":
+                if g.kind is GroupKind.LINEAR and g.via is Via.ATTENTION_VO:
                     self._r2(graph, g, rng)
         if self.options.online:
             for g in groups:
-                if g.kind == "linear" and g.reason == "gated product":
+                if g.kind is GroupKind.LINEAR and g.via is Via.GATED:
                     for lin in g.consumers:
                         self._online(graph, lin, rng)
         graph.meta.pop("lowbit.names", None)

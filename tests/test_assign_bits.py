@@ -146,6 +146,12 @@ def test_replay_refuses_a_plan_for_another_model(calibrated, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(PassFailure, match="no entry"):
         run(model, ctx, f"assign-bits{{plan={path}}}")
+    run(model, ctx, f"assign-bits{{target=3.0,save={path}}}")
+    data = json.loads(path.read_text())
+    data["layers"].append(dict(data["layers"][0], name="not.a.layer"))
+    path.write_text(json.dumps(data))
+    with pytest.raises(PassFailure, match="'not.a.layer' is not a linear of this model"):
+        run(model, ctx, f"assign-bits{{plan={path}}}")
 
 
 def test_options_validate_themselves():
@@ -259,7 +265,11 @@ def test_bad_split_annotation_is_refused_naming_the_layer():
         PassManager.from_pipeline("quantize-weights", ctx).run(model)
 
 
-def test_mixed_recipe_compiles_end_to_end_to_the_planned_bytes(tmp_path):
+MIXED_PIPELINE = ("calibrate{hessian=true},assign-bits{budget=nominal_bits,target=3.5,estimator=measured-kl,groups=64,"
+                  "quantizer=gptq},quantize-weights{method=gptq,symmetric=false},lower-nbits")
+
+
+def test_mixed_pipeline_compiles_end_to_end_to_the_planned_bytes(tmp_path):
     import onnx
     from onnx import numpy_helper
 
@@ -268,7 +278,7 @@ def test_mixed_recipe_compiles_end_to_end_to_the_planned_bytes(tmp_path):
 
     model, ctx = calibrated_small_llama()
     out = tmp_path / "mixed.onnx"
-    result = lowbit.compile(model, "mixed-w3.5", calibration=ctx.calibration, output=out, progress=False)
+    result = lowbit.compile(model, MIXED_PIPELINE, calibration=ctx.calibration, output=out, progress=False)
     plan = Plan.from_dict(result.report["assign-bits"]["plan"])
     assert plan.nominal_bits <= 3.5 and {lp.group for lp in plan.layers} <= {0, 64}
     written = onnx.load(str(out))

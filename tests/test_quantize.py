@@ -10,7 +10,7 @@ import pytest
 import lowbit
 from lowbit.backends.ort import INTEGER_GEMMS, ort_integer_kernels
 from lowbit.errors import InvalidWeightsError
-from lowbit.quant.int8 import quantize_weight_int8, static_act_params
+from lowbit.quant.int8 import quantize_weight_int8
 from lowbit.ir.sessions import make_session
 
 _MODEL = """
@@ -28,10 +28,23 @@ def _linear_model(w: np.ndarray) -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
+def _wq(w):
+    """Per-output-channel symmetric int8, written from the formula (not lowbit's helper)."""
+    amax = np.abs(w).max(axis=0).astype(np.float32)
+    sw = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    return np.clip(np.round(w / sw), -127, 127).astype(np.int8), sw
+
+
+def _act_params(lo, hi):
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    step = np.float32((hi - lo) / 255)
+    return step, float(np.clip(np.round(-lo / step), 0, 255))
+
+
 def _numpy_w8a8_static(x, w, bias, lo, hi):
-    step, zp = static_act_params(lo, hi)
+    step, zp = _act_params(lo, hi)
     xq = np.clip(np.round(x / step) + zp, 0, 255)  # round half to even, like QuantizeLinear
-    wq, sw = quantize_weight_int8(w)
+    wq, sw = _wq(w)
     acc = (xq - zp).reshape(-1, x.shape[-1]).astype(np.int64) @ wq.astype(np.int64)
     return (acc * (step * sw)).reshape(*x.shape[:-1], -1) + bias
 
@@ -69,7 +82,7 @@ def test_dynamic_per_token_matches_numpy():
     got = make_session(result.model).run(None, {"x": x})[0]
     t = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-12) / 127
     xq = np.clip(np.round(x / t), -128, 127)  # per token: each row gets its own step
-    wq, sw = quantize_weight_int8(w)
+    wq, sw = _wq(w)
     want = (xq @ wq.astype(np.float32)) * t * sw + np.array([0.5, -1.0, 0.25, 0.0])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert result.report["lower-ort"]["ort_integer_gemms"] == 1
@@ -85,7 +98,7 @@ def test_dynamic_per_tensor_matches_numpy_and_fuses_into_dynamic_quantize_matmul
     step = (hi - lo) / 255
     zp = np.clip(np.round(-lo / step), 0, 255)
     xq = np.clip(np.round(x / step) + zp, 0, 255) - zp
-    wq, sw = quantize_weight_int8(w)
+    wq, sw = _wq(w)
     want = (xq @ wq.astype(np.float32)) * step * sw + np.array([0.5, -1.0, 0.25, 0.0])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert ort_integer_kernels(result.model)["DynamicQuantizeMatMul"] == 1

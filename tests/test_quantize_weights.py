@@ -88,9 +88,9 @@ def test_metadata_overrides_bits_and_keeps_float():
 
 
 def test_gptq_without_hessian_refuses():
-    from lowbit.errors import PassFailure
+    from lowbit.errors import LowbitError
 
-    with pytest.raises(PassFailure, match="hessian=true"):
+    with pytest.raises(LowbitError, match="hessian=true"):
         _quantize(random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128),
                   "quantize-weights{method=gptq}")
 

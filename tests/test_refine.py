@@ -83,4 +83,5 @@ def test_refine_needs_whole_layers_and_calibration(calibrated):
     from lowbit.errors import PassFailure
 
     with pytest.raises(PassFailure, match="calibration"):
-        PassManager.from_pipeline("assign-bits{refine=1}", CompileContext(calibration=[])).run(model)
+        PassManager.from_pipeline("assign-bits{refine=1}", CompileContext(calibration=[], properties={
+            "calibrated", "calibrated-hessian"})).run(model)

@@ -203,7 +203,7 @@ def test_gptq_quantizer_simulates_the_weights_quantize_weights_writes(tmp_path):
     assert got[(lin.name, 3, 32)] == pytest.approx(want, rel=1e-4, abs=1e-7)
     assert got[(lin.name, 3, 32)] != rtn[(lin.name, 3, 32)]  # cached apart
     # the pass's own GPTQ computes the same weight (its DequantizeLinear is the materialised Ŵ)
-    ctx = CompileContext(calibration=fs, show_progress=False)
+    ctx = CompileContext(calibration=fs, show_progress=False, properties={"calibrated", "calibrated-hessian"})
     lin.node.metadata_props.update({"lowbit.bits": "3", "lowbit.group": "32"})
     PassManager.from_pipeline("quantize-weights{method=gptq,symmetric=false,exclude=-none-}", ctx).run(model)
     from lowbit.ops.float_ops import matmul3bit_reference

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnx_ir as ir
@@ -20,9 +19,7 @@ from lowbit.runtime.tvm_runner import TvmSession  # noqa: E402
 import tvm_graphs as tg  # noqa: E402
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LOWBIT_SLOW") != "1",
-                    reason="meta-schedule takes ~4 min for 4 trials on 2 busy cores; set LOWBIT_SLOW=1")
+@pytest.mark.slow  # meta-schedule: minutes for 4 trials on 2 busy cores; CI's slow step runs it
 def test_tune_then_apply(tmp_path):
     model = ir.serde.deserialize_model(tg.float_linear(64, 64, bias=True))
     shapes = {"x": [4, 64]}

@@ -1,8 +1,10 @@
-"""The graph forms the ORT backend emits, built with onnx.helper for the TVM parity tests.
+"""Hand-built graph forms for the TVM converter's unit tests and the TVM benchmarks.
 
-Until the main branch's quantization passes land these builders stand in for them: the same
-node patterns (static and dynamic W8A8, MatMulNBits, blocked int4 DequantizeLinear), applied to
-single linears or to every constant-weight MatMul of a Llama graph.
+These builders make node patterns (static and dynamic W8A8, MatMulNBits, blocked int4
+DequantizeLinear) with parameters the passes would not choose (e.g. asymmetric MatMulNBits with
+zero points everywhere), so the converter is exercised beyond what one recipe emits.  They are NOT
+evidence that lowbit's own output runs on TVM: ``test_tvm_recipes.py`` compiles every recipe with
+lowbit and compares TVM with ORT on that very output.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """Calibration and evaluation data: text files, STS csv, ``.npz`` directories → ORT feeds.
 
 Standard slices of the shared TinyStories file (``tinystories_hf_validation_head.eot.txt``,
-785 stories), used by benchmarks and tests so that calibration never sees evaluation text:
+785 stories), used by benchmarks, tests and the choice of recipe defaults, pairwise disjoint:
 
-* calibration: stories ``[0, 64)``
-* evaluation (held out): stories ``[392, 785)``
+* calibration: stories ``[0, 100)`` (``CALIB_STORIES``)
+* tuning — choosing defaults (group sizes, clip grids, damping, recipes): ``[100, 400)`` (``TUNE_STORIES``)
+* reporting — the numbers quoted, never used to choose anything: ``[600, 785)`` (``REPORT_STORIES``;
+  ``EVAL_STORIES`` is the same slice, the held-out evaluation text of tests and benchmarks)
+
+Stories ``[400, 600)`` are left unused as a guard band.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ import onnx_ir as ir
 from lowbit.errors import CalibrationError
 
 __all__ = ["read_stories", "read_sentences", "read_sts", "causal_lm_feeds", "encoder_feeds",
-           "load_calibration", "kv_prefill_feed", "CALIB_STORIES", "EVAL_STORIES", "data_dir", "model_kind"]
+           "load_calibration", "kv_prefill_feed", "CALIB_STORIES", "TUNE_STORIES", "REPORT_STORIES", "EVAL_STORIES",
+           "STORY_SLICES", "data_dir", "model_kind"]
 
-CALIB_STORIES = slice(0, 64)
-EVAL_STORIES = slice(392, 785)
+CALIB_STORIES = slice(0, 100)
+TUNE_STORIES = slice(100, 400)
+REPORT_STORIES = slice(600, 785)
+EVAL_STORIES = REPORT_STORIES
+STORY_SLICES = {"calib": CALIB_STORIES, "tune": TUNE_STORIES, "report": REPORT_STORIES}
 
 
 def data_dir() -> Path:

@@ -17,16 +17,46 @@ Anything else has no foldable producer; passes that need one skip it and count w
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "linear_name", "const_array"]
+__all__ = ["GroupKind", "Via", "Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "linear_name", "const_array"]
 
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
 _PASSTHROUGH = {"Reshape", "Transpose"}  # rearrange channels into heads and back
 _KV_REPEAT = {"Reshape", "Transpose", "Expand", "Unsqueeze"}
+
+
+class GroupKind(str, enum.Enum):
+    """What a group's per-channel scale folds into (a str enum: ``GroupKind.NORM == "norm"``)."""
+
+    NORM = "norm"
+    LINEAR = "linear"
+    NONE = "none"
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Via(str, enum.Enum):
+    """How a ``LINEAR`` group's activation comes from the previous linear (its value is the report text)."""
+
+    GATED = "gated product"  # SwiGLU: down's input channel j is up's output channel j
+    ATTENTION_VO = "attention V→O"  # O's input channels map to V's output channels (GQA)
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -60,13 +90,14 @@ class Linear:
 class Group:
     """Linears reading one activation, and the producer a per-channel scale folds into."""
 
-    kind: str  # "norm" | "linear" | "none"
+    kind: GroupKind
     activation: ir.Value
     consumers: list[Linear]
     producer: ir.Node | None = None  # the norm node, or None
     producer_linear: Linear | None = None
     channel_map: np.ndarray | None = None  # consumer in-channel -> producer out-channel
-    reason: str = ""
+    reason: str = ""  # for reports: why a NONE group has no producer, or the Via of a LINEAR one
+    via: Via | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -152,7 +183,7 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
             lin = by_out.get(node.inputs[side])
             if lin is not None and _single_use(lin.output, graph) and lin.output is not node.inputs[1 - side]:
                 n = lin.shape[1]
-                return lin, np.arange(n), "gated product"
+                return lin, np.arange(n), Via.GATED
         return None, None, "Mul without a linear operand"
     # V→O: o_proj input <- Reshape/Transpose <- MatMul(P, V') <- Reshape/Transpose/Expand <- v_proj
     src, path = _trace_back(x, _PASSTHROUGH, graph)
@@ -165,7 +196,7 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
         return None, None, "attention output whose V is not a single-use linear"
     n_v = lin.shape[1]
     hd = _head_dim(vpath) or _head_dim(path)
-    return lin, ("vo", n_v, hd), "attention V→O"
+    return lin, ("vo", n_v, hd), Via.ATTENTION_VO
 
 
 def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Group]:
@@ -182,16 +213,16 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
         if node is not None and node.op_type in NORM_OPS:
             users = [u.node for u in act.uses()]
             if act in graph.outputs or any(u not in {c.node for c in consumers} for u in users):
-                groups.append(Group("none", act, consumers, reason=f"{node.op_type} output also feeds non-linears"))
+                groups.append(Group(GroupKind.NONE, act, consumers, reason=f"{node.op_type} output also feeds non-linears"))
             else:
-                groups.append(Group("norm", act, consumers, producer=node))
+                groups.append(Group(GroupKind.NORM, act, consumers, producer=node))
             continue
         if len(consumers) != len(list(act.uses())):
-            groups.append(Group("none", act, consumers, reason="activation also feeds non-linears"))
+            groups.append(Group(GroupKind.NONE, act, consumers, reason="activation also feeds non-linears"))
             continue
         lin, cmap, reason = _linear_producer(act, graph, by_out)
         if lin is None:
-            groups.append(Group("none", act, consumers, reason=reason))
+            groups.append(Group(GroupKind.NONE, act, consumers, reason=reason))
             continue
         if isinstance(cmap, tuple):  # V→O: build the GQA channel map
             _, n_v, hd = cmap
@@ -202,11 +233,11 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
                 c = np.arange(n_in)
                 cmap = (c // hd // group) * hd + c % hd
             else:
-                groups.append(Group("none", act, consumers, reason="cannot map O channels to V channels"))
+                groups.append(Group(GroupKind.NONE, act, consumers, reason="cannot map O channels to V channels"))
                 continue
         if len(cmap) != n_in:
-            groups.append(Group("none", act, consumers, reason="channel count mismatch"))
+            groups.append(Group(GroupKind.NONE, act, consumers, reason="channel count mismatch"))
             continue
-        groups.append(Group("linear", act, consumers, producer=lin.node, producer_linear=lin,
-                            channel_map=cmap, reason=reason))
+        groups.append(Group(GroupKind.LINEAR, act, consumers, producer=lin.node, producer_linear=lin,
+                            channel_map=cmap, reason=str(reason.value), via=reason))
     return groups

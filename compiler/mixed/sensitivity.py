@@ -36,7 +36,7 @@ from lowbit.quant.rtn import FLOAT_BITS, fake_quant
 
 __all__ = ["cheap_per_column", "cheap_sensitivity", "LossProbe", "measured_sensitivity", "model_fingerprint",
            "feeds_fingerprint", "SensitivityCache", "ESTIMATORS",
-           "simulated_weight", "quantizer_tag"]
+           "simulated_weight", "simulated_array", "ProbeWorker", "quantizer_tag"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,24 +206,49 @@ class LossProbe:
 def simulated_weight(lin: Linear, bits: int, group: int, quantizer: str = "rtn") -> np.ndarray:
     """Ŵ of ``lin`` at (bits, group) as the materialiser will compute it: RTN (:mod:`lowbit.quant.rtn`), or
     asymmetric GPTQ from the calibration XᵀX as ``quantize-weights{method=gptq,symmetric=false}`` runs it."""
-    w = _weight(lin)
-    if bits >= FLOAT_BITS or quantizer == "rtn":
-        return fake_quant(w, bits, group)
-    from lowbit.quant.gptq import dequantize, gptq_quantize
+    return simulated_array(_weight(lin), _xtx(lin, bits, quantizer), bits, group, quantizer)
 
+
+def _xtx(lin: Linear, bits: int, quantizer: str) -> np.ndarray | None:
+    if bits >= FLOAT_BITS or quantizer == "rtn":
+        return None
     st = act_stats(lin.input)
     if st is None or st.xtx is None:
         raise CalibrationError(f"linear '{lin.name}' has no XᵀX statistics for GPTQ",
                                hint="run 'calibrate{hessian=true}' before assign-bits")
+    return st.xtx
+
+
+def simulated_array(w: np.ndarray, xtx: np.ndarray | None, bits: int, group: int, quantizer: str) -> np.ndarray:
+    """:func:`simulated_weight` on arrays (a pure function: what a Ray task computes)."""
+    if bits >= FLOAT_BITS or quantizer == "rtn":
+        return fake_quant(w, bits, group)
+    from lowbit.quant.gptq import dequantize, gptq_quantize
+
     g = 0 if group >= w.shape[0] else group
-    q, sc, z = gptq_quantize(w, st.xtx, bits, g, symmetric=False)
+    q, sc, z = gptq_quantize(w, xtx, bits, g, symmetric=False)
     return dequantize(q, sc, z, g).astype(np.float32)
+
+
+class ProbeWorker:
+    """One Ray worker's loss probe: the session is built once, then serves many (layer, bits, group)."""
+
+    def __init__(self, proto_bytes: bytes, feeds: list[dict], weights: list[str], kind: str):
+        import onnx
+
+        model = ir.serde.deserialize_model(onnx.load_from_string(proto_bytes))
+        self.probe = LossProbe(model, feeds, weights, kind)
+
+    def delta(self, name: str, w: np.ndarray, xtx, bits: int, group: int, quantizer: str) -> dict[str, float]:
+        values = self.probe.losses({name: simulated_array(w, xtx, bits, group, quantizer)})
+        return {m: v - self.probe.base[m] for m, v in values.items()}
 
 
 def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], feeds: list[dict], *,
                          kind: str = "causal-lm", metric: str = "nll", cache_dir=None, quantizer: str = "rtn",
-                         progress: bool = True) -> dict[tuple[str, int, int], float]:
-    """Loss(layer alone quantized at (bits, group)) − loss(float model), for every job (layer, bits, group)."""
+                         progress: bool = True, ray: str = "") -> dict[tuple[str, int, int], float]:
+    """Loss(layer alone quantized at (bits, group)) − loss(float model), for every job (layer, bits, group);
+    with ``ray`` (``auto`` or an address) the jobs run on Ray workers, one loss probe per worker."""
     from tqdm.auto import tqdm
 
     if not feeds:
@@ -241,7 +266,21 @@ def measured_sensitivity(model: ir.Model, jobs: list[tuple[Linear, int, int]], f
             todo.append((lin, bits, group))
         else:
             out[(lin.name, bits, group)] = hit
-    if todo:
+    if todo and ray:
+        from lowbit.ir.sessions import to_proto
+        from lowbit.quant.parallel import map_actors
+
+        weights = sorted({lin.weight.name for lin, _, _ in todo})
+        items = [(lin.weight.name, _weight(lin), _xtx(lin, bits, quantizer), bits, group, quantizer)
+                 for lin, bits, group in todo]
+        init = (to_proto(model).SerializeToString(), feeds, weights, kind)
+        deltas = map_actors(ProbeWorker, init, "delta", items, ray)
+        for (lin, bits, group), values in zip(todo, deltas):
+            for m, v in values.items():
+                cache.put(v, lin.name, bits, group, m + quantizer_tag(quantizer))
+            out[(lin.name, bits, group)] = values[metric]
+        cache.save()
+    elif todo:
         probe = LossProbe(model, feeds, sorted({lin.weight.name for lin, _, _ in todo}), kind)
         for i, (lin, bits, group) in enumerate(tqdm(todo, desc="sensitivity", unit="probe", disable=not progress)):
             values = probe.losses({lin.weight.name: simulated_weight(lin, bits, group, quantizer)})

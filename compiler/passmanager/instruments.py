@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from lowbit.errors import PassFailure
-from lowbit.passmanager.manager import Instrument, Pass
+from lowbit.passmanager.manager import Instrument, Pass, add_default_instrument
+from lowbit.passmanager.properties import Prop, check_property
 
 __all__ = ["TimingInstrument", "DumpIRInstrument", "VerifyInstrument", "ReproducerInstrument"]
 
@@ -51,16 +54,28 @@ class DumpIRInstrument(Instrument):
 
 
 class VerifyInstrument(Instrument):
-    """After each pass: ONNX checker; for float-equivalent passes, outputs before == after.
+    """After each pass, checks that the pass told the truth about what it did.
 
-    The equivalence check runs ORT on ``ctx.probes`` (or the first calibration samples) before
-    and after the pass and requires ``max|after - before| <= rtol * max|before| + atol``.
+    * the ONNX checker accepts the model;
+    * every property the pass ensures holds on the IR (``lowbit.passmanager.properties``), and so
+      does every property that held before it and that it does not declare invalidated;
+    * ``modified``: a digest of the serialized model before and after must differ exactly when the
+      pass says it modified the model;
+    * a ``float_equivalent`` pass leaves ORT's outputs on ``ctx.probes`` (or the first calibration
+      samples) unchanged: ``max|after - before| <= rtol * max|before| + atol``.
+
+    Tests turn it on for every pipeline and every pass called on its own (``LOWBIT_VERIFY=1``).
+    Models too large to serialize in one protobuf skip the digest and property re-checks that
+    need a session.
     """
 
     def __init__(self, rtol: float = 1e-5, atol: float = 0.0, check_float: bool = True, max_probes: int = 2):
         self.rtol, self.atol, self.check_float, self.max_probes = rtol, atol, check_float, max_probes
         self._before: list[list[np.ndarray]] | None = None
+        self._digest: str | None = None
+        self._held: set[Prop] = set()
         self.checked: list[tuple[str, float]] = []
+        self.verified: list[str] = []  # names of the passes verified, in order
 
     def _probes(self, p: Pass):
         feeds = p.ctx.probes or p.ctx.calibration or []
@@ -75,24 +90,31 @@ class VerifyInstrument(Instrument):
         names = [o.name for o in sess.get_outputs() if not o.name.startswith("present.")]
         return [sess.run(names, f) for f in feeds]
 
+    @staticmethod
+    def _digest_of(model) -> str | None:
+        from lowbit.ir.sessions import needs_file, to_proto
+
+        if needs_file(model):
+            return None
+        return hashlib.sha256(to_proto(model).SerializeToString(deterministic=True)).hexdigest()
+
     def before_pass(self, p, model):
         self._before = None
+        self._valid_before = self._checker_error(model) is None  # a pass is not blamed for its input
+        self._digest = self._digest_of(model)
+        claimed = {Prop(x) for x in p.ctx.properties if x in Prop._value2member_map_}
+        self._held = {x for x in claimed if check_property(x, model) is None}
         if self.check_float and p.float_equivalent and self._probes(p):
             self._before = self._outputs(model, self._probes(p))
 
     def after_pass(self, p, model, result, seconds):
-        import onnx
-
-        from lowbit.ir.sessions import needs_file, saved_copy, to_proto
-
-        try:
-            if needs_file(model):  # external or > 2 GB weights: check a saved copy
-                with saved_copy(model) as path:
-                    onnx.checker.check_model(str(path), full_check=False)
-            else:
-                onnx.checker.check_model(to_proto(model), full_check=False)
-        except Exception as exc:
-            raise PassFailure(p.name, f"produced an invalid model: {exc}") from exc
+        if getattr(self, "_valid_before", True):
+            problem = self._checker_error(model)
+            if problem is not None:
+                raise PassFailure(p.name, f"produced an invalid model: {problem}")
+        self._check_modified(p, model, result)
+        self._check_properties(p, model)
+        self.verified.append(p.name)
         if self._before is None or not result.modified:
             return
         after = self._outputs(model, self._probes(p))
@@ -106,6 +128,55 @@ class VerifyInstrument(Instrument):
                     raise PassFailure(p.name, f"claims float equivalence but outputs changed by {err:.3g} "
                                               f"relative (tolerance {self.rtol:g})")
         self.checked.append((p.name, worst))
+
+    @staticmethod
+    def _checker_error(model) -> str | None:
+        import onnx
+
+        from lowbit.ir.sessions import needs_file, saved_copy, to_proto
+
+        try:
+            if needs_file(model):  # external or > 2 GB weights: check a saved copy
+                with saved_copy(model) as path:
+                    onnx.checker.check_model(str(path), full_check=False)
+            else:
+                onnx.checker.check_model(to_proto(model), full_check=False)
+        except Exception as exc:  # noqa: BLE001 - any checker complaint
+            return str(exc)
+        return None
+
+    def _check_modified(self, p, model, result) -> None:
+        after = self._digest_of(model)
+        if self._digest is None or after is None:
+            return
+        changed = after != self._digest
+        if changed and not result.modified:
+            raise PassFailure(p.name, "reported modified=False but the serialized model changed",
+                              hint="return PassResult(model, modified=True) whenever the pass edits the IR")
+        if result.modified and not changed:
+            raise PassFailure(p.name, "reported modified=True but the serialized model is unchanged",
+                              hint="report modified only when the pass edited the IR")
+
+    def _check_properties(self, p, model) -> None:
+        invalidated = {Prop(x) for x in p.invalidates_properties}
+        ensured = {Prop(x) for x in p.ensures_properties}
+        for prop in sorted(ensured | (self._held - invalidated), key=str):
+            problem = check_property(prop, model)
+            if problem is None:
+                continue
+            if prop in ensured:
+                raise PassFailure(p.name, f"declares it ensures '{prop}' but {problem}",
+                                  hint="fix the pass or its ensures_properties")
+            raise PassFailure(p.name, f"broke '{prop}' without declaring it in invalidates_properties: {problem}",
+                              hint="declare the property invalidated, or keep it")
+
+
+def _verify_from_env() -> VerifyInstrument | None:
+    """The default instrument: verify-each when ``LOWBIT_VERIFY=1`` (the tests set it)."""
+    return VerifyInstrument() if os.environ.get("LOWBIT_VERIFY") == "1" else None
+
+
+add_default_instrument(_verify_from_env)
 
 
 class ReproducerInstrument(Instrument):

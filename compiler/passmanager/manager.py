@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import logging
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,6 +22,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from lowbit.errors import LowbitError, PassFailure, PipelineError
 from lowbit.passmanager.pipeline import Pipeline, PipelineItem, build_options, parse_pipeline
+from lowbit.passmanager.properties import HOW, Prop
 
 __all__ = [
     "Pass",
@@ -30,19 +33,43 @@ __all__ = [
     "CompileContext",
     "PassManager",
     "Instrument",
+    "Prop",
     "CALIBRATED",
+    "HESSIAN",
+    "BITS_ASSIGNED",
     "FLOAT_EQUIVALENT",
     "QUANTIZED",
     "LOWERED_ORT",
+    "add_default_instrument",
 ]
 
 logger = logging.getLogger(__name__)
 
-# IR properties: names a pass requires / ensures.  The manager tracks which hold.
-CALIBRATED = "calibrated"  # activation statistics annotate every linear input
-QUANTIZED = "quantized"  # linear layers are in QDQ form
-LOWERED_ORT = "lowered-ort"  # the graph is in the form ORT runs on integer kernels
-FLOAT_EQUIVALENT = "float-equivalent"  # marker: the pass preserves float outputs
+# IR properties a pass requires / ensures (see lowbit.passmanager.properties for their checkers).
+CALIBRATED = Prop.CALIBRATED
+HESSIAN = Prop.HESSIAN
+QUANTIZED = Prop.QUANTIZED
+BITS_ASSIGNED = Prop.BITS_ASSIGNED
+LOWERED_ORT = Prop.LOWERED_ORT
+FLOAT_EQUIVALENT = "float-equivalent"  # not a property: passes say it with ``float_equivalent = True``
+
+# Factories of instruments every PassManager (and every pass called on its own) gets, e.g. the
+# verify instrument under LOWBIT_VERIFY=1; a factory returns None to stay out.
+_DEFAULT_INSTRUMENTS: list[Callable[[], "Instrument | None"]] = []
+
+
+def add_default_instrument(factory: Callable[[], "Instrument | None"]) -> None:
+    if factory not in _DEFAULT_INSTRUMENTS:
+        _DEFAULT_INSTRUMENTS.append(factory)
+
+
+def _with_defaults(instruments) -> list["Instrument"]:
+    out = list(instruments)
+    for factory in _DEFAULT_INSTRUMENTS:
+        inst = factory()
+        if inst is not None and not any(type(i) is type(inst) for i in out):
+            out.append(inst)
+    return out
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 
@@ -93,10 +120,13 @@ class Pass(InPlacePass):
     class Options:
         pass
 
-    requires_properties: ClassVar[tuple[str, ...]] = ()
-    ensures_properties: ClassVar[tuple[str, ...]] = ()
-    invalidates_properties: ClassVar[tuple[str, ...]] = ()
+    # Class attributes, or properties of the instance where they depend on the options
+    # (e.g. quantize-weights requires XᵀX only with method=gptq).
+    requires_properties: tuple[str, ...] = ()
+    ensures_properties: tuple[str, ...] = ()
+    invalidates_properties: tuple[str, ...] = ()
     float_equivalent: ClassVar[bool] = False
+    _managed: bool = False  # set when a PassManager owns this pass (it calls the instruments itself)
 
     def __init__(self, options=None, ctx: CompileContext | None = None, given=()):
         self.options = options if options is not None else self.Options()
@@ -108,9 +138,30 @@ class Pass(InPlacePass):
     def from_item(cls, item: PipelineItem, ctx: CompileContext) -> "Pass":
         return cls(build_options(item.name, cls.Options, item.options), ctx, item.options)
 
+    @classmethod
+    def may_ensure(cls) -> tuple[str, ...]:
+        """Every property some configuration of this pass ensures (for the manager's hints)."""
+        declared = inspect.getattr_static(cls, "ensures_properties")
+        return tuple(cls().ensures_properties) if isinstance(declared, property) else tuple(declared or ())
+
     @property
     def item(self) -> PipelineItem:
         return PipelineItem(self.name, self.given)
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        """Run the pass; called on its own (not by a manager), it still goes through the default instruments."""
+        if self._managed:
+            return super().__call__(model)
+        instruments = _with_defaults(())
+        if not instruments:
+            return super().__call__(model)
+        for inst in instruments:
+            inst.before_pass(self, model)
+        start = time.perf_counter()
+        result = super().__call__(model)
+        for inst in instruments:
+            inst.after_pass(self, result.model, result, time.perf_counter() - start)
+        return result
 
     def fail(self, message: str, node: ir.Node | None = None, hint: str | None = None):
         raise PassFailure(self.name, message, node=None if node is None else (node.name or node.op_type), hint=hint)
@@ -149,7 +200,9 @@ class PassManager:
     def __init__(self, passes: list[Pass], ctx: CompileContext, instruments=()):
         self.passes = list(passes)
         self.ctx = ctx
-        self.instruments = list(instruments)
+        self.instruments = _with_defaults(instruments)
+        for p in self.passes:
+            p._managed = True  # this manager calls the instruments around them
 
     @classmethod
     def from_pipeline(cls, pipeline: str | Pipeline, ctx: CompileContext, instruments=()) -> "PassManager":
@@ -166,12 +219,13 @@ class PassManager:
         """Refuse a pipeline whose passes' requirements cannot be met, before running anything."""
         props = set(self.ctx.properties)
         for p in self.passes:
-            missing = [r for r in p.requires_properties if r not in props]
+            missing = [str(r) for r in p.requires_properties if r not in props]
             if missing:
-                providers = [n for n, c in _REGISTRY.items() if set(missing) & set(c.ensures_properties)]
+                providers = [n for n, c in _REGISTRY.items() if set(missing) & {str(x) for x in c.may_ensure()}]
                 raise PipelineError(
                     f"pass '{p.name}' requires {missing} but no earlier pass in '{self.pipeline}' ensures it",
-                    hint=f"put {' or '.join(repr(x) for x in providers) or 'a pass that ensures it'} before '{p.name}'",
+                    hint=f"put {' or '.join(repr(x) for x in providers) or 'a pass that ensures it'} before '{p.name}'"
+                         + "".join(f" ({HOW[Prop(m)]})" for m in missing if Prop(m) in HOW),
                 )
             props -= set(p.invalidates_properties)
             props |= set(p.ensures_properties)

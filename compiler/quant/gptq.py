@@ -7,12 +7,16 @@ scale ``s`` and an integer zero point ``z``; codes are unsigned ``q ∈ [0, 2^b 
 ``Ŵ = (q − z)·s``.  Grouping, the symmetric/asymmetric parameters, codes and ``Ŵ`` are
 ``lowbit.quant.rtn``'s one core (see its docstring for the formulas); here the parameters are computed
 in float64 and returned as float32 scales and uint8 zero points.  ``clip_search`` shrinks the
-range by a factor in [0.5, 1] chosen per (group, column) by squared error.
+range by a factor in [0.5, 1] chosen per (group, column) by squared error; ``hqq`` then refines each
+group's zero point and scale (``lowbit.quant.hqq``, asymmetric only).
 
 GPTQ (Frantar et al. 2022): columns of Wᵀ (input channels) are quantized in order, and each
 one's rounding error is spread over the not-yet-quantized channels through the inverse Hessian
 H = XᵀX (+ damping) — ``W[j:] −= err_i · Hinv[i, j:] / Hinv[i, i]`` with Hinv from the upper
-Cholesky factor of H⁻¹, in blocks of 128 channels.  ``act_order`` quantizes channels by
+Cholesky factor of H⁻¹, in blocks of 128 channels whose update to later channels is applied lazily
+at the end of each block; a group whose first channel lies in a block and which runs past it gets
+its parameters from weights with that block's pending update applied, so the result equals the
+column-by-column algorithm at every K, group and block length.  ``act_order`` quantizes channels by
 decreasing H diagonal; with groups it uses static groups (parameters from the unmodified W).
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.quant.hqq import hqq_refine
 from lowbit.quant.rtn import blocks, decode, encode, grouped, rtn_params
 
 __all__ = ["rtn_quantize", "gptq_quantize", "dequantize", "group_params"]
@@ -27,12 +32,20 @@ __all__ = ["rtn_quantize", "gptq_quantize", "dequantize", "group_params"]
 _CLIP_GRID = np.linspace(1.0, 0.5, 11)
 
 
-def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_search: bool):
+def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_search: bool, hqq: bool = False):
     """Per-(group, column) float64 scale and zero point ``[G, N]`` for ``w[K, N]``."""
     wg = grouped(w, group, np.float64)
     best_s, best_z = rtn_params(wg, bits, symmetric)
-    if not clip_search:
-        return best_s, best_z
+    if clip_search:
+        best_s, best_z = _clip_search(wg, bits, symmetric, best_s, best_z)
+    if hqq:
+        if symmetric:
+            raise ValueError("hqq refines the zero point: it needs symmetric=false")
+        best_s, best_z = hqq_refine(wg, bits, best_s, best_z)
+    return best_s, best_z
+
+
+def _clip_search(wg, bits, symmetric, best_s, best_z):
     best_err = np.full(best_s.shape, np.inf)
     for f in _CLIP_GRID:
         s, z = rtn_params(wg, bits, symmetric, f)
@@ -51,11 +64,12 @@ def _check(bits: int, group: int) -> None:
         raise ValueError(f"group must be >= 0, got {group}")
 
 
-def rtn_quantize(w: np.ndarray, bits: int, group: int = 0, symmetric: bool = True, clip_search: bool = False):
+def rtn_quantize(w: np.ndarray, bits: int, group: int = 0, symmetric: bool = True, clip_search: bool = False,
+                 hqq: bool = False):
     """Round to nearest: (codes uint8 [K, N], scales float32 [G, N], zero points uint8 [G, N])."""
     _check(bits, group)
     w = np.asarray(w, np.float64)
-    s, z = group_params(w, bits, group, symmetric, clip_search)
+    s, z = group_params(w, bits, group, symmetric, clip_search, hqq)
     rows = np.arange(w.shape[0]) // blocks(w.shape[0], group)[0]
     q = encode(w, s[rows], z[rows], bits)
     return q.astype(np.uint8), s.astype(np.float32), z.astype(np.uint8)
@@ -68,7 +82,8 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, group: int) -
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0, symmetric: bool = True,
-                  clip_search: bool = False, act_order: bool = False, damp: float = 0.01, block: int = 128):
+                  clip_search: bool = False, act_order: bool = False, damp: float = 0.01, block: int = 128,
+                  hqq: bool = False):
     """GPTQ with Hessian ``XᵀX`` [K, K]; returns what ``rtn_quantize`` returns."""
     _check(bits, group)
     wt = np.array(np.asarray(w, np.float64).T)  # [N, K]: rows = output channels
@@ -82,7 +97,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
     g = blocks(k, group)[0]
     static = None
     if group <= 0 or act_order:  # parameters fixed up front (per channel, or static groups)
-        static = group_params(wt.T, bits, group, symmetric, clip_search)
+        static = group_params(wt.T, bits, group, symmetric, clip_search, hqq)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     wt, h = wt[:, perm], h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
@@ -103,9 +118,11 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
             col = i1 + i
             if static is None and col % g == 0:  # new group: parameters from the updated weights
                 stop = min(col + g, k)
-                cur = np.concatenate([w1[:, i:min(stop - i1, i2 - i1)], wt[:, i2:stop]], axis=1) if stop > i2 \
-                    else w1[:, i:stop - i1]
-                s, z = group_params(cur.T, bits, 0, symmetric, clip_search)
+                cur = w1[:, i:min(stop, i2) - i1]
+                if stop > i2:  # the group runs past this block: apply the block's pending (lazy) update first
+                    ahead = wt[:, i2:stop] - err1[:, :i] @ hinv[i1:col, i2:stop]
+                    cur = np.concatenate([cur, ahead], axis=1)
+                s, z = group_params(cur.T, bits, 0, symmetric, clip_search, hqq)
                 s_all[col // g], z_all[col // g] = s[0], z[0]
             gi = gidx[col]
             wcol = w1[:, i]

@@ -2,7 +2,10 @@
 
 For every linear layer's input, per input channel: min, max (so abs-max) over all tokens, ignoring
 ±inf and NaN (attention masks hold -inf); optionally XᵀX (the Hessian proxy used by GPTQ and
-sensitivity estimates) and a bounded random sample of |x| for percentile ranges.  Statistics
+sensitivity estimates) and a bounded random sample of |x| for percentile ranges.  Padded
+positions never enter any statistic: when a sample carries an ``attention_mask`` (batches of
+sentences padded to one length), the rows of an activation whose leading dimensions are the
+mask's (batch, sequence) are kept only where the mask is non-zero.  Statistics
 stream: one sample at a time, never all activations in memory.  They are attached to the IR
 value as ``value.meta["lowbit.act"]``, so they follow the value through later passes.
 """
@@ -18,11 +21,23 @@ import onnx_ir as ir
 from lowbit.errors import CalibrationError
 
 
-__all__ = ["META_KEY", "ActStats", "act_stats", "check_feeds", "collect_stats"]
+__all__ = ["META_KEY", "MASK_INPUT", "ActStats", "act_stats", "check_feeds", "collect_stats", "token_keep"]
 
 logger = logging.getLogger(__name__)
 
 META_KEY = "lowbit.act"
+MASK_INPUT = "attention_mask"
+
+
+def token_keep(feed: dict, x: np.ndarray) -> np.ndarray | None:
+    """Rows of ``x`` that are real tokens of ``feed`` (None: all, when there is no mask or x is not per token)."""
+    mask = feed.get(MASK_INPUT)
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if x.ndim < 2 or x.shape[:-1] != mask.shape and int(np.prod(x.shape[:-1])) != mask.size:
+        return None
+    return mask.reshape(-1) != 0
 _SAMPLE_CAP = 1 << 16
 
 
@@ -42,8 +57,14 @@ class ActStats:
     def absmax(self) -> np.ndarray:
         return np.maximum(np.abs(self.cmin), np.abs(self.cmax))
 
-    def update(self, x: np.ndarray, hessian: bool, sample: bool, rows: int = 0) -> None:
+    def update(self, x: np.ndarray, hessian: bool, sample: bool, rows: int = 0,
+               keep: np.ndarray | None = None) -> None:
+        """Add the token rows of ``x`` (last axis = channels); ``keep`` (bool, one per row) drops padding."""
         x2 = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        if keep is not None:
+            x2 = x2[keep]
+        if x2.shape[0] == 0:
+            return
         finite = np.isfinite(x2)
         lo = np.where(finite, x2, np.inf).min(axis=0)
         hi = np.where(finite, x2, -np.inf).max(axis=0)
@@ -147,5 +168,5 @@ def collect_stats(model: ir.Model, values: list[ir.Value], feeds: list[dict], *,
             if n not in stats:
                 c = x.shape[-1]
                 stats[n] = ActStats(np.full(c, np.inf, np.float32), np.full(c, -np.inf, np.float32))
-            stats[n].update(x, hessian, sample, rows)
+            stats[n].update(x, hessian, sample, rows, keep=token_keep(feed, x))
     return {v: stats[v.name] for v in values}

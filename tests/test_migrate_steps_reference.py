@@ -1,0 +1,102 @@
+"""migrate-steps' step choice against the calibration data itself, in numpy: per channel, the uint8
+quantizer ``q = sat(round(x/s) + z)`` must not saturate on the data it was calibrated on (only
+rounding error, ≤ s/2), steps are powers of two, and no step is coarser than the balancing rule
+allows (s_j < 2·max(a_j, max(a)/ρ) with a_j = range_j/255).  Both arms (steps migrated into the
+producer, or kept in a QuantizeLinear) are checked, each on its own terms, so a step choice that
+saturates cannot pass by being shared between them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lowbit.ir.analysis import const_array
+from lowbit.passmanager.manager import CompileContext
+from onnx_text import ort_outputs, parse, run
+
+C, N, EPS = 16, 8, 1e-5
+
+
+def _lit(a):
+    return ", ".join(f"{v:.9g}" for v in np.asarray(a).reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(7)
+    gamma = (0.5 + rng.random(C)).astype(np.float32)
+    gamma[3] = 12.0  # one loud channel: balancing must clamp the others' steps
+    beta = (rng.standard_normal(C) * 0.5).astype(np.float32)  # shifted ranges: zero points matter
+    beta[5] = 4.0  # an all-positive channel
+    w = (rng.standard_normal((C, N)) * 0.3).astype(np.float32)
+    text = f"""
+    g (float[b, t, {C}] x) => (float[b, t, {N}] y)
+    <float[{C}] gamma = {{{_lit(gamma)}}}, float[{C}] beta = {{{_lit(beta)}}}, float[{C}, {N}] w = {{{_lit(w)}}}>
+    {{
+        h = LayerNormalization <axis = -1, epsilon = {EPS}> (x, gamma, beta)
+        y = MatMul (h, w)
+    }}"""
+    feeds = [{"x": rng.standard_normal((1, 32, C)).astype(np.float32)} for _ in range(4)]
+    x = np.concatenate([f["x"].reshape(-1, C) for f in feeds]).astype(np.float64)
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    h = (x - mu) / np.sqrt(var + EPS) * gamma + beta  # LayerNorm, written out
+    return text, feeds, h, w
+
+
+def _compile(case, pipeline):
+    text, feeds, _, _ = case
+    ctx = CompileContext(calibration=feeds, probes=feeds[:1], show_progress=False)
+    return run(parse(text), pipeline, ctx)[0], ctx
+
+
+def _assert_no_saturation(h, s, z):
+    q = np.clip(np.round(h / s) + z, 0, 255)
+    err = np.abs((q - z) * s - h)
+    worst = (err / s).max()
+    assert worst <= 0.5 + 1e-6, f"the quantizer saturates: error {worst:.2f} steps on calibration data"
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 4, 64])
+def test_kept_steps_do_not_saturate_and_follow_the_balancing_rule(case, ratio):
+    _, _, h, _ = case
+    model, _ = _compile(case, f"calibrate{{rows=4096}},migrate-steps{{migrate=false,ratio={ratio}}}")
+    ql = next(n for n in model.graph if n.op_type == "QuantizeLinear")
+    s, z = const_array(ql.inputs[1]).astype(np.float64), const_array(ql.inputs[2]).astype(np.float64)
+    _assert_no_saturation(h, s, z)
+    assert np.all(np.exp2(np.round(np.log2(s))) == s), "steps are powers of two"
+    lo, hi = np.minimum(h.min(0), 0), np.maximum(h.max(0), 0)
+    a = (hi - lo) / 255
+    if ratio:
+        assert np.all(s < 2 * np.maximum(a, a.max() / ratio) * (1 + 1e-9)), "a step coarser than the rule allows"
+        assert s.max() / s.min() <= 2 * ratio
+
+
+def test_migrated_steps_do_not_saturate(case):
+    """Migrated arm: the producer now emits h/s; its round-and-clip codes must cover h without clipping."""
+    text, feeds, h, _ = case
+    model, _ = _compile(case, "calibrate{rows=4096},migrate-steps{ratio=4}")
+    gamma = const_array(next(n for n in parse(text).graph if n.op_type == "LayerNormalization").inputs[1])
+    norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    s = gamma.astype(np.float64) / const_array(norm.inputs[1])  # 1/s was folded into γ
+    cast = next(n for n in model.graph if n.op_type == "Cast" and n.name.endswith("act_q"))
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0] is cast.outputs[0])
+    z = const_array(dq.inputs[2]).astype(np.float64)
+    rnd = next(n for n in model.graph if n.op_type == "Round")
+    model.graph.outputs.extend([cast.outputs[0], rnd.inputs[0]])
+    outs = [ort_outputs(model, f) for f in feeds]
+    codes = np.concatenate([o[1].reshape(-1, C) for o in outs])
+    scaled = np.concatenate([o[2].reshape(-1, C) for o in outs]).astype(np.float64)
+    np.testing.assert_allclose(scaled * s, h, rtol=1e-4, atol=1e-5)  # the producer really emits h/s
+    _assert_no_saturation(h, s, z)
+    np.testing.assert_array_equal(codes, np.clip(np.round(scaled) + z, 0, 255))
+
+
+def test_migrated_and_kept_steps_agree(case):
+    kept, _ = _compile(case, "calibrate{rows=4096},migrate-steps{migrate=false,ratio=4}")
+    ql = next(n for n in kept.graph if n.op_type == "QuantizeLinear")
+    moved, _ = _compile(case, "calibrate{rows=4096},migrate-steps{ratio=4}")
+    norm = next(n for n in moved.graph if n.op_type == "LayerNormalization")
+    gamma_moved = const_array(norm.inputs[1]).astype(np.float64)
+    text_gamma = const_array(next(n for n in kept.graph if n.op_type == "LayerNormalization").inputs[1])
+    np.testing.assert_allclose(text_gamma / gamma_moved, const_array(ql.inputs[1]), rtol=1e-6)

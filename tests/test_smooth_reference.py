@@ -1,0 +1,117 @@
+"""SmoothQuant against the paper's formula, in plain numpy (Xiao et al. 2023, eq. 4):
+``s_j = max|X_j|^α / max|W_j|^(1−α)``, the α search's choice against a reference W8A8 error, and
+the folds (1/s into the norm's γ, s into the weight rows).  Float equivalence alone holds for any s,
+so these tests pin the method itself: a swapped α/(1−α) or a search returning the worst α fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lowbit.ir.analysis import const_array, find_linears
+from lowbit.passmanager.manager import CompileContext
+from onnx_text import parse, run
+
+C, N1, N2, EPS = 16, 12, 8, 1e-6
+GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _text(gamma, w1, w2):
+    def lit(a):
+        return ", ".join(f"{v:.9g}" for v in np.asarray(a).reshape(-1))
+
+    return f"""
+    g (float[b, t, {C}] x) => (float[b, t, {N1}] y1, float[b, t, {N2}] y2)
+    <float[{C}] gamma = {{{lit(gamma)}}}, float[{C}, {N1}] w1 = {{{lit(w1)}}}, float[{C}, {N2}] w2 = {{{lit(w2)}}}>
+    {{
+        h = RMSNormalization <axis = -1, epsilon = {EPS}> (x, gamma)
+        y1 = MatMul (h, w1)
+        y2 = MatMul (h, w2)
+    }}"""
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(3)
+    gamma = (0.5 + rng.random(C)).astype(np.float32)
+    gamma[[2, 9]] = [8.0, 5.0]  # outlier channels, as SmoothQuant's activations have
+    w1 = (rng.standard_normal((C, N1)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((C, N2)) * 0.3).astype(np.float32)
+    w2[4] *= 6  # a loud weight row
+    feeds = [{"x": rng.standard_normal((1, 24, C)).astype(np.float32)} for _ in range(4)]
+    x = np.concatenate([f["x"].reshape(-1, C) for f in feeds]).astype(np.float64)
+    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * gamma  # RMSNorm, written out
+    return _text(gamma, w1, w2), feeds, h, gamma, w1, w2
+
+
+def reference_scales(h, w1, w2, alpha):
+    xmax = np.abs(h).max(axis=0)
+    wmax = np.maximum(np.abs(w1).max(axis=1), np.abs(w2).max(axis=1))  # consumers share one s
+    return xmax ** alpha / wmax ** (1 - alpha)
+
+
+def w8a8_error(h, weights, s):
+    """Static per-tensor uint8 activations × per-output-channel int8 weights, after smoothing by s."""
+    x = h / s
+    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    step = (hi - lo) / 255
+    zp = np.round(-lo / step)
+    xq = (np.clip(np.round(x / step) + zp, 0, 255) - zp) * step
+    total = 0.0
+    for w in weights:
+        ws = w.astype(np.float64) * s[:, None]
+        sw = np.abs(ws).max(axis=0) / 127
+        wq = np.round(ws / sw) * sw
+        total += float(((h @ w - xq @ wq) ** 2).sum())
+    return total
+
+
+def _smoothed(case, pipeline):
+    text, feeds, *_ = case
+    ctx = CompileContext(calibration=feeds, probes=feeds[:2], show_progress=False)
+    model, _ = run(parse(text), pipeline, ctx)
+    return model, ctx
+
+
+def _applied_scales(model, w1):
+    lin = next(lin for lin in find_linears(model.graph) if lin.weight.const_value.shape[1] == N1)
+    return lin.weight.const_value.numpy().astype(np.float64)[:, 0] / w1[:, 0]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.75])
+def test_scales_follow_the_paper(case, alpha):
+    _, _, h, gamma, w1, w2 = case
+    model, _ = _smoothed(case, f"calibrate,smooth{{alpha={alpha}}}")
+    s = _applied_scales(model, w1)
+    np.testing.assert_allclose(s, reference_scales(h, w1, w2, alpha), rtol=1e-4)
+    norm = next(n for n in model.graph if n.op_type == "RMSNormalization")
+    np.testing.assert_allclose(const_array(norm.inputs[1]), gamma / s, rtol=1e-4)  # 1/s into γ
+    lin2 = next(lin for lin in find_linears(model.graph) if lin.weight.const_value.shape[1] == N2)
+    np.testing.assert_allclose(lin2.weight.const_value.numpy(), w2 * s[:, None], rtol=1e-4)  # shared s
+    assert not any(n.op_type == "Mul" for n in model.graph), "no Mul node is left behind"
+
+
+def test_a_swapped_exponent_is_distinguishable(case):
+    """The reference has power: α and 1−α give scales far apart on this case."""
+    _, _, h, _, w1, w2 = case
+    a, b = reference_scales(h, w1, w2, 0.75), reference_scales(h, w1, w2, 0.25)
+    assert np.max(np.abs(a / b - 1)) > 0.5
+
+
+def test_alpha_search_picks_the_reference_minimum(case):
+    _, _, h, _, w1, w2 = case
+    errors = {a: w8a8_error(h, [w1, w2], reference_scales(h, w1, w2, a)) for a in GRID}
+    ranked = sorted(errors, key=errors.get)
+    assert errors[ranked[1]] > 1.01 * errors[ranked[0]], "the case must have a clear winner"
+    model, ctx = _smoothed(case, "calibrate{rows=100000},smooth{search=true}")
+    chosen = ctx.report["smooth"]["alpha"]["mean"]
+    assert chosen == ranked[0], f"chose α={chosen}; reference errors {errors}"
+    np.testing.assert_allclose(_applied_scales(model, w1), reference_scales(h, w1, w2, ranked[0]), rtol=1e-4)
+
+
+def test_smoothing_then_w8a8_beats_no_smoothing_on_outliers(case):
+    """The point of the method on this case, measured by the reference simulator."""
+    _, _, h, _, w1, w2 = case
+    best = min(w8a8_error(h, [w1, w2], reference_scales(h, w1, w2, a)) for a in GRID)
+    assert best < 0.8 * w8a8_error(h, [w1, w2], np.ones(C))
