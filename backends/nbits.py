@@ -10,9 +10,14 @@ into ``com.microsoft.MatMulNBits`` with ORT's layout (checked against ORT's own
   same way (absent: 2^(b−1)); ``W[k, n] = (code − zp)·scale``.  Symmetric INT{b} values v become
   codes v + 2^(b−1) with the default zero point.
 
-``accuracy_level`` (the MatMulNBits attribute): 0 keeps activations in float (exact; ORT has fast
-kernels for 4-bit only at this level); 4 quantizes activations to int8 per block inside the kernel
-(W×A8 integer dot products: ≈0.5 % error, and the only fast path for 2- and 8-bit).  Blocks must be
+``accuracy_level`` (the MatMulNBits attribute): 0 keeps activations in float (exact); 4 quantizes
+activations to int8 per block inside the kernel (W×A8 integer dot products: ≈0.5 % error).  ORT has a
+fast level-0 kernel only for 4 bits; 2- and 8-bit layers at level 0 run a reference kernel hundreds of
+times slower.  ``accuracy_level=auto`` (default) writes, per layer's bit width, level 0 where ORT's
+latency table (:mod:`lowbit.backends.ort_levels`) does not mark it slow and the fastest level
+otherwise; ``fastest`` always the fastest; an integer forces that level, and a layer that would then
+run a slow kernel is reported by name (``slow=warn``, default), refused (``slow=error``) or let be
+(``slow=allow``).  Blocks must be
 16..256 and a power of two; a per-channel layer is one block when K rounds up to ≤ 256, otherwise
 it stays in QDQ form.  ``lowbit.Hadamard`` becomes its Kronecker form with standard ops
 (``reshape → ·Q → H_p/√p· → reshape``; ``hadamard=function`` keeps the op and its function body).
@@ -25,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 
@@ -32,8 +39,13 @@ from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, LOWERED_ORT, QUANTIZED, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
+from lowbit.errors import LowbitError
+
+from .ort_levels import SLOW_FACTOR, choose_level, is_slow
 
 __all__ = ["LowerNBits", "pack_nbits", "nbits_node_inputs", "BLOCK_SIZES"]
+
+logger = logging.getLogger(__name__)
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 _KINDS = {ir.DataType.INT2: (2, True), ir.DataType.UINT2: (2, False), ir.DataType.INT4: (4, True),
@@ -66,12 +78,13 @@ def nbits_node_inputs(codes_nk: np.ndarray, scales_ng: np.ndarray, zp_ng: np.nda
 class LowerNBits(Pass):
     @dataclass(frozen=True)
     class Options:
-        accuracy_level: int = 0  # MatMulNBits: 0 = float activations (exact), 4 = int8 activations
+        accuracy_level: int | str = "auto"  # auto | fastest | 0 (float activations) .. 4 (int8 activations)
         hadamard: Literal["kron", "function"] = "kron"
+        slow: Literal["warn", "error", "allow"] = "warn"  # a forced level that runs ORT's reference kernel
 
         def __post_init__(self):
-            if self.accuracy_level not in (0, 1, 2, 3, 4):
-                raise ValueError(f"lower-nbits: accuracy_level must be 0..4, got {self.accuracy_level}")
+            if self.accuracy_level not in (0, 1, 2, 3, 4, "auto", "fastest"):
+                raise ValueError(f"lower-nbits: accuracy_level must be auto, fastest or 0..4, got {self.accuracy_level}")
             if self.hadamard not in ("kron", "function"):
                 raise ValueError(f"lower-nbits: hadamard must be kron or function, got {self.hadamard}")
 
@@ -81,6 +94,7 @@ class LowerNBits(Pass):
 
     def call(self, model):
         graph = model.graph
+        self._slow: list[str] = []
         for node in list(graph):
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
                 self._matmul(graph, node)
@@ -96,6 +110,9 @@ class LowerNBits(Pass):
             del model.functions[key]
         attach_functions(model)
         self.ctx.report["lower-nbits"] = {"accuracy_level": self.options.accuracy_level, **dict(self.stats)}
+        if self._slow:
+            logger.warning("lower-nbits: %d layer(s) run ORT's slow reference MatMulNBits kernel: %s", len(self._slow),
+                           ", ".join(self._slow[:8]) + (" ..." if len(self._slow) > 8 else ""))
         return PassResult(model, modified=bool(sum(self.stats.values())))
 
     def _matmul(self, graph: ir.Graph, node: ir.Node) -> None:
@@ -139,12 +156,20 @@ class LowerNBits(Pass):
                   add_initializer(graph, f"{name}.scales", s)]
         if z is not None:
             inputs.append(add_initializer(graph, f"{name}.zero_points", z))
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": self.options.accuracy_level}
+        level = choose_level(bits, self.options.accuracy_level)
+        if is_slow(bits, level) and self.options.slow != "allow":
+            what = (f"node '{node.name}': {bits}-bit MatMulNBits at accuracy_level={level} runs ORT's reference "
+                    f"kernel (>{SLOW_FACTOR:g}x slower than the fastest level)")
+            if self.options.slow == "error":
+                raise LowbitError(f"lower-nbits: {what}", hint="use accuracy_level=auto (or fastest), or slow=allow")
+            self._slow.append(f"{node.name} ({bits}-bit, level {level})")
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": level}
         new = make_node(graph, "MatMulNBits", inputs, origin=self.name, name=f"{name}.nbits", attributes=attrs,
                         domain="com.microsoft", before=node)
         new.metadata_props.update({k_: v for k_, v in node.metadata_props.items() if k_.startswith("lowbit.")})
         self._replace(graph, node, new)
         self.stats[f"matmulnbits_{bits}bit"] += 1
+        self.stats[f"matmulnbits_{bits}bit_level{level}"] += 1
 
     def _replace(self, graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
         out, res = old.outputs[0], new.outputs[0]

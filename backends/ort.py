@@ -27,13 +27,30 @@ INTEGER_GEMMS = {"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "Dyna
 
 def ort_integer_kernels(model: ir.Model | str | Path) -> collections.Counter:
     """Op-type counts of the graph ORT actually runs after its own optimizations."""
+    return collections.Counter(op for op, _ in ort_optimized_nodes(model))
+
+
+def ort_optimized_nodes(model: ir.Model | str | Path) -> list[tuple[str, str]]:
+    """(op type, node name) of the graph ORT actually runs after its own optimizations."""
     from lowbit.ir.sessions import make_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
         make_session(model, optimized_model_path=str(path))
         proto = onnx.load(str(path), load_external_data=False)
-    return collections.Counter(n.op_type for n in proto.graph.node)
+    return [(n.op_type, n.name) for n in proto.graph.node]
+
+
+def _not_on_integer_kernels(names: list[str], nodes: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(linear, the op ORT runs it as) for each quantized linear whose fused node is not an integer GEMM
+    (ORT names a fused node after the node it grew from: ``l0``, ``l0/MatMulAddFusion``)."""
+    out = []
+    for name in names:
+        mine = [(op, n) for op, n in nodes if (n == name or n.startswith(name + "/") or f" {name}/" in f" {n}")
+                and op not in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")]
+        if mine and not any(op in INTEGER_GEMMS for op, _ in mine):
+            out.append((name, mine[0][0]))
+    return out
 
 
 def _weight_dtype(node: ir.Node) -> ir.DataType | None:
@@ -84,7 +101,16 @@ class LowerOrt(Pass):
             report["ort_ops"] = dict(counts.most_common())
             self.stats["ort_integer_gemms"] = on_int
             if on_int < quantized:
-                self.fail(f"ORT runs only {on_int} of {quantized} quantized linears on integer kernels",
-                          hint="inspect the optimized graph with 'lowbit inspect --ort-optimized'")
+                names = [n.name for n in graph if n.op_type in ("MatMul", "MatMulInteger") and n.name]
+                slow = _not_on_integer_kernels(names, ort_optimized_nodes(model))
+                which = (": " + ", ".join(f"'{n}' runs as {op}" for n, op in slow[:3])
+                         + (f" and {len(slow) - 3} more" if len(slow) > 3 else "")) if slow else ""
+                gemm = any(op in ("Gemm", "FusedGemm") for _, op in slow)
+                self.fail(f"ORT runs only {on_int} of {quantized} quantized linears on integer kernels{which}"
+                          + (" (ORT fuses a fixed-shape MatMul + bias into Gemm before its QDQ fusion)" if gemm else ""),
+                          node=None if not slow else next(n for n in graph if n.name == slow[0][0]),
+                          hint="use --recipe w8a8-dynamic (per-token activations run on MatMulInteger whatever the "
+                               "shapes), or give the model dynamic input shapes; 'lowbit inspect --ort-optimized' "
+                               "shows what ORT runs")
         self.ctx.report["lower-ort"] = report
         return PassResult(model, modified=False)

@@ -51,7 +51,16 @@ def _nbits_matmul():
             if a.ty.dtype != "float32" and layout == "tiled":
                 raise NotImplementedError(f"NBitsMatMul: activations of {a.ty.dtype} on CPU (float32 only)")
             lead = list(a.ty.shape)[:-1]
-            if layout == "tiled":
+            if layout == "lowbit-cpu":  # lowbit's C kernels through a packed function (kernels/tvm_bridge.py)
+                from .kernels.tvm_bridge import FUNC
+
+                if a.ty.dtype != "float32":
+                    raise NotImplementedError(f"NBitsMatMul: activations of {a.ty.dtype} on lowbit-cpu (float32 only)")
+                a2 = bb.normalize(relax.op.reshape(a, (-1, K)))
+                M = a2.ty.shape[0]
+                y = bb.emit(relax.call_dps_packed(FUNC, [a2, w, s, z], out_ty=relax.TensorType((M, N), "float32")))
+                y = relax.op.reshape(y, (*lead, N))
+            elif layout == "tiled":
                 nt = int(w.ty.shape[0])
                 key = (K, nt, bits, bs)
                 if key not in cls._funcs or cls._funcs[key][0] is not bb:

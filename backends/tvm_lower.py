@@ -116,18 +116,20 @@ def _lift_params(m: ir.Model, shape_dict: dict) -> list[np.ndarray]:
     return arrays
 
 
-def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | None = None) -> list[np.ndarray]:
+def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | None = None,
+               kernels: str | None = None) -> list[np.ndarray]:
     """The run-time parameters ``lower_tvm`` would write for ``model``, computed without TVM (for a
     machine that has only the TVM runtime and rebuilds the model itself)."""
     from lowbit.backends.tvm_prepare import prepare_for_tvm
 
     m = _as_model(model)
     shape_dict = _static_shapes(m, shape_dict)
-    prepare_for_tvm(m, layout=layout)
+    prepare_for_tvm(m, layout=layout, kernels=kernels)
     return _lift_params(m, shape_dict)
 
 
-def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] | None = None):
+def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] | None = None,
+                 kernels: str | None = None):
     """(IRModule with params as inputs, list of param arrays, meta dict) for ``model``."""
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -138,8 +140,10 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
     tgt = make_target(target)
     m = _as_model(model)
     shape_dict = _static_shapes(m, shape_dict)
-    stats = prepare_for_tvm(m, layout="rows" if tgt.kind.name == "cuda" else "tiled")
-    meta = {"inputs": _value_info(m.graph.inputs), "outputs": _value_info(m.graph.outputs),
+    if kernels and tgt.kind.name == "cuda":
+        raise LowbitError(f"TVM lowering: kernels={kernels} runs on CPU only", hint="use target=llvm, or no kernels")
+    stats = prepare_for_tvm(m, layout="rows" if tgt.kind.name == "cuda" else "tiled", kernels=kernels)
+    meta = {"kernels": kernels or "", "inputs": _value_info(m.graph.inputs), "outputs": _value_info(m.graph.outputs),
             "target": str(tgt), "device": "cuda" if tgt.kind.name == "cuda" else "cpu", "prepare": stats,
             "shape_dict": shape_dict}
     arrays = _lift_params(m, shape_dict)
@@ -172,9 +176,10 @@ def compile_relax(mod, target: Any = "llvm", tuning_db: str | os.PathLike | None
 
 
 def lower_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", name: str = "model",
-              shape_dict: dict[str, list[int]] | None = None, tuning_db: str | os.PathLike | None = None) -> TvmArtifact:
+              shape_dict: dict[str, list[int]] | None = None, tuning_db: str | os.PathLike | None = None,
+              kernels: str | None = None) -> TvmArtifact:
     """Import, compile and export ``model`` (an ``ir.Model``, ModelProto or path) for ``target``."""
-    mod, arrays, meta = import_relax(model, target, shape_dict)
+    mod, arrays, meta = import_relax(model, target, shape_dict, kernels)
     ex = compile_relax(mod, target, tuning_db)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,17 +216,24 @@ class LowerTvm(Pass):
         name: str = "model"
         shapes: str = ""  # static input shapes, e.g. "tokens:1x64" (needed when inputs are symbolic)
         tuning_db: str = ""
+        kernels: str = ""  # "lowbit-cpu": low-bit linears (2/3/4/8-bit) call lowbit's C kernels (CPU)
 
         def __post_init__(self):
             if self.target not in ("llvm", "cuda"):
                 raise ValueError(f"lower-tvm: target must be 'llvm' or 'cuda', got {self.target!r}")
             parse_shapes(self.shapes)
+            if self.kernels not in ("", "lowbit-cpu"):
+                raise ValueError(f"lower-tvm: kernels must be '' or 'lowbit-cpu', got {self.kernels!r}")
+            if self.kernels and self.target != "llvm":
+                raise ValueError("lower-tvm: kernels=lowbit-cpu needs target=llvm")
 
     def call(self, model: ir.Model) -> PassResult:
         o = self.options
-        art = lower_tvm(model, o.target, o.out_dir, o.name, shape_dict=parse_shapes(o.shapes),
-                        tuning_db=o.tuning_db or None)
-        self.ctx.report["tvm"] = {"lib": str(art.lib), "params": str(art.params), "meta": str(art.meta),
-                                  "target": art.target}
+        art = lower_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, shape_dict=parse_shapes(o.shapes),
+                        tuning_db=o.tuning_db or None,
+                        kernels=o.kernels or None)  # staged: moved into out_dir only if the compile succeeds
+        final = Path(o.out_dir)
+        self.ctx.report["tvm"] = {"lib": str(final / art.lib.name), "params": str(final / art.params.name),
+                                  "meta": str(final / art.meta.name), "target": art.target}
         self.stats["artifacts"] += 1
         return PassResult(model, modified=False)

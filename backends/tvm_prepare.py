@@ -150,7 +150,16 @@ def _fold_dq(node: ir.Node) -> np.ndarray:
 
 def _replace(graph: ir.Graph, node: ir.Node, a: ir.Value, codes, scale, zero, bits, bs, bias, layout, out: ir.Value):
     K, N = codes.shape
-    packed, s, z = pack_nbits(codes, scale, zero, bits, layout)
+    ops = None
+    if layout == "lowbit-cpu":  # lowbit's C kernels (backends/kernels), where they run the format
+        from .kernels.tvm_bridge import kernel_operands
+
+        ops = kernel_operands(codes, scale, zero, bits, bs)
+        if ops is None:
+            layout, bits = "tiled", 4 if bits == 3 else bits  # 3-bit codes fit the 4-bit TIR kernel exactly
+    if ops is None and bits == 3:
+        bits = 4  # the TIR kernels have no 3-bit layout; 3-bit codes are exact 4-bit codes
+    packed, s, z = ops if ops is not None else pack_nbits(codes, scale, zero, bits, layout)
     base = node.name or "nbits"
     inits = []
     for suffix, arr in (("qweight", packed), ("scales", s), ("zeros", z)):
@@ -218,14 +227,25 @@ def _int8_matmul(graph: ir.Graph, node: ir.Node) -> bool:
     return True
 
 
-def prepare_for_tvm(model: ir.Model, layout: str = "tiled") -> dict[str, int]:
-    """Rewrite ``model`` in place (see module docstring); returns counts of what changed."""
+def prepare_for_tvm(model: ir.Model, layout: str = "tiled", kernels: str | None = None) -> dict[str, int]:
+    """Rewrite ``model`` in place (see module docstring); returns counts of what changed.  ``kernels=
+    "lowbit-cpu"`` (CPU only) runs low-bit linears, 3-bit ``lowbit.MatMul3Bit`` included, on lowbit's C
+    kernels (``backends/kernels``) instead of TIR."""
     graph = model.graph
     stats = {"matmulnbits": 0, "blocked_dq_matmul": 0, "folded_dq": 0, "int8_matmul": 0}
+    wlayout = "lowbit-cpu" if kernels == "lowbit-cpu" and layout == "tiled" else layout
     for node in list(graph):
         dom = node.domain or ""
         if dom in ("", "ai.onnx"):
             pass
+        elif (dom, node.op_type) == ("lowbit", "MatMul3Bit"):  # lowbit-cpu: 3-bit kernels; TIR: as 4-bit codes
+            from .kernels.tvm_bridge import matmul3bit_operands
+
+            codes, scale, zero, bits, bs, _ = matmul3bit_operands(node)
+            _replace(graph, node, node.inputs[0], codes, scale, zero, bits, bs, None, wlayout, node.outputs[0])
+            graph.remove(node, safe=True)
+            stats["matmul3bit"] = stats.get("matmul3bit", 0) + 1
+            continue
         elif (dom, node.op_type) not in _FOREIGN_OK:
             raise LowbitError(f"node '{node.name}': op {dom}::{node.op_type} has no TVM lowering",
                               hint="lower it with the ORT backend, or file an issue for a TVM converter")
@@ -233,7 +253,7 @@ def prepare_for_tvm(model: ir.Model, layout: str = "tiled") -> dict[str, int]:
             stats["int8_matmul"] += _int8_matmul(graph, node)
         elif (dom, node.op_type) == ("com.microsoft", "MatMulNBits"):
             codes, scale, zero, bits, bs, bias = _unpack_matmulnbits(node)
-            _replace(graph, node, node.inputs[0], codes, scale, zero, bits, bs, bias, layout, node.outputs[0])
+            _replace(graph, node, node.inputs[0], codes, scale, zero, bits, bs, bias, wlayout, node.outputs[0])
             graph.remove(node, safe=True)
             stats["matmulnbits"] += 1
         elif node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
@@ -251,7 +271,7 @@ def prepare_for_tvm(model: ir.Model, layout: str = "tiled") -> dict[str, int]:
                 unpacked = _unpack_blocked_dq(node)
                 if unpacked is not None:
                     mm = uses[0].node
-                    _replace(graph, mm, mm.inputs[0], *unpacked, None, layout, mm.outputs[0])
+                    _replace(graph, mm, mm.inputs[0], *unpacked, None, wlayout, mm.outputs[0])
                     graph.remove([mm, node], safe=True)
                     stats["blocked_dq_matmul"] += 1
                     done = True

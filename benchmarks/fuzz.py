@@ -144,10 +144,63 @@ def campaign(name, target, make_input, seconds, crashes_dir, rng):
     return counts, kinds
 
 
+STRUCTURED = ("structured-graphs", "structured-plans", "structured-calibration", "structured-pass-options",
+              "structured-cli-options")
+
+
+def structured_campaign(name: str, seconds: float, seed: int):
+    """Structure-aware campaign (issue 17): hypothesis batches of 25 examples, reseeded until time is up.
+
+    The strategies and checks are ``tests/fuzz_strategies.py`` (the same ones CI runs, briefly); a failing
+    batch is shrunk by hypothesis and its minimal example recorded as the crash kind."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import fuzz_strategies as fs
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+    from robust_models import tiny_llama
+
+    tmp = tempfile.TemporaryDirectory(prefix="lowbit-sfuzz-")
+    folder = Path(tmp.name)
+    tiny = tiny_llama(folder / "tiny.onnx")
+    counts, kinds = collections.Counter(), collections.Counter()
+
+    def run_one(check, *args):
+        with tempfile.TemporaryDirectory(dir=folder) as d:
+            counts["inputs"] += 1
+            counts[check(*args, Path(d)) if check in (fs.check_graph, fs.check_plan, fs.check_calibration,
+                                                      fs.check_cli_options) else check(*args)] += 1
+
+    bodies = {
+        "structured-graphs": (fs.graphs(), lambda c: run_one(fs.check_graph, *c)),
+        "structured-plans": (fs.plans(), lambda p: run_one(fs.check_plan, p)),
+        "structured-calibration": (fs.calibration_sets(), lambda f: run_one(fs.check_calibration, f, tiny)),
+        "structured-pass-options": (fs.pass_option_strings(), lambda t: run_one(fs.check_pass_options, t)),
+        "structured-cli-options": (fs.cli_option_lists(), lambda c: run_one(fs.check_cli_options, *c)),
+    }
+    strategy, body = bodies[name]
+    end = time.monotonic() + seconds
+    batch = 0
+    while time.monotonic() < end:
+        test = hseed(seed * 100003 + batch)(settings(max_examples=25, deadline=None, database=None,
+                                                      suppress_health_check=list(HealthCheck))(given(strategy)(body)))
+        batch += 1
+        try:
+            test()
+        except Exception as exc:  # noqa: BLE001 - a crash, wrong result or partial output
+            counts["crashes"] += 1
+            kinds[f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"] += 1
+    counts["accepted"] += 0
+    tmp.cleanup()
+    return counts, kinds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60.0, help="total time, split over the targets")
-    ap.add_argument("--target", choices=["all", "loader", "parser", "manager"], default="all")
+    ap.add_argument("--target", choices=["all", "loader", "parser", "manager", "structured", *STRUCTURED],
+                    default="all", help="'structured' runs every structure-aware target (issue 17)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crashes", type=Path, help="write crashing inputs (and tracebacks) here")
     args = ap.parse_args(argv)
@@ -162,16 +215,20 @@ def main(argv=None) -> int:
             "parser": (parse_target, lambda r: mutate_text(r, texts)),
             "manager": (manager_target, lambda r: mutate_text(r, texts)),
         }
-        chosen = list(targets) if args.target == "all" else [args.target]
+        chosen = (list(targets) + list(STRUCTURED) if args.target == "all" else list(STRUCTURED)
+                  if args.target == "structured" else [args.target])
         rng = random.Random(args.seed)
-        print(f"{'target':<8} {'inputs':>9} {'accepted':>9} {'refused':>9} {'crashes':>8} {'inputs/s':>9}")
+        print(f"{'target':<24} {'inputs':>9} {'accepted':>9} {'refused':>9} {'crashes':>8} {'inputs/s':>9}")
         total_crashes = 0
         for name in chosen:
-            fn, make = targets[name]
             seconds = args.seconds / len(chosen)
-            counts, kinds = campaign(name, fn, make, seconds, args.crashes, rng)
+            if name in STRUCTURED:
+                counts, kinds = structured_campaign(name, seconds, args.seed)
+            else:
+                fn, make = targets[name]
+                counts, kinds = campaign(name, fn, make, seconds, args.crashes, rng)
             total_crashes += counts["crashes"]
-            print(f"{name:<8} {counts['inputs']:>9} {counts['accepted']:>9} {counts['refused']:>9} "
+            print(f"{name:<24} {counts['inputs']:>9} {counts['accepted']:>9} {counts['refused']:>9} "
                   f"{counts['crashes']:>8} {counts['inputs'] / seconds:>9.0f}")
             for kind, n in kinds.most_common():
                 print(f"         {n:>6} × {kind}")

@@ -77,12 +77,13 @@ def main() -> None:
     sess = make_session(lowbit.load_model(bin_path, kv_cache=True))
     print("  greedy from BOS through the cache:", repr(tok.decode(greedy(sess, [1], 60, eos=2))))
     if args.smollm:
+        del sess
         path = d / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
         t0 = time.perf_counter()
         model = lowbit.load_model(path)
         gtok = load_tokenizer(model.metadata_props["lowbit.tokenizer"])
         stream = token_stream(gtok, stories[200:])[:20001]
-        p = perplexity(make_session(model), stream, seq_len=512)
+        p = perplexity(make_session(model), stream, seq_len=512, batch=1)  # batch 1: bounded memory
         print(f"SmolLM2 (GGUF → FP32), stories 200+, {p.tokens} tokens: NLL {p.nll:.4f}, ppl {p.ppl:.3f} "
               f"({time.perf_counter() - t0:.0f} s)")
         check(path, np.array([gtok.encode(stories[600])[:128]]))

@@ -157,9 +157,22 @@ class _Apply(ast.NodeTransformer):
         return node
 
 
-def enumerate_mutants(module: str) -> list[Mutant]:
+def _message_statement(node: ast.AST) -> bool:
+    """A dropped statement that only reports: ``self.fail(...)``/logging, or a stats/report update."""
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        f = node.value.func
+        return isinstance(f, ast.Attribute) and f.attr in _QUIET_CALLS
+    if isinstance(node, (ast.Assign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any("report" in ast.unparse(t) or "stats" in ast.unparse(t) for t in targets)
+    return False
+
+
+def enumerate_mutants(module: str, everything: bool = False) -> list[Mutant]:
+    """Mutation points of ``module``; indices are positions in ``_points`` (stable), message statements skipped."""
     tree = ast.parse((ROOT / module).read_text())
-    return [Mutant(module, i, getattr(n, "lineno", 0), k) for i, (n, k) in enumerate(_points(tree))]
+    return [Mutant(module, i, getattr(n, "lineno", 0), k) for i, (n, k) in enumerate(_points(tree))
+            if everything or not (k == "drop" and _message_statement(n))]
 
 
 def mutated_source(m: Mutant) -> str:
@@ -225,7 +238,8 @@ def main(argv=None) -> int:
     picked = random.Random(args.seed).sample(pool, min(args.sample, len(pool)))
     if args.only:
         wanted = {tuple(x.rsplit("#", 1)) for x in args.only}
-        picked = [m for m in pool if (m.module, str(m.index)) in wanted]
+        everything = [m for mod in {w[0] for w in wanted} for m in enumerate_mutants(mod, everything=True)]
+        picked = [m for m in everything if (m.module, str(m.index)) in wanted]
         args.modules = sorted({m.module for m in picked})
     results: dict[str, list[tuple[Mutant, str]]] = {}
     with tempfile.TemporaryDirectory(prefix="lowbit-mutation-") as tmp:

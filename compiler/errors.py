@@ -15,6 +15,9 @@ __all__ = [
     "CalibrationError",
     "UnsupportedModelError",
     "InvalidWeightsError",
+    "InputError",
+    "NumericalError",
+    "InternalError",
 ]
 
 
@@ -57,3 +60,19 @@ class UnsupportedModelError(LowbitError):
 
 class InvalidWeightsError(LowbitError):
     """Weights hold NaN/Inf or a quantization would divide by an all-zero channel."""
+
+
+class InputError(LowbitError):
+    """A file or option the user gave is unusable (missing, unreadable, not a regular file, badly encoded,
+    out of range); the message names the file or option and what to do."""
+
+
+class NumericalError(LowbitError):
+    """The requested arithmetic would be silently wrong (an int32 accumulator that can wrap, a non-finite
+    output); the message names the layer."""
+
+
+class InternalError(LowbitError):
+    """A lowbit bug, not a user mistake: exit code 3, with a crash report written to a temp file."""
+
+    exit_code = 3

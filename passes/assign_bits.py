@@ -101,8 +101,10 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: split must be in [0, 1), got {self.split}")
             if self.target <= 0:
                 raise ValueError(f"assign-bits: target must be positive, got {self.target}")
-            if self.refine < 0:
-                raise ValueError(f"assign-bits: refine must be >= 0 rounds, got {self.refine}")
+            if not 0 <= self.refine <= 100:
+                raise ValueError(f"assign-bits: refine must be in [0, 100] rounds, got {self.refine}")
+            if self.samples < 0:
+                raise ValueError(f"assign-bits: samples must be >= 0 (0: all), got {self.samples}")
             if self.quantizer not in ("rtn", "gptq"):
                 raise ValueError(f"assign-bits: quantizer must be rtn or gptq, got '{self.quantizer}'")
             if self.refine and self.split:
@@ -129,7 +131,7 @@ class AssignBits(Pass):
         annotate(linears, plan)
         changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
         if self.options.save:
-            plan.save(self.options.save)
+            plan.save(self.ctx.stage(self.options.save))
         self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
                                           "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits,
                                           "nominal_bits": plan.nominal_bits}

@@ -72,6 +72,8 @@ class Rotate(Pass):
         def __post_init__(self):
             if self.kind not in ("hadamard", "random"):
                 raise ValueError(f"rotate: kind must be hadamard or random, got {self.kind}")
+            if not 0 <= self.seed < 2 ** 32:
+                raise ValueError(f"rotate: seed must be in [0, 2^32), got {self.seed}")
 
     float_equivalent = True
     invalidates_properties = (CALIBRATED, HESSIAN)

@@ -23,7 +23,8 @@ from lowbit.errors import LowbitError
 from lowbit.ops.registry import DOMAIN, OPS
 from lowbit.ops.integer_ops import QRANGE
 
-__all__ = ["ReferenceInterpreter", "REFERENCE_OPS", "UnsupportedReferenceOp"]
+__all__ = ["ReferenceInterpreter", "REFERENCE_OPS", "UnsupportedReferenceOp", "compare_graph_with_ort",
+           "compare_regions_with_ort"]
 
 
 class UnsupportedReferenceOp(LowbitError):
@@ -239,4 +240,48 @@ def compare_regions_with_ort(model: ir.Model, feeds: list[Mapping[str, np.ndarra
                     compared += 1
                     if got[name].dtype != env[name].dtype or not np.array_equal(got[name], env[name]):
                         mismatches.append((i, name, int(np.sum(got[name] != env[name]))))
+    return compared, mismatches
+
+
+def compare_graph_with_ort(model: ir.Model, feeds: list[Mapping[str, np.ndarray]]):
+    """Reference (``lowbit`` ops by their numpy references) vs ORT (the same graph through lower-lowbit).
+
+    ``model`` still holds its ``lowbit`` nodes.  Walking it in order, the reference computes every
+    node it has semantics for from values it computed itself (so an error propagates and is
+    caught downstream); the others (shape and mask arithmetic) take ORT's values.  Every integer
+    value the reference computed is compared with ORT's, bit for bit.  Returns (compared, mismatches).
+    """
+    from lowbit.backends.lower_lowbit import LowerLowbit
+    from lowbit.ir.sessions import make_session, to_proto
+
+    lowered = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    LowerLowbit()(lowered)
+    names = [o.name for n in model.graph for o in n.outputs if o.name]
+    proto = to_proto(lowered)
+    have = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in have:
+            proto.graph.output.add(name=name)
+    sess = make_session(proto)
+    out_names = [o.name for o in sess.get_outputs()]
+    interp = ReferenceInterpreter(model)
+    compared, mismatches = 0, []
+    for i, feed in enumerate(feeds):
+        got = dict(zip(out_names, sess.run(out_names, dict(feed))))
+        env: dict[str, np.ndarray] = dict(feed)
+        for node in model.graph:
+            ins = [None if v is None else env.get(v.name, v.const_value.numpy() if v.const_value is not None else None)
+                   for v in node.inputs]
+            ready = all(a is not None for v, a in zip(node.inputs, ins) if v is not None)
+            if not (ready and interp.supports(node)):
+                for o in node.outputs:
+                    env[o.name] = got[o.name]
+                continue
+            for o, arr in zip(node.outputs, interp.run_node(node, ins)):
+                arr = np.asarray(arr)
+                env[o.name] = arr
+                if np.issubdtype(arr.dtype, np.integer):
+                    compared += 1
+                    if got[o.name].dtype != arr.dtype or not np.array_equal(got[o.name], arr):
+                        mismatches.append((i, o.name, int(np.sum(got[o.name] != arr))))
     return compared, mismatches

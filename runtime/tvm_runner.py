@@ -43,6 +43,10 @@ class TvmSession:
         self.meta = json.loads(meta_path.read_text())
         kind = device or self.meta.get("device", "cpu")
         self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        if self.meta.get("kernels") == "lowbit-cpu":  # the packed function the module calls
+            from lowbit.backends.kernels.tvm_bridge import register
+
+            register()
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.device)
         with np.load(params_path, allow_pickle=False) as z:
             arrays = [z[f"p{i}"] for i in range(self.meta["num_params"])]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lowbit.errors import LowbitError, PassFailure, PipelineError
-from lowbit.passmanager.manager import CompileContext
+from lowbit.passmanager.manager import CompileContext, PassManager, registered_passes
 from onnx_text import digest, expect, parse, run, structure
 
 W = "float[4, 3] w = {1.0, -2.0, 0.5, 0.25, 1.0, -1.0, 3.0, 0.0, 2.0, -0.5, 1.5, 1.0}"
@@ -226,3 +226,42 @@ def test_assign_bits_replaying_its_own_plan_changes_nothing(tmp_path):
     before = digest(model)
     model, pm = run(model, f"assign-bits{{plan={plan}}}", _ctx())
     assert digest(model) == before and pm.ctx.report["passes"][-1]["modified"] is False
+
+
+def test_smooth_must_refuse_a_norm_scale_that_is_not_a_constant():
+    text = """
+    g (float[b, 4] x, float[4] gamma) => (float[b, 3] y)
+    <float[4, 3] w = {1.0, -2.0, 0.5, 0.25, 1.0, -1.0, 3.0, 0.0, 2.0, -0.5, 1.5, 1.0}>
+    {
+        h = RMSNormalization <axis = -1> (x, gamma)
+        y = MatMul (h, w)
+    }"""
+    feeds = [dict(FEEDS[0], gamma=np.ones(4, np.float32))]
+    ctx = CompileContext(calibration=feeds, show_progress=False)
+    expect(text, "calibrate,smooth", PassFailure, ctx, match="norm scale is not a constant")
+
+
+def test_quantize_weights_tags_the_layers_it_quantized():
+    out = expect(NORM_LINEAR, "quantize-weights{bits=8,group=0}", QW_EXPECTED)
+    mm = next(n for n in out.graph if n.op_type == "MatMul")
+    assert (mm.metadata_props["lowbit.bits"], mm.metadata_props["lowbit.group"]) == ("8", "0")
+
+
+@pytest.mark.parametrize("pipeline", ["quantize-weights{damp=1.0}", "quantize-weights{damp=-0.1}",
+                                      "quantize-weights{bits=5}", "quantize-weights{group=48}",
+                                      "quantize-embeddings{min_rows=0}", "migrate-steps{ratio=3}",
+                                      "dyadic{mult_bits=31}", "quantize{percentile=40}"])
+def test_bad_options_must_refuse(pipeline):
+    with pytest.raises(PipelineError):
+        PassManager.from_pipeline(pipeline, CompileContext())
+
+
+@pytest.mark.parametrize("name", sorted(registered_passes()))
+def test_every_pass_has_frozen_options(name):
+    import dataclasses
+
+    options = registered_passes()[name]().options
+    assert dataclasses.is_dataclass(options)
+    if dataclasses.fields(options):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(options, dataclasses.fields(options)[0].name, None)

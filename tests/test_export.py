@@ -31,14 +31,19 @@ def exported(tmp_path_factory):
 def test_manifest_lists_what_a_device_needs(exported):
     out, m = exported
     assert m["format"] == "lowbit-integer-manifest" and m["version"] == 1 and m["model"] == out.name
-    assert m["opsets"]["lowbit"] == 1 and m["ops"]["MatMulInteger"] == 36 and m["ops"]["lowbit.Requantize"] == 35
-    assert len(m["gemms"]) == 36 and len(m["requantize"]) == 35
-    assert all(q["unit_step"] for q in m["quantizers"]) and len(m["quantizers"]) == 21  # all migrated
+    # 35 linears' requantizers (lm_head leaves as int32), 5 SwiGLU products, 10 residual rescales
+    assert m["opsets"]["lowbit"] == 1 and m["ops"]["MatMulInteger"] == 36 and m["ops"]["lowbit.Requantize"] == 50
+    assert m["ops"]["lowbit.IntNorm"] == 11 and m["ops"]["lowbit.Lookup"] == 5  # RMSNorms; silu tables
+    assert len(m["gemms"]) == 36 and len(m["requantize"]) == 50
+    entries = [q for q in m["quantizers"] if not q["unit_step"]]
+    assert len(m["quantizers"]) == 6 and len(entries) == 1 and entries[0]["dtype"] == "int16"  # the residual entry
     for r in m["requantize"]:
         b, c = np.array(r["scales"]).T
-        assert np.all((b >= 1) & (b < 2 ** 30)) and np.all((c >= 1) & (c <= 62)) and r["out_dtype"] == "uint8"
+        assert np.all((b >= 1) & (b < 2 ** 30)) and np.all((c >= 1) & (c <= 62)) and r["out_dtype"] in ("uint8",
+                                                                                                           "int16")
+    assert sum(r["out_dtype"] == "int16" for r in m["requantize"]) == 20  # residual stream: 10 adds, 2 operands
     assert max(g["accumulator_bound"] for g in m["gemms"]) < 2 ** 31
-    assert "RMSNormalization" in m["stays_float"] and "Softmax" in m["stays_float"]
+    assert "RMSNormalization" not in m["stays_float"] and "Softmax" in m["stays_float"]  # RoPE attention stays float
 
 
 def test_device_graph_runs_on_the_reference(exported):
@@ -57,5 +62,6 @@ def test_device_graph_runs_on_the_reference(exported):
              for n in region.nodes for v in n.inputs if v is not None and v.const_value is None
              and v.producer() not in region.nodes}
     env = ReferenceInterpreter(model).run(region.nodes, feeds)
-    outs = [o.name for n in region.nodes if n.domain == "lowbit" for o in n.outputs]
-    assert outs and all(env[o].dtype == np.uint8 for o in outs)
+    outs = [o for n in region.nodes if n.domain == "lowbit" for o in n.outputs]
+    assert len(outs) > 50 and all(env[o.name].dtype == o.dtype.numpy() for o in outs)  # uint8 codes, int16 residual
+    assert {env[o.name].dtype for o in outs} == {np.dtype(np.uint8), np.dtype(np.int16)}

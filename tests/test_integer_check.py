@@ -74,3 +74,22 @@ def test_reference_integer_semantics():
     assert interp.run_node(div, [np.array([-7, 7], np.int32), np.array([2, -2], np.int32)])[0].tolist() == [-3, -3]
     add = ir.Node("", "Add", [ir.Value(name="a"), ir.Value(name="b")])
     assert interp.run_node(add, [np.array([2 ** 31 - 1], np.int32), np.array([1], np.int32)])[0][0] == -2 ** 31
+
+
+def test_integer_shares_of_ops_and_gemm_macs():
+    """x → float MatMul (16×8) → Q → MatMulInteger (8×4) → DQ: 32 of 160 weight MACs and 1 of 4 ops integer."""
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["m", 16]))
+    g = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
+    h = make_node(g, "MatMul", [x, add_initializer(g, "w1", rng.standard_normal((16, 8)).astype(np.float32))],
+                  origin="test", name="mm_f").outputs[0]
+    q = make_node(g, "QuantizeLinear", [h, add_initializer(g, "s", np.float32(0.1)),
+                                        add_initializer(g, "z", np.uint8(128))], origin="test", name="q").outputs[0]
+    acc = make_node(g, "MatMulInteger", [q, add_initializer(g, "w2", rng.integers(-127, 128, (8, 4)).astype(np.int8))],
+                    origin="test", name="mm_i").outputs[0]
+    g.outputs.append(make_node(g, "DequantizeLinear", [acc, add_initializer(g, "s2", np.float32(1e-3))],
+                               origin="test", name="dq").outputs[0])
+    rep = check_integer_regions(ir.Model(g, ir_version=10))
+    assert rep.gemm_macs == {"float": 128, "integer": 32} and rep.integer_mac_share == pytest.approx(0.2)
+    assert rep.integer_ops == 1 and rep.integer_op_share == pytest.approx(0.25)
+    assert rep.summary()["integer_mac_share"] == 0.2

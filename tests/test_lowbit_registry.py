@@ -12,13 +12,14 @@ from onnx import helper, numpy_helper
 
 from lowbit.backends.lower_lowbit import LowerLowbit
 from lowbit.errors import PassFailure
+from lowbit.ops.integer_nonlinear import exp_table
 from lowbit.ops.registry import DOMAIN, OPS, VERSION, attach_functions, lowbit_op, register_schemas
 from lowbit.ops.float_ops import pack3
 from lowbit.ops.integer_ops import dyadic
 from lowbit.runtime.reference import ReferenceInterpreter
 from lowbit.ir.sessions import make_session
 
-ALL_OPS = ("MatMul3Bit", "Hadamard", "Requantize", "Lookup")
+ALL_OPS = ("MatMul3Bit", "Hadamard", "Requantize", "Lookup", "IntNorm", "IntSoftmax")
 
 
 def _case(op_type: str):
@@ -40,6 +41,16 @@ def _case(op_type: str):
     if op_type == "Lookup":
         x = rng.integers(-128, 128, (5, 8)).astype(np.int8)
         return {"x": x}, {"table": rng.integers(-128, 128, (8, 256)).astype(np.int8)}, {}
+    if op_type == "IntNorm":
+        x = rng.integers(-3000, 3000, (5, 8)).astype(np.int16)
+        return ({"x": x}, {"zx": np.asarray(2, np.int16), "g": rng.integers(-900, 900, 8).astype(np.int64),
+                           "bias": rng.integers(-2 ** 20, 2 ** 20, 8).astype(np.int64), "zp": np.asarray(3, np.uint8)},
+                {"rms": 0, "frac_bits": 20, "shift": 24, "n_min": 4})
+    if op_type == "IntSoftmax":
+        keep = rng.random((1, 8)) < 0.7
+        keep[0, 0] = True
+        return ({"x": rng.integers(-128, 128, (5, 8)).astype(np.int8)},
+                {"table": exp_table(0.06), "keep": keep}, {})
     raise AssertionError(op_type)
 
 
@@ -64,7 +75,7 @@ def test_registry_holds_all_four_ops_each_with_reference_and_plain_onnx_form():
         assert op.function is not None or op.lower is not None
         assert op.inputs and op.outputs and op.doc
     assert {n for n, op in OPS.items() if op.function is not None} == {"MatMul3Bit", "Hadamard"}
-    assert {n for n, op in OPS.items() if op.lower is not None} == {"Requantize", "Lookup"}
+    assert {n for n, op in OPS.items() if op.lower is not None} == {"Requantize", "Lookup", "IntNorm", "IntSoftmax"}
 
 
 @pytest.mark.parametrize("op_type", ALL_OPS)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lowbit.ir.analysis import const_array
-from lowbit.passmanager.manager import CompileContext
+from lowbit.passmanager.manager import CompileContext, PassManager
 from onnx_text import ort_outputs, parse, run
 
 C, N, EPS = 16, 8, 1e-5
@@ -100,3 +100,44 @@ def test_migrated_and_kept_steps_agree(case):
     gamma_moved = const_array(norm.inputs[1]).astype(np.float64)
     text_gamma = const_array(next(n for n in kept.graph if n.op_type == "LayerNormalization").inputs[1])
     np.testing.assert_allclose(text_gamma / gamma_moved, const_array(ql.inputs[1]), rtol=1e-6)
+
+
+def test_linear_producers_migrated_equal_kept_on_a_biased_decoder():
+    """V→O and up→down groups (and V's bias): steps folded into the previous linear give the same integer
+    codes as steps kept in the quantizers (powers of two: exact), so the outputs agree to float rounding."""
+    from lowbit_models import rel_err
+    from test_rotate_bias import CFG, qwen_like
+
+    rng = np.random.default_rng(0)
+    feeds = [{"tokens": rng.integers(0, CFG.vocab_size, (1, 12)).astype(np.int64)} for _ in range(3)]
+    outs = {}
+    for migrate in (True, False):
+        ctx = CompileContext(calibration=feeds, show_progress=False)
+        pm = PassManager.from_pipeline(f"calibrate{{rows=256}},migrate-steps{{migrate={str(migrate).lower()},ratio=8}}",
+                                       ctx)
+        model = pm.run(qwen_like())
+        outs[migrate] = ort_outputs(model, feeds[0])[0]
+        if migrate:
+            assert pm.passes[1].stats["migrated_linear"] == 2 * CFG.n_layers  # V→O and up→down per layer
+    assert rel_err(outs[True], outs[False]) <= 1e-5
+
+
+def test_ratio_search_picks_the_reference_minimum(case):
+    """ρ from {1, 2, …, 2^10} minimising the W8A8 output error on the calibration rows (numpy reference)."""
+    _, _, h, w = case
+    lo, hi = np.minimum(h.min(0), 0), np.maximum(h.max(0), 0)
+    a = (hi - lo) / 255
+    errors = {}
+    for r in [2 ** k for k in range(11)]:
+        s = np.exp2(np.ceil(np.log2(np.maximum(a, a.max() / r))))
+        z = np.clip(np.round(-lo / s), 0, 255)
+        xq = np.clip(np.round(h / s) + z, 0, 255) - z
+        ws = (w * s[:, None]).astype(np.float32)
+        sw = np.abs(ws).max(0) / np.float32(127)
+        wq = np.clip(np.round(ws / sw), -127, 127)
+        errors[r] = float(((h @ w - (xq @ wq) * sw) ** 2).sum())
+    best = min(errors.values())
+    _, ctx = _compile(case, "calibrate{rows=4096},migrate-steps")
+    chosen = ctx.report["migrate-steps"]["ratio"]["min"]
+    assert errors[chosen] <= best * 1.001, f"chose ρ={chosen}; reference errors {errors}"
+    assert max(errors.values()) > 1.05 * best, "the case must make the choice matter"

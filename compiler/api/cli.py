@@ -9,7 +9,6 @@ import json
 import logging
 import sys
 
-from lowbit.errors import LowbitError
 
 __all__ = ["main", "commands", "emit"]
 
@@ -34,10 +33,17 @@ def emit(args, payload: dict, human) -> None:
         human()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``lowbit CMD: error: ... (see 'lowbit CMD --help')``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
 
-    parser = argparse.ArgumentParser(prog="lowbit", description="A quantization compiler for transformers.")
+    parser = _Parser(prog="lowbit", description="A quantization compiler for transformers.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log pass progress (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  Exit codes: 0 success, 1 a finding (audit), 2 a user error (one ``error:`` line),
+    3 an internal error (one line naming a crash report), 130/143 interrupted/terminated."""
+    from lowbit.api.boundary import Terminated, handle_sigterm, one_line, to_lowbit_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -54,16 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    handle_sigterm()
+    command = ["lowbit", *(sys.argv[1:] if argv is None else argv)]
     try:
         return int(args.func(args) or 0)
-    except LowbitError as exc:
-        print(f"lowbit {args.command}: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
+        print(f"lowbit {args.command}: interrupted (nothing was written)", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"lowbit {args.command}: terminated (nothing was written)", file=sys.stderr)
+        return 143
+    except BaseException as exc:  # noqa: BLE001 — the one error boundary of the command line
+        if isinstance(exc, SystemExit):
+            raise
+        err = to_lowbit_error(exc, command)
+        hint = f" (hint: {one_line(err.hint)})" if err.hint else ""
+        print(f"lowbit {args.command}: error: {one_line(err.message)}{hint}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.data.datasets import load_calibration, model_kind
+from lowbit.data.datasets import MIN_TRUSTED_TOKENS, load_calibration, model_kind
 from lowbit.errors import InvalidWeightsError, ModelLoadError
 from lowbit.frontends import load_model
 from lowbit.passmanager.instruments import DumpIRInstrument, ReproducerInstrument, TimingInstrument, VerifyInstrument
-from lowbit.ir.model_io import save_onnx
 from lowbit.passmanager.manager import CompileContext, PassManager
 from lowbit.passmanager.recipes import resolve_recipe
 
@@ -59,38 +58,73 @@ def check_weights(model: ir.Model) -> None:
                                       hint="fix or re-export the model; quantizing it would be meaningless")
 
 
+def _check_args(backend, calibration_samples, seed, encoding) -> None:
+    from lowbit.errors import InputError, PipelineError
+    from lowbit.files import check_encoding
+
+    if backend not in ("ort", "tvm"):
+        raise PipelineError(f"unknown backend '{backend}'", hint="use 'ort' or 'tvm'")
+    if calibration_samples is not None and (isinstance(calibration_samples, bool)
+                                            or not isinstance(calibration_samples, int) or calibration_samples < 1):
+        raise InputError(f"calibration_samples must be a whole number >= 1, got {calibration_samples!r}",
+                         hint="pass --calibration-samples N with N >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise InputError(f"seed must be a whole number in [0, 2^32), got {seed!r}")
+    check_encoding(encoding)
+
+
+def _calibration_tokens(feeds) -> int:
+    return sum(max((np.asarray(v).size for v in f.values()), default=0) for f in feeds if isinstance(f, dict))
+
+
 def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path | None = None,
             tokenizer: str | Path | None = None, backend: str = "ort", calibration_samples: int | None = 64,
             seed: int = 0, verify: bool = False, dump_ir: str | Path | None = None,
-            reproducer: str | Path | None = None, progress: bool = True, kv_cache: bool = False) -> CompileResult:
+            reproducer: str | Path | None = None, progress: bool = True, encoding: str = "utf-8",
+            check_output: bool = True, extra_artifacts=None, **load_options) -> CompileResult:
     """Compile ``model`` with ``recipe`` (a name from ``RECIPES`` or a pipeline string).
 
     ``calibration`` is a text file, a folder of ``.npz`` samples, or a list of feed dicts.  With
-    ``output`` the compiled model is written atomically (IR version 10).  ``kv_cache`` loads a decoder
-    built by lowbit (llama2.c, Hugging Face, GGUF) in its KV-cache form (past/present key/values).
+    ``output`` the compiled model — and every other file of the run (``extra_artifacts(folder, result)``
+    writes more, a saved plan, a TVM library) — is written into one temporary folder, loaded in ONNX
+    Runtime and run on one sample (``check_output``), and only then moved into place.  Raises only
+    :class:`LowbitError` subclasses (exit code 2: your input; 3: a lowbit bug, with a crash report).
+    ``load_options`` go to the frontend's ``load_model``: ``kv_cache=True`` loads a decoder built by lowbit
+    (llama2.c, Hugging Face, GGUF) in its KV-cache form (past/present key/values).
     """
-    if backend not in ("ort", "tvm"):
-        from lowbit.errors import PipelineError
+    from lowbit.api.boundary import boundary
 
-        raise PipelineError(f"unknown backend '{backend}'", hint="use 'ort' or 'tvm'")
-    if output is not None:
-        from lowbit.errors import LowbitError
+    return boundary(_compile, model, recipe, calibration=calibration, output=output, tokenizer=tokenizer,
+                    backend=backend, calibration_samples=calibration_samples, seed=seed, verify=verify,
+                    dump_ir=dump_ir, reproducer=reproducer, progress=progress, encoding=encoding,
+                    check_output=check_output, extra_artifacts=extra_artifacts, load_options=load_options,
+                    command="lowbit.compile")
 
-        if Path(output).is_dir():
-            raise LowbitError(f"output '{output}' is a folder", hint="give the path of the .onnx file to write")
-        blocker = next((p for p in Path(output).parents if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise LowbitError(f"output '{output}': '{blocker}' is a file, not a folder",
-                              hint="choose an output path inside a folder")
+
+def _compile(model, recipe, *, calibration, output, tokenizer, backend, calibration_samples, seed, verify, dump_ir,
+             reproducer, progress, encoding, check_output, extra_artifacts, load_options) -> CompileResult:
+    from lowbit.api import preflight
+
     start = time.perf_counter()
+    _check_args(backend, calibration_samples, seed, encoding)
+    if output is not None:
+        preflight.check_output(output)
+    if dump_ir:
+        preflight.check_instrument_dir(dump_ir, "--dump-ir")
+    if reproducer:
+        preflight.check_instrument_dir(reproducer, "--reproducer")
     pipeline = resolve_recipe(recipe)
     if backend == "tvm" and "lower-tvm" not in pipeline:
         pipeline = pipeline + ",lower-tvm"
+    preflight.check_pipeline_paths(pipeline)
+    preflight.check_model_source(model)
+    if tokenizer is not None:
+        preflight.check_model_source(tokenizer, "tokenizer")
     src = model
-    model = load_model(model, tokenizer=tokenizer, kv_cache=kv_cache)
+    model = load_model(model, tokenizer=tokenizer, **load_options)
     check_weights(model)
     float_bytes = _weight_bytes(model)
-    feeds = load_calibration(model, calibration, tokenizer=tokenizer, limit=calibration_samples)
+    feeds = load_calibration(model, calibration, tokenizer=tokenizer, limit=calibration_samples, encoding=encoding)
     ctx = CompileContext(calibration=feeds or None, probes=feeds[:2] or None, seed=seed, show_progress=progress)
     timing = TimingInstrument()
     instruments = [timing]
@@ -100,22 +134,54 @@ def compile(model, recipe: str = "w8a8", *, calibration=None, output: str | Path
         instruments.append(DumpIRInstrument(dump_ir))
     if reproducer:
         instruments.append(ReproducerInstrument(reproducer, pipeline))
+    if output is None:
+        return _run(model, src, pipeline, ctx, instruments, timing, feeds, float_bytes, start, None, None,
+                    check_output, extra_artifacts)
+    from lowbit.ir.staging import ArtifactSet
+
+    with ArtifactSet(output) as art:
+        ctx.stage = art.stage  # passes that write files (save=, lower-tvm) write into the set
+        result = _run(model, src, pipeline, ctx, instruments, timing, feeds, float_bytes, start, art, output,
+                      check_output, extra_artifacts)
+        art.commit()
+    result.output = Path(output)
+    result.report["output"] = str(result.output)
+    result.report["file_bytes"] = result.output.stat().st_size
+    return result
+
+
+def _run(model, src, pipeline, ctx, instruments, timing, feeds, float_bytes, start, art, output, check_output,
+         extra_artifacts) -> CompileResult:
+    from lowbit.ir.accumulator import check_accumulators
+
     pm = PassManager.from_pipeline(pipeline, ctx, instruments)
     model = pm.run(model)
+    sites = check_accumulators(model)  # an int32 accumulator that can wrap is refused, naming the layer
     report = ctx.report
     report.update({"source": str(src) if isinstance(src, (str, Path)) else type(src).__name__,
                    "kind": model_kind(model), "pipeline": pipeline, "calibration_samples": len(feeds),
                    "float_weight_bytes": float_bytes, "weight_bytes": _weight_bytes(model)})
+    if sites:
+        report["int32_accumulators"] = {"gemms": len(sites), "max_bound": max(s.bound for s in sites)}
+    tokens = _calibration_tokens(feeds)
+    if feeds and tokens < MIN_TRUSTED_TOKENS:
+        report.setdefault("warnings", []).append(
+            f"calibration holds only {tokens} token(s)/values (< {MIN_TRUSTED_TOKENS}): ranges are unreliable")
     model.metadata_props["lowbit.passmanager.pipeline"] = pipeline
     result = CompileResult(model, pipeline, report, timing=timing)
-    if output is not None:
-        try:
-            result.output = save_onnx(model, output)
-        except OSError as exc:  # disk full, permissions: nothing was left behind (atomic write)
-            from lowbit.errors import LowbitError
+    if art is not None:
+        from lowbit.api.smoke import check_artifact
+        from lowbit.files import os_error
+        from lowbit.ir.model_io import write_onnx
 
-            raise LowbitError(f"cannot write '{output}': {exc}", hint="check free space and permissions") from exc
-        report["output"] = str(result.output)
-        report["file_bytes"] = result.output.stat().st_size
+        target = art.dir / Path(output).name
+        try:
+            write_onnx(model, target)
+            if extra_artifacts is not None:
+                extra_artifacts(art.dir, result)
+        except OSError as exc:  # disk full, permissions: the temporary folder is removed, nothing is left
+            raise os_error(exc, output, "output") from None
+        if check_output:
+            report["output_check"] = check_artifact(target, feeds)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return result

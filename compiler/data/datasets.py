@@ -14,6 +14,7 @@ Stories ``[400, 600)`` are left unused as a guard band.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -23,9 +24,11 @@ import onnx_ir as ir
 
 from lowbit.errors import CalibrationError
 
-__all__ = ["read_stories", "read_sentences", "read_sts", "causal_lm_feeds", "encoder_feeds",
-           "load_calibration", "kv_prefill_feed", "CALIB_STORIES", "TUNE_STORIES", "REPORT_STORIES", "EVAL_STORIES",
-           "STORY_SLICES", "data_dir", "model_kind"]
+__all__ = ["read_stories", "iter_stories", "story_chars", "load_hf_tokenizer", "read_sentences", "read_sts",
+           "causal_lm_feeds", "encoder_feeds", "load_calibration", "kv_prefill_feed", "CALIB_STORIES", "TUNE_STORIES",
+           "REPORT_STORIES", "EVAL_STORIES", "STORY_SLICES", "data_dir", "model_kind"]
+
+logger = logging.getLogger(__name__)
 
 CALIB_STORIES = slice(0, 100)
 TUNE_STORIES = slice(100, 400)
@@ -52,24 +55,55 @@ def model_kind(model: ir.Model) -> str:
     return "causal-lm"
 
 
-def read_stories(path: str | Path) -> list[str]:
-    text = Path(path).read_text(encoding="utf-8")
-    return [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+def iter_stories(path: str | Path, *, encoding: str = "utf-8", max_chars: int | None = None, what: str = "text"):
+    """Stories of ``path`` (separated by ``<|endoftext|>``), streamed; each cut to ``max_chars`` if given."""
+    from lowbit.files import iter_records
+
+    return iter_records(path, what, "<|endoftext|>", encoding=encoding, max_chars=max_chars)
 
 
-def read_sentences(path: str | Path) -> list[str]:
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_stories(path: str | Path, *, encoding: str = "utf-8", what: str = "text") -> list[str]:
+    return list(iter_stories(path, encoding=encoding, what=what))
 
 
-def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
+def read_sentences(path: str | Path, *, encoding: str = "utf-8", limit: int | None = None,
+                   what: str = "text") -> list[str]:
+    from lowbit.files import iter_records
+
+    out = []
+    for line in iter_records(path, what, "\n", encoding=encoding, max_chars=1 << 16):
+        out.append(line)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def read_sts(path: str | Path, *, encoding: str = "utf-8", what: str = "STS csv") -> tuple[list[str], list[str], np.ndarray]:
+    """Pairs and scores of an STS-benchmark file (tab-separated: genre, file, year, id, score, s1, s2).
+
+    A first line whose score column is not a number is a header and is skipped; a later one is refused."""
+    import math
+
+    from lowbit.errors import InputError
+    from lowbit.files import iter_records
+
     a, b, scores = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if len(row) < 7:
-                continue
-            scores.append(float(row[4]))
-            a.append(row[5])
-            b.append(row[6])
+    for lineno, line in enumerate(iter_records(path, what, "\n", encoding=encoding, max_chars=1 << 20), 1):
+        row = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))
+        if len(row) < 7:
+            continue
+        try:
+            score = float(row[4])
+        except ValueError:
+            if not scores:
+                continue  # a header line
+            raise InputError(f"{what} '{path}': line {lineno}: score column '{row[4][:20]}' is not a number",
+                             hint="columns: genre, file, year, id, score, sentence 1, sentence 2") from None
+        if not math.isfinite(score):
+            raise InputError(f"{what} '{path}': line {lineno}: score {row[4]} is not finite")
+        scores.append(score)
+        a.append(row[5])
+        b.append(row[6])
     if not scores:
         raise CalibrationError(f"{path}: no STS rows (tab-separated: genre, file, year, id, score, s1, s2)")
     return a, b, np.array(scores)
@@ -77,10 +111,18 @@ def read_sts(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
 
 def causal_lm_feeds(tokenizer, stories: list[str], seq_len: int = 256, input_name: str = "tokens") -> list[dict]:
     feeds = []
+    cap = story_chars(tokenizer, seq_len)
     for story in stories:
-        ids = tokenizer.encode(story, bos=True)[:seq_len]
+        ids = tokenizer.encode(story[:cap], bos=True)[:seq_len]  # never tokenize more than seq_len can keep
         feeds.append({input_name: np.array([ids], dtype=np.int64)})
     return feeds
+
+
+def story_chars(tokenizer, seq_len: int) -> int:
+    """Characters of a story that are sure to cover its first ``seq_len`` tokens (a token spans at most
+    ``max_token_length`` bytes), with a margin so merges at the cut cannot reach the kept tokens."""
+    longest = max(1, int(getattr(tokenizer, "max_token_length", 16) or 16))
+    return 2 * seq_len * longest + 64
 
 
 def encoder_feeds(tokenizer_dir: str | Path, sentences: list[str], input_names: list[str], batch: int = 16,
@@ -88,13 +130,29 @@ def encoder_feeds(tokenizer_dir: str | Path, sentences: list[str], input_names: 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tok = load_hf_tokenizer(tokenizer_dir)
     feeds = []
     for i in range(0, len(sentences), batch):
         enc = tok(sentences[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
         feeds.append({n: enc[n].astype(np.int64) if n in enc else np.zeros_like(enc["input_ids"], np.int64)
                       for n in input_names})
     return feeds
+
+
+def load_hf_tokenizer(tokenizer_dir):
+    """A Hugging Face tokenizer from a local folder; a folder that holds none is a clear error."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    if not Path(tokenizer_dir).is_dir():
+        raise CalibrationError(f"tokenizer '{tokenizer_dir}' is not a folder; an encoder needs its Hugging Face "
+                               "tokenizer folder", hint="pass --tokenizer DIR (the model's folder)")
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 — transformers raises OSError/ValueError/KeyError for unusable folders
+        raise CalibrationError(f"tokenizer folder '{tokenizer_dir}': not a usable Hugging Face tokenizer "
+                               f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                               hint="pass the folder of the model's tokenizer (tokenizer.json or vocab.txt)") from None
 
 
 def _tokenizer_for(model: ir.Model, tokenizer):
@@ -119,52 +177,89 @@ def kv_prefill_feed(model: ir.Model, ids: np.ndarray) -> dict:
     return feed
 
 
+MIN_TRUSTED_TOKENS = 64  # below this, calibration statistics are too noisy to trust (a warning, not an error)
+
+
 def load_calibration(model: ir.Model, source, *, tokenizer=None, limit: int | None = None,
-                     seq_len: int = 256) -> list[dict]:
-    """Feeds from a text file (stories or sentences), a directory of ``.npz`` files, or a list."""
+                     seq_len: int = 256, encoding: str = "utf-8") -> list[dict]:
+    """Feeds from a text file (stories or sentences), a directory of ``.npz`` files, or a list.
+
+    Text is streamed: at most ``limit`` stories are read and each is tokenized only as far as
+    ``seq_len`` tokens reach.  Files must be regular files (FIFOs and devices are refused)."""
+    from lowbit.errors import InputError
+    from lowbit.files import check_regular, open_regular, os_error
+
     if source is None:
         return []
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InputError(f"calibration_samples must be a whole number >= 1, got {limit!r}",
+                         hint="pass --calibration-samples N with N >= 1")
     if isinstance(source, list):
-        return source[:limit] if limit else source
+        return _warn_if_small(source[:limit] if limit else source, "the given samples")
     path = Path(source)
     inputs = [v.name for v in model.graph.inputs if not v.is_initializer()]
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise os_error(exc, path, "calibration") from None
+    if is_dir:
+        try:
+            files = sorted(path.glob("*.npz"))
+        except OSError as exc:
+            raise os_error(exc, path, "calibration folder") from None
         if not files:
             raise CalibrationError(f"{path}: no .npz files", hint="save each sample with np.savez(f, **inputs)")
         feeds = []
         for f in files[:limit] if limit else files:
             try:
-                with np.load(f, allow_pickle=False) as z:
+                with open_regular(f, "calibration sample") as fh, np.load(fh, allow_pickle=False) as z:
                     feeds.append({k: z[k] for k in z.files})
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # object arrays, garbage, truncation
                 raise CalibrationError(f"{f}: not a readable .npz of numeric arrays ({exc})",
                                        hint="save each sample with np.savez(f, **inputs); pickled objects are refused") from exc
-        return feeds
-    if not path.is_file():
+        return _warn_if_small(feeds, str(path))
+    if not path.exists() and not path.is_symlink():
         raise CalibrationError(f"{path}: no such calibration file or folder")
+    check_regular(path, "calibration")
     kind = model_kind(model)
     if kind == "encoder":
-        if path.suffix == ".csv":  # an STS-benchmark file: use its sentences
-            a, b, _ = read_sts(path)
-            sentences = [x for pair in zip(a, b) for x in pair]
-        else:
-            sentences = read_sentences(path)
-        sentences = sentences[: (limit or 0) * 16 or None]
         tok_dir = tokenizer or model.metadata_props.get("lowbit.tokenizer")
         if not tok_dir:
             raise CalibrationError("text calibration for an encoder needs its tokenizer folder", hint="pass --tokenizer DIR")
-        feeds = encoder_feeds(tok_dir, sentences, inputs)
+        if path.suffix == ".csv":  # an STS-benchmark file: use its sentences
+            a, b, _ = read_sts(path, encoding=encoding, what="calibration")
+            sentences = [x for pair in zip(a, b) for x in pair]
+        else:
+            sentences = read_sentences(path, encoding=encoding, limit=(limit or 0) * 16 or None, what="calibration")
+        sentences = sentences[: (limit or 0) * 16 or None]
+        feeds = encoder_feeds(tok_dir, sentences, inputs) if sentences else []
     else:
-        stories = read_stories(path)[:limit]
+        tok = _tokenizer_for(model, tokenizer)
+        import itertools
+
+        stories = list(itertools.islice(iter_stories(path, encoding=encoding, max_chars=story_chars(tok, seq_len),
+                                                     what="calibration"), limit))
         if model.metadata_props.get("lowbit.kv_cache") == "true":  # prefill samples with an empty past
             from lowbit.frontends.decoder import prefill_feeds
 
-            return prefill_feeds(model, causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, "ids"))
+            return _warn_if_small(prefill_feeds(model, causal_lm_feeds(tok, stories, seq_len, "ids")), str(path))
         if len(inputs) != 1:
             raise CalibrationError(f"text calibration expects a causal LM with one token input, the model has {inputs}",
                                    hint="give a directory of .npz samples instead")
-        feeds = causal_lm_feeds(_tokenizer_for(model, tokenizer), stories, seq_len, inputs[0])
+        feeds = causal_lm_feeds(tok, stories, seq_len, inputs[0])
     if not feeds:
         raise CalibrationError(f"{path}: holds no samples")
+    return _warn_if_small(feeds, str(path))
+
+
+def _warn_if_small(feeds: list, where: str) -> list:
+    tokens = 0
+    for feed in feeds:
+        if isinstance(feed, dict):
+            arrays = [np.asarray(v) for v in feed.values() if hasattr(v, "shape")]
+            tokens += max((a.size for a in arrays), default=0)
+    if feeds and tokens < MIN_TRUSTED_TOKENS:
+        logger.warning("calibration from %s holds only %d token(s)/values (< %d): activation ranges and smoothing "
+                       "scales from so little data are unreliable; give more calibration text", where, tokens,
+                       MIN_TRUSTED_TOKENS)
     return feeds

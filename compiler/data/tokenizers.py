@@ -23,10 +23,9 @@ BOS, EOS = 1, 2
 class Llama2cTokenizer:
     def __init__(self, path: str | Path, vocab_size: int | None = None):
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ModelLoadError(f"{path}: cannot read tokenizer ({exc})") from exc
+        from lowbit.files import read_bytes
+
+        data = read_bytes(path, "tokenizer", limit=256 << 20)  # regular files only, bounded (not /dev/zero, a FIFO)
         self.path = path
         self.pieces: list[bytes] = []
         self.scores: list[float] = []

@@ -11,7 +11,12 @@ What is proven.  Inside a region no op has a float input or output, so there is 
 between the region's integer inputs and its integer outputs.  Between regions the checker walks
 each float segment (exit → float ops → entry) and lists its ops; a segment made only of
 rescaling ops (Mul/Div/Round/Cast/Clip/Q/DQ by constants) is a *float rescale between integer
-tensors* — the thing ``dyadic`` removes — and is reported as a violation.  Index arithmetic
+tensors* — the thing ``dyadic`` removes — and is reported as a violation.
+
+Shares.  ``integer_op_share``: nodes whose outputs are integer and whose inputs are not float, over
+those plus the nodes touching a float tensor.  ``integer_mac_share``: of the per-token
+multiply-adds of constant-weight GEMMs (K·N per weight), the share in ``MatMulInteger``; GEMMs of
+two activations (Q·Kᵀ, P·V, whose cost grows with the sequence) are counted apart, integer/float.  Index arithmetic
 (shapes, token ids, masks) is integer but not quantized compute; it is not counted as a region.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from lowbit.ops.registry import DOMAIN
@@ -95,6 +101,20 @@ class IntegerReport:
     float_rescales: list[dict]  # segments that only rescale: violations
     float_gemms: list[str]  # MatMuls with a quantized (DequantizeLinear) weight left in float
     float_ops: Counter = field(default_factory=Counter)  # ops with a float input or output (boundaries included)
+    integer_ops: int = 0  # nodes with an integer output and no float input or output (shape arithmetic included)
+    gemm_macs: dict = field(default_factory=dict)  # per-token multiply-adds of constant-weight GEMMs: integer/float
+    activation_gemms: dict = field(default_factory=dict)  # GEMMs of two activations (attention): integer/float
+
+    @property
+    def integer_op_share(self) -> float:
+        n = self.integer_ops + sum(self.float_ops.values())
+        return self.integer_ops / n if n else 1.0
+
+    @property
+    def integer_mac_share(self) -> float:
+        """Share of the per-token multiply-adds of constant-weight GEMMs that run on integers."""
+        n = self.gemm_macs.get("integer", 0) + self.gemm_macs.get("float", 0)
+        return self.gemm_macs.get("integer", 0) / n if n else 1.0
 
     @property
     def integer_gemms(self) -> int:
@@ -106,7 +126,9 @@ class IntegerReport:
                 "region_ops": dict(sum((r.ops for r in self.regions), Counter())),
                 "float_boundaries": sum(len(r.exits) for r in self.regions),
                 "float_segments": len(self.float_segments), "stays_float_ops": dict(stays_float),
-                "float_rescales": len(self.float_rescales), "float_gemms": len(self.float_gemms)}
+                "float_rescales": len(self.float_rescales), "float_gemms": len(self.float_gemms),
+                "integer_op_share": round(self.integer_op_share, 4), "integer_mac_share": round(self.integer_mac_share, 4),
+                "activation_gemms": dict(self.activation_gemms)}
 
 
 def check_integer_regions(model: ir.Model) -> IntegerReport:
@@ -156,7 +178,22 @@ def check_integer_regions(model: ir.Model) -> IntegerReport:
                    and n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear"]
     float_ops = Counter(n.op_type for n in graph if any(not is_int(v) and types.get(v) in _FLOAT
                                                         for v in list(n.inputs) + list(n.outputs)))
-    return IntegerReport(regions, segments, rescales, float_gemms, float_ops)
+    integer_ops = sum(1 for n in graph if all(is_int(o) for o in n.outputs) and not any(
+        types.get(v) in _FLOAT for v in n.inputs if v is not None))
+    macs, act = Counter(), Counter()
+    for n in graph:
+        if n.op_type not in ("MatMul", "MatMulInteger", "Gemm"):
+            continue
+        kind = "integer" if n.op_type == "MatMulInteger" else "float"
+        w = n.inputs[1]
+        wp = w.producer() if w is not None else None
+        if wp is not None and wp.op_type == "DequantizeLinear":  # QDQ weight: still a constant
+            w = wp.inputs[0]
+        if w is not None and w.const_value is not None and len(w.const_value.shape) == 2:
+            macs[kind] += int(np.prod(w.const_value.shape))
+        else:
+            act[kind] += 1
+    return IntegerReport(regions, segments, rescales, float_gemms, float_ops, integer_ops, dict(macs), dict(act))
 
 
 def _float_segments(graph: ir.Graph, regions: list[IntegerRegion], is_int) -> tuple[list[dict], list[dict]]:

@@ -15,15 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
 
 from lowbit.errors import ModelLoadError
 
-__all__ = ["load_onnx", "save_onnx", "atomic_output", "IR_VERSION", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["load_onnx", "save_onnx", "write_onnx", "atomic_output", "IR_VERSION", "EXTERNAL_DATA_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,20 +149,35 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike):
-    """Yield a temporary directory; on success, move every file in it next to ``path``.
+    """Yield a temporary folder beside ``path``; on success move every file in it next to ``path``.
 
-    The main file is moved last so that a reader never sees it before its data file.
+    The main file (named like ``path``) is moved last so that a reader never sees it before its data
+    file.  On any failure, SIGINT or SIGTERM the folder is removed; folders left by killed runs are
+    removed by the next run (see :mod:`lowbit.ir.staging`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmpdir
-        files = sorted(tmpdir.iterdir(), key=lambda p: p.name == path.name)
-        for f in files:
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    from lowbit.ir.staging import ArtifactSet
+
+    with ArtifactSet(path) as art:
+        yield art.dir
+        art.commit()
+
+
+def write_onnx(model: ir.Model, target: Path, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``target`` (inside a staging folder: not atomic by itself), IR version 10.
+
+    ``external_data=None`` chooses: weights go to ``<name>.data`` when they exceed 1 GiB.
+    """
+    model.ir_version = IR_VERSION
+    if external_data is None:
+        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external_data:  # every tensor, wherever it lives now, goes into the new data file
+        ir.save(model, target, external_data=target.name + ".data")
+    else:
+        # weights still in the input's external data file must be written into the output,
+        # or the artifact would silently depend on the input's files
+        ir.external_data.load_to_model(model)
+        ir.save(model, target)
+    return target
 
 
 def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
@@ -173,17 +186,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: bool |
     ``external_data=None`` chooses: weights go to ``<name>.data`` when they exceed 1 GiB.
     """
     path = Path(path)
-    model.ir_version = IR_VERSION
-    if external_data is None:
-        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     with atomic_output(path) as tmp:
-        target = tmp / path.name
-        if external_data:  # every tensor, wherever it lives now, goes into the new data file
-            ir.save(model, target, external_data=path.name + ".data")
-        else:
-            # weights still in the input's external data file must be written into the output,
-            # or the artifact would silently depend on the input's files
-            ir.external_data.load_to_model(model)
-            ir.save(model, target)
+        write_onnx(model, tmp / path.name, external_data=external_data)
     logger.info("wrote %s", path)
     return path

@@ -136,7 +136,10 @@ class Plan:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
+        from lowbit.mixed.plan_schema import check_plan_dict
+
+        check_plan_dict(d, source)  # missing keys / wrong types are refused naming the key
         d = dict(d)
         d.pop("summary", None)
         if d.get("version", PLAN_VERSION) != PLAN_VERSION:
@@ -146,9 +149,14 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        from lowbit.files import read_bytes
+
+        data = read_bytes(path, "plan")  # regular files only, bounded
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, TypeError) as exc:
+            return cls.from_dict(json.loads(data.decode("utf-8")), str(path))
+        except LowbitError:
+            raise
+        except (ValueError, TypeError) as exc:
             raise LowbitError(f"{path}: not a readable lowbit plan ({exc})",
                               hint="plans are JSON written by assign-bits{save=PATH} or 'lowbit report'") from exc
 

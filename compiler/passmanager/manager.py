@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from lowbit.errors import LowbitError, PassFailure, PipelineError
+from lowbit.errors import InternalError, LowbitError, PassFailure, PipelineError
 from lowbit.passmanager.pipeline import Pipeline, PipelineItem, build_options, parse_pipeline
 from lowbit.passmanager.properties import HOW, Prop
 
@@ -109,6 +110,9 @@ class CompileContext:
     seed: int = 0
     report: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
+    # where a pass writes a file the user asked for (save=, lower-tvm): inside the run's artifact set when
+    # there is one, so that it appears only if the whole compile succeeds (lowbit.ir.staging)
+    stage: Any = field(default=Path)
 
 
 class Pass(InPlacePass):
@@ -240,13 +244,17 @@ class PassManager:
                 result = p(model)
             except BaseException as exc:
                 for inst in self.instruments:
-                    inst.on_failure(p, model, exc)
-                if isinstance(exc, LowbitError):
+                    try:  # a failing instrument (a reproducer that cannot be written) never hides the real error
+                        inst.on_failure(p, model, exc)
+                    except Exception as inst_exc:  # noqa: BLE001
+                        logger.error("%s could not record the failure of '%s': %s", type(inst).__name__, p.name,
+                                     inst_exc)
+                if isinstance(exc, (LowbitError, KeyboardInterrupt)) or not isinstance(exc, Exception):
                     raise
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                raise PassFailure(p.name, f"internal error {type(exc).__name__}: {exc}",
-                                  hint="this is a lowbit bug; re-run with --reproducer DIR and report it") from exc
+                if isinstance(exc, (MemoryError, OSError, UnicodeError)):
+                    raise  # the API boundary turns these into user-facing errors naming the file
+                raise InternalError(f"pass '{p.name}': internal error {type(exc).__name__}: {exc}",
+                                    hint="this is a lowbit bug; re-run with --reproducer DIR and report it") from exc
             _forget_removed_io(result.model.graph)
             seconds = time.perf_counter() - start
             model = result.model

@@ -13,6 +13,7 @@ options keep the order they were written in and values print in their canonical 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -160,6 +161,8 @@ def _coerce(pass_name: str, key: str, value, hint):
         if typ is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan/inf reach no solver or quantizer
+                raise PipelineError(f"{pass_name}: option '{key}' must be a finite number, got {format_value(value)}")
             return float(value)
         if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return value if isinstance(value, str) else format_value(value)

@@ -51,8 +51,11 @@ RECIPES: dict[str, str] = {
     # beats every uniform recipe of equal or larger size)
     # integer-only linears: static per-channel u8 activations with steps migrated into producers
     # (unit-step quantizers), int8 weights, int32 accumulators, dyadic requantize to the next tensor,
-    # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables
-    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-lut,lower-lowbit,lower-ort",
+    # 8-bit → 8-bit non-linearities (GELU) as integer lookup tables, SwiGLU by a silu table and an int32
+    # product; attention (Q·Kᵀ, exp-table softmax, P·V) and LayerNorm/RMSNorm over an int16-step residual
+    # stream integer too (BERT: float only at the embedding and the output; RoPE attention stays float)
+    "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-swiglu,integer-lut,integer-attention,"
+                         "integer-norms,lower-lowbit,lower-ort",
     # KV-cache graphs (compile --kv-cache): the cache stored at 8 / 4 bits (quantize-kv: K per-channel static
     # from calibration, V per-token; the 4-bit caches behind an online Hadamard on K and V)
     "w8a8-kv8": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=static},quantize-kv{bits=8},lower-ort",

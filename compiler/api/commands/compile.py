@@ -12,6 +12,7 @@ line for an encoder) or a folder of .npz files, one sample each, named after the
 
 
 def register(sub) -> None:
+    from lowbit.api.options import encoding, int_range
     from lowbit.passmanager.recipes import RECIPES
 
     p = sub.add_parser("compile", help="quantize a model with a recipe", description=__doc__, epilog=_EPILOG,
@@ -20,14 +21,15 @@ def register(sub) -> None:
     p.add_argument("--recipe", default="w8a8", help=f"a recipe ({', '.join(RECIPES)}) or a pipeline string")
     p.add_argument("--output", "-o", required=True, help="the compiled .onnx to write (atomically)")
     p.add_argument("--calibration", help="text file or folder of .npz samples")
-    p.add_argument("--calibration-samples", type=int, default=64, help="use at most N samples (default 64)")
+    p.add_argument("--calibration-samples", type=int_range(1), default=64, help="use at most N samples (default 64)")
+    p.add_argument("--encoding", type=encoding, default="utf-8", help="text encoding of --calibration (default utf-8)")
     p.add_argument("--tokenizer", help="tokenizer (llama2.c tok*.bin, a HF folder, or a .gguf)")
     p.add_argument("--kv-cache", action="store_true",
                    help="decoders lowbit builds (llama2.c, HF, GGUF): the graph with past/present key/values")
     p.add_argument("--backend", default="ort", choices=["ort", "tvm"])
     p.add_argument("--format", default="onnx", choices=["onnx", "genai"],
                    help="genai: --output is a folder that onnxruntime-genai and optimum load (needs --kv-cache)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
     p.add_argument("--verify", action="store_true", help="check each pass (ONNX checker, float equivalence)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass that changed it")
     p.add_argument("--reproducer", metavar="DIR", help="on failure, save the input model and the pipeline here")
@@ -49,7 +51,8 @@ def run(args) -> int:
                             output=None if genai else args.output,
                             tokenizer=args.tokenizer, backend=args.backend,
                             calibration_samples=args.calibration_samples, seed=args.seed, verify=args.verify,
-                            dump_ir=args.dump_ir, reproducer=args.reproducer, kv_cache=args.kv_cache,
+                            dump_ir=args.dump_ir, reproducer=args.reproducer, encoding=args.encoding,
+                            kv_cache=args.kv_cache,
                             progress=sys.stderr.isatty() and not args.json)
     if genai:
         from lowbit.api.genai_folder import write_genai_folder

@@ -11,12 +11,15 @@ import json
 
 
 def register(sub) -> None:
+    from lowbit.api.options import encoding, int_range
+
     p = sub.add_parser("export", help="write an integer-only graph and its device manifest", description=__doc__)
     p.add_argument("model")
     p.add_argument("--recipe", default="int8-integer-only", help="an integer-only recipe or pipeline string")
     p.add_argument("--output", "-o", required=True, help="the .onnx to write; the manifest goes beside it")
     p.add_argument("--calibration", required=True, help="text file or folder of .npz samples")
-    p.add_argument("--calibration-samples", type=int, default=64)
+    p.add_argument("--calibration-samples", type=int_range(1), default=64)
+    p.add_argument("--encoding", type=encoding, default="utf-8", help="text encoding of --calibration (default utf-8)")
     p.add_argument("--tokenizer", help="tokenizer (llama2.c tok*.bin, or a HF folder)")
     p.add_argument("--lowered", action="store_true", help="expand lowbit ops into standard ONNX ops")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
@@ -33,13 +36,34 @@ def device_pipeline(pipeline: str, lowered: bool) -> str:
 
 
 def export(model, recipe: str, output, *, calibration, calibration_samples: int = 64, tokenizer=None,
-           lowered: bool = False, progress: bool = False) -> dict:
+           lowered: bool = False, progress: bool = False, encoding: str = "utf-8") -> dict:
+    """Compile ``model`` integer-only and write ``output`` with its manifest beside it, as one unit."""
+    from lowbit.api.boundary import boundary
+
+    return boundary(_export, model, recipe, output, calibration=calibration, calibration_samples=calibration_samples,
+                    tokenizer=tokenizer, lowered=lowered, progress=progress, encoding=encoding,
+                    command="lowbit.export")
+
+
+def manifest_path(output) -> "Path":
+    from pathlib import Path
+
+    from lowbit.errors import InputError
+
+    out = Path(output)
+    mpath = out.with_suffix(".manifest.json")
+    if len(mpath.name.encode()) > 255:
+        raise InputError(f"output '{output}': its manifest name '{mpath.name[:40]}…' would be longer than a file "
+                         "name may be (255 bytes)", hint="choose a shorter output name")
+    return mpath
+
+
+def _export(model, recipe, output, *, calibration, calibration_samples, tokenizer, lowered, progress, encoding):
     from pathlib import Path
 
     from lowbit.api.driver import compile as lowbit_compile
-    from lowbit.errors import PipelineError
     from lowbit.api.manifest import build_manifest
-    from lowbit.ir.model_io import atomic_output
+    from lowbit.errors import PipelineError
     from lowbit.passmanager.recipes import resolve_recipe
 
     pipeline = device_pipeline(resolve_recipe(recipe), lowered)
@@ -47,14 +71,19 @@ def export(model, recipe: str, output, *, calibration, calibration_samples: int 
         raise PipelineError(f"'{recipe}' is not an integer-only recipe (no 'dyadic' pass)",
                             hint="use --recipe int8-integer-only")
     out = Path(output)
-    result = lowbit_compile(model, pipeline, calibration=calibration, output=out, tokenizer=tokenizer,
-                            calibration_samples=calibration_samples, progress=progress)
-    manifest = build_manifest(result.model, out.name, pipeline)
-    manifest["report"] = {k: result.report[k] for k in ("migrate-steps", "dyadic") if k in result.report}
-    mpath = out.with_suffix(".manifest.json")
-    with atomic_output(mpath) as tmp:
-        (Path(tmp) / mpath.name).write_text(json.dumps(manifest, indent=1))
-    return manifest
+    mpath = manifest_path(out)
+    holder: dict = {}
+
+    def write_manifest(folder: Path, result) -> None:  # into the same temporary folder as the model
+        manifest = build_manifest(result.model, out.name, pipeline)
+        manifest["report"] = {k: result.report[k] for k in ("migrate-steps", "dyadic") if k in result.report}
+        (folder / mpath.name).write_text(json.dumps(manifest, indent=1))
+        holder["manifest"] = manifest
+
+    lowbit_compile(model, pipeline, calibration=calibration, output=out, tokenizer=tokenizer,
+                   calibration_samples=calibration_samples, progress=progress, encoding=encoding,
+                   extra_artifacts=write_manifest)
+    return holder["manifest"]
 
 
 def run(args) -> int:
@@ -64,7 +93,7 @@ def run(args) -> int:
 
     manifest = export(args.model, args.recipe, args.output, calibration=args.calibration,
                       calibration_samples=args.calibration_samples, tokenizer=args.tokenizer, lowered=args.lowered,
-                      progress=sys.stderr.isatty() and not args.json)
+                      progress=sys.stderr.isatty() and not args.json, encoding=args.encoding)
     summary = {k: manifest[k] for k in ("model", "pipeline", "opsets", "ops", "stays_float", "integer_regions")}
     summary.update(gemms=len(manifest["gemms"]), requantize=len(manifest["requantize"]),
                    quantizers=len(manifest["quantizers"]))

@@ -23,7 +23,7 @@ def _describe(value) -> str:
 
 def run(args) -> int:
     from lowbit.ir.analysis import find_groups, find_linears
-    from lowbit.frontends import load_model
+    from lowbit.api.sources import load_model
 
     model = load_model(args.model, tokenizer=args.tokenizer)
     g = model.graph

@@ -163,8 +163,19 @@ def pareto_plot(rows: list[dict], stem: str | Path, title: str = "") -> Path:
 def run(args) -> int:
     from lowbit.mixed.bitplan import Plan
 
+    if args.plot:
+        from lowbit.api.preflight import check_parent
+
+        check_parent(args.plot, "--plot")
     plan = Plan.load(args.plan)
-    plot = plan_plot(plan, args.plot) if args.plot else None
+    plot = None
+    if args.plot:  # written whole or not at all
+        from lowbit.ir.staging import ArtifactSet
+
+        with ArtifactSet(args.plot) as art:
+            written = plan_plot(plan, art.dir / Path(args.plot).name)
+            art.commit()
+        plot = Path(args.plot).parent / written.name
     payload = {"plan": args.plan, "avg_bits": plan.avg_bits, "nominal_bits": plan.nominal_bits,
                "linear_bytes": plan.linear_bytes,
                "total_bytes": plan.total_bytes, "plot": str(plot) if plot else None,
