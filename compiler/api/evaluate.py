@@ -18,13 +18,13 @@ __all__ = ["evaluate"]
 logger = logging.getLogger(__name__)
 
 
-def _session(model_arg, tokenizer):
+def _session(model_arg, tokenizer, kv_cache: bool = False):
     from lowbit.api.preflight import check_model_source
     from lowbit.frontends import load_model
     from lowbit.ir.sessions import make_session
 
     check_model_source(model_arg)
-    model = load_model(model_arg, tokenizer=tokenizer)
+    model = load_model(model_arg, tokenizer=tokenizer, kv_cache=kv_cache and not str(model_arg).endswith(".onnx"))
     return make_session(model if not str(model_arg).endswith(".onnx") else Path(model_arg)), model
 
 
@@ -44,15 +44,15 @@ def _stories(stories) -> slice:
 
 
 def evaluate(model, *, ppl=None, sts=None, reference=None, tokenizer=None, stories=":", seq_len: int = 512,
-             encoding: str = "utf-8") -> dict:
+             encoding: str = "utf-8", cache: bool = False) -> dict:
     """Evaluate ``model`` (a path or anything ``load_model`` accepts) on ``ppl`` text or an ``sts`` csv."""
     from lowbit.api.boundary import boundary
 
     return boundary(_evaluate, model, ppl=ppl, sts=sts, reference=reference, tokenizer=tokenizer, stories=stories,
-                    seq_len=seq_len, encoding=encoding, command="lowbit.evaluate")
+                    seq_len=seq_len, encoding=encoding, cache=cache, command="lowbit.evaluate")
 
 
-def _evaluate(model, *, ppl, sts, reference, tokenizer, stories, seq_len, encoding) -> dict:
+def _evaluate(model, *, ppl, sts, reference, tokenizer, stories, seq_len, encoding, cache=False) -> dict:
     from lowbit.api.preflight import check_model_source
     from lowbit.data.datasets import model_kind
     from lowbit.files import check_encoding, check_regular
@@ -66,7 +66,7 @@ def _evaluate(model, *, ppl, sts, reference, tokenizer, stories, seq_len, encodi
     check_regular(ppl if ppl is not None else sts, "--ppl text" if ppl is not None else "--sts csv")
     if tokenizer is not None:
         check_model_source(tokenizer, "tokenizer")
-    sess, m = _session(model, tokenizer)
+    sess, m = _session(model, tokenizer, kv_cache=cache)
     ref = _session(reference, tokenizer)[0] if reference else None
     kind = model_kind(m)
     result: dict = {"model": str(model)}
@@ -93,10 +93,16 @@ def _evaluate(model, *, ppl, sts, reference, tokenizer, stories, seq_len, encodi
             raise InputError(f"--stories {window.start or 0}:{'' if window.stop is None else window.stop} selects no "
                              f"story of '{ppl}'", hint="the file holds fewer stories; choose a range inside it")
         stream = token_stream(tok, texts)
-        p = _run(lambda: perplexity(sess, stream, seq_len=seq_len), model)
+        if cache:  # token by token through the KV cache
+            from lowbit.runtime.kv_session import KVSession
+            from lowbit.runtime.llm import perplexity_cached
+
+            p = _run(lambda: perplexity_cached(KVSession(sess), stream, seq_len=seq_len), model)
+        else:
+            p = _run(lambda: perplexity(sess, stream, seq_len=seq_len), model)
         if p.tokens == 0:
             raise InputError(f"'{ppl}': the selected stories give no token to score", hint="choose more text")
-        result.update({"text": str(ppl), "stories": len(texts), "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
+        result.update({"path": "cache" if cache else "window", "text": str(ppl), "stories": len(texts), "tokens": p.tokens, "nll": p.nll, "ppl": p.ppl})
         if ref is not None:
             result["agreement"] = causal_agreement(ref, sess, stream)
     else:

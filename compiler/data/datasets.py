@@ -25,7 +25,7 @@ import onnx_ir as ir
 from lowbit.errors import CalibrationError
 
 __all__ = ["read_stories", "iter_stories", "story_chars", "load_hf_tokenizer", "read_sentences", "read_sts",
-           "causal_lm_feeds", "encoder_feeds", "load_calibration", "CALIB_STORIES", "TUNE_STORIES",
+           "causal_lm_feeds", "encoder_feeds", "load_calibration", "kv_prefill_feed", "CALIB_STORIES", "TUNE_STORIES",
            "REPORT_STORIES", "EVAL_STORIES", "STORY_SLICES", "data_dir", "model_kind"]
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,19 @@ def _tokenizer_for(model: ir.Model, tokenizer):
     if not path:
         raise CalibrationError("text calibration for a causal LM needs its tokenizer", hint="pass --tokenizer tok.bin")
     return load_tokenizer(path)
+
+
+def kv_prefill_feed(model: ir.Model, ids: np.ndarray) -> dict:
+    """A prefill feed for a KV-cache graph: ``ids`` [batch, seq], all-ones mask, positions 0.., empty past."""
+    ids = np.asarray(ids, dtype=np.int64)
+    b, s = ids.shape
+    feed = {"input_ids": ids, "attention_mask": np.ones((b, s), np.int64),
+            "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
+    for v in model.graph.inputs:
+        if v.name.startswith("past_key_values."):
+            dims = [b if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(v.shape)]
+            feed[v.name] = np.zeros(dims, dtype=v.dtype.numpy())
+    return feed
 
 
 MIN_TRUSTED_TOKENS = 64  # below this, calibration statistics are too noisy to trust (a warning, not an error)

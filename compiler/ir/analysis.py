@@ -166,10 +166,22 @@ def _single_use(v: ir.Value, graph: ir.Graph) -> bool:
     return len(value_users(v)) == 1 and v not in graph.outputs
 
 
+def _cache_concat(node: ir.Node | None, v: ir.Value, graph: ir.Graph) -> bool:
+    """``present = Concat(past_key_values.*, new)`` of a KV graph: the new part passes through (the cache
+    holds whatever the graph stores, so a fold into the producer applies to past entries too)."""
+    return (node is not None and node.op_type == "Concat" and len(node.inputs) == 2
+            and node.inputs[0] in graph.inputs and (node.inputs[0].name or "").startswith("past_key_values.")
+            and len(list(v.uses())) == 1)
+
+
 def _trace_back(v: ir.Value, ops: set[str], graph: ir.Graph) -> tuple[ir.Value, list[ir.Node]]:
     path = []
     while True:
         node = v.producer()
+        if _cache_concat(node, v, graph):
+            path.append(node)
+            v = node.inputs[1]
+            continue
         if node is None or node.op_type not in ops or not _single_use(v, graph):
             return v, path
         path.append(node)

@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--kv-cache", action="store_true",
                    help="decoders lowbit builds (llama2.c, HF, GGUF): the graph with past/present key/values")
     p.add_argument("--backend", default="ort", choices=["ort", "tvm"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "genai"],
+                   help="genai: --output is a folder that onnxruntime-genai and optimum load (needs --kv-cache)")
     p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
     p.add_argument("--verify", action="store_true", help="check each pass (ONNX checker, float equivalence)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass that changed it")
@@ -40,12 +42,22 @@ def run(args) -> int:
 
     from lowbit.api.driver import compile as lowbit_compile
 
-    result = lowbit_compile(args.model, args.recipe, calibration=args.calibration, output=args.output,
+    genai = args.format == "genai"
+    if genai and not args.kv_cache:
+        from lowbit.errors import LowbitError
+
+        raise LowbitError("--format genai needs the KV-cache graph", hint="add --kv-cache")
+    result = lowbit_compile(args.model, args.recipe, calibration=args.calibration,
+                            output=None if genai else args.output,
                             tokenizer=args.tokenizer, backend=args.backend,
                             calibration_samples=args.calibration_samples, seed=args.seed, verify=args.verify,
                             dump_ir=args.dump_ir, reproducer=args.reproducer, encoding=args.encoding,
                             kv_cache=args.kv_cache,
                             progress=sys.stderr.isatty() and not args.json)
+    if genai:
+        from lowbit.api.genai_folder import write_genai_folder
+
+        result.report["output"] = str(write_genai_folder(result.model, args.output))
 
     def human():
         from rich.console import Console

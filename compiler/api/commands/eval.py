@@ -24,6 +24,8 @@ def register(sub) -> None:
                    help="use stories A..B-1 of the text (0 <= A < B; either may be left out)")
     p.add_argument("--seq-len", type=int_range(2, 1 << 20), default=512, help="tokens per window (>= 2)")
     p.add_argument("--encoding", type=encoding, default="utf-8", help="text encoding of --ppl/--sts (default utf-8)")
+    p.add_argument("--cache", action="store_true",
+                   help="score token by token through the KV cache (a KV-cache model; sources are loaded in that form)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -32,7 +34,7 @@ def run(args) -> int:
     from lowbit.api.evaluate import evaluate
 
     result = evaluate(args.model, ppl=args.ppl, sts=args.sts, reference=args.reference, tokenizer=args.tokenizer,
-                      stories=args.stories.slice(), seq_len=args.seq_len, encoding=args.encoding)
+                      stories=args.stories.slice(), seq_len=args.seq_len, encoding=args.encoding, cache=args.cache)
 
     def human():
         for k, v in result.items():

@@ -1,0 +1,92 @@
+"""KV-cache quantization quality: perplexity and bytes per cached token, FP32 cache vs int8/int4 caches.
+
+    python benchmarks/kv_quality.py [--model GGUF_OR_BIN] [--calib 0:32] [--eval 600:660] [--seq-len 512]
+
+The model is loaded once in its KV-cache form (weights float, as the frontend gives them); every row
+applies only ``quantize-kv`` with the options shown, so weights and activations are otherwise equal.
+Calibration (static K ranges) and evaluation use disjoint TinyStories slices of
+``tinystories_hf_validation_head.eot.txt``.  Perplexity is scored on whole windows of the KV graph
+(prefill from an empty cache): each token's K/V is quantized once, when it enters the cache, so this
+equals token-by-token cached decoding (tests/test_quantize_kv.py checks that identity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROWS = [
+    ("fp32 cache", None),
+    ("int8, K per-channel static", "quantize-kv{bits=8,k_mode=channel}"),
+    ("int8, K per-token", "quantize-kv{bits=8,k_mode=token}"),
+    ("int4, K per-channel static", "quantize-kv{bits=4,k_mode=channel}"),
+    ("int4, K per-channel static + Hadamard", "quantize-kv{bits=4,k_mode=channel,hadamard=true}"),
+    ("int4, K per-token", "quantize-kv{bits=4,k_mode=token}"),
+    ("int4, K per-token + Hadamard", "quantize-kv{bits=4,k_mode=token,hadamard=true}"),
+]
+
+
+def _slice(text: str) -> slice:
+    a, _, b = text.partition(":")
+    return slice(int(a), int(b))
+
+
+def main() -> None:
+    from lowbit.data.datasets import data_dir, kv_prefill_feed, read_stories
+    from lowbit.frontends import load_model
+    from lowbit.frontends.text_tokenizers import load_tokenizer
+    from lowbit.ir.model_io import load_onnx, save_onnx
+    from lowbit.ir.sessions import make_session
+    from lowbit.passmanager.manager import CompileContext, PassManager
+    from lowbit.runtime.llm import perplexity, token_stream
+
+    d = data_dir()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(d / "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--calib", default="0:32")
+    ap.add_argument("--eval", default="600:660")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--rows", default="", help="comma-separated row numbers to run (default all)")
+    ap.add_argument("--work", default="/tmp/lowbit-kv-quality")
+    args = ap.parse_args()
+    text = d / "tinystories/tinystories_hf_validation_head.eot.txt"
+    stories = read_stories(text)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cached = work / (Path(args.model).stem + ".kv.onnx")
+    t0 = time.perf_counter()
+    if not cached.exists():
+        save_onnx(load_model(args.model, kv_cache=True), cached)
+    model0 = load_onnx(cached)
+    tok = load_tokenizer(model0.metadata_props.get("lowbit.tokenizer") or args.model)
+    print(f"model {args.model} (KV form) loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+    calib = [kv_prefill_feed(model0, __import__("numpy").array([tok.encode(s)[:256]]))
+             for s in stories[_slice(args.calib)]]
+    stream = token_stream(tok, stories[_slice(args.eval)])
+    rows = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
+    print(f"calibration stories {args.calib}, evaluation stories {args.eval}: {stream.size} tokens, "
+          f"windows of {args.seq_len}", flush=True)
+    print(f"{'cache':42s} {'ppl':>8s} {'Δ ppl':>8s} {'bytes/token':>12s}", flush=True)
+    base = None
+    for label, pipeline in rows:
+        model = load_onnx(cached)
+        ctx = CompileContext(calibration=calib, show_progress=False)
+        if pipeline:
+            model = PassManager.from_pipeline(pipeline, ctx).run(model)
+            nbytes = ctx.report["quantize-kv"]["bytes_per_token"]
+        else:
+            meta = [v for v in model.graph.inputs if v.name.startswith("past_key_values.")]
+            nbytes = sum(int(v.shape[1]) * int(v.shape[3]) * 4 for v in meta)
+        t = time.perf_counter()
+        ppl = perplexity(make_session(model), stream, seq_len=args.seq_len, batch=1).ppl
+        base = ppl if base is None and pipeline is None else base
+        delta = f"{100 * (ppl / base - 1):+.2f}%" if base else "-"
+        print(f"{label:42s} {ppl:8.4f} {delta:>8s} {nbytes:12d}   ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""KV-cache quantization: the graph's past/present tensors hold 8- or 4-bit codes, not floats.
+
+For each layer of a KV-cache graph (``present.{i}.key = Concat(past_key_values.{i}.key, k_new)``,
+likewise for values) the new keys/values are quantized once, when they enter the cache; the
+cache itself (graph input and output) holds uint8 codes — int4 packed two per byte, low nibble =
+even channel — and attention reads ``dequant(cache)``:
+
+* **K, ``k_mode=channel``** (default; KIVI's observation that key outliers live in fixed channels):
+  static per-(head, channel) scales from calibration, a centred range:
+  ``c = (max+min)/2``, ``s = (max−min)/2 / (2^(b−1)−1)``, ``q = clip(round((k−c)/s) + 2^(b−1), 0, 2^b−1)``,
+  ``k̂ = (q − 2^(b−1))·s + c``.  No per-token storage.
+* **K, ``k_mode=token``** and **V always**: dynamic asymmetric per (token, head):
+  ``s = (max−min)/(2^b−1)``, ``q = clip(round((x−min)/s), 0, 2^b−1)``, ``x̂ = q·s + min``, with s and
+  min stored as float16 in a cache tensor of their own, ``past_key_values.{i}.value_scale`` [b, kv, t, 2]
+  → ``present.{i}.value_scale`` (s and min are rounded to float16 before quantizing, so codes and
+  stored parameters agree exactly).  Per-token V keeps each token's error independent of the others.
+* **``hadamard=true``** (QuaRot): keys are rotated by the normalised Hadamard H (symmetric,
+  H·H = I) after RoPE and before quantization, and the queries by the same H:
+  ``(qH)(kH)ᵀ = qkᵀ``; values are rotated before quantization and the attention output by H
+  again: ``P·(VH)·H = P·V``.  The rotation spreads channel outliers, so 4-bit codes lose less.
+  Uses the ``lowbit.Hadamard`` op; needs a power-of-two head dim.
+
+Float semantics change only by the quantization error.  Bytes per cached token (all layers, K+V,
+stored scales included) are written to the report next to the float figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from lowbit.ir.rewrite import add_initializer, make_node, unique_name
+from lowbit.ops.float_ops import hadamard_reference
+from lowbit.ops.registry import DOMAIN, attach_functions
+from lowbit.passmanager.manager import Pass, PassResult, register_pass
+
+__all__ = ["QuantizeKV"]
+
+logger = logging.getLogger(__name__)
+_SHAPE_OPS = {"Unsqueeze", "Transpose", "Reshape", "Expand", "Squeeze"}
+
+
+@register_pass("quantize-kv")
+class QuantizeKV(Pass):
+    @dataclass(frozen=True)
+    class Options:
+        bits: int = 8
+        k_mode: Literal["channel", "token"] = "channel"
+        hadamard: bool = False
+
+        def __post_init__(self):
+            if self.bits not in (4, 8):
+                raise ValueError(f"quantize-kv: bits must be 4 or 8, got {self.bits}")
+            if self.k_mode not in ("channel", "token"):
+                raise ValueError(f"quantize-kv: k_mode must be channel or token, got {self.k_mode}")
+
+    def call(self, model):
+        graph = model.graph
+        self._graph, self._consts = graph, {}
+        layers = self._layers(graph)
+        if not layers:
+            self.fail("no KV cache: expected outputs present.{i}.key/value = Concat(past_key_values.{i}.*, new)",
+                      hint="build the KV-cache form (load_model(..., kv_cache=True), 'lowbit compile --kv-cache') "
+                           "with the plain or expand attention core")
+        o = self.options
+        if o.hadamard:
+            shape = layers[0][1].outputs[0].shape
+            hd = shape[-1] if shape is not None else None
+            if not isinstance(hd, int) or hd & (hd - 1):
+                self.fail(f"hadamard=true needs a power-of-two head dim, got {hd}", hint="use hadamard=false")
+            self._q1 = add_initializer(graph, "kv_hadamard_q", np.ones((1, 1), np.float32))
+        k_ranges = self._calibrate(model, layers) if o.k_mode == "channel" else None
+        float_bytes = q_bytes = 0
+        for i, (kcat, vcat) in enumerate(layers):
+            hd, kv = vcat.outputs[0].shape[-1], vcat.outputs[0].shape[1]
+            float_bytes += 2 * kv * hd * 4
+            if o.hadamard:
+                self._rotate_consumer(kcat, side="query")
+                self._rotate_consumer(vcat, side="output")
+            if k_ranges is not None:
+                q_bytes += self._quantize(kcat, "static", k_ranges[i])
+            else:
+                q_bytes += self._quantize(kcat, "token")
+            q_bytes += self._quantize(vcat, "token")
+            self.stats["layers"] += 1
+        graph.meta.pop("lowbit.names", None)
+        attach_functions(model)
+        self.ctx.report["quantize-kv"] = {"bits": o.bits, "k_mode": o.k_mode, "hadamard": o.hadamard,
+                                          "layers": self.stats["layers"], "float_bytes_per_token": float_bytes,
+                                          "bytes_per_token": q_bytes}
+        logger.info("KV cache: %d → %d bytes per cached token", float_bytes, q_bytes)
+        return PassResult(model, modified=True)
+
+    # -- finding the cache ------------------------------------------------------------------------
+    def _layers(self, graph) -> list[tuple[ir.Node, ir.Node]]:
+        outs = {v.name: v for v in graph.outputs}
+        layers, i = [], 0
+        while f"present.{i}.key" in outs and f"present.{i}.value" in outs:
+            pair = []
+            for kv in ("key", "value"):
+                node = outs[f"present.{i}.{kv}"].producer()
+                past = node.inputs[0] if node is not None and node.op_type == "Concat" else None
+                if past is None or past.name != f"past_key_values.{i}.{kv}" or past not in graph.inputs:
+                    self.fail(f"present.{i}.{kv} is not Concat(past_key_values.{i}.{kv}, new)", node=node,
+                              hint="the opset-23 Attention core keeps the cache inside the op; build with "
+                                   "attention_impl='plain'")
+                if outs[f"present.{i}.{kv}"].dtype != ir.DataType.FLOAT:
+                    self.fail(f"present.{i}.{kv} is already {outs[f'present.{i}.{kv}'].dtype}: quantize-kv ran twice?")
+                pair.append(node)
+            layers.append(tuple(pair))
+            i += 1
+        return layers
+
+    def _calibrate(self, model, layers) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-(head, channel) min/max of the keys entering each layer's cache (rotated if hadamard)."""
+        from lowbit.ir.sessions import make_session
+
+        feeds = self.ctx.calibration
+        if not feeds:
+            self.fail("k_mode=channel needs calibration samples", hint="pass --calibration, or use k_mode=token")
+        names = [f"present.{i}.key" for i in range(len(layers))]
+        sess = make_session(model)
+        lo = [None] * len(names)
+        hi = [None] * len(names)
+        wanted = {i.name for i in sess.get_inputs()}
+        for feed in feeds:
+            res = sess.run(names, {k: v for k, v in feed.items() if k in wanted})
+            for j, k in enumerate(res):
+                if self.options.hadamard:
+                    k = hadamard_reference(k, np.ones((1, 1), np.float32))
+                mn, mx = k.min(axis=(0, 2)), k.max(axis=(0, 2))  # [kv, head_dim]
+                lo[j] = mn if lo[j] is None else np.minimum(lo[j], mn)
+                hi[j] = mx if hi[j] is None else np.maximum(hi[j], mx)
+        return list(zip(lo, hi))
+
+    # -- rewriting ---------------------------------------------------------------------------------
+    def _op(self, op_type, inputs, name, before, **attrs) -> ir.Value:
+        node = make_node(self._graph, op_type, inputs, origin=self.name, name=name, attributes=attrs,
+                         domain=DOMAIN if op_type == "Hadamard" else "", before=before)
+        return node.outputs[0]
+
+    def _const(self, array, base: str) -> ir.Value:
+        arr = np.asarray(array)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = add_initializer(self._graph, f"kv.{base}", arr)
+        return self._consts[key]
+
+    def _rotate_consumer(self, cat: ir.Node, side: str) -> None:
+        """Find the attention MatMul reading the cache; rotate its query input or its output by H."""
+        todo, matmul = list(cat.outputs[0].uses()), None
+        while todo:
+            use = todo.pop()
+            if use.node.op_type in _SHAPE_OPS and use.idx == 0:
+                todo.extend(use.node.outputs[0].uses())
+            elif use.node.op_type == "MatMul" and use.idx == 1:
+                matmul = use.node
+        if matmul is None:
+            self.fail("cannot find the attention MatMul that reads the cache", node=cat)
+        name = cat.name or cat.outputs[0].name
+        if side == "query":
+            q = self._op("Hadamard", [matmul.inputs[0], self._q1], f"{name}.q_hadamard", matmul)
+            matmul.replace_input_with(0, q)
+        else:
+            out = matmul.outputs[0]
+            consumers = [u for u in out.uses()]
+            y = self._op("Hadamard", [out, self._q1], f"{name}.ctx_hadamard", consumers[0].node)
+            for u in consumers:
+                u.node.replace_input_with(u.idx, y)
+        self.stats["hadamard"] += 1
+
+    def _quantize(self, cat: ir.Node, mode: str, ranges=None) -> int:
+        """Rewrite one Concat(past, new) → present into the quantized cache; return its bytes per token."""
+        g, o = self._graph, self.options
+        past, new = cat.inputs[0], cat.inputs[1]
+        present = cat.outputs[0]
+        name, b = present.name, o.bits
+        qmax = float(2 ** b - 1)
+        hd, kv = present.shape[-1], present.shape[1]
+        f32 = lambda x: self._const(np.array(x, np.float32), "c")  # noqa: E731
+        op = lambda t, ins, suffix, **a: self._op(t, ins, f"{name}.{suffix}", cat, **a)  # noqa: E731
+        x = op("Hadamard", [new, self._q1], "hadamard") if o.hadamard else new
+        side = None
+        if mode == "static":
+            mn, mx = ranges
+            centre = ((mx + mn) / 2).astype(np.float32)[None, :, None, :]
+            half = 2 ** (b - 1)
+            scale = np.maximum((mx - mn) / 2 / (half - 1), 1e-8).astype(np.float32)[None, :, None, :]
+            c, s = self._const(centre, f"{name}.centre"), self._const(scale, f"{name}.scale")
+            codes = op("Add", [op("Round", [op("Div", [op("Sub", [x, c], "centred"), s], "scaled")], "round"),
+                               f32(half)], "offset")
+            codes = op("Clip", [codes, f32(0.0), f32(qmax)], "clip")
+        else:
+            mn = op("ReduceMin", [x, self._const(np.array([-1], np.int64), "last")], "min", keepdims=1)
+            mx = op("ReduceMax", [x, self._const(np.array([-1], np.int64), "last")], "max", keepdims=1)
+            s = op("Max", [op("Div", [op("Sub", [mx, mn], "range"), f32(qmax)], "step"), f32(1e-8)], "step_pos")
+            params = op("Cast", [op("Concat", [s, mn], "params", axis=-1)], "params_f16", to=ir.DataType.FLOAT16)
+            exact = op("Cast", [params], "params_f32", to=ir.DataType.FLOAT)
+            s, mn = (op("Slice", [exact, self._const(np.array([a]), "i"), self._const(np.array([a + 1]), "i"),
+                                  self._const(np.array([-1]), "i")], f"param{a}") for a in (0, 1))
+            codes = op("Clip", [op("Round", [op("Div", [op("Sub", [x, mn], "shifted"), s], "scaled")], "round"),
+                                f32(0.0), f32(qmax)], "clip")
+            side = self._cache_io(cat, f"{name}_scale", ir.DataType.FLOAT16, 2, params)
+        if b == 4:
+            pairs = op("Reshape", [codes, self._const(np.array([0, 0, 0, hd // 2, 2], np.int64), "pairs")], "pairs")
+            lo_hi = op("Mul", [pairs, f32(np.array([1.0, 16.0], np.float32))], "nibbles")
+            codes = op("ReduceSum", [lo_hi, self._const(np.array([-1], np.int64), "last")], "pack", keepdims=0)
+        codes = op("Cast", [codes], "u8", to=ir.DataType.UINT8)
+        stored = self._cache_io(cat, name, ir.DataType.UINT8, hd * b // 8, codes)
+        vals = stored
+        if b == 4:
+            lo = op("BitwiseAnd", [stored, self._const(np.array(15, np.uint8), "mask")], "lo")
+            hi = op("BitShift", [stored, self._const(np.array(4, np.uint8), "shift")], "hi",
+                    direction=ir.AttrString("direction", "RIGHT"))
+            both = op("Concat", [op("Unsqueeze", [lo, self._const(np.array([-1], np.int64), "last")], "lo_e"),
+                                 op("Unsqueeze", [hi, self._const(np.array([-1], np.int64), "last")], "hi_e")],
+                      "unpack", axis=-1)
+            vals = op("Reshape", [both, self._const(np.array([0, 0, 0, hd], np.int64), "heads")], "codes")
+        vals = op("Cast", [vals], "codes_f32", to=ir.DataType.FLOAT)
+        if mode == "static":
+            deq = op("Add", [op("Mul", [op("Sub", [vals, f32(2 ** (b - 1))], "signed"), s], "rescaled"), c], "dequant")
+        else:
+            sp = side
+            ss = op("Slice", [sp, self._const(np.array([0]), "i"), self._const(np.array([1]), "i"),
+                              self._const(np.array([-1]), "i")], "cache_step")
+            sm = op("Slice", [sp, self._const(np.array([1]), "i"), self._const(np.array([2]), "i"),
+                              self._const(np.array([-1]), "i")], "cache_min")
+            ss = op("Cast", [ss], "cache_step_f32", to=ir.DataType.FLOAT)
+            sm = op("Cast", [sm], "cache_min_f32", to=ir.DataType.FLOAT)
+            deq = op("Add", [op("Mul", [vals, ss], "rescaled"), sm], "dequant")
+        for u in list(present.uses()):
+            u.node.replace_input_with(u.idx, deq)
+        g.remove(cat, safe=False)
+        return kv * (hd * b // 8 + (4 if mode == "token" else 0))
+
+    def _cache_io(self, cat: ir.Node, present_name: str, dtype, last: int, new: ir.Value) -> ir.Value:
+        """Make (or re-type) the past input and present output ``present_name`` holding ``new`` along axis 2."""
+        g = self._graph
+        past_name = present_name.replace("present.", "past_key_values.", 1)
+        old_past = next((v for v in g.inputs if v.name == past_name), None)
+        shape = ir.Shape([d for d in (cat.inputs[0].shape or [])][:3] + [last])
+        past = ir.Value(name=past_name if old_past is None else unique_name(g, past_name), shape=shape,
+                        type=ir.TensorType(dtype))
+        if old_past is not None:
+            g.inputs[g.inputs.index(old_past)] = past
+            old_past.name = unique_name(g, f"{past_name}.float")
+            past.name = past_name
+        else:
+            g.inputs.append(past)
+        out = self._op("Concat", [past, new], f"{present_name}.cache", cat, axis=2)
+        old_out = next((v for v in g.outputs if v.name == present_name), None)
+        out_shape = ir.Shape([d for d in (cat.outputs[0].shape or [])][:3] + [last])
+        if old_out is not None:
+            old_out.name = unique_name(g, f"{present_name}.float")
+            g.outputs[g.outputs.index(old_out)] = out
+        else:
+            g.outputs.append(out)
+        out.name, out.dtype, out.shape = present_name, dtype, out_shape
+        return out
