@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.ir.analysis import Group, find_groups
-from lowbit.ir.rewrite import set_input_const
 from lowbit.passmanager.manager import CALIBRATED, Pass, PassResult, register_pass
 from lowbit.quant.gptq import dequantize, rtn_quantize
+from lowbit.quant.channel_scales import consumer_scales, fold_channel_scales
 from lowbit.quant.stats import act_stats
 
 __all__ = ["Awq", "awq_error"]
@@ -76,7 +76,7 @@ class Awq(Pass):
         for i in range(1, o.grid + 1):
             s = mean ** (i / o.grid)
             s = s / np.sqrt(s.max() * s.min())
-            sc = s[group.channel_map] if group.kind == "linear" else s
+            sc = consumer_scales(group, s)
             err = awq_error(rows, weights, sc, o.bits, o.group, o.symmetric)
             if err < best_err:
                 best, best_err = s, err
@@ -92,24 +92,6 @@ class Awq(Pass):
             if s is None:
                 self.stats["unscaled"] += 1
                 continue
-            sc = s[group.channel_map] if group.kind == "linear" else s
-            for lin in group.consumers:
-                w = lin.weight.const_value.numpy()
-                set_input_const(graph, lin.node, 1, w * sc[:, None].astype(w.dtype))
-            if group.kind == "norm":
-                norm = group.producer
-                for idx in (1, 2):
-                    if idx < len(norm.inputs) and norm.inputs[idx] is not None:
-                        if norm.inputs[idx].const_value is None:
-                            self.fail("norm scale is not a constant", node=norm)
-                        set_input_const(graph, norm, idx, norm.inputs[idx].const_value.numpy() / s.astype(np.float32))
-            else:
-                prev = group.producer_linear
-                w = prev.weight.const_value.numpy()
-                set_input_const(graph, prev.node, 1, w / s[None, :].astype(w.dtype))
-                if prev.bias is not None:
-                    idx = list(prev.bias_node.inputs).index(prev.bias)
-                    set_input_const(graph, prev.bias_node, idx, prev.bias.const_value.numpy() / s.astype(np.float32))
-            act_stats(group.activation).scale_channels(sc)
+            fold_channel_scales(graph, group, s, self.fail)
             self.stats[f"scaled_{group.kind}"] += 1
         return PassResult(model, modified=any(k.startswith("scaled") for k in self.stats))

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.ir.analysis import NORM_INPUTS, Group, find_groups
+from lowbit.ir.analysis import Group, find_groups
 from lowbit.quant.stats import act_stats
 from lowbit.passmanager.manager import CALIBRATED, Pass, PassResult, register_pass
-from lowbit.ir.rewrite import set_input_const
+from lowbit.quant.channel_scales import consumer_scales, fold_channel_scales
 
 __all__ = ["Smooth", "smoothing_scales"]
 
@@ -84,16 +84,13 @@ class Smooth(Pass):
             return smoothing_scales(px, pw, alpha)
         return smoothing_scales(xmax, wmax, alpha)
 
-    def _consumer_scale(self, group: Group, s: np.ndarray) -> np.ndarray:
-        return s[group.channel_map] if group.kind == "linear" else s
-
     def _choose_alpha(self, group: Group) -> float:
         stats = act_stats(group.activation)
         if not self.options.search or stats.rows is None:
             return self.options.alpha
         weights = [c.weight.const_value.numpy().astype(np.float64) for c in group.consumers]
         errs = {a: _fake_quant_error(stats.rows.astype(np.float64), weights,
-                                     self._consumer_scale(group, self._scales(group, a))) for a in _GRID}
+                                     consumer_scales(group, self._scales(group, a))) for a in _GRID}
         return min(errs, key=errs.get)
 
     def call(self, model):
@@ -121,26 +118,7 @@ class Smooth(Pass):
             alpha = self._choose_alpha(group)
             alphas.append(alpha)
             s = self._scales(group, alpha)
-            sc = self._consumer_scale(group, s)
-            for lin in group.consumers:  # s into the weight rows
-                w = lin.weight.const_value.numpy()
-                set_input_const(graph, lin.node, 1, w * sc[:, None].astype(w.dtype))
-            if group.kind == "norm":  # 1/s into γ (and β)
-                norm = group.producer
-                for idx in NORM_INPUTS[norm.op_type]:
-                    if idx is not None and idx < len(norm.inputs) and norm.inputs[idx] is not None:
-                        arr = norm.inputs[idx].const_value
-                        if arr is None:
-                            self.fail("norm scale is not a constant", node=norm)
-                        set_input_const(graph, norm, idx, arr.numpy() / s.astype(np.float32))
-            else:  # 1/s into the previous linear's output columns and bias
-                prev = group.producer_linear
-                w = prev.weight.const_value.numpy()
-                set_input_const(graph, prev.node, 1, w / s[None, :].astype(w.dtype))
-                if prev.bias is not None:
-                    idx = list(prev.bias_node.inputs).index(prev.bias)
-                    set_input_const(graph, prev.bias_node, idx, prev.bias.const_value.numpy() / s.astype(np.float32))
-            act_stats(group.activation).scale_channels(sc)
+            fold_channel_scales(graph, group, s, self.fail)
             self.stats[f"groups_{group.kind}"] += 1
         report = self.ctx.report.setdefault("smooth", {})
         if alphas:
