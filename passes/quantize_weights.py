@@ -90,7 +90,8 @@ class QuantizeWeights(Pass):
 
     @property
     def requires_properties(self):
-        return (HESSIAN,) if self.options.method == "gptq" else ()
+        # sequential GPTQ measures each stage's XᵀX itself, from the calibration samples
+        return (HESSIAN,) if self.options.method == "gptq" and not self.options.sequential else ()
 
     def _plan(self, lin: Linear) -> tuple[int, int] | None:
         pats = [p for p in self.options.exclude.split("|") if p]
