@@ -118,8 +118,10 @@ class Canonicalize(Pass):
         self._reciprocal_form(model.graph)
         for node in model.graph:  # the fusion patterns match these attributes literally: spell out defaults
             if node.op_type == "ReduceMean":
-                node.attributes.setdefault("keepdims", ir.AttrInt64("keepdims", 1))
-                node.attributes.setdefault("noop_with_empty_axes", ir.AttrInt64("noop_with_empty_axes", 0))
+                for name, default in (("keepdims", 1), ("noop_with_empty_axes", 0)):
+                    if name not in node.attributes:
+                        node.attributes[name] = ir.AttrInt64(name, default)
+                        self.stats["defaults_spelled_out"] += 1
         try:
             self._typed = ShapeInferencePass()(model).modified  # value types/shapes added: the IR changed
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
@@ -156,5 +158,6 @@ class Canonicalize(Pass):
 
             self.stats["float32_interior"] = int(to_float32_interior(model))
         graph.meta.pop("lowbit.names", None)
-        return PassResult(model, modified=bool(self.stats["gemm_to_matmul"] or self.stats["norms_fused"]
-                                               or self.stats["float32_interior"] or getattr(self, "_typed", False)))
+        edits = ("gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
+                 "identity_casts_removed", "rms_as_simplified_layer_norm", "div_sqrt_as_reciprocal")
+        return PassResult(model, modified=any(self.stats[k] for k in edits) or getattr(self, "_typed", False))

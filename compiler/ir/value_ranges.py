@@ -46,7 +46,7 @@ def absmax(model: ir.Model, values: list[ir.Value], feeds: list[dict]) -> dict[s
 
 
 def _lowered_copy(model: ir.Model) -> ir.Model:
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    copy = model.clone()  # keeps external tensors' base folders (a serialize round trip loses them)
     graph = copy.graph
     for node in list(graph):
         if node.domain != DOMAIN:
