@@ -171,6 +171,9 @@ class IntegerNorms(Pass):
         chain = match_round_and_clip(norm.outputs[0])
         if chain is None or not made or made["op"] != (norm.op_type, str(norm.attributes.get("epsilon"))):
             return False
+        if const_array(norm.inputs[1]) is None or (len(norm.inputs) > 2 and norm.inputs[2] is not None
+                                                   and const_array(norm.inputs[2]) is None):
+            return False
         gamma = const_array(norm.inputs[1]).astype(np.float64)
         beta = const_array(norm.inputs[2]).astype(np.float64) if len(norm.inputs) > 2 and norm.inputs[2] is not None \
             else np.zeros_like(gamma)
@@ -194,6 +197,11 @@ class IntegerNorms(Pass):
 
     def _rewrite_norm(self, graph, norm: ir.Node, x32: ir.Value, s_x: float, out_step, rng, codes, made) -> None:
         rms = int(norm.op_type != "LayerNormalization")
+        if const_array(norm.inputs[1]) is None or (len(norm.inputs) > 2 and norm.inputs[2] is not None
+                                                   and const_array(norm.inputs[2]) is None):
+            self.fail("the norm's scale or bias is computed at run time; an integer norm needs constant γ and β",
+                      node=norm,
+                      hint="use --recipe w8a8-dynamic, or export the model with constant norm weights")
         gamma = const_array(norm.inputs[1]).astype(np.float64)
         beta = const_array(norm.inputs[2]).astype(np.float64) if len(norm.inputs) > 2 and norm.inputs[2] is not None \
             else np.zeros_like(gamma)
