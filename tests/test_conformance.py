@@ -34,6 +34,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import conformance_models as cm  # noqa: E402
+from known_failures import mark_known  # noqa: E402
 
 RECIPES = ("w8a8", "w8a8-dynamic", "w4a16-gptq", "w4a8", "w3a16", "int8-integer-only")
 BOUNDS = {"w8a8": 0.08, "w8a8-dynamic": 0.04, "w4a16-gptq": 0.3, "w4a8": 0.3, "w3a16": 0.5,
@@ -180,16 +181,8 @@ gpt2-external-int8-integer-only
 """.split()}
 
 
-def _cells():
-    for cell in _full():
-        if cell in KNOWN_FAILING:
-            yield pytest.param(*cell, marks=pytest.mark.xfail(reason="known failing cell (closing note)", strict=False))
-        else:
-            yield cell
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,form,recipe", list(_cells()))
+@pytest.mark.parametrize("arch,form,recipe", mark_known(list(_full()), KNOWN_FAILING))
 def test_conformance_full(exports, tmp_path, monkeypatch, arch, form, recipe):
     check_cell(exports, tmp_path, monkeypatch, arch, form, recipe)
 

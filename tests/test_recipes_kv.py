@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from known_failures import mark_known
 
 import lowbit
 from lowbit.data.datasets import read_stories
@@ -29,9 +30,7 @@ def stream(stories_tok, tinystories):
 KNOWN_FAILING = {"w4a4", "w4a8-kv4"}
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.xfail(reason="known failing (closing note)",
-                                                                           strict=False))
-                                    if r in KNOWN_FAILING else r for r in RECIPES + ["w8a8-kv8", "w4a8-kv4"]])
+@pytest.mark.parametrize("recipe", mark_known(list(RECIPES + ["w8a8-kv8", "w4a8-kv4"]), KNOWN_FAILING))
 def test_recipe_on_kv_graph(recipe, stories_bin, tinystories, stream):
     cfg, _ = read_llama2c(stories_bin)
     spec = llama2c_spec(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from known_failures import mark_known
 
 pytest.importorskip("tvm")
 
@@ -54,9 +55,7 @@ KNOWN_FAILING = {"w4a16-gptq", "w3a16", "w4a4", "w8a8-kv8", "w4a8-kv4", "w4a4-kv
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.xfail(reason="known failing (closing note)",
-                                                                           strict=False))
-                                    if r in KNOWN_FAILING else r for r in RECIPES])
+@pytest.mark.parametrize("recipe", mark_known(list(RECIPES), KNOWN_FAILING))
 def test_tvm_matches_ort_on_the_compiled_recipe(recipe, tmp_path):
     compiled = lowbit.compile(_model(), recipe, calibration=_calibration(), progress=False).model
     tok = np.random.default_rng(5).integers(0, CFG.vocab_size, (1, 9)).astype(np.int64)
