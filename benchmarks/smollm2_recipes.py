@@ -146,7 +146,12 @@ def main() -> None:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = args.threads
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception:  # lowbit.MatMul3Bit (w3a16): its 3-bit codes on ORT's 4-bit kernels, exact
+            from lowbit.runtime.fastpath import fast_session
+
+            return fast_session(path, threads=args.threads)
 
     def logits(sess) -> np.ndarray:
         return np.concatenate([sess.run(["logits"], {sess.get_inputs()[0].name: w[None]})[0] for w in windows])
