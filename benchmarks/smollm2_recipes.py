@@ -90,15 +90,16 @@ def write_markdown(rows: list[dict], md: Path, command: str) -> None:
     lines = [f"Command: `{command}`", "",
              "| row | file bytes | ppl | Δ ppl vs FP32 | logits rel L2 | compile s | note |",
              "|---|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["recipe"] != "fp32"):
         if "ppl" not in r:
             lines.append(f"| {r['recipe']} | - | - | - | - | - | **failed**: {r.get('error', '?')} |")
             continue
         d = f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f} %" if base else "-"
         l2 = f"{r['rel_l2']:.4f}" if r.get("rel_l2") is not None else "-"
         note = []
-        if r.get("calibration"):
-            note.append(f"calibration {r['calibration']}")
+        cal = r.get("calibration")
+        if isinstance(cal, dict) and "tokens" in cal:
+            note.append(f"calibrated on {cal.get('sequences', '?')} sequences, {cal['tokens']:,} tokens")
         if r.get("unsmoothed"):
             note.append(f"{r['unsmoothed']} linears unsmoothed")
         lines.append(f"| {r['recipe']} | {r['bytes']:,} | {r['ppl']:.3f} | {d} | {l2} | "
@@ -108,7 +109,7 @@ def write_markdown(rows: list[dict], md: Path, command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default=DEFAULT_ROWS)
+    ap.add_argument("--recipes", default=DEFAULT_ROWS, help="comma-separated rows; empty: only write --md")
     ap.add_argument("--calib", default="0-31")
     ap.add_argument("--eval", default="600-659")
     ap.add_argument("--seq", type=int, default=256)
@@ -120,6 +121,10 @@ def main() -> None:
     import sys
 
     command = "python " + " ".join(sys.argv)
+    if not args.recipes:  # only (re)write the table of what --out holds
+        rows = [json.loads(x) for x in Path(args.out).read_text(encoding="utf-8").splitlines() if x.strip()]
+        write_markdown(rows, Path(args.md), command)
+        return
 
     import onnxruntime as ort
 
