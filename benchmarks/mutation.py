@@ -27,6 +27,7 @@ import argparse
 import ast
 import concurrent.futures
 import copy
+import difflib
 import os
 import queue
 import random
@@ -43,25 +44,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module → the test files that cover it (fast ones; the whole suite is too slow per mutant)
 COVER: dict[str, list[str]] = {
-    "passes/smooth.py": ["test_verify.py", "test_smooth_reference.py", "test_before_expected.py", "test_smooth.py"],
+    "passes/smooth.py": ["test_verify.py", "test_search_objectives.py", "test_smooth_reference.py",
+                         "test_before_expected.py", "test_smooth.py"],
     "passes/rotate.py": ["test_verify.py", "test_rotate_bias.py", "test_before_expected.py", "test_rotate.py"],
     "passes/fold_norms.py": ["test_verify.py", "test_fold_norms.py", "test_before_expected.py", "test_rotate_bias.py"],
     "passes/quantize_weights.py": ["test_verify.py", "test_gptq_reference.py", "test_before_expected.py",
                                    "test_quantize_weights.py"],
     "passes/quantize.py": ["test_verify.py", "test_before_expected.py", "test_quantize.py"],
     "passes/quantize_acts.py": ["test_verify.py", "test_before_expected.py", "test_quantize_acts.py"],
-    "passes/migrate_steps.py": ["test_verify.py", "test_migrate_steps_reference.py", "test_dyadic_lsb.py",
-                                "test_before_expected.py"],
-    "passes/dyadic.py": ["test_verify.py", "test_dyadic_lsb.py", "test_before_expected.py", "test_integer_check.py"],
-    "passes/assign_bits.py": ["test_verify.py", "test_split_columns.py", "test_assign_bits.py"],
+    "passes/migrate_steps.py": ["test_verify.py", "test_search_objectives.py", "test_migrate_steps_reference.py",
+                                "test_dyadic_lsb.py", "test_before_expected.py"],
+    "passes/dyadic.py": ["test_verify.py", "test_dyadic_lsb.py", "test_dyadic_overflow_bound.py",
+                         "test_before_expected.py", "test_integer_check.py"],
+    "passes/assign_bits.py": ["test_verify.py", "test_split_columns.py", "test_assign_bits.py", "test_refine.py"],
     "passes/calibrate.py": ["test_calibration.py", "test_verify.py", "test_smooth_reference.py"],
     "passes/canonicalize.py": ["test_verify.py", "test_canonicalize.py", "test_before_expected.py"],
     "passes/integer_lut.py": ["test_verify.py", "test_integer_lut.py", "test_before_expected.py",
                               "test_integer_check.py"],
     "passes/quantize_embeddings.py": ["test_verify.py", "test_quantize_embeddings.py", "test_before_expected.py"],
-    "compiler/quant/gptq.py": ["test_gptq_reference.py", "test_before_expected.py", "test_quantize_weights.py"],
-    "compiler/quant/rtn.py": ["test_gptq_reference.py", "test_split_columns.py", "test_before_expected.py",
-                              "test_quantize_weights.py", "test_sensitivity.py"],
+    "compiler/quant/gptq.py": ["test_gptq_obq_reference.py", "test_gptq_reference.py", "test_before_expected.py",
+                               "test_quantize_weights.py"],
+    "compiler/quant/rtn.py": ["test_gptq_obq_reference.py", "test_gptq_reference.py", "test_split_columns.py",
+                              "test_before_expected.py", "test_quantize_weights.py", "test_sensitivity.py"],
     "compiler/quant/int8.py": ["test_integer_lut.py", "test_before_expected.py", "test_migrate_steps_reference.py",
                                "test_dyadic_lsb.py", "test_quantize.py"],
     "compiler/quant/stats.py": ["test_calibration.py", "test_smooth_reference.py", "test_migrate_steps_reference.py"],
@@ -183,6 +187,16 @@ def mutated_source(m: Mutant) -> str:
     return ast.unparse(tree)
 
 
+def show(ref: str) -> str:
+    """The unified diff (unparsed original vs mutant) of ``MODULE#INDEX``; indices move when the module changes."""
+    module, index = ref.rsplit("#", 1)
+    m = next(m for m in enumerate_mutants(module, everything=True) if m.index == int(index))
+    before = ast.unparse(ast.parse((ROOT / module).read_text())).splitlines()
+    after = mutated_source(m).splitlines()
+    diff = difflib.unified_diff(before, after, f"{module}", f"{ref} ({m.kind})", n=1, lineterm="")
+    return "\n".join(diff)
+
+
 def stage(dest: Path) -> dict[str, Path]:
     """Copy the package as lowbit/... under ``dest``; returns repo path → staged path for every .py file."""
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -226,7 +240,12 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="only count mutation points per module")
     ap.add_argument("--summarize", metavar="LOG", help="print the tables of a (possibly interrupted) run's output")
     ap.add_argument("--only", nargs="*", default=[], help="run these mutants only, as MODULE#INDEX (e.g. survivors)")
+    ap.add_argument("--show", nargs="*", default=[], help="print the diff of these mutants (MODULE#INDEX) and exit")
     args = ap.parse_args(argv)
+    if args.show:
+        for ref in args.show:
+            print(show(ref))
+        return 0
     if args.summarize:
         return _summarize(Path(args.summarize).read_text().splitlines())
     pool = [m for mod in args.modules for m in enumerate_mutants(mod)]

@@ -66,3 +66,34 @@ def test_canonical_models_are_left_alone(model_fixture, request):
     ops = [n.op_type for n in model.graph]
     PassManager.from_pipeline("canonicalize", CompileContext()).run(model)
     assert [n.op_type for n in model.graph] == ops
+
+
+_GEMM_C_INPUT = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[N, 4] x, float[N, 3] c) => (float[N, 3] y) <float[3, 4] w = {1,2,3,4,5,6,7,8,9,10,11,12}> {
+    y = Gemm <transB = 1, alpha = 0.5, beta = BETA> (x, w, c)
+}
+"""
+
+
+def test_gemm_whose_c_is_computed_keeps_it_as_an_add():
+    """Gemm = alpha·A·Bᵀ + beta·C (ONNX spec), C a graph input: with beta = 1 the rewrite adds C as is."""
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(_GEMM_C_INPUT.replace("BETA", "1.0")))
+    pm = PassManager.from_pipeline("canonicalize{norms=false}", CompileContext())
+    model = pm.run(model)
+    assert [n.op_type for n in model.graph] == ["MatMul", "Add"]
+    assert model.graph.node(1).inputs[1] is model.graph.inputs[1], "C itself is added, not a copy or a constant"
+    rng = np.random.default_rng(0)
+    x, c = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
+    w = np.arange(1, 13, dtype=np.float64).reshape(3, 4)
+    want = 0.5 * x.astype(np.float64) @ w.T + c
+    got = make_session(model).run(None, {"x": x, "c": c})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_whose_c_is_computed_with_beta_is_refused():
+    from lowbit.errors import PassFailure
+
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(_GEMM_C_INPUT.replace("BETA", "2.0")))
+    with pytest.raises(PassFailure, match="non-constant C and beta != 1"):
+        PassManager.from_pipeline("canonicalize{norms=false}", CompileContext()).run(model)
