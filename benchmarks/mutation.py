@@ -67,7 +67,12 @@ COVER: dict[str, list[str]] = {
     "compiler/quant/rtn.py": ["test_gptq_obq_reference.py", "test_gptq_reference.py", "test_split_columns.py",
                               "test_before_expected.py", "test_quantize_weights.py", "test_sensitivity.py"],
     "compiler/quant/int8.py": ["test_integer_lut.py", "test_before_expected.py", "test_migrate_steps_reference.py",
-                               "test_dyadic_lsb.py", "test_quantize.py"],
+                               "test_dyadic_lsb.py", "test_quantize.py", "test_integer_swiglu.py"],
+    "passes/quantize_kv.py": ["test_verify.py", "test_quantize_kv.py", "test_before_expected.py"],
+    "passes/awq.py": ["test_verify.py", "test_awq.py", "test_before_expected.py"],
+    "passes/integer_swiglu.py": ["test_integer_swiglu.py", "test_integer_check.py", "test_before_expected.py"],
+    "compiler/quant/channel_scales.py": ["test_smooth_reference.py", "test_awq.py", "test_smooth.py",
+                                         "test_migrate_steps_reference.py"],
     "compiler/quant/stats.py": ["test_calibration.py", "test_smooth_reference.py", "test_migrate_steps_reference.py"],
 }
 
