@@ -9,6 +9,7 @@ from lowbit.quant.gptq import dequantize, gptq_quantize, rtn_quantize
 from lowbit.passmanager.manager import CompileContext, PassManager
 from lowbit.ir.sessions import make_session
 from lowbit_models import random_llama, rel_err, tokens
+from rtn_reference import rtn_reference
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -23,6 +24,18 @@ def test_rtn_codes_in_range_and_error_bounded(bits, group, symmetric):
     s_rows = s[np.arange(100) // g]
     # round to nearest: within half a step, except the clipped top code of a symmetric grid
     assert np.all(np.abs(w_hat - w) <= s_rows.__abs__() * (0.5 + (1.0 if symmetric else 0)) + 1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [0, 32, 64])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_is_the_min_max_formula(bits, group, symmetric):
+    """rtn_quantize → dequantize equals the loop-by-loop reference (tests/rtn_reference.py) exactly."""
+    w = np.random.default_rng(bits + group).standard_normal((100, 9)).astype(np.float32)
+    w[:, 0], w[:, 1], w[:, 2] = np.abs(w[:, 0]) + 0.1, 0.0, -np.abs(w[:, 2])  # all ≥ 0, all zero, all ≤ 0
+    w[5, 3] = -w[:, 3].__abs__().max() * 1.5  # the largest magnitude negative: the symmetric grid's sign rule
+    got = dequantize(*rtn_quantize(w, bits, group, symmetric), group)
+    np.testing.assert_array_equal(got, rtn_reference(w, bits, group, symmetric, np.float64))
 
 
 def test_clip_search_never_worse():
@@ -66,7 +79,7 @@ def test_graph_runs_and_matches_numpy_dequantized_weights(bits):
     for lin in find_linears(ref.graph):
         w = weights[lin.name]
         group = 32 if w.shape[0] > 32 else 0
-        lin.weight.const_value = __import__("onnx_ir").tensor(dequantize(*rtn_quantize(w, bits, group), group))
+        lin.weight.const_value = __import__("onnx_ir").tensor(rtn_reference(w, bits, group, True, np.float64))
     got = make_session(qmodel, optimize=False).run(None, feed)[0]
     want = make_session(ref, optimize=False).run(None, feed)[0]
     assert rel_err(got, want) < 1e-5
