@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # module → the test files that cover it (fast ones; the whole suite is too slow per mutant)
 COVER: dict[str, list[str]] = {
     "passes/smooth.py": ["test_verify.py", "test_search_objectives.py", "test_smooth_reference.py",
-                         "test_before_expected.py", "test_smooth.py"],
+                         "test_bias_models.py", "test_before_expected.py", "test_smooth.py"],
     "passes/rotate.py": ["test_verify.py", "test_rotate_bias.py", "test_before_expected.py", "test_rotate.py"],
     "passes/fold_norms.py": ["test_verify.py", "test_fold_norms.py", "test_before_expected.py", "test_rotate_bias.py"],
     "passes/quantize_weights.py": ["test_verify.py", "test_gptq_reference.py", "test_before_expected.py",
@@ -69,9 +69,9 @@ COVER: dict[str, list[str]] = {
     "compiler/quant/int8.py": ["test_integer_lut.py", "test_before_expected.py", "test_migrate_steps_reference.py",
                                "test_dyadic_lsb.py", "test_quantize.py", "test_integer_swiglu.py"],
     "passes/quantize_kv.py": ["test_verify.py", "test_quantize_kv.py", "test_before_expected.py"],
-    "passes/awq.py": ["test_verify.py", "test_awq.py", "test_before_expected.py"],
+    "passes/awq.py": ["test_verify.py", "test_awq.py", "test_bias_models.py", "test_before_expected.py"],
     "passes/integer_swiglu.py": ["test_integer_swiglu.py", "test_integer_check.py", "test_before_expected.py"],
-    "compiler/quant/channel_scales.py": ["test_smooth_reference.py", "test_awq.py", "test_smooth.py",
+    "compiler/quant/channel_scales.py": ["test_smooth_reference.py", "test_bias_models.py", "test_awq.py", "test_smooth.py",
                                          "test_migrate_steps_reference.py"],
     "compiler/quant/stats.py": ["test_calibration.py", "test_smooth_reference.py", "test_migrate_steps_reference.py"],
 }
