@@ -1,5 +1,5 @@
-"""Passes that fold scales into a PREVIOUS linear (smooth, awq: V→O and up→down; migrate-steps' case is in test_migrate_steps_reference) on a
-model whose linears carry biases (Qwen2 has q/k/v biases; here also o/up/down).  The previous
+"""Passes that fold scales into a PREVIOUS linear (smooth, awq: V→O and up→down; migrate-steps' case
+is in test_migrate_steps_reference) on a model whose linears carry biases (Qwen2 has q/k/v biases; here also o/up/down).  The previous
 linear's bias must be divided by the same per-channel scale as its output columns,
 ``(x·W + b)·diag(s)⁻¹ = x·(W·diag(s)⁻¹) + b·diag(s)⁻¹``; a fold that forgets the bias moves the
 logits by far more than the tolerance (the biases carry real signal, see test_rotate_bias).
