@@ -87,3 +87,36 @@ def test_rotated_biases_are_rotated_not_copied():
         else:  # v (R2 per head), o and down (R1): an orthogonal map keeps the norm, moves the vector
             assert np.linalg.norm(after[name]) == pytest.approx(np.linalg.norm(b), rel=1e-4)
             assert not np.allclose(after[name], b, atol=1e-3)
+
+
+def _v_reshape_infers_head_dim(cfg):
+    """V's head split written ``Reshape(v, [0, 0, H, -1])`` (head size inferred at run time, as some exports do)."""
+    from lowbit.frontends.llama2c import build_llama, random_llama_weights
+
+    model = build_llama(cfg, random_llama_weights(cfg, 5))
+    for node in list(model.graph):
+        if node.op_type == "Reshape" and node.inputs[0].name.endswith("attn.v_proj"):
+            shape = ir.Value(name=f"{node.name}.inferred_shape",
+                             const_value=ir.tensor(np.array([0, 0, cfg.n_kv_heads, -1], np.int64)))
+            model.graph.register_initializer(shape)
+            node.replace_input_with(1, shape)
+    return model
+
+
+def test_r2_without_a_known_head_size_is_skipped_not_guessed():
+    """R2 rotates within heads; when V's head size is not a constant it must skip (float outputs unchanged)."""
+    cfg = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=64, seq_len=32)
+    feed = tokens(cfg.vocab_size, seq=16)
+    for inferred in (False, True):
+        if inferred:
+            model = _v_reshape_infers_head_dim(cfg)
+        else:
+            from lowbit.frontends.llama2c import build_llama, random_llama_weights
+
+            model = build_llama(cfg, random_llama_weights(cfg, 5))
+        ref = logits(model, feed)
+        pm = PassManager.from_pipeline("fold-norms,rotate", CompileContext(show_progress=False))
+        out = pm.run(model)
+        assert rel_err(logits(out, feed), ref) <= 1e-4
+        stats = pm.passes[1].stats
+        assert (stats["r2"], stats["r2_skipped"]) == ((0, cfg.n_layers) if inferred else (cfg.n_layers, 0)), stats
