@@ -57,3 +57,35 @@ def test_smooth_divides_the_producer_bias_by_the_consumer_scale():
     assert np.ptp(s_v) > 0.1, "the case must smooth with scales that differ per channel"
     np.testing.assert_allclose(lins[name].bias.const_value.numpy(), b_v / s_v, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_smooth_v_to_o_scales_follow_the_paper_with_gqa(alpha):
+    """SmoothQuant on the V→O group: per V channel j, over the O input channels c that read it (GQA:
+    every query head of one KV head), s_j = max_c max|X_c|^α / max_c max|W_o[c,:]|^(1−α), X = O's
+    input on the calibration tokens, measured here by running the float model in ORT."""
+    import onnx
+
+    from lowbit.ir.sessions import make_session, to_proto
+
+    model = qwen_like(WHICH, seed=2)
+    lins = {lin.name: lin for lin in find_linears(model.graph)}
+    o_name = next(n for n in lins if n.endswith("attn.o_proj"))
+    x_name, w_o = lins[o_name].input.name, lins[o_name].weight.const_value.numpy().astype(np.float64)
+    proto = to_proto(model)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(x_name, onnx.TensorProto.FLOAT, None))
+    sess = make_session(proto, optimize=False)
+    xs = np.concatenate([sess.run([x_name], f)[0].reshape(-1, w_o.shape[0]) for f in _calibration()])
+    heads, kv, hd = CFG.n_heads, CFG.n_kv_heads, CFG.dim // CFG.n_heads
+    c = np.arange(w_o.shape[0])
+    v_of = (c // hd) // (heads // kv) * hd + c % hd  # O input channel -> V output channel
+    px, pw = np.zeros(kv * hd), np.zeros(kv * hd)
+    np.maximum.at(px, v_of, np.abs(xs).max(0))
+    np.maximum.at(pw, v_of, np.abs(w_o).max(1))
+    want = np.clip(px ** alpha / pw ** (1 - alpha), 1e-4, 1e4)
+
+    ctx = CompileContext(calibration=_calibration(), show_progress=False)
+    out = PassManager.from_pipeline(f"calibrate,smooth{{norms=false,alpha={alpha}}}", ctx).run(model)
+    w_o_after = {lin.name: lin for lin in find_linears(out.graph)}[o_name].weight.const_value.numpy()
+    s_o = w_o_after.astype(np.float64)[:, 0] / w_o[:, 0]
+    np.testing.assert_allclose(s_o, want[v_of], rtol=1e-4)
