@@ -119,3 +119,25 @@ def test_gptq_pass_beats_rtn_on_logits():
                       f"calibrate{{hessian=true}},quantize-weights{{bits=3,group=32,method={method}}}", feeds)
         errs[method] = rel_err(make_session(m).run(None, probe)[0], ref)
     assert errs["gptq"] < errs["rtn"]
+
+
+def test_the_ray_path_assembles_what_the_local_path_computes():
+    """quantize-weights{ray=...} maps the per-layer jobs (lowbit.quant.parallel.map_tasks) and then rebuilds
+    (weight, effective group, codes) per layer; here the map runs in this process (ray="", no cluster:
+    test_ray runs the real one, slow) and the assembly must equal the local per-layer path, incl. a group
+    longer than K (effective group 0: per channel)."""
+    from lowbit.ir.analysis import find_linears
+
+    model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
+    pm = PassManager.from_pipeline("quantize-weights{bits=4,group=128}", CompileContext(show_progress=False))
+    p = pm.passes[0]
+    todo = [(lin, (4, 128)) for lin in find_linears(model.graph)]
+    assert any(lin.shape[0] <= 128 for lin, _ in todo) and any(lin.shape[0] > 128 for lin, _ in todo)
+    assembled = p._parallel(todo)
+    for lin, (bits, group) in todo:
+        w, g, arrays = assembled[lin.name]
+        w_l, g_l, arrays_l = p._quantize(lin, bits, group, None)
+        assert g == g_l == (0 if lin.shape[0] <= 128 else 128), lin.name
+        np.testing.assert_array_equal(w, w_l)
+        for a, b in zip(arrays, arrays_l):
+            np.testing.assert_array_equal(a, b)
