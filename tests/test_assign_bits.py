@@ -289,3 +289,11 @@ def test_mixed_pipeline_compiles_end_to_end_to_the_planned_bytes(tmp_path):
     assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
     logits = make_session(out).run(None, {"tokens": np.arange(8, dtype=np.int64)[None] % CFG.vocab_size})[0]
     assert np.isfinite(logits).all()
+
+
+def test_the_default_budget_is_an_average_of_three_stored_bits(calibrated):
+    """The documented default (``avg_bits``, target 3.0): the plan fits 3 bits per weight and uses it."""
+    model, ctx = calibrated
+    plan = run(model, ctx, "assign-bits")
+    assert plan.budget == "avg_bits" and plan.target == 3.0
+    assert 2.8 * plan.weights < 8 * plan.linear_bytes <= 3.0 * plan.weights
