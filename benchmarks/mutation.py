@@ -62,7 +62,7 @@ COVER: dict[str, list[str]] = {
     "passes/calibrate.py": ["test_calibration.py", "test_verify.py", "test_smooth_reference.py"],
     "passes/canonicalize.py": ["test_verify.py", "test_canonicalize.py", "test_before_expected.py"],
     "passes/integer_lut.py": ["test_verify.py", "test_integer_lut.py", "test_before_expected.py",
-                              "test_integer_check.py"],
+                              "test_integer_check.py", "test_integer_tiny.py"],
     "passes/quantize_embeddings.py": ["test_verify.py", "test_quantize_embeddings.py", "test_before_expected.py"],
     "compiler/quant/gptq.py": ["test_gptq_obq_reference.py", "test_gptq_reference.py", "test_before_expected.py",
                                "test_quantize_weights.py"],
