@@ -69,3 +69,31 @@ def test_a_bound_of_exactly_int32_max_is_accepted(negative, bias_sign):
 def test_one_more_is_refused(negative, bias_sign):
     with pytest.raises(PassFailure, match="int32 accumulator can overflow in output channel 0"):
         _dyadic(_qdq_model(bias_sign * (INT32_MAX - 255 * S + 1), negative))
+
+
+@pytest.mark.parametrize("what", ["activation scale", "weight codes"])
+def test_a_linear_outside_the_integer_form_is_left_alone(what):
+    """dyadic rewrites only MatMul(DQ(uint8 x; constant σ, z), DQ(int8 2-D Wq; constant s_w)): a computed
+    activation scale, or uint8 weight codes, is not that form; with no other linear the pass refuses."""
+    wq = np.arange(-6, 6, dtype=np.int8).reshape(4, 3)
+    sigma = helper.make_tensor_value_info("sigma", TensorProto.FLOAT, [])
+    inits = [numpy_helper.from_array(np.array(0, np.uint8), "z"), numpy_helper.from_array(np.ones(3, np.float32), "sw"),
+             numpy_helper.from_array(wq.astype(np.uint8) if what == "weight codes" else wq, "wq")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    if what == "activation scale":
+        inputs.append(sigma)
+    else:
+        inits.append(numpy_helper.from_array(np.array(0.1, np.float32), "sigma"))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sigma", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "sigma", "z"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["wq", "sw"], ["wd"], name="wdq", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(proto)
+    ctx = CompileContext(calibration=[{"x": np.ones((1, 4), np.float32), "sigma": np.array(0.1, np.float32)}],
+                         show_progress=False)
+    ctx.properties.add(QUANTIZED)
+    with pytest.raises(PassFailure, match="no quantized linear in QDQ form"):
+        PassManager.from_pipeline("dyadic", ctx).run(ir.serde.deserialize_model(proto))

@@ -65,13 +65,14 @@ def _quantize(model, pipeline, feeds=None):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_graph_runs_and_matches_numpy_dequantized_weights(bits):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_graph_runs_and_matches_numpy_dequantized_weights(bits, symmetric):
     model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
     feed = tokens(128, seq=12)
     from lowbit.ir.analysis import find_linears
 
     weights = {lin.name: lin.weight.const_value.numpy().copy() for lin in find_linears(model.graph)}
-    qmodel = _quantize(model, f"quantize-weights{{bits={bits},group=32}}")
+    qmodel = _quantize(model, f"quantize-weights{{bits={bits},group=32,symmetric={str(symmetric).lower()}}}")
     ops = {n.op_type for n in qmodel.graph}
     assert ("MatMul3Bit" in ops) == (bits == 3)
     # the same model with numpy RTN-dequantized float weights gives the same logits
@@ -79,7 +80,7 @@ def test_graph_runs_and_matches_numpy_dequantized_weights(bits):
     for lin in find_linears(ref.graph):
         w = weights[lin.name]
         group = 32 if w.shape[0] > 32 else 0
-        lin.weight.const_value = __import__("onnx_ir").tensor(rtn_reference(w, bits, group, True, np.float64))
+        lin.weight.const_value = __import__("onnx_ir").tensor(rtn_reference(w, bits, group, symmetric, np.float64))
     got = make_session(qmodel, optimize=False).run(None, feed)[0]
     want = make_session(ref, optimize=False).run(None, feed)[0]
     assert rel_err(got, want) < 1e-5

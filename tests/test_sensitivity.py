@@ -226,3 +226,17 @@ def test_gptq_quantizer_simulates_the_weights_quantize_weights_writes(tmp_path):
     written = matmul3bit_reference(np.eye(w.shape[0], dtype=np.float32), packed, scales, zps,
                                    node.attributes["block_size"].as_int())
     np.testing.assert_allclose(written, gptq_w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [48, 64, 100])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_group_covering_the_column_is_per_channel(k, bits):
+    """``group ≥ K`` means one group per column (module doc): the same buffers, bytes and values as group=0,
+    whatever K (a power of two or not: MatMulNBits' block is the next power of two ≥ K)."""
+    w = np.random.default_rng(k + bits).standard_normal((k, 5)).astype(np.float32)
+    per_channel = pack(w, bits, 0)
+    for group in (k, k + 1, 4 * k):
+        for (name, a), b in zip(pack(w, bits, group).items(), per_channel.values()):
+            np.testing.assert_array_equal(a, b, err_msg=f"group={group} {name}")
+        assert storage_bytes(k, 5, bits, group) == storage_bytes(k, 5, bits, 0)
+        np.testing.assert_array_equal(fake_quant(w, bits, group), rtn_reference(w, bits, 0))
