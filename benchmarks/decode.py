@@ -1,7 +1,7 @@
 """Decode ms/token at several contexts and prefill ms, TinyLlama-1.1B shape (random weights: speed only).
 
-    python benchmarks/decode.py [--layers 22] [--threads 2] [--contexts 16,256,1024] [--prefill 256] [--steps 8]
-                                [--genai] [--llama-gguf-dir DIR --llama-bin DIR]
+    python benchmarks/decode.py [--layers 22] [--threads 2,16] [--contexts 16,256,1024] [--prefill 256] [--steps 8]
+                                [--genai] [--llama-gguf-dir DIR --llama-bin DIR] [--profile]
 
 One run measures, through the KV cache (lowbit's KVSession: cache kept in ORT between steps):
 
@@ -200,7 +200,19 @@ def _hf_weight(name: str, w: dict, cfg) -> np.ndarray:
     return np.ascontiguousarray(d[key], dtype=np.float32)
 
 
+def prepare_ggufs(bin_dir: Path, gguf_dir: Path, layers: int) -> None:
+    """Random-weight Q8_0 / Q4_0 GGUFs of the same shape (decode_kernels' F16 writer, then llama-quantize)."""
+    import decode_kernels
+
+    decode_kernels.LAYERS = layers
+    for q in ("Q8_0", "Q4_0"):
+        decode_kernels.prepare_gguf(bin_dir, gguf_dir, q)
+
+
 def llama_rows(bin_dir: Path, gguf_dir: Path, contexts, prefill, steps, threads) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     rows = {}
     for q in ("Q8_0", "Q4_0"):
         files = sorted(gguf_dir.glob(f"*-{q}.gguf"))
@@ -210,10 +222,11 @@ def llama_rows(bin_dir: Path, gguf_dir: Path, contexts, prefill, steps, threads)
         for c in contexts:
             out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(files[0]), "-p", "0", "-n", str(steps),
                                   "-d", str(c), "-t", str(threads), "-o", "json", "-r", "2"],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True, env=env)
             r[c] = 1e3 / json.loads(out.stdout)[0]["avg_ts"]
         out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(files[0]), "-p", str(prefill), "-n", "0",
-                              "-t", str(threads), "-o", "json", "-r", "2"], capture_output=True, text=True, check=True)
+                              "-t", str(threads), "-o", "json", "-r", "2"], capture_output=True, text=True, check=True,
+                             env=env)
         r["prefill"] = prefill * 1e3 / json.loads(out.stdout)[0]["avg_ts"]
         rows[f"llama.cpp {q} ({files[0].name})"] = r
     return rows
@@ -228,7 +241,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=22, help="TinyLlama-1.1B has 22 (fewer: same widths, faster)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="comma-separated thread counts, each timed on the same models")
+    ap.add_argument("--profile", action="store_true", help="also split lowbit's decode time by node kind")
     ap.add_argument("--contexts", default="16,256,1024")
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
@@ -253,36 +267,49 @@ def main() -> None:
     base_path = work / "fp32.onnx"
     save_onnx(build_llama(cfg, w, kv_cache=True), base_path, external_data=True)
     print(f"{'CPU' if args.cpu_time else 'wall'} ms. TinyLlama-1.1B shape (dim 2048, ffn 5632, 32 heads / 4 KV heads, vocab 32000), {args.layers} layers, "
-          f"random weights; {args.threads} threads; decode = median of {args.steps} steps", flush=True)
-    rows, paths = {}, {}
+          f"random weights; threads {args.threads}; decode = median of {args.steps} steps", flush=True)
+    if args.llama_bin and args.llama_gguf_dir:  # the GGUFs first, while no decoder holds memory
+        prepare_ggufs(Path(args.llama_bin), Path(args.llama_gguf_dir), args.layers)
+    paths = {}
     chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
     for label, pipeline in chosen:
         path = base_path
         if pipeline:
+            t0 = time.perf_counter()
             model = load_onnx(base_path)
             calib = [kv_prefill_feed(model, ids[None, :64])]
             model = PassManager.from_pipeline(pipeline, CompileContext(calibration=calib, show_progress=False)).run(model)
             path = work / f"{label.replace(' ', '_').replace('+', '')}.onnx"
             save_onnx(model, path, external_data=True)
+            del model
+            print(f"  built {label} in {time.perf_counter() - t0:.0f} s", flush=True)
         paths[label] = path
-        kv = KVSession(_session(path, args.threads, args.cpu_time))
-        rows[label] = time_session(kv, ids, contexts, args.prefill, args.steps)
-        print(f"  {label}: {rows[label]}", flush=True)
-    if args.genai:
-        rows.update(genai_rows(cfg, w, work, ids, contexts, args.prefill, args.steps, args.threads))
-    if args.llama_bin and args.llama_gguf_dir:
-        rows.update(llama_rows(Path(args.llama_bin), Path(args.llama_gguf_dir), contexts, args.prefill, args.steps,
-                               args.threads))
-    base = rows[chosen[0][0]]
-    head = "".join(f"{'ctx ' + str(c):>17s}" for c in contexts) + f"{'prefill ' + str(args.prefill):>19s}"
-    print(f"\n{'ms (ratio to ' + chosen[0][0] + ')':34s}{head}")
-    for label, r in rows.items():
-        cells = "".join(f"{r[c]:9.2f} ({base[c] / r[c]:4.2f}x)" for c in contexts)
-        print(f"{label:34s}{cells}{r['prefill']:10.1f} ({base['prefill'] / r['prefill']:4.2f}x)")
-    print("\nwhere lowbit's decode time goes (ms per step: linear layers / attention+cache / rest), ORT profiler:")
-    for label, path in paths.items():
-        split = profile_split(path, ids, contexts, args.threads)
-        print(f"{label:34s}" + "".join(f"  ctx {c}: {a:6.2f} / {b:6.2f} / {o:5.2f}" for c, (a, b, o) in split.items()))
+    for threads in [int(t) for t in str(args.threads).split(",")]:
+        rows = {}
+        for label, path in paths.items():
+            kv = KVSession(_session(path, threads, args.cpu_time))
+            rows[label] = time_session(kv, ids, contexts, args.prefill, args.steps)
+            del kv
+            print(f"  {label}, {threads} threads: {rows[label]}", flush=True)
+        if args.genai:
+            rows.update(genai_rows(cfg, w, work, ids, contexts, args.prefill, args.steps, threads))
+        if args.llama_bin and args.llama_gguf_dir:
+            rows.update(llama_rows(Path(args.llama_bin), Path(args.llama_gguf_dir), contexts, args.prefill,
+                                   args.steps, threads))
+        base = rows[chosen[0][0]]
+        head = "".join(f"{'ctx ' + str(c):>17s}" for c in contexts) + f"{'prefill ' + str(args.prefill):>19s}"
+        print(f"\n{threads} threads: decode ms/token at each context (ratio: {chosen[0][0]} ÷ row), prefill ms")
+        print(f"{'':34s}{head}")
+        for label, r in rows.items():
+            cells = "".join(f"{r[c]:9.2f} ({base[c] / r[c]:4.2f}x)" for c in contexts)
+            print(f"{label:34s}{cells}{r['prefill']:10.1f} ({base['prefill'] / r['prefill']:4.2f}x)", flush=True)
+        if args.profile:
+            print(f"\nwhere lowbit's decode time goes, {threads} threads (ms per step: linear layers / "
+                  "attention+cache / rest), ORT profiler:")
+            for label, path in paths.items():
+                split = profile_split(path, ids, contexts, threads)
+                print(f"{label:34s}" + "".join(f"  ctx {c}: {a:6.2f} / {b:6.2f} / {o:5.2f}"
+                                                 for c, (a, b, o) in split.items()), flush=True)
 
 
 if __name__ == "__main__":

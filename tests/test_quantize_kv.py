@@ -80,9 +80,13 @@ def test_cache_codes_match_numpy_reference(bits, k_mode, hadamard):
         allk = np.concatenate([make_session(float_model).run(["present.0.key"], fd)[0] for fd in feeds], 2)
         allk = allk @ _hadamard(hd) if hadamard else allk
         lo, hi = allk.min((0, 2)), allk.max((0, 2))
+        centre, r = (hi + lo) / 2, (hi - lo) / 2
+        if not hadamard:  # llama2.c RoPE pairs (2j, 2j+1): centre 0, range = the pair's largest norm
+            pn = np.sqrt(allk[..., 0::2] ** 2 + allk[..., 1::2] ** 2).max((0, 2))
+            centre, r = np.zeros_like(centre), np.repeat(pn, 2, axis=-1)
         half = 2 ** (bits - 1)
-        step = np.maximum((hi - lo) / 2 / (half - 1), 1e-8)[None, :, None]
-        codes_k = np.clip(np.round((k - ((hi + lo) / 2)[None, :, None]) / step) + half, 0, 2 ** bits - 1)
+        step = np.maximum(r / (half - 1), 1e-8)[None, :, None]
+        codes_k = np.clip(np.round((k - centre[None, :, None]) / step) + half, 0, 2 ** bits - 1)
         gk = got["present.0.key"]
         gk = gk if bits == 8 else _unpack4(gk)
         assert np.mean(gk != codes_k) < 1e-3 and np.max(np.abs(gk.astype(int) - codes_k)) <= 1
