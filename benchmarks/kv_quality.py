@@ -29,6 +29,10 @@ ROWS = [  # {g}: --group (channels per dynamic scale group)
     ("int4, K/V groups of {g} + Hadamard", "quantize-kv{bits=4,k_mode=token,group={g},hadamard=true}"),
     ("int4, K per-channel static", "quantize-kv{bits=4,k_mode=channel}"),
     ("int4, K per-channel static + Hadamard", "quantize-kv{bits=4,k_mode=channel,hadamard=true}"),
+    ("int4, K/V groups of {g} + Hadamard + sink 1", "quantize-kv{bits=4,k_mode=token,group={g},hadamard=true,sink=1}"),
+    ("int4, K per-token + Hadamard + sink 1", "quantize-kv{bits=4,k_mode=token,hadamard=true,sink=1}"),
+    ("int4, K per-token + sink 1", "quantize-kv{bits=4,k_mode=token,sink=1}"),
+    ("int8, K per-token + sink 1", "quantize-kv{bits=8,k_mode=token,sink=1}"),
 ]
 
 

@@ -14,7 +14,7 @@ even channel — and attention reads ``dequant(cache)``:
   ``c = 0``, ``r = max ‖(k_a, k_b)‖`` over the channel's RoPE pair (a rotation keeps the pair's norm);
   unrotated channels (and graphs without that metadata) use ``c = (max+min)/2``, ``r = (max−min)/2``.
 * **K, ``k_mode=token``** and **V always**: dynamic asymmetric per (token, head, group of ``group``
-  channels; 0 = the whole head): ``s = (max−min)/(2^b−1)``, ``q = clip(round((x−min)/s), 0, 2^b−1)``,
+  channels; 0, or a group ≥ the head dim = the whole head): ``s = (max−min)/(2^b−1)``, ``q = clip(round((x−min)/s), 0, 2^b−1)``,
   ``x̂ = q·s + min``, with s and min stored as float16 in a cache tensor of their own,
   ``past_key_values.{i}.value_scale`` [b, kv, t, 2·groups] → ``present.{i}.value_scale`` (s and min
   are rounded to float16 before quantizing, so codes and stored parameters agree exactly).
@@ -25,6 +25,11 @@ even channel — and attention reads ``dequant(cache)``:
   again: ``P·(VH)·H = P·V``.  The rotation spreads channel outliers over the head, which helps
   per-token groups; with ``k_mode=channel`` the RoPE pairs are mixed, so K's ranges are min/max.
   Uses the ``lowbit.Hadamard`` op; needs a power-of-two head dim.
+
+``sink=N`` keeps the first N positions of K and V also in float (a cache tensor ``…key_sink`` of at
+most N positions, ``past_key_values.{i}.key_sink`` → ``present.{i}.key_sink``) and attention reads
+them from there: the attention-sink tokens that most heads attend to are not quantized (IntactKV,
+PrefixQuant); N·(float bytes per token) once, not per token.
 
 Defaults (int8 and int4: ``k_mode=token``, ``group=0``, ``hadamard=false``) and the recipes' settings
 were chosen on TinyStories stories 100–399 (``benchmarks/kv_quality.py``), never on the reported ones.
@@ -73,12 +78,15 @@ class QuantizeKV(Pass):
         k_mode: Literal["channel", "token"] = "channel"
         hadamard: bool = False
         group: int = 0  # channels per (s, min) pair for dynamic per-token groups; 0 = the whole head
+        sink: int = 0  # the first `sink` cached positions also kept in float32 and read from there
 
         def __post_init__(self):
             if self.bits not in (4, 8):
                 raise ValueError(f"quantize-kv: bits must be 4 or 8, got {self.bits}")
             if self.k_mode not in ("channel", "token"):
                 raise ValueError(f"quantize-kv: k_mode must be channel or token, got {self.k_mode}")
+            if self.sink < 0:
+                raise ValueError(f"quantize-kv: sink must be >= 0, got {self.sink}")
             if self.group < 0 or self.group % 2:
                 raise ValueError(f"quantize-kv: group must be 0 (whole head) or an even channel count, got {self.group}")
 
@@ -93,7 +101,8 @@ class QuantizeKV(Pass):
         o = self.options
         shape = layers[0][1].outputs[0].shape
         hd = shape[-1] if shape is not None else None
-        if o.group and (not isinstance(hd, int) or hd % o.group):
+        self._g = hd if not o.group or (isinstance(hd, int) and o.group >= hd) else o.group
+        if not isinstance(hd, int) or hd % self._g:
             self.fail(f"group={o.group} does not divide the head dim {hd}", hint="use group=0 (whole head) or a divisor")
         if o.hadamard:
             if not isinstance(hd, int) or hd & (hd - 1):
@@ -117,7 +126,8 @@ class QuantizeKV(Pass):
         attach_functions(model)
         self.ctx.report["quantize-kv"] = {"bits": o.bits, "k_mode": o.k_mode, "hadamard": o.hadamard, "group": o.group,
                                           "layers": self.stats["layers"], "float_bytes_per_token": float_bytes,
-                                          "bytes_per_token": q_bytes}
+                                          "bytes_per_token": q_bytes, "sink_tokens": o.sink,
+                                          "sink_bytes": o.sink * float_bytes}
         logger.info("KV cache: %d → %d bytes per cached token", float_bytes, q_bytes)
         return PassResult(model, modified=True)
 
@@ -232,7 +242,7 @@ class QuantizeKV(Pass):
                                f32(half)], "offset")
             codes = op("Clip", [codes, f32(0.0), f32(qmax)], "clip")
         else:
-            groups = hd // (o.group or hd)
+            groups = hd // self._g
             xg = op("Reshape", [x, self._const(np.array([0, 0, 0, groups, hd // groups], np.int64), "g")], "grouped")
             mn = op("ReduceMin", [xg, self._const(np.array([-1], np.int64), "last")], "min", keepdims=1)
             mx = op("ReduceMax", [xg, self._const(np.array([-1], np.int64), "last")], "max", keepdims=1)
@@ -275,13 +285,20 @@ class QuantizeKV(Pass):
             vg = op("Reshape", [vals, self._const(np.array([0, 0, 0, groups, hd // groups], np.int64), "g")], "codes_g")
             deq = op("Add", [op("Mul", [vg, ss], "rescaled"), sm], "dequant_g")
             deq = op("Reshape", [deq, self._const(np.array([0, 0, 0, hd], np.int64), "heads")], "dequant")
+        if o.sink:  # attention reads the first positions from a float copy (IntactKV / PrefixQuant's sinks)
+            kept = self._cache_io(cat, f"{name}_sink", ir.DataType.FLOAT, hd, x, keep=o.sink)
+            n = op("Shape", [kept], "sink_len", start=2, end=3)
+            rest = op("Slice", [deq, n, self._const(np.array([2 ** 62], np.int64), "end"),
+                                self._const(np.array([2], np.int64), "axis2")], "after_sink")
+            deq = op("Concat", [kept, rest], "with_sink", axis=2)
         for u in list(present.uses()):
             u.node.replace_input_with(u.idx, deq)
         g.remove(cat, safe=False)
-        return kv * (hd * b // 8 + (4 * (hd // (o.group or hd)) if mode == "token" else 0))
+        return kv * (hd * b // 8 + (4 * (hd // self._g) if mode == "token" else 0))
 
-    def _cache_io(self, cat: ir.Node, present_name: str, dtype, last: int, new: ir.Value) -> ir.Value:
-        """Make (or re-type) the past input and present output ``present_name`` holding ``new`` along axis 2."""
+    def _cache_io(self, cat: ir.Node, present_name: str, dtype, last: int, new: ir.Value, keep: int = 0) -> ir.Value:
+        """Make (or re-type) the past input and present output ``present_name`` holding ``new`` along axis 2
+        (only the first ``keep`` positions when ``keep``)."""
         g = self._graph
         past_name = present_name.replace("present.", "past_key_values.", 1)
         old_past = next((v for v in g.inputs if v.name == past_name), None)
@@ -295,6 +312,10 @@ class QuantizeKV(Pass):
         else:
             g.inputs.append(past)
         out = self._op("Concat", [past, new], f"{present_name}.cache", cat, axis=2)
+        if keep:
+            out = self._op("Slice", [out, self._const(np.array([0], np.int64), "zero"),
+                                     self._const(np.array([keep], np.int64), "keep"),
+                                     self._const(np.array([2], np.int64), "axis2")], f"{present_name}.first", cat)
         old_out = next((v for v in g.outputs if v.name == present_name), None)
         out_shape = ir.Shape([d for d in (cat.outputs[0].shape or [])][:3] + [last])
         if old_out is not None:

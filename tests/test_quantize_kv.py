@@ -137,3 +137,26 @@ def test_refuses_graph_without_cache_and_bad_options():
     with pytest.raises(LowbitError, match="does not divide the head dim"):
         kv = build_llama(CFG, random_llama_weights(CFG, seed=1), kv_cache=True)
         PassManager.from_pipeline("quantize-kv{k_mode=token,group=6}", CompileContext(show_progress=False)).run(kv)
+
+
+def test_sink_positions_are_read_in_float():
+    """sink=N: the first N positions come from a float copy, so they score as in the float graph, and a
+    sink longer than the sequence gives the float graph; cached decode still equals one prefill."""
+    feeds = _feeds()
+    ids = np.random.default_rng(5).integers(0, CFG.vocab_size, 20)
+    float_model, model, ctx = _compile("quantize-kv{bits=4,k_mode=token,sink=4}", feeds)
+    full_f = make_session(float_model).run(["logits"], _prefill(float_model, ids[None]))[0][0]
+    full_q = make_session(model).run(["logits"], _prefill(model, ids[None]))[0][0]
+    scale = np.max(np.abs(full_f))
+    assert np.max(np.abs(full_q[:4] - full_f[:4])) <= 1e-5 * scale < np.max(np.abs(full_q[4:] - full_f[4:]))
+    s = KVSession(model)
+    got = np.concatenate([s.step(ids[:2], last_only=False)[0]] +
+                         [s.step(ids[t : t + 1], last_only=False)[0] for t in range(2, 20)])
+    assert np.max(np.abs(got - full_q)) <= 1e-5 * scale
+    kv, hd = CFG.n_kv_heads, CFG.head_dim
+    per_token = kv * (2 * hd * 4 // 8 + 2 * 4)
+    assert s.cache_bytes() == CFG.n_layers * (20 * per_token + 4 * 2 * kv * hd * 4)  # codes + 4 float positions
+    assert ctx.report["quantize-kv"]["sink_bytes"] == 4 * CFG.n_layers * 2 * kv * hd * 4
+    _, whole, _ = _compile("quantize-kv{bits=4,k_mode=token,sink=64}", feeds)
+    got = make_session(whole).run(["logits"], _prefill(whole, ids[None]))[0][0]
+    assert np.max(np.abs(got - full_f)) <= 1e-5 * scale
