@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="16,256,1024")
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--variants", default="", help="comma-separated indices into the lowbit rows (default all)")
+    ap.add_argument("--variants", default="", help="comma-separated indices into the lowbit rows (default all; none)")
     ap.add_argument("--genai", default="", help="also onnxruntime-genai's model builder at these precisions (fp32,int4)")
     ap.add_argument("--llama-bin", help="folder with llama.cpp's llama-bench")
     ap.add_argument("--llama-gguf-dir", help="folder for the random-weight GGUFs (written there once)")
@@ -293,10 +293,11 @@ def main() -> None:
           f"of {args.steps} steps after a prefill of the context", flush=True)
     t0 = time.perf_counter()
     base_path = work / "fp32.onnx"
-    if not base_path.exists():
+    chosen = ([] if args.variants == "none" else
+              [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS)
+    if chosen and not base_path.exists():
         save_onnx(build_llama(cfg, weights(), kv_cache=True), base_path, external_data=True)
     paths = {}
-    chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
     for label, pipeline, *start in chosen:
         path = base_path
         if pipeline:
@@ -330,9 +331,10 @@ def main() -> None:
         if llama:
             rows.update(llama_rows(Path(args.llama_bin), Path(args.llama_gguf_dir), contexts, args.prefill,
                                    args.steps, threads, types))
-        base = rows[chosen[0][0]]
+        first = next(iter(rows))
+        base = rows[first]
         head = "".join(f"{'ctx ' + str(c):>17s}" for c in contexts) + f"{'prefill ' + str(args.prefill):>19s}"
-        print(f"\n{threads} threads: decode ms/token at each context (ratio: {chosen[0][0]} ÷ row), prefill ms")
+        print(f"\n{threads} threads: decode ms/token at each context (ratio: {first} ÷ row), prefill ms")
         print(f"{'':34s}{head}")
         for label, r in rows.items():
             cells = "".join(f"{r[c]:9.2f} ({base[c] / r[c]:4.2f}x)" for c in contexts)

@@ -31,8 +31,9 @@ most N positions, ``past_key_values.{i}.key_sink`` → ``present.{i}.key_sink``)
 them from there: the attention-sink tokens that most heads attend to are not quantized (IntactKV,
 PrefixQuant); N·(float bytes per token) once, not per token.
 
-Defaults (int8 and int4: ``k_mode=token``, ``group=0``, ``hadamard=false``) and the recipes' settings
-were chosen on TinyStories stories 100–399 (``benchmarks/kv_quality.py``), never on the reported ones.
+``k_mode=token`` is the default and the recipes' 4-bit caches use ``group=32,hadamard=true``: chosen on
+TinyStories stories 100–399 (``benchmarks/kv_quality.py``, stories260K and SmolLM2-135M; numbers in
+``benchmarks/KV_RESULTS.md``), never on the reported ones.  Static per-channel K lost there at every width.
 
 Float semantics change only by the quantization error.  Bytes per cached token (all layers, K+V,
 stored scales included) are written to the report next to the float figure.
@@ -75,7 +76,7 @@ class QuantizeKV(Pass):
     @dataclass(frozen=True)
     class Options:
         bits: int = 8
-        k_mode: Literal["channel", "token"] = "channel"
+        k_mode: Literal["channel", "token"] = "token"
         hadamard: bool = False
         group: int = 0  # channels per (s, min) pair for dynamic per-token groups; 0 = the whole head
         sink: int = 0  # the first `sink` cached positions also kept in float32 and read from there
