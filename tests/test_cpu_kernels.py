@@ -68,8 +68,9 @@ def _restore_isa():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("m", [1, 3, 6])
-def test_integer_part_bit_exact(path, bits, m):
-    n, k, g = 40, 200, 64  # N not a multiple of 16, K not a multiple of the group
+@pytest.mark.parametrize("k,g", [(200, 64), (1100, 512)])  # zero-point product in 16 bits (G <= 256) or 32
+def test_integer_part_bit_exact(path, bits, m, k, g):
+    n = 40  # N not a multiple of 16, K not a multiple of the group
     codes, _, zeros = make(bits, n, k, g, seed=bits * 10 + m)
     p = repack(codes, np.ones((n, -(-k // g)), np.float32), zeros, bits, g)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)

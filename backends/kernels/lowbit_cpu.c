@@ -167,32 +167,51 @@ static void tile_generic(int bits, int M, int Kp, int N, int G, int t, const uin
 /* ---------------------------------------------------------------- AVX-512 VNNI */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) static inline
 
+/* acc += u8 c . s8 x per 32-bit lane, accumulating in place: gcc's intrinsic copies the accumulator
+ * around every vpdpbusd in unrolled loops (two extra moves per dot product). */
+#define DPBUSD(acc, c, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(c), "v"(x))
+
+/* Step s of a code vector w, as u8 lanes scaled by 2^sh(s) (the per-step accumulators are shifted back,
+ * exactly, once per group): one AND per step instead of shift + AND.  3-bit adds its high-plane bit
+ * (4 << sh) under the step's 64-bit mask; its top step is shifted down (lo + 4*hi would not fit a byte). */
+AVX512 __m512i step512(const int bits, __m512i w, int s, const uint64_t *hi) {
+    if (bits == 8) return w;
+    if (bits == 4) return _mm512_and_si512(w, _mm512_set1_epi8((char)(0x0F << (4 * s))));
+    if (bits == 2) return _mm512_and_si512(w, _mm512_set1_epi8((char)(3 << (2 * s))));
+    int sh = s == 3 ? 0 : 2 * s;
+    __m512i h = _mm512_maskz_mov_epi8(_cvtu64_mask64(hi[s]), _mm512_set1_epi8((char)(4 << sh)));
+    if (s == 3) w = _mm512_srli_epi16(w, 6);
+    return _mm512_ternarylogic_epi32(w, _mm512_set1_epi8((char)(3 << sh)), h, 0xEA); /* (w & mask) | h */
+}
+
+static inline int step_shift(int bits, int s) { return bits == 8 ? 0 : bits == 4 ? 4 * s : bits == 2 ? 2 * s : (s == 3 ? 0 : 2 * s); }
+
 AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, const uint8_t *codes,
                     const float *scales, const uint8_t *zeros, const int8_t *xq, const float *xs,
                     const int32_t *xsum, float *y) {
     const int b = bits == 3 ? 2 : bits, S = 8 / b, ng = Kp / G, nv = G * b / 32;
-    const int NA = MB == 1 ? 2 * S : MB == 2 ? 2 : 1; /* independent dpbusd chains: hide its latency */
-    const __m512i mask = _mm512_set1_epi8((char)((1 << b) - 1)), four = _mm512_set1_epi8(4);
+    /* independent vpdpbusd chains per step (hide its latency); nv is a multiple of U (G % 32 == 0) */
+    const int U = MB == 1 ? (S == 1 ? 4 : 2) : 1; /* a compile-time constant: acc stays in registers */
     __m512 facc[4];
     for (int m = 0; m < MB; m++) facc[m] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
         const uint8_t *tg = codes + ((size_t)t * ng + g) * tg_bytes(bits, G);
         const uint64_t *hi = (const uint64_t *)(tg + (size_t)nv * 64);
-        __m512i acc[8];
-        for (int a = 0; a < MB * NA; a++) acc[a] = _mm512_setzero_si512();
-        for (int v = 0; v < nv; v += 2) {
+        __m512i acc[16];
+        for (int a = 0; a < MB * S * U; a++) acc[a] = _mm512_setzero_si512();
+        const int8_t *xg = xq + (size_t)g * G;
+        for (int v = 0; v < nv; v += U) {
             if (LOWBIT_PREFETCH) _mm_prefetch((const char *)(tg + v * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
-            for (int u = 0; u < 2; u++) {
+            for (int u = 0; u < U; u++) {
                 __m512i w = _mm512_loadu_si512(tg + (v + u) * 64);
                 for (int s = 0; s < S; s++) {
-                    __m512i c = b == 8 ? w : _mm512_and_si512(_mm512_srli_epi16(w, b * s), mask);
-                    if (bits == 3) c = _mm512_mask_add_epi8(c, _cvtu64_mask64(hi[(v + u) * 4 + s]), c, four);
-                    int kk = g * G + (v + u) * 4 * S + 4 * s;
+                    __m512i c = step512(bits, w, s, hi + (v + u) * 4);
+                    int kk = (v + u) * 4 * S + 4 * s;
                     for (int m = 0; m < MB; m++) {
                         int32_t x4;
-                        memcpy(&x4, xq + (size_t)m * Kp + kk, 4);
-                        int a = m * NA + (NA == 1 ? 0 : (s + S * u) % NA);
-                        acc[a] = _mm512_dpbusd_epi32(acc[a], c, _mm512_set1_epi32(x4));
+                        memcpy(&x4, xg + (size_t)m * Kp + kk, 4);
+                        int a = (m * S + s) * U + u;
+                        DPBUSD(acc[a], c, _mm512_set1_epi32(x4));
                     }
                 }
             }
@@ -201,9 +220,18 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
         __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + i)));
         __m512 sw = _mm512_loadu_ps(scales + i);
         for (int m = 0; m < MB; m++) {
-            __m512i d = acc[m * NA];
-            for (int a = 1; a < NA; a++) d = _mm512_add_epi32(d, acc[m * NA + a]);
-            d = _mm512_sub_epi32(d, _mm512_mullo_epi32(z, _mm512_set1_epi32(xsum[(size_t)m * ng + g])));
+            __m512i d = _mm512_setzero_si512();
+            for (int s = 0; s < S; s++) {
+                __m512i e = acc[(m * S + s) * U];
+                for (int u = 1; u < U; u++) e = _mm512_add_epi32(e, acc[(m * S + s) * U + u]);
+                int sh = step_shift(bits, s);
+                d = _mm512_add_epi32(d, sh ? _mm512_srai_epi32(e, sh) : e); /* exact: e is a multiple of 2^sh */
+            }
+            int32_t xsm = xsum[(size_t)m * ng + g];
+            /* z * xsum: |xsum| <= 127 G fits 16 bits up to G = 256 (one vpmaddwd), else vpmulld */
+            __m512i zx = G <= 256 ? _mm512_madd_epi16(z, _mm512_set1_epi32((int32_t)(uint16_t)(int16_t)xsm))
+                                  : _mm512_mullo_epi32(z, _mm512_set1_epi32(xsm));
+            d = _mm512_sub_epi32(d, zx);
             __m512 p = _mm512_mul_ps(sw, _mm512_set1_ps(xs[(size_t)m * ng + g]));
             facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), p, facc[m]);
         }
