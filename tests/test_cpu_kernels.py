@@ -63,6 +63,7 @@ def make(bits, n, k, g, seed=0, asym=True):
 def _restore_isa():
     yield
     cpu.library().lowbit_set_isa(cpu.library().lowbit_best_isa())
+    cpu.set_threads(0)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -120,10 +121,11 @@ def test_refuses_bad_format():
         repack(codes, scales, zeros, 2, 32)
 
 
-def test_decode_helpers_match_numpy():
+@pytest.mark.parametrize("heads,kv,d,pos,cap", [(8, 2, 16, 5, 12), (32, 4, 64, 20, 24)])  # one thread; heads threaded
+def test_decode_helpers_match_numpy(heads, kv, d, pos, cap):
     """lowbit_decode.c: RMSNorm, RoPE + cache append + GQA attention, SwiGLU against their formulas."""
     lib, rng = cpu.library(), np.random.default_rng(5)
-    heads, kv, d, pos, cap = 8, 2, 16, 5, 12
+    cpu.set_threads(2)
     x = rng.standard_normal(64).astype(np.float32)
     w = rng.standard_normal(64).astype(np.float32)
     y = np.empty(64, np.float32)
