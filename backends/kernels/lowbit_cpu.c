@@ -204,7 +204,8 @@ AVX512 void tile512(const int bits, const int MB, const int U1, int Kp, int N, i
         const int8_t *xg = xq + (size_t)g * G;
         const int V = U > 2 ? U : 2; /* vectors a step of the loop: nv is a multiple (G % 32 == 0) */
         for (int v = 0; v < nv; v += V) {
-            if (LOWBIT_PREFETCH) _mm_prefetch((const char *)(tg + v * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
+            if (LOWBIT_PREFETCH)
+                for (int u = 0; u < V; u++) _mm_prefetch((const char *)(tg + (v + u) * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
             __m512i hv = bits == 3 ? _mm512_loadu_si512(hb + v / 2 * 64) : _mm512_setzero_si512();
             for (int u = 0; u < V; u++) {
                 __m512i w = _mm512_loadu_si512(tg + (v + u) * 64);
