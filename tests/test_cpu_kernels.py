@@ -10,6 +10,8 @@ bit-identical to the others.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -18,7 +20,9 @@ from lowbit.backends.kernels.layout import packed_bytes, repack
 
 try:
     cpu.library()
-except cpu.KernelBuildError as exc:  # pragma: no cover - CI machines have gcc
+except cpu.KernelBuildError as exc:  # pragma: no cover - CI machines have gcc: parity must run there
+    if os.environ.get("CI") == "true":
+        raise
     pytest.skip(f"C kernels unavailable: {exc}", allow_module_level=True)
 
 PATHS = [name for code, name in cpu.ISA_NAMES.items() if code <= cpu.library().lowbit_best_isa()]
