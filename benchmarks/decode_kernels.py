@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-gguf")
     ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES)
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--ort-levels", type=int, nargs="+", default=[4, 0], help="MatMulNBits accuracy levels timed")
     ap.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (22; fewer for a smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -352,7 +353,7 @@ def main(argv=None) -> int:
                 except (subprocess.CalledProcessError, KeyError, ValueError) as exc:
                     print(f"| llama.cpp {qt}: failed ({exc}) |")
         if not args.no_ort:
-            for acc in (4, 0):
+            for acc in args.ort_levels:
                 r = time_ort(th, args.tokens, acc)
                 r["linears_ms"] = r["ms"]
                 emit(f"ORT MatMulNBits 4b acc{acc} (lin.)", r)
