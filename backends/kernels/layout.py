@@ -77,8 +77,9 @@ def repack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits
     c = c.reshape(nt, TILE, ng, group)
     if bits == 3:
         lo = _bitslice(c & 3, 2)  # [NT, ng, G/16, 64]
-        h = ((c >> 2) & 1).reshape(nt, TILE, ng, group // 16, 4, 4).transpose(0, 2, 3, 4, 1, 5)  # [.., v, s, r, j]
-        hi = np.packbits(h.reshape(nt, ng, group // 16, 4, 64), axis=-1, bitorder="little")  # 8 bytes per (v, s)
+        # high bits: one 64-byte vector per pair of low-plane vectors (v = 2w + u); byte 4r+j, bit 4u+s
+        h = ((c >> 2) & 1).reshape(nt, TILE, ng, group // 32, 2, 4, 4).transpose(0, 2, 3, 1, 6, 4, 5)  # [.., w, r, j, u, s]
+        hi = np.packbits(h.reshape(nt, ng, group // 32, 64, 8), axis=-1, bitorder="little")
         flat = np.concatenate([lo.reshape(nt, ng, -1), hi.reshape(nt, ng, -1)], axis=-1)
     else:
         flat = _bitslice(c, bits).reshape(nt, ng, -1)
