@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .layout import CODES_PER_STEP, GpuWeights
 
-__all__ = ["CudaGemv", "GemvConfig", "load_module", "kernel_name", "DEFAULT_CONFIGS"]
+__all__ = ["CudaGemv", "GemvConfig", "load_module", "build_module", "kernel_name", "DEFAULT_CONFIGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,10 @@ DEFAULT_CONFIGS = tuple(GemvConfig(r, u, s, w) for r, u, s, w in (
 READ_UNROLLS = (2, 4, 8)
 
 
-def kernel_name(bits: int, cfg: GemvConfig) -> str:
-    return f"gemv_b{bits}_r{cfg.rows}_u{cfg.unroll}_s{int(cfg.split > 1)}_t{32 * cfg.warps}"
+def kernel_name(bits: int, cfg: GemvConfig, atomic: bool | None = None) -> str:
+    """The kernel of ``cfg``; ``atomic`` (default: split > 1) adds into ``y`` instead of storing."""
+    atomic = cfg.split > 1 if atomic is None else atomic
+    return f"gemv_b{bits}_r{cfg.rows}_u{cfg.unroll}_s{int(atomic)}_t{32 * cfg.warps}"
 
 
 def _wrapper_source(configs) -> str:
@@ -48,11 +50,12 @@ def _wrapper_source(configs) -> str:
     seen = set()
     for bits in CODES_PER_STEP:
         for cfg in configs:
-            name = kernel_name(bits, cfg)
-            if name not in seen:
-                seen.add(name)
-                split = "true" if cfg.split > 1 else "false"
-                lines.append(f"GEMV_KERNEL({name}, {bits}, {cfg.rows}, {cfg.unroll}, {split}, {32 * cfg.warps})")
+            for atomic in (True, False) if cfg.split == 1 else (True,):
+                name = kernel_name(bits, cfg, atomic)
+                if name not in seen:
+                    seen.add(name)
+                    lines.append(f"GEMV_KERNEL({name}, {bits}, {cfg.rows}, {cfg.unroll}, "
+                                 f"{'true' if atomic else 'false'}, {32 * cfg.warps})")
     lines += [f"READ_KERNEL(read_u{u}, {u})" for u in READ_UNROLLS]
     return "\n".join(lines) + "\n"
 
@@ -60,27 +63,30 @@ def _wrapper_source(configs) -> str:
 _MODULES: dict = {}
 
 
-def load_module(configs=DEFAULT_CONFIGS, arch: str = "sm_90"):
-    """A ``cupy.RawModule`` holding every kernel of ``configs`` (built by nvcc, cached by source hash)."""
+def build_module(src: str, arch: str = "sm_90", include=SOURCE.parent):
+    """A ``cupy.RawModule`` of CUDA source ``src`` (nvcc → cubin, cached by hash in $LOWBIT_CUDA_CACHE)."""
     import cupy as cp
 
-    src = _wrapper_source(configs)
     key = hashlib.sha256((SOURCE.read_text() + src + arch).encode()).hexdigest()[:16]
     if key in _MODULES:
         return _MODULES[key]
     cache = Path(os.environ.get("LOWBIT_CUDA_CACHE", Path(tempfile.gettempdir()) / "lowbit-cuda"))
     cache.mkdir(parents=True, exist_ok=True)
-    cubin = cache / f"gemv_{key}.cubin"
+    cubin = cache / f"m_{key}.cubin"
     if not cubin.exists():
-        cu = cache / f"gemv_{key}.cu"
+        cu = cache / f"m_{key}.cu"
         cu.write_text(src)
-        cmd = ["nvcc", f"-arch={arch}", "-O3", "-cubin", "-I", str(SOURCE.parent), "-o", str(cubin) + ".tmp",
-               str(cu)]
+        cmd = ["nvcc", f"-arch={arch}", "-O3", "-cubin", "-I", str(include), "-o", str(cubin) + ".tmp", str(cu)]
         logger.info("building %s", " ".join(cmd))
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(str(cubin) + ".tmp", cubin)
     _MODULES[key] = cp.RawModule(path=str(cubin))
     return _MODULES[key]
+
+
+def load_module(configs=DEFAULT_CONFIGS, arch: str = "sm_90"):
+    """The GEMV kernels of ``configs`` (and the read-bandwidth kernels) in one module."""
+    return build_module(_wrapper_source(configs), arch)
 
 
 class CudaGemv:
@@ -105,6 +111,7 @@ class CudaGemv:
         self.bits, self.k, self.n, self.block, self.cfg = bits, k, n, block, cfg
         self.module = module if module is not None else load_module((cfg,))
         self.kernel = self.module.get_function(kernel_name(bits, cfg))
+        self.kernel_add = self.module.get_function(kernel_name(bits, cfg, True))
         self.a, self.s, self.z = a, s, z
         self.h = h if h is not None else cp.zeros(2, cp.uint32)
         self.steps = int(a.shape[1])
@@ -112,16 +119,18 @@ class CudaGemv:
         self.groups = int(s.shape[1])
         self.xpad = cp.zeros(self.k_padded, cp.float16)
 
-    def launch(self, x, y) -> None:
-        """``y ← x·Ŵ``; ``x`` fp16 device array of K_padded entries (zero past K), ``y`` float32 [N]."""
+    def launch(self, x, y, accumulate: bool = False) -> None:
+        """``y ← x·Ŵ`` (``accumulate``: ``y += x·Ŵ``, one launch, e.g. into a residual stream); ``x`` fp16
+        device array of K_padded entries (zero past K), ``y`` float32 [N]."""
         import cupy as cp
 
         cfg = self.cfg
         sps = -(-self.steps // cfg.split)
-        if cfg.split > 1:
+        if cfg.split > 1 and not accumulate:
             y.fill(0)
         grid = (-(-self.n // (cfg.rows * cfg.warps)), cfg.split)
-        self.kernel(grid, (32 * cfg.warps,), (self.a, self.h, self.s, self.z, x, y, cp.int32(self.n),
+        kernel = self.kernel_add if accumulate else self.kernel
+        kernel(grid, (32 * cfg.warps,), (self.a, self.h, self.s, self.z, x, y, cp.int32(self.n),
                                                cp.int32(self.k_padded), cp.int32(self.groups), cp.int32(self.block),
                                                cp.int32(sps)))
 
