@@ -61,3 +61,27 @@ def test_tvm_generation_matches_ort_token_for_token(tmp_path):
     for ids in ([1, 403, 407, 261, 378, 5, 9], [77], [12, 13, 14]):
         a, b = tvm_sess.step(ids, last_only=False), ref.step(ids, last_only=False)
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+@pytest.mark.slow
+def test_tvm_kv_decoder_runs_lowbit_4bit_kernels_at_every_length(tmp_path):
+    """A 4-bit (ORT's own MatMulNBitsQuantizer) KV graph: every linear becomes lowbit's NBitsMatMul kernel."""
+    pytest.importorskip("tvm")
+    import json
+
+    import tvm_graphs as tg
+
+    from lowbit.backends.tvm_decoder import lower_kv_tvm
+    from lowbit.frontends.llama2c import LlamaConfig, build_llama, random_llama_weights
+    from lowbit.ir.sessions import to_proto
+    from lowbit.runtime.tvm_kv_session import TvmKVSession
+
+    cfg = LlamaConfig(dim=256, hidden_dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, seq_len=64)
+    proto = tg.matmulnbits(to_proto(build_llama(cfg, random_llama_weights(cfg), kv_cache=True)), 4, 32)
+    model = ir.serde.deserialize_model(proto)
+    art = lower_kv_tvm(model, "llvm", tmp_path)
+    assert json.loads(art.meta.read_text())["prepare"]["matmulnbits"] == 2 * 7 + 1
+    got, ref = TvmKVSession(art.lib), KVSession(model)
+    for ids in ([1, 5, 9, 200], [7], [8, 9, 10]):
+        a, b = got.step(ids, last_only=False), ref.step(ids, last_only=False)
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
