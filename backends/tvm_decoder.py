@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.backends import tvm_lower
 from lowbit.errors import LowbitError
 
 __all__ = ["symbolic_kv_form", "import_kv_relax", "lower_kv_tvm", "PAST", "SEQ"]
@@ -232,19 +233,19 @@ def import_kv_relax(model, target: Any = "llvm"):
     from tvm.relax.frontend.onnx import from_onnx
 
     from lowbit.backends.tvm_convert import lowbit_converters
-    from lowbit.backends.tvm_lower import _as_model, _lift_params, _value_info, make_target
     from lowbit.backends.tvm_prepare import prepare_for_tvm
     from lowbit.ir.sessions import to_proto
 
-    tgt = make_target(target)
-    m = _as_model(model)
+    tgt = tvm_lower.make_target(target)
+    m = tvm_lower._as_model(model)
     symbolic_kv_form(m)
     stats = prepare_for_tvm(m, layout="rows" if tgt.kind.name == "cuda" else "tiled")
-    meta = {"kernels": "", "inputs": _value_info(m.graph.inputs), "outputs": _value_info(m.graph.outputs),
+    meta = {"kernels": "", "inputs": tvm_lower._value_info(m.graph.inputs),
+            "outputs": tvm_lower._value_info(m.graph.outputs),
             "target": str(tgt), "device": "cuda" if tgt.kind.name == "cuda" else "cpu", "prepare": stats,
             "shape_dict": {}, "kv_cache": True, "tokenizer": m.metadata_props.get("lowbit.tokenizer")}
     shape_dict: dict = {}
-    arrays = _lift_params(m, shape_dict)
+    arrays = tvm_lower._lift_params(m, shape_dict)
     dtypes = {v.name: np.dtype(v.dtype.numpy()).name for v in m.graph.inputs}
     try:
         with tgt, lowbit_converters(), warnings.catch_warnings():
@@ -264,10 +265,8 @@ def lower_kv_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out"
     import json
     from pathlib import Path
 
-    from lowbit.backends.tvm_lower import TvmArtifact, compile_relax
-
     mod, arrays, meta = import_kv_relax(model, target)
-    ex = compile_relax(mod, target, tuning_db)
+    ex = tvm_lower.compile_relax(mod, target, tuning_db)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib, params, meta_path = out / f"{name}.so", out / f"{name}.params.npz", out / f"{name}.json"
@@ -276,4 +275,7 @@ def lower_kv_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out"
     meta["tuning_db"] = None if tuning_db is None else str(tuning_db)
     meta_path.write_text(json.dumps(meta, indent=1))
     logger.info("lower_kv_tvm: wrote %s (%d params)", lib, len(arrays))
-    return TvmArtifact(lib, params, meta_path, meta["target"])
+    return tvm_lower.TvmArtifact(lib, params, meta_path, meta["target"])
+
+
+tvm_lower.KV_LOWERING.append(lower_kv_tvm)

@@ -205,6 +205,9 @@ def parse_shapes(text: str) -> dict[str, list[int]] | None:
     return out
 
 
+KV_LOWERING: list = []  # lowbit.backends.tvm_decoder registers lower_kv_tvm here (it imports this module)
+
+
 def _is_kv_graph(model: ir.Model) -> bool:
     names = [v.name for v in model.graph.inputs]
     return "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
@@ -234,10 +237,8 @@ class LowerTvm(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         o = self.options
-        if not o.shapes and not o.kernels and _is_kv_graph(model):  # one artifact for every length
-            from lowbit.backends.tvm_decoder import lower_kv_tvm
-
-            art = lower_kv_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, tuning_db=o.tuning_db or None)
+        if not o.shapes and not o.kernels and _is_kv_graph(model) and KV_LOWERING:  # one artifact, every length
+            art = KV_LOWERING[0](model, o.target, self.ctx.stage(o.out_dir), o.name, tuning_db=o.tuning_db or None)
         else:
             art = lower_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, shape_dict=parse_shapes(o.shapes),
                             tuning_db=o.tuning_db or None,
