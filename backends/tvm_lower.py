@@ -205,6 +205,14 @@ def parse_shapes(text: str) -> dict[str, list[int]] | None:
     return out
 
 
+KV_LOWERING: list = []  # lowbit.backends.tvm_decoder registers lower_kv_tvm here (it imports this module)
+
+
+def _is_kv_graph(model: ir.Model) -> bool:
+    names = [v.name for v in model.graph.inputs]
+    return "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
+
+
 @register_pass("lower-tvm")
 class LowerTvm(Pass):
     """Compile the model with TVM and record the artifact in ``ctx.report["tvm"]``; the IR is unchanged."""
@@ -229,9 +237,12 @@ class LowerTvm(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         o = self.options
-        art = lower_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, shape_dict=parse_shapes(o.shapes),
-                        tuning_db=o.tuning_db or None,
-                        kernels=o.kernels or None)  # staged: moved into out_dir only if the compile succeeds
+        if not o.shapes and not o.kernels and _is_kv_graph(model) and KV_LOWERING:  # one artifact, every length
+            art = KV_LOWERING[0](model, o.target, self.ctx.stage(o.out_dir), o.name, tuning_db=o.tuning_db or None)
+        else:
+            art = lower_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, shape_dict=parse_shapes(o.shapes),
+                            tuning_db=o.tuning_db or None,
+                            kernels=o.kernels or None)  # staged: moved into out_dir only if the compile succeeds
         final = Path(o.out_dir)
         self.ctx.report["tvm"] = {"lib": str(final / art.lib.name), "params": str(final / art.params.name),
                                   "meta": str(final / art.meta.name), "target": art.target}
