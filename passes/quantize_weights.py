@@ -53,10 +53,12 @@ _SIGNED = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 _UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
 
 
-def _quantize_array(w, xtx, bits, group, method, symmetric, clip_search, act_order, damp, hqq, dtype="int"):
+def _quantize_array(w, xtx, bits, group, method, symmetric, clip_search, act_order, damp, hqq, dtype="int",
+                    hessian_fit=False):
     """(codes, scales, zero points) of one weight: a pure function, run here or as a Ray task."""
     if method == "gptq":
-        return gptq_quantize(w, xtx, bits, group, symmetric, clip_search, act_order, damp, hqq=hqq, dtype=dtype)
+        return gptq_quantize(w, xtx, bits, group, symmetric, clip_search, act_order, damp, hqq=hqq, dtype=dtype,
+                             hessian_fit=hessian_fit)
     return rtn_quantize(w, bits, group, symmetric, clip_search, hqq, dtype)
 
 
@@ -76,6 +78,7 @@ class QuantizeWeights(Pass):
         sequential: bool = False  # GPTQ: each stage's XᵀX from inputs through the already-quantized stages
         ray: str = ""  # quantize layers as Ray tasks: 'auto' or a cluster address ('' = in this process)
         dtype: Literal["int", "mod"] = "int"  # mod: per-group mixture of data types at 2/3 bits (lowbit.quant.mod)
+        hessian_fit: bool = False  # gptq + dtype=mod: grid/scale per group by diag(XᵀX)-weighted error
 
         def __post_init__(self):
             if self.bits not in (2, 3, 4, 8):
@@ -92,6 +95,8 @@ class QuantizeWeights(Pass):
                 raise ValueError(f"quantize-weights: dtype must be int or mod, got {self.dtype}")
             if self.dtype == "mod" and self.hqq:
                 raise ValueError("quantize-weights: dtype=mod picks a grid per group; it does not combine with hqq")
+            if self.hessian_fit and (self.dtype != "mod" or self.method != "gptq"):
+                raise ValueError("quantize-weights: hessian_fit=true needs method=gptq and dtype=mod")
             if self.sequential and self.method != "gptq":
                 raise ValueError("quantize-weights: sequential=true is a GPTQ option (method=gptq)")
 
@@ -173,7 +178,9 @@ class QuantizeWeights(Pass):
             group = 0  # one group covers the whole column: per channel
         if o.method == "gptq" and xtx is None:
             xtx = act_stats(lin.input).xtx
-        return w, xtx, bits, group, o.method, o.symmetric, o.clip_search, o.act_order, o.damp, o.hqq, self._dtype(bits)
+        dtype = self._dtype(bits)
+        return (w, xtx, bits, group, o.method, o.symmetric, o.clip_search, o.act_order, o.damp, o.hqq, dtype,
+                o.hessian_fit and dtype == "mod")
 
     def _dtype(self, bits: int) -> str:
         """The mixture of data types covers 2 and 3 bits; wider layers of a mixed plan stay integer."""

@@ -34,12 +34,14 @@ _CLIP_GRID = np.linspace(1.0, 0.5, 11)
 
 
 def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_search: bool, hqq: bool = False,
-                 dtype: str = "int"):
+                 dtype: str = "int", row_weights: np.ndarray | None = None):
     """Per-(group, column) float64 scale and zero point ``[G, N]`` for ``w[K, N]`` (``dtype='mod'``: the
     zero point is the index of the group's grid, ``lowbit.quant.mod``)."""
     wg = grouped(w, group, np.float64)
     if dtype == "mod":
-        return mod_params(wg, bits, clip_search)
+        rw = None if row_weights is None else grouped(np.asarray(row_weights, np.float64)[:, None], group,
+                                                      np.float64)[..., 0]
+        return mod_params(wg, bits, clip_search, rw)
     best_s, best_z = rtn_params(wg, bits, symmetric)
     if clip_search:
         best_s, best_z = _clip_search(wg, bits, symmetric, best_s, best_z)
@@ -102,8 +104,9 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, group: int, b
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0, symmetric: bool = True,
                   clip_search: bool = False, act_order: bool = False, damp: float = 0.01, block: int = 128,
-                  hqq: bool = False, dtype: str = "int"):
-    """GPTQ with Hessian ``XᵀX`` [K, K]; returns what ``rtn_quantize`` returns."""
+                  hqq: bool = False, dtype: str = "int", hessian_fit: bool = False):
+    """GPTQ with Hessian ``XᵀX`` [K, K]; returns what ``rtn_quantize`` returns.  ``hessian_fit`` (dtype=mod):
+    each group's grid and scale minimise the diag(XᵀX)-weighted squared error."""
     _check(bits, group, dtype, hqq)
     wt = np.array(np.asarray(w, np.float64).T)  # [N, K]: rows = output channels
     n, k = wt.shape
@@ -114,9 +117,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
     h[dead, dead] = 1.0
     wt[:, dead] = 0.0
     g = blocks(k, group)[0]
+    hd = np.diag(h).copy() if hessian_fit else None
     static = None
     if group <= 0 or act_order:  # parameters fixed up front (per channel, or static groups)
-        static = group_params(wt.T, bits, group, symmetric, clip_search, hqq, dtype)
+        static = group_params(wt.T, bits, group, symmetric, clip_search, hqq, dtype, hd)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     wt, h = wt[:, perm], h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
@@ -141,7 +145,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
                 if stop > i2:  # the group runs past this block: apply the block's pending (lazy) update first
                     ahead = wt[:, i2:stop] - err1[:, :i] @ hinv[i1:col, i2:stop]
                     cur = np.concatenate([cur, ahead], axis=1)
-                s, z = group_params(cur.T, bits, 0, symmetric, clip_search, hqq, dtype)
+                s, z = group_params(cur.T, bits, 0, symmetric, clip_search, hqq, dtype,
+                                    None if hd is None else hd[perm][col:stop])
                 s_all[col // g], z_all[col // g] = s[0], z[0]
             gi = gidx[col]
             wcol = w1[:, i]

@@ -20,8 +20,11 @@ weights reconstructs with less squared error than any grid containing zero::
 Parameters of one group ``w`` (``g`` values) for grid ``L``: the scale that just covers the group,
 ``s₀ = max(max(w)/max(L), min(w)/min(L))``, shrunk by each factor of a grid in [0.5, 1] (``clip``), codes
 ``q = argmin_j |w − s·L_j|``, then one least-squares refit ``s = Σ w·L_q / Σ L_q²`` kept only if it lowers
-the error.  The (grid, scale) with the smallest squared error wins.  ``lowbit.quant.gptq`` uses the same
-per-group fit with ``dtype='mod'`` (the grid index is stored where an integer zero point would be).
+the error.  The (grid, scale) with the smallest squared error wins; with ``row_weights`` (GPTQ's
+``hessian_fit``: diag(XᵀX) of the group's input channels) the error and the refit are weighted per row,
+``Σ_k h_k (w_k − s·L_q(k))²``, the output error of the group when its inputs are uncorrelated.
+``lowbit.quant.gptq`` uses the same per-group fit with ``dtype='mod'`` (the grid index is stored where an
+integer zero point would be).
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ def mod_decode(q: np.ndarray, scale: np.ndarray, types: np.ndarray, bits: int) -
     return (grid[t, np.asarray(q, np.int64)].astype(scale.dtype)) * scale
 
 
-def _fit(wg: np.ndarray, levels: np.ndarray, clip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Best scale and its squared error ``[G, N]`` for one grid over ``wg[G, g, N]``."""
+def _fit(wg: np.ndarray, levels: np.ndarray, clip: bool, rw) -> tuple[np.ndarray, np.ndarray]:
+    """Best scale and its (row-weighted) squared error ``[G, N]`` for one grid over ``wg[G, g, N]``."""
     hi = np.maximum(wg.max(axis=1), 0) / levels[-1]
     lo = np.minimum(wg.min(axis=1), 0) / levels[0]
     s0 = np.maximum(hi, lo)
@@ -69,23 +72,27 @@ def _fit(wg: np.ndarray, levels: np.ndarray, clip: bool) -> tuple[np.ndarray, np
         s = s0 * f
         x = wg / s[:, None, :]
         v = levels[np.abs(x[..., None] - levels).argmin(axis=-1)]  # L_q [G, g, N]
-        for cand in (s, np.where((v * v).sum(axis=1) > 0, (wg * v).sum(axis=1) / np.maximum((v * v).sum(axis=1), 1e-300), s)):
+        den = (rw * v * v).sum(axis=1)
+        for cand in (s, np.where(den > 0, (rw * wg * v).sum(axis=1) / np.maximum(den, 1e-300), s)):
             cand = np.where(cand > 0, cand, s)
             xc = wg / cand[:, None, :]
             vc = levels[np.abs(xc[..., None] - levels).argmin(axis=-1)]
-            err = ((vc * cand[:, None, :] - wg) ** 2).sum(axis=1)
+            err = (rw * (vc * cand[:, None, :] - wg) ** 2).sum(axis=1)
             better = err < best_e
             best_s, best_e = np.where(better, cand, best_s), np.where(better, err, best_e)
     return best_s, best_e
 
 
-def mod_params(wg: np.ndarray, bits: int, clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per-(group, column) float64 scale and grid index ``[G, N]`` of ``wg[G, g, N]``."""
+def mod_params(wg: np.ndarray, bits: int, clip: bool = True, row_weights: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-(group, column) float64 scale and grid index ``[G, N]`` of ``wg[G, g, N]``; ``row_weights``
+    ``[G, g]`` (e.g. the Hessian diagonal, the input's mean square per channel) weight each row's squared error."""
     wg = np.asarray(wg, np.float64)
+    rw = 1.0 if row_weights is None else np.asarray(row_weights, np.float64)[:, :, None]
     grid = _grid(bits)
     best_s = best_t = best_e = None
     for t, levels in enumerate(grid):
-        s, e = _fit(wg, levels, clip)
+        s, e = _fit(wg, levels, clip, rw)
         if best_e is None:
             best_s, best_t, best_e = s, np.zeros(s.shape), e
             continue
