@@ -21,9 +21,11 @@ def _bitmod_fp3() -> list[list[float]]:
     return [sorted(basic + [v]) for v in (3, -3, 6, -6)]
 
 
-def _ref_group(w: np.ndarray, grids) -> tuple[float, int, float]:
+def _ref_group(w: np.ndarray, grids, h=None) -> tuple[float, int, float]:
     """(scale, grid, error) of one group by the definition: per grid, the covering scale shrunk by
-    1, 0.95, …, 0.5, nearest level, and the least-squares rescale for those levels; smallest error wins."""
+    1, 0.95, …, 0.5, nearest level, and the least-squares rescale for those levels; smallest error wins.
+    ``h``: per-row weights of the squared error (and of the least-squares rescale)."""
+    h = np.ones_like(w) if h is None else h
     best = (None, None, np.inf)
     for t, lv in enumerate(grids):
         lv = np.asarray(lv, np.float64)
@@ -32,12 +34,12 @@ def _ref_group(w: np.ndarray, grids) -> tuple[float, int, float]:
         for f in np.linspace(1.0, 0.5, 11):
             s = s0 * f
             v = lv[[int(np.argmin(np.abs(x / s - lv))) for x in w]]
-            cands = [s] + ([float(w @ v / (v @ v))] if v @ v > 0 else [])
+            cands = [s] + ([float((h * w) @ v / ((h * v) @ v))] if v @ v > 0 else [])
             for c in cands:
                 if c <= 0:
                     continue
                 vc = lv[[int(np.argmin(np.abs(x / c - lv))) for x in w]]
-                err = float(((c * vc - w) ** 2).sum())
+                err = float((h * (c * vc - w) ** 2).sum())
                 if err < best[2]:
                     best = (c, t, err)
     return best
@@ -114,3 +116,16 @@ def test_graph_computes_the_numpy_weights_and_stores_what_it_counts(bits):
     got = make_session(qmodel, optimize=False).run(None, feed)[0]
     want = make_session(ref, optimize=False).run(None, feed)[0]
     assert rel_err(got, want) < 1e-5
+
+
+def test_hessian_weighted_fit_matches_the_reference():
+    from lowbit.quant.mod import mod_params
+
+    rng = np.random.default_rng(7)
+    wg = rng.standard_normal((2, 16, 5))
+    hd = np.exp(2 * rng.standard_normal((2, 16)))  # a few input channels dominate
+    s, t = mod_params(wg, 2, True, hd)
+    for gi in range(2):
+        for c in range(5):
+            scale, grid, _ = _ref_group(wg[gi, :, c], GRIDS[2], hd[gi])
+            assert t[gi, c] == grid and s[gi, c] == pytest.approx(scale, rel=1e-6)
