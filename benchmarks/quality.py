@@ -122,7 +122,10 @@ def main() -> None:
 def markdown_table(args, rows: list[dict]) -> str:
     """One table: recipe, file bytes, perplexity, Δ vs FP32, target; the command and slices above it."""
     sl = STORY_SLICES[args.slice]
-    cmd = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    argv = list(sys.argv[1:])
+    if "--json" in argv:  # a scratch path of this run, not part of the measurement
+        del argv[argv.index("--json"):argv.index("--json") + 2]
+    cmd = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *argv])
     lines = [f"`{cmd}`", "",
              f"stories260K; calibration TinyStories stories {CALIB_STORIES.start}–{CALIB_STORIES.stop - 1}; "
              f"perplexity on the {args.slice} slice, stories {sl.start}–{sl.stop - 1}"
