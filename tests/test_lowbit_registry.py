@@ -34,12 +34,14 @@ def _case(op_type: str):
     if op_type == "MatMulGrid":
         import ml_dtypes
 
-        k, n, g = 40, 6, 16  # three groups, K padded to 48
+        from lowbit.ops.grid_ops import pack_codes
+
+        k, n, g, bits = 40, 5, 16, 3  # three groups, K padded to 48; 240 codes = 30 words of 3 bytes
         return ({"x": rng.standard_normal((2, 3, k)).astype(np.float32)},
-                {"codes": rng.integers(0, 4, (3, g, n)).astype(ml_dtypes.uint2),
+                {"codes": pack_codes(rng.integers(0, 8, (3, g, n)), bits),
                  "types": rng.integers(0, 4, (3, 1, n)).astype(ml_dtypes.uint2),
                  "s": (rng.random((3, 1, n)) + 0.1).astype(np.float32),
-                 "grid": rng.standard_normal(16).astype(np.float32)}, {"levels": 4})
+                 "grid": rng.standard_normal(32).astype(np.float32)}, {"bits": bits, "group": g})
     if op_type == "Hadamard":
         q = np.linalg.qr(rng.standard_normal((3, 3)))[0].astype(np.float32)
         return {"x": rng.standard_normal((2, 12)).astype(np.float32)}, {"Q": q}, {}  # n = 12 = 4·3

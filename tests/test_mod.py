@@ -129,3 +129,15 @@ def test_hessian_weighted_fit_matches_the_reference():
         for c in range(5):
             scale, grid, _ = _ref_group(wg[gi, :, c], GRIDS[2], hd[gi])
             assert t[gi, c] == grid and s[gi, c] == pytest.approx(scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_codes_pack_eight_per_bits_bytes_little_endian(bits):
+    from lowbit.ops.grid_ops import pack_codes, unpack_codes
+
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, 77)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == 10 * bits  # ⌈77/8⌉ words of `bits` bytes
+    word = sum(int(packed[j]) << (8 * j) for j in range(bits))  # the first word, by hand
+    assert [(word >> (bits * i)) & ((1 << bits) - 1) for i in range(8)] == codes[:8].tolist()
+    assert unpack_codes(packed, bits, 77).tolist() == codes.tolist()

@@ -102,11 +102,10 @@ def mod_params(wg: np.ndarray, bits: int, clip: bool = True, row_weights: np.nda
 
 
 def mod_storage_bytes(k: int, n: int, bits: int, group: int, float_bytes: int = 4) -> int:
-    """Bytes ``quantize-weights{dtype=mod}`` writes for ``W[K, N]``: codes (2 bits, or 4 for 3-bit codes, packed
+    """Bytes ``quantize-weights{dtype=mod}`` writes for ``W[K, N]``: codes (``bits`` each, 8 per ``bits`` bytes
     over the whole K-padded tensor), grid indices (2 bits per group, packed), scales (float32 per group)."""
     g, nb = mod_layout(k, group)
-    per = 2 if bits == 2 else 4  # 3-bit codes are written as UINT4
-    return -(-nb * g * n * per // 8) + -(-nb * n * 2 // 8) + nb * n * float_bytes
+    return -(-nb * g * n // 8) * bits + -(-nb * n * 2 // 8) + nb * n * float_bytes
 
 
 def mod_layout(k: int, group: int) -> tuple[int, int]:

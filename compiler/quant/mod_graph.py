@@ -2,13 +2,13 @@
 
 The file holds three initializers per weight and one grid table per bit width (shared by all layers):
 
-* ``<name>.weight_q``     — codes, ``UINT2`` (2 bits) or ``UINT4`` (3 bits), shape ``[G, g, N]`` (K zero-padded
-  to whole groups);
+* ``<name>.weight_q``     — codes of ``[G, g, N]`` (K zero-padded to whole groups), ``bits`` each, packed 8 per
+  ``bits`` bytes (:func:`lowbit.ops.grid_ops.pack_codes`);
 * ``<name>.weight_dtype`` — the group's grid index, ``UINT2`` ``[G, 1, N]``;
 * ``<name>.weight_scale`` — float32 ``[G, 1, N]``;
 * ``lowbit.mod_grid{b}``  — float32 ``[T · 2^b]``, the grids of :data:`lowbit.quant.mod.GRIDS` row after row;
 
-and the linear's MatMul becomes ``MatMulGrid(X, codes, types, scales, grid; levels=2^b)``
+and the linear's MatMul becomes ``MatMulGrid(X, codes, types, scales, grid; bits, group)``
 (:mod:`lowbit.ops.grid_ops`): ``Ŵ = s · L_t[q]``.
 """
 
@@ -19,13 +19,11 @@ import numpy as np
 import onnx_ir as ir
 
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
+from lowbit.ops.grid_ops import pack_codes
 from lowbit.ops.registry import DOMAIN
 from lowbit.quant.mod import GRIDS, mod_layout
 
 __all__ = ["write_mod_matmul", "mod_file_arrays"]
-
-_CODE_TYPE = {2: ml_dtypes.uint2, 3: ml_dtypes.uint4}
-
 
 def mod_file_arrays(q: np.ndarray, s: np.ndarray, t: np.ndarray, bits: int, group: int) -> dict[str, np.ndarray]:
     """The arrays written for codes ``q[K, N]``, scales and grid indices ``[G, N]`` (see the module doc)."""
@@ -33,7 +31,7 @@ def mod_file_arrays(q: np.ndarray, s: np.ndarray, t: np.ndarray, bits: int, grou
     g, nb = mod_layout(k, group)
     codes = np.zeros((nb * g, n), np.uint8)
     codes[:k] = q
-    return {"weight_q": codes.reshape(nb, g, n).astype(_CODE_TYPE[bits]),
+    return {"weight_q": pack_codes(codes, bits),
             "weight_dtype": np.asarray(t, np.uint8).reshape(nb, 1, n).astype(ml_dtypes.uint2),
             "weight_scale": np.asarray(s, np.float32).reshape(nb, 1, n)}
 
@@ -49,9 +47,10 @@ def write_mod_matmul(graph: ir.Graph, lin_node: ir.Node, name: str, q, s, t, bit
                      origin: str) -> ir.Node:
     """Replace the linear's MatMul by ``lowbit.MatMulGrid`` over the new initializers; returns the new node."""
     arrays = mod_file_arrays(q, s, t, bits, group)
+    g = mod_layout(q.shape[0], group)[0]
     inits = [add_initializer(graph, f"{name}.{key}", arr) for key, arr in arrays.items()]
     node = make_node(graph, "MatMulGrid", [lin_node.inputs[0], *inits, _grid(graph, bits)], origin=origin, name=name,
-                     domain=DOMAIN, attributes={"levels": 1 << bits}, before=lin_node)
+                     domain=DOMAIN, attributes={"bits": bits, "group": g}, before=lin_node)
     out, new = lin_node.outputs[0], node.outputs[0]
     if out.dtype is not None:
         new.shape, new.dtype = out.shape, out.dtype
