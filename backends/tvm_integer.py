@@ -42,17 +42,39 @@ def fold_static_shapes(model: ir.Model, shape_dict: dict[str, list[int]]) -> int
 
     Only for graphs holding lowbit integer ops (one TVM artifact per static shape): TVM's importer
     keeps Range lengths symbolic, and the attention mask built from them then fails VM shape
-    lowering.  Folding evaluates standard ops on constants only; lowbit ops are never evaluated.
-    Returns the number of nodes removed.
+    lowering; shapes read off lowbit ops' results would be run-time shapes.  ONNX shape inference
+    cannot see through lowbit ops, so every value's shape and type are taken from one ORT run of
+    the lowered graph (zeros of the static shapes); then onnxscript's folder evaluates standard
+    ops on constants (lowbit ops are never evaluated).  Returns the number of nodes removed.
     """
     if not any(n.domain == "lowbit" and n.op_type in INTEGER_OPS for n in model.graph):
         return 0
     import onnxscript.optimizer
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    from lowbit.backends.lower_lowbit import LowerLowbit
+    from lowbit.ir.sessions import make_session, to_proto
+
     for v in model.graph.inputs:
         if v.name in shape_dict:
             v.shape = ir.Shape(shape_dict[v.name])
+    lowered = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    LowerLowbit()(lowered)
+    proto = to_proto(lowered)
+    values = {o.name: o for n in model.graph for o in n.outputs if o.name}
+    have = {o.name for o in proto.graph.output}
+    lowered_names = {o.name for n in lowered.graph for o in n.outputs}
+    names = [k for k in values if k in lowered_names]
+    for name in names:
+        if name not in have:
+            proto.graph.output.add(name=name)
+    feed = {v.name: np.zeros(shape_dict[v.name], v.dtype.numpy()) for v in model.graph.inputs}
+    sess = make_session(proto, optimize=False)
+    out_names = [o.name for o in sess.get_outputs()]
+    for name, arr in zip(out_names, sess.run(out_names, feed)):
+        if name in values:
+            values[name].shape = ir.Shape(list(arr.shape))
+            values[name].dtype = ir.DataType.from_numpy(arr.dtype)
     before = len(model.graph)
     onnxscript.optimizer.fold_constants(model)
     RemoveUnusedNodesPass()(model)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -32,24 +32,25 @@ def exposed_values(model: ir.Model) -> list[str]:
     known: set[str] = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
     wanted: list[str] = []
     for node in model.graph:
-        supported = ReferenceInterpreter.supports(node)
-        if supported:
+        if ReferenceInterpreter.supports(node):
             for v in node.inputs:
                 if v is not None and v.const_value is None and v.name not in known and v.name not in wanted:
-                    wanted.append(v.name)
+                    wanted.append(v.name)  # taken from TVM, so the reference can compute this node
+            known.update(o.name for o in node.outputs)
         for o in node.outputs:
-            known.add(o.name)
             if node.domain == "lowbit" and o.name not in wanted:
                 wanted.append(o.name)
     return wanted
 
 
-def compare_graph_with_tvm(model: ir.Model, feeds: list[Mapping[str, np.ndarray]], target="llvm",
-                           out_dir: str | Path | None = None):
-    """(values compared, mismatches) of TVM against the reference over ``feeds`` (one static shape)."""
-    from lowbit.backends.tvm_lower import lower_tvm
-    from lowbit.runtime.tvm_runner import TvmSession
+def compare_graph_with_tvm(model: ir.Model, feeds: list[Mapping[str, np.ndarray]], target: str = "llvm",
+                           out_dir: str | Path | None = None, run: Callable | None = None):
+    """(values compared, mismatches) of TVM against the reference over ``feeds`` (one static shape).
 
+    ``target`` "llvm" compiles for this host and runs in process; a device target of
+    :data:`lowbit.backends.tvm_integer_export.DEVICE_TARGETS` ("aarch64-linux") cross-compiles, and
+    ``run(lib_path, feeds) -> [{output name: array}]`` runs the library there (e.g. under qemu).
+    """
     from lowbit.backends.tvm_integer import fold_static_shapes
 
     shapes = {k: list(np.asarray(v).shape) for k, v in feeds[0].items()}
@@ -67,13 +68,23 @@ def compare_graph_with_tvm(model: ir.Model, feeds: list[Mapping[str, np.ndarray]
             src = {"Requantize": 3, "IntNorm": 4, "Lookup": 1}.get(node.op_type)
             out.dtype = ir.DataType.UINT8 if src is None else node.inputs[src].dtype
     with tempfile.TemporaryDirectory() as tmp:
-        art = lower_tvm(copy, target, out_dir or tmp, "check", shape_dict=shapes)
-        sess = TvmSession(art.lib)
-        names = sess.output_names
+        folder = Path(out_dir or tmp)
+        if target == "llvm":
+            from lowbit.backends.tvm_lower import lower_tvm
+            from lowbit.runtime.tvm_runner import TvmSession
+
+            sess = TvmSession(lower_tvm(copy, target, folder, "check", shape_dict=shapes).lib)
+            results = [dict(zip(sess.output_names, sess.run(None, dict(f)))) for f in feeds]
+        else:
+            from lowbit.backends.tvm_integer_export import export_tvm
+
+            if run is None:
+                raise ValueError(f"compare_graph_with_tvm: target {target!r} needs a run(lib, feeds) callable")
+            results = run(export_tvm(copy, target, folder / "check", shapes).lib, [dict(f) for f in feeds])
         interp = ReferenceInterpreter(model)
         compared, mismatches = 0, []
         for i, feed in enumerate(feeds):
-            got = dict(zip(names, sess.run(None, dict(feed))))
+            got = results[i]
             env: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in feed.items()}
             for node in model.graph:
                 ins = [None if v is None else env.get(v.name, v.const_value.numpy() if v.const_value is not None

@@ -94,3 +94,27 @@ def test_outputs_are_not_degenerate():
     for name in ("y1", "y3", "y4", "y5", "y6"):
         assert len(np.unique(env[name])) > 20, name
     assert np.ptp(env["y2"].astype(np.int32)) > 1000
+
+
+@pytest.mark.slow  # cross-compile + qemu-aarch64 (the interpreter and TVM's runtime emulated): minutes
+def test_every_integer_op_bit_exact_on_aarch64_under_qemu(tmp_path):
+    import os
+
+    from aarch64_runtime import missing, qemu_run
+    from lowbit.runtime.reference_tvm import compare_graph_with_tvm
+
+    why = missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    rng = np.random.default_rng(0)
+    model = _graph(rng)
+    feeds = [{"x": rng.integers(0, 256, (1, S, K)).astype(np.uint8), "keep": rng.random((1, 1, N)) < 0.8}
+             for _ in range(4)]
+    compared, mismatches = compare_graph_with_tvm(model, feeds, target="aarch64-linux", out_dir=tmp_path, run=qemu_run)
+    assert compared == 4 * 6 and mismatches == []
+    assert b"ELF" in (tmp_path / "check.so").read_bytes()[:4]
+    import json
+
+    assert "aarch64-linux-gnu" in json.loads((tmp_path / "check.json").read_text())["target"]
