@@ -59,7 +59,7 @@ def _graph(rng) -> ir.Model:
         [helper.make_tensor_value_info(n, t, None) for n, t in
          (("y3", TensorProto.UINT8), ("y4", TensorProto.INT8), ("y6", TensorProto.UINT8))],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("lowbit", 1)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lowbit", 1)])
     proto.ir_version = 10
     return ir.serde.deserialize_model(proto)
 
