@@ -25,6 +25,7 @@ __all__ = ["TILE", "int8_matmul_requantize_cpu", "int_norm_cpu", "int_softmax_cp
 logger = logging.getLogger(__name__)
 
 TILE = 64
+ROWS = 4  # rows of A per register block in the VNNI GEMM (4 rows × 4 int32x16 accumulators)
 
 
 def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool = True):
@@ -38,10 +39,10 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
     NT, K4, N = n_tiles, K // 4, n_tiles * TILE
 
     @T.macro
-    def epilogue(acc, Bm, Cs, Z, O, m, nt):
+    def epilogue(acc, off, Bm, Cs, Z, O, m, nt):
         for l in T.vectorized(TILE):
             O[m, nt * TILE + l] = T.Cast(out_dtype, T.max(T.min(
-                T.shift_right(T.Cast("int64", acc[l]) * Bm[nt * TILE + l]
+                T.shift_right(T.Cast("int64", acc[off + l]) * Bm[nt * TILE + l]
                               + T.shift_left(T.int64(1), Cs[nt * TILE + l] - T.int64(1)), Cs[nt * TILE + l])
                 + T.Cast("int64", Z[nt * TILE + l]), T.int64(hi)), T.int64(lo)))
 
@@ -58,8 +59,24 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
         Z = T.match_buffer(zp, (N,), out_dtype)
         O = T.match_buffer(o, (M, N), out_dtype)
         for nt in T.parallel(NT):
-            acc = T.decl_buffer((TILE,), "int32", scope="local")
-            for m in range(M):
+            acc = T.decl_buffer((ROWS * TILE,), "int32", scope="local")
+            for mo in range(M // ROWS):  # ROWS rows at once: each 64-byte slice of B feeds ROWS vpdpbusd
+                for r in T.unroll(ROWS):
+                    for l in T.vectorized(TILE):
+                        acc[r * TILE + l] = T.int32(0) - C[nt, l]
+                for k4 in range(K4):
+                    for j in T.unroll(4):
+                        for r in T.unroll(ROWS):
+                            acc[T.ramp(r * TILE + j * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                acc.vload([r * TILE + j * 16], "int32x16"),
+                                T.reinterpret(T.broadcast(T.reinterpret(A.vload([mo * ROWS + r, k4 * 4], "uint8x4"),
+                                                                        dtype="int32"), 16), dtype="uint8x64"),
+                                B.vload([nt, k4, j * 16, 0], "int8x64"),
+                                dtype="int32x16")
+                for r in T.unroll(ROWS):
+                    epilogue(acc, r * TILE, Bm, Cs, Z, O, mo * ROWS + r, nt)
+            for m in range(M // ROWS * ROWS, M):  # the remaining rows one at a time
                 for l in T.vectorized(TILE):
                     acc[l] = T.int32(0) - C[nt, l]
                 for k4 in range(K4):
@@ -71,7 +88,7 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
                                                       16), dtype="uint8x64"),
                             B.vload([nt, k4, j * 16, 0], "int8x64"),
                             dtype="int32x16")
-                epilogue(acc, Bm, Cs, Z, O, m, nt)
+                epilogue(acc, 0, Bm, Cs, Z, O, m, nt)
 
     @T.prim_func
     def int8_matmul_requantize(a: T.handle, c: T.handle, b: T.handle, mb: T.handle, sc: T.handle,
@@ -94,7 +111,7 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
                     for kk in T.unroll(4):
                         for l in T.vectorized(TILE):
                             acc[l] = acc[l] + T.Cast("int32", A[m, k4 * 4 + kk]) * T.Cast("int32", B[nt, k4, l, kk])
-                epilogue(acc, Bm, Cs, Z, O, m, nt)
+                epilogue(acc, 0, Bm, Cs, Z, O, m, nt)
 
     return int8_matmul_requantize_vnni if vnni else int8_matmul_requantize
 
@@ -154,7 +171,12 @@ def int_norm_cpu(C: int, x_dtype: str, out_dtype: str, *, rms: int, frac_bits: i
 
 
 def int_softmax_cpu(L: int, x_dtype: str):
-    """PrimFunc (X[R, L] x_dtype, table[256] i32, keep[R, L] bool) -> Y[R, L] u8: lowbit.IntSoftmax."""
+    """PrimFunc (X[R, L] x_dtype, table[256] i32, keep[R, L] bool) -> Y[R, L] u8: lowbit.IntSoftmax.
+
+    The per-element division ⌊n / 2S⌋ (0 ≤ n < 2^31) is a multiply and a shift by the row's constant
+    (Granlund & Montgomery 1994, Thm 4.2): with l = ⌈log2 d⌉ and m = ⌊2^(31+l) / d⌋ + 1,
+    2^(31+l) < m·d ≤ 2^(31+l) + 2^l, hence ⌊n / d⌋ = ⌊n·m / 2^(31+l)⌋ exactly; n·m < 2^63.
+    """
     from tvm.script import tirx as T
 
     @T.prim_func
@@ -167,16 +189,22 @@ def int_softmax_cpu(L: int, x_dtype: str):
         Y = T.match_buffer(y, (R, L), "uint8")
         for r in T.parallel(R):
             e = T.decl_buffer((L,), "int32", scope="local")
-            s = T.decl_buffer((2,), "int32", scope="local")
-            s[0] = T.int32(-256)
+            s = T.decl_buffer((4,), "int64", scope="local")  # 0 max, 1 Σe, 2 ⌈log2 2S⌉, 3 multiplier
+            s[0] = T.int64(-256)
             for j in range(L):
-                s[0] = T.max(s[0], T.if_then_else(Kp[r, j], T.Cast("int32", X[r, j]), T.int32(-256)))
-            s[1] = T.int32(0)
+                s[0] = T.max(s[0], T.if_then_else(Kp[r, j], T.Cast("int64", X[r, j]), T.int64(-256)))
+            s[1] = T.int64(0)
             for j in range(L):
-                e[j] = T.if_then_else(Kp[r, j], Tb[T.max(T.min(s[0] - T.Cast("int32", X[r, j]), 255), 0)], T.int32(0))
-                s[1] = s[1] + e[j]
-            s[1] = T.max(s[1], T.int32(1))
-            for j in range(L):
-                Y[r, j] = T.Cast("uint8", T.floordiv(T.int32(510) * e[j] + s[1], T.int32(2) * s[1]))
+                e[j] = T.if_then_else(Kp[r, j], Tb[T.max(T.min(T.Cast("int32", s[0]) - T.Cast("int32", X[r, j]), 255),
+                                                         0)], T.int32(0))
+                s[1] = s[1] + T.Cast("int64", e[j])
+            s[1] = T.max(s[1], T.int64(1))
+            s[2] = T.int64(0)
+            for k in range(33):
+                s[2] = s[2] + T.Cast("int64", T.shift_left(T.int64(1), T.int64(k)) < T.int64(2) * s[1])
+            s[3] = T.floordiv(T.shift_left(T.int64(1), T.int64(31) + s[2]), T.int64(2) * s[1]) + T.int64(1)
+            for j in T.vectorized(L):
+                Y[r, j] = T.Cast("uint8", T.shift_right((T.int64(510) * T.Cast("int64", e[j]) + s[1]) * s[3],
+                                                        T.int64(31) + s[2]))
 
     return int_softmax
