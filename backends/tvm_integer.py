@@ -311,3 +311,42 @@ def _int_softmax():
             return relax.op.reshape(y, shape)
 
     return IntSoftmax
+
+
+@_register("MatMulInteger")
+def _matmul_integer():
+    """Both operands computed at run time (attention): lowbit's batched kernel; otherwise TVM's converter."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import MatMulInteger as TvmMatMulInteger
+
+    from lowbit.backends.tvm_integer_kernels import int_batch_matmul_cpu
+
+    class MatMulInteger(TvmMatMulInteger):
+        _funcs: dict = {}
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            a, b = inputs[:2]
+            zps = [inputs[i] if len(inputs) > i else None for i in (2, 3)]
+            static = all(x.ty.shape is not None and all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape)
+                         for x in (a, b))
+            scalar = all(z is None or (isinstance(z, tvm.ir.GenericConst) and z.value.numpy().size == 1) for z in zps)
+            if (isinstance(b, tvm.ir.GenericConst) or not static or not scalar or len(a.ty.shape) < 3
+                    or len(a.ty.shape) != len(b.ty.shape)
+                    or [int(d) for d in list(a.ty.shape)[:-2]] != [int(d) for d in list(b.ty.shape)[:-2]]):
+                return super()._impl_v10(bb, inputs, attr, params)
+            lead = [int(d) for d in list(a.ty.shape)[:-2]]
+            M, K, N = int(a.ty.shape[-2]), int(a.ty.shape[-1]), int(b.ty.shape[-1])
+            batch = int(np.prod(lead))
+            ad, bd = str(a.ty.dtype), str(b.ty.dtype)
+            gv = _cached(cls, bb, ("int_batch_matmul", f"b{batch}", f"m{M}", f"k{K}", f"n{N}", ad, bd),
+                         lambda: int_batch_matmul_cpu(batch, M, K, N, ad, bd))
+            za, zb = (relax.const(np.zeros(1, d) if z is None else z.value.numpy().astype(d).reshape(1), d)
+                      for z, d in zip(zps, (ad, bd)))
+            a3 = bb.normalize(relax.op.reshape(a, (batch, M, K)))
+            b3 = bb.normalize(relax.op.reshape(b, (batch, K, N)))
+            y = bb.emit(relax.call_tir(gv, [a3, b3, za, zb], relax.TensorType((batch, M, N), "int32")))
+            return relax.op.reshape(y, (*lead, M, N))
+
+    return MatMulInteger

@@ -208,3 +208,31 @@ def int_softmax_cpu(L: int, x_dtype: str):
                                                         T.int64(31) + s[2]))
 
     return int_softmax
+
+
+def int_batch_matmul_cpu(batch: int, M: int, K: int, N: int, a_dtype: str, b_dtype: str):
+    """PrimFunc (A[batch, M, K], B[batch, K, N], za[1], zb[1]) -> Y[batch, M, N] i32 = (A − za) @ (B − zb),
+    exact in int32 (ONNX MatMulInteger with scalar zero points, both operands computed at run time:
+    attention's Q·Kᵀ and P·V).  One row of Y per parallel task, vectorized over N."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def int_batch_matmul(a: T.handle, b: T.handle, za: T.handle, zb: T.handle, y: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        A = T.match_buffer(a, (batch, M, K), a_dtype)
+        B = T.match_buffer(b, (batch, K, N), b_dtype)
+        ZA = T.match_buffer(za, (1,), a_dtype)
+        ZB = T.match_buffer(zb, (1,), b_dtype)
+        Y = T.match_buffer(y, (batch, M, N), "int32")
+        for bm in T.parallel(batch * M):
+            acc = T.decl_buffer((N,), "int32", scope="local")
+            for n in T.vectorized(N):
+                acc[n] = T.int32(0)
+            for k in range(K):
+                for n in T.vectorized(N):
+                    acc[n] = acc[n] + (T.Cast("int32", A[bm // M, bm % M, k]) - T.Cast("int32", ZA[0])) * (
+                        T.Cast("int32", B[bm // M, k, n]) - T.Cast("int32", ZB[0]))
+            for n in T.vectorized(N):
+                Y[bm // M, bm % M, n] = acc[n]
+
+    return int_batch_matmul

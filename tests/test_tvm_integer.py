@@ -51,13 +51,16 @@ def _graph(rng) -> ir.Model:
         helper.make_node("Add", ["y2_32", "y1_32"], ["sum"], name="add"),
         L("Requantize", ["sum", "b2", "c2", "zp2"], "y5"),                       # scalar b, c: element-wise
         L("IntSoftmax", ["y5", "exp", "keep"], "y6"),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1], name="xt"),  # attention-like: both at run time
+        helper.make_node("MatMulInteger", ["x", "xt", "zx8", "zp3"], ["xx"], name="xx"),
+        L("Requantize", ["xx", "b2", "c2", "zp2"], "y7"),
     ]
     graph = helper.make_graph(
         nodes, "integer_ops",
         [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, S, K]),
          helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, N])],
         [helper.make_tensor_value_info(n, t, None) for n, t in
-         (("y3", TensorProto.UINT8), ("y4", TensorProto.INT8), ("y6", TensorProto.UINT8))],
+         (("y3", TensorProto.UINT8), ("y4", TensorProto.INT8), ("y6", TensorProto.UINT8), ("y7", TensorProto.INT8))],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lowbit", 1)])
     proto.ir_version = 10
@@ -77,7 +80,7 @@ def test_every_integer_op_bit_exact_on_tvm(tmp_path):
         feeds.append({"x": rng.integers(0, 256, (1, S, K)).astype(np.uint8), "keep": keep})
     compared, mismatches = compare_graph_with_tvm(model, feeds, out_dir=tmp_path)
     assert mismatches == []
-    assert compared == 4 * 6  # every lowbit op's result, on every feed
+    assert compared == 4 * 7  # every lowbit op's result, on every feed
     meta = (tmp_path / "check.json").read_text()
     assert '"requantize_fused": 1' in meta  # the GEMM's requantize ran in its epilogue
 
@@ -91,7 +94,7 @@ def test_outputs_are_not_degenerate():
     keep = np.ones((1, 1, N), bool)
     env = ReferenceInterpreter(model).run(list(model.graph), {"x": rng.integers(0, 256, (1, S, K)).astype(np.uint8),
                                                               "keep": keep})
-    for name in ("y1", "y3", "y4", "y5", "y6"):
+    for name in ("y1", "y3", "y4", "y5", "y6", "y7"):
         assert len(np.unique(env[name])) > 20, name
     assert np.ptp(env["y2"].astype(np.int32)) > 1000
 
@@ -113,7 +116,7 @@ def test_every_integer_op_bit_exact_on_aarch64_under_qemu(tmp_path):
     feeds = [{"x": rng.integers(0, 256, (1, S, K)).astype(np.uint8), "keep": rng.random((1, 1, N)) < 0.8}
              for _ in range(4)]
     compared, mismatches = compare_graph_with_tvm(model, feeds, target="aarch64-linux", out_dir=tmp_path, run=qemu_run)
-    assert compared == 4 * 6 and mismatches == []
+    assert compared == 4 * 7 and mismatches == []
     assert b"ELF" in (tmp_path / "check.so").read_bytes()[:4]
     import json
 
