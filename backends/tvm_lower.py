@@ -124,7 +124,12 @@ def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | 
 
     m = _as_model(model)
     shape_dict = _static_shapes(m, shape_dict)
+    from lowbit.backends.tvm_integer import fold_static_shapes, fuse_integer_gemms
+
+    fold_static_shapes(m, shape_dict)
     prepare_for_tvm(m, layout=layout, kernels=kernels)
+    if layout == "tiled":
+        fuse_integer_gemms(m)
     return _lift_params(m, shape_dict)
 
 
@@ -142,7 +147,12 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
     shape_dict = _static_shapes(m, shape_dict)
     if kernels and tgt.kind.name == "cuda":
         raise LowbitError(f"TVM lowering: kernels={kernels} runs on CPU only", hint="use target=llvm, or no kernels")
+    from lowbit.backends.tvm_integer import fold_static_shapes, fuse_integer_gemms
+
+    folded = fold_static_shapes(m, shape_dict)  # integer graphs only (tvm_integer.py)
     stats = prepare_for_tvm(m, layout="rows" if tgt.kind.name == "cuda" else "tiled", kernels=kernels)
+    if tgt.kind.name != "cuda":  # integer graphs: requantizes fused into their int8 GEMMs
+        stats["requantize_fused"], stats["shape_nodes_folded"] = fuse_integer_gemms(m), folded
     meta = {"kernels": kernels or "", "inputs": _value_info(m.graph.inputs), "outputs": _value_info(m.graph.outputs),
             "target": str(tgt), "device": "cuda" if tgt.kind.name == "cuda" else "cpu", "prepare": stats,
             "shape_dict": shape_dict}
