@@ -2,6 +2,9 @@
 
 * ``Gemm(A, B, C)`` with a constant ``B`` (and ``transA = 0``) becomes ``MatMul(A, B') + C'`` with
   ``B' = alpha·op(B)`` and ``C' = beta·C``: ``alpha·A·op(B) + beta·C = A·(alpha·op(B)) + beta·C``.
+* ``MatMul(x, Transpose(W))`` with a constant 2-D ``W`` (a head tied to the embedding table, as torch's
+  exporter writes it) reads a transposed copy ``Wᵀ`` as its own initializer, so the head is a linear layer
+  the other passes find and quantize (the table itself stays for its ``Gather``).
 * Decomposed LayerNorm / RMSNorm subgraphs (ReduceMean, Sub, Pow, Sqrt, Div, …) become
   ``LayerNormalization`` / an RMS norm through onnxscript's own fusion rules, so smoothing and
   rotation can fold into their scales.  The RMS norm is ONNX ``RMSNormalization`` only where the
@@ -43,6 +46,18 @@ def _gemm_base(node: ir.Node, b: ir.Value) -> str:
     return node.name or "gemm"
 
 
+def _keep_initializer_order(graph: ir.Graph, order: list[str]) -> None:
+    """Put the initializers back in ``order`` (names not in it after them): the same model serializes the same,
+    so a canonicalization that changes nothing reports ``modified=False`` truthfully."""
+    data = graph.initializers.data
+    if list(data)[: len(order)] == order:
+        return
+    ordered = {name: data[name] for name in order if name in data}
+    ordered.update((name, value) for name, value in data.items() if name not in ordered)
+    data.clear()
+    data.update(ordered)
+
+
 @register_pass("canonicalize")
 class Canonicalize(Pass):
     @dataclass(frozen=True)
@@ -81,6 +96,23 @@ class Canonicalize(Pass):
             replace_value(graph, node.outputs[0], out)
             graph.remove(node, safe=True)
             self.stats["gemm_to_matmul"] += 1
+
+    def _fold_constant_transposes(self, graph: ir.Graph) -> None:
+        """``Transpose(W)`` of a constant matrix read only as MatMul weights becomes the initializer ``Wᵀ``."""
+        for node in list(graph):
+            if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            if src is None or src.const_value is None or src.producer() is not None or src in graph.inputs \
+                    or len(src.const_value.shape) != 2 or list(_attr(node, "perm", [1, 0])) != [1, 0]:
+                continue
+            uses = list(out.uses())
+            if not uses or out in graph.outputs or any(u.node.op_type != "MatMul" or u.idx != 1 for u in uses):
+                continue
+            wt = add_initializer(graph, f"{src.name}.T", np.ascontiguousarray(src.const_value.numpy().T))
+            replace_value(graph, out, wt)
+            graph.remove(node, safe=True)
+            self.stats["transposes_folded"] += 1
 
     def _reciprocal_form(self, graph: ir.Graph) -> None:
         """``1 / sqrt(v)`` and ``x / sqrt(v)`` (TorchScript exports) as ``Reciprocal`` (+ ``Mul``): the form the
@@ -122,11 +154,14 @@ class Canonicalize(Pass):
                     if name not in node.attributes:
                         node.attributes[name] = ir.AttrInt64(name, default)
                         self.stats["defaults_spelled_out"] += 1
+        order = list(model.graph.initializers)
         try:
             self._typed = ShapeInferencePass()(model).modified  # value types/shapes added: the IR changed
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
             del exc
+        finally:  # onnx_ir's shape inference re-registers large initializers last: keep the model's order
+            _keep_initializer_order(model.graph, order)
         for node in list(model.graph):  # Cast to the type the value already has is the identity
             to = node.attributes.get("to")
             src = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
@@ -149,6 +184,7 @@ class Canonicalize(Pass):
 
     def call(self, model):
         graph = model.graph
+        self._fold_constant_transposes(graph)
         if self.options.gemm:
             self._gemm_to_matmul(graph)
         if self.options.norms:
@@ -158,6 +194,6 @@ class Canonicalize(Pass):
 
             self.stats["float32_interior"] = int(to_float32_interior(model))
         graph.meta.pop("lowbit.names", None)
-        edits = ("gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
+        edits = ("transposes_folded", "gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
                  "identity_casts_removed", "rms_as_simplified_layer_norm", "div_sqrt_as_reciprocal")
         return PassResult(model, modified=any(self.stats[k] for k in edits) or getattr(self, "_typed", False))
