@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 import lowbit
-from lowbit.ir.analysis import find_groups
+from lowbit.ir.analysis import find_groups, find_linears
 from lowbit.passmanager.manager import CompileContext, PassManager
 from lowbit.ir.sessions import make_session
 
@@ -91,3 +91,28 @@ def test_a_canonical_model_with_large_weights_is_unchanged_and_reported_so():
     assert list(model.graph.initializers) == ["w", "gamma", "beta", "c"]
     assert ir.serde.serialize_model(model).SerializeToString(deterministic=True) == before
     assert not result.modified
+
+
+def test_a_head_tied_to_the_embedding_becomes_a_linear_layer():
+    """torch's exporter writes a tied head as MatMul(h, Transpose(E)): the head must read Eᵀ as a constant weight
+    (so that passes find and quantize it), the Gather keep E, and the outputs stay the same."""
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((10, 4)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["E", "ids"], ["x"]),
+         onnx.helper.make_node("LayerNormalization", ["x", "gamma"], ["h"], axis=-1),
+         onnx.helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+         onnx.helper.make_node("MatMul", ["h", "Et"], ["y"])],
+        "g", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, "S"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "S", 10])],
+        [onnx.numpy_helper.from_array(table, "E"), onnx.numpy_helper.from_array(np.ones(4, np.float32), "gamma")])
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph, ir_version=10,
+                                                              opset_imports=[onnx.helper.make_opsetid("", 21)]))
+    ids = np.array([[3, 1, 4, 1, 5]], np.int64)
+    before = make_session(model).run(None, {"ids": ids})[0]
+    PassManager.from_pipeline("canonicalize", CompileContext()).run(model)
+    assert "Transpose" not in [n.op_type for n in model.graph]
+    (head,) = find_linears(model.graph)
+    np.testing.assert_array_equal(head.weight.const_value.numpy(), table.T)
+    assert next(n for n in model.graph if n.op_type == "Gather").inputs[0].name == "E"
+    np.testing.assert_array_equal(make_session(model).run(None, {"ids": ids})[0], before)
