@@ -141,9 +141,6 @@ def _full():
 # not hidden: each must be fixed and removed from this list; a cell that now passes shows as XPASS.
 KNOWN_FAILING = {tuple(c.split("-", 2)) for c in """
 gemma3-optimum-w8a8 gpt2-optimum-int8-integer-only opt-optimum-w4a8 opt-optimum-w3a16
-llama-genai-int8-integer-only
-qwen2-genai-int8-integer-only
-mistral-genai-int8-integer-only
 gemma3-dynamo-w8a8
 gemma3-opset23-w8a8
 gemma3-fp16-w8a8
@@ -151,13 +148,6 @@ gemma3-fp16-w4a8
 gemma3-fp16-w3a16
 gemma3-external-w8a8
 gemma3-fixed-w8a8
-gpt2-fixed-int8-integer-only
-bert-external-int8-integer-only
-bert-fixed-int8-integer-only
-qwen2-external-int8-integer-only
-mistral-external-int8-integer-only
-phi3-external-int8-integer-only
-gpt2-external-int8-integer-only
 """.split()}
 
 
