@@ -135,6 +135,17 @@ class Canonicalize(Pass):
             graph.remove(node, safe=True)
             self.stats["div_sqrt_as_reciprocal"] += 1
 
+    def _drop_identity_casts(self, graph: ir.Graph) -> None:
+        """A Cast to the type its input already has is the identity (and hides a norm from its linears)."""
+        for node in list(graph):
+            to = node.attributes.get("to")
+            src = node.inputs[0] if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.inputs else None
+            if src is not None and to is not None and src.dtype is not None and int(src.dtype) == to.value \
+                    and node.outputs[0] not in graph.outputs:
+                node.outputs[0].replace_all_uses_with(src)
+                graph.remove(node, safe=True)
+                self.stats["identity_casts_removed"] += 1
+
     def _fuse_norms(self, model: ir.Model) -> None:
         from onnx_ir.passes.common import ShapeInferencePass
         from onnxscript import rewriter
@@ -162,14 +173,7 @@ class Canonicalize(Pass):
             del exc
         finally:  # onnx_ir's shape inference re-registers large initializers last: keep the model's order
             _keep_initializer_order(model.graph, order)
-        for node in list(model.graph):  # Cast to the type the value already has is the identity
-            to = node.attributes.get("to")
-            src = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
-            if src is not None and to is not None and src.dtype is not None and int(src.dtype) == to.value \
-                    and node.outputs[0] not in model.graph.outputs:
-                node.outputs[0].replace_all_uses_with(src)
-                model.graph.remove(node, safe=True)
-                self.stats["identity_casts_removed"] += 1
+        self._drop_identity_casts(model.graph)
         rules = [*layer_normalization_ruleset.rules, *rms_normalization_ruleset.rules]
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -193,6 +197,8 @@ class Canonicalize(Pass):
             from lowbit.ir.precision import to_float32_interior
 
             self.stats["float32_interior"] = int(to_float32_interior(model))
+            if self.stats["float32_interior"]:  # the exporter's float16 ↔ float32 casts around norms are now identities
+                self._drop_identity_casts(graph)
         graph.meta.pop("lowbit.names", None)
         edits = ("transposes_folded", "gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
                  "identity_casts_removed", "rms_as_simplified_layer_norm", "div_sqrt_as_reciprocal")

@@ -116,3 +116,29 @@ def test_a_head_tied_to_the_embedding_becomes_a_linear_layer():
     np.testing.assert_array_equal(head.weight.const_value.numpy(), table.T)
     assert next(n for n in model.graph if n.op_type == "Gather").inputs[0].name == "E"
     np.testing.assert_array_equal(make_session(model).run(None, {"ids": ids})[0], before)
+
+
+def test_float16_casts_around_a_norm_vanish_with_the_float32_interior():
+    """torch's float16 export computes a norm in float32 between two Casts; in the float32 interior both are
+    identities and go, so the norm is the linears' producer again (smoothing and rotation fold into it)."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float16[N, 4] x) => (float16[N, 3] y) <float[4] gamma = {1.0, 2.0, 0.5, 1.5}, float16[4, 3] w =
+      {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> {
+        xf = Cast <to = 1> (x)
+        n = LayerNormalization <axis = -1> (xf, gamma)
+        h = Cast <to = 10> (n)
+        y = MatMul (h, w)
+    }
+    """
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float16)
+    before = make_session(model).run(None, {"x": x})[0]
+    PassManager.from_pipeline("canonicalize", CompileContext()).run(model)
+    interior = [n for n in model.graph if not (n.op_type == "Cast" and (set(model.graph.inputs) & set(n.inputs)
+                                                                          or set(model.graph.outputs) & set(n.outputs)))]
+    assert [n.op_type for n in interior] == ["LayerNormalization", "MatMul"]
+    assert [g.kind for g in find_groups(model.graph)] == ["norm"]
+    after = make_session(model).run(None, {"x": x})[0]
+    assert after.dtype == np.float16
+    np.testing.assert_allclose(after.astype(np.float32), before.astype(np.float32), rtol=2e-3, atol=2e-3)

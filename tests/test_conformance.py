@@ -140,9 +140,7 @@ def _full():
 # exports, integer-norms crashes on GPT-2 and fold-norms leaves an untyped value_info on OPT.  Marked,
 # not hidden: each must be fixed and removed from this list; a cell that now passes shows as XPASS.
 KNOWN_FAILING = {tuple(c.split("-", 2)) for c in """
-gpt2-optimum-int8-integer-only opt-optimum-w4a8 opt-optimum-w3a16
-gemma3-fp16-w4a8
-gemma3-fp16-w3a16
+gpt2-optimum-int8-integer-only
 """.split()}
 
 
