@@ -2,6 +2,7 @@
 
 * ``Gemm(A, B, C)`` with a constant ``B`` (and ``transA = 0``) becomes ``MatMul(A, B') + C'`` with
   ``B' = alpha·op(B)`` and ``C' = beta·C``: ``alpha·A·op(B) + beta·C = A·(alpha·op(B)) + beta·C``.
+* ``Identity(W)`` of an initializer (exporters' deduplication) is an initializer of its own.
 * ``MatMul(x, Transpose(W))`` with a constant 2-D ``W`` (a head tied to the embedding table, as torch's
   exporter writes it) reads a transposed copy ``Wᵀ`` as its own initializer, so the head is a linear layer
   the other passes find and quantize (the table itself stays for its ``Gather``).
@@ -97,6 +98,25 @@ class Canonicalize(Pass):
             graph.remove(node, safe=True)
             self.stats["gemm_to_matmul"] += 1
 
+    def _fold_constant_identities(self, graph: ir.Graph) -> None:
+        """``Identity(W)`` of an initializer (exporters deduplicate equal tensors: optimum's GPT-2 reads every unit
+        LayerNorm γ through an Identity of one) becomes an initializer of the output's name holding the same
+        tensor, so each norm and linear has a constant of its own."""
+        for node in list(graph):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            if src is None or src.const_value is None or src.producer() is not None or src in graph.inputs \
+                    or out in graph.outputs:
+                continue
+            name = out.name
+            out.name = f"{name}_identity"
+            value = ir.Value(name=name, const_value=src.const_value, shape=src.shape, type=src.type)
+            graph.register_initializer(value)
+            out.replace_all_uses_with(value)
+            graph.remove(node, safe=True)
+            self.stats["identities_folded"] += 1
+
     def _fold_constant_transposes(self, graph: ir.Graph) -> None:
         """``Transpose(W)`` of a constant matrix read only as MatMul weights becomes the initializer ``Wᵀ``."""
         for node in list(graph):
@@ -188,6 +208,7 @@ class Canonicalize(Pass):
 
     def call(self, model):
         graph = model.graph
+        self._fold_constant_identities(graph)
         self._fold_constant_transposes(graph)
         if self.options.gemm:
             self._gemm_to_matmul(graph)
@@ -200,6 +221,6 @@ class Canonicalize(Pass):
             if self.stats["float32_interior"]:  # the exporter's float16 ↔ float32 casts around norms are now identities
                 self._drop_identity_casts(graph)
         graph.meta.pop("lowbit.names", None)
-        edits = ("transposes_folded", "gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
+        edits = ("identities_folded", "transposes_folded", "gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
                  "identity_casts_removed", "rms_as_simplified_layer_norm", "div_sqrt_as_reciprocal")
         return PassResult(model, modified=any(self.stats[k] for k in edits) or getattr(self, "_typed", False))

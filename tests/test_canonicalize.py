@@ -142,3 +142,27 @@ def test_float16_casts_around_a_norm_vanish_with_the_float32_interior():
     after = make_session(model).run(None, {"x": x})[0]
     assert after.dtype == np.float16
     np.testing.assert_allclose(after.astype(np.float32), before.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_a_norm_scale_read_through_identity_becomes_a_constant_of_its_own():
+    """optimum deduplicates equal initializers: a second LayerNorm reads γ as Identity(first γ).  After
+    canonicalize every norm has a constant γ (integer-norms, smoothing and folding need it), named as the
+    Identity's output, and the outputs are unchanged."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[N, 4] x) => (float[N, 4] y) <float[4] ln1_weight = {1.0, 2.0, 0.5, 1.5}, float[4] ln1_bias = {0.1, 0.0,
+      -0.2, 0.3}, float[4] ln2_bias = {0.0, 0.5, 0.0, -0.5}> {
+        ln2_weight = Identity (ln1_weight)
+        a = LayerNormalization <axis = -1> (x, ln1_weight, ln1_bias)
+        y = LayerNormalization <axis = -1> (a, ln2_weight, ln2_bias)
+    }
+    """
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(text))
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    before = make_session(model).run(None, {"x": x})[0]
+    PassManager.from_pipeline("canonicalize", CompileContext()).run(model)
+    norms = [n for n in model.graph if n.op_type == "LayerNormalization"]
+    assert [n.op_type for n in model.graph] == ["LayerNormalization", "LayerNormalization"]
+    assert [n.inputs[1].name for n in norms] == ["ln1_weight", "ln2_weight"]
+    np.testing.assert_array_equal(norms[1].inputs[1].const_value.numpy(), [1.0, 2.0, 0.5, 1.5])
+    np.testing.assert_array_equal(make_session(model).run(None, {"x": x})[0], before)

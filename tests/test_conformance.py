@@ -133,15 +133,9 @@ def _full():
                     yield arch, form, recipe
 
 
-# Cells that failed the full product after the session-4 merges (see the closing note): the
-# integer passes that landed after this suite was written (int8-integer-only on OPT, genai and some
-# external-data forms), w8a8's searched α on Gemma-3 (rel. L2 0.128 > 0.08), and canonicalize
-# reporting modified=False on BERT opset-23 / fixed-shape exports (caught by the verifier); on optimum
-# exports, integer-norms crashes on GPT-2 and fold-norms leaves an untyped value_info on OPT.  Marked,
-# not hidden: each must be fixed and removed from this list; a cell that now passes shows as XPASS.
-KNOWN_FAILING = {tuple(c.split("-", 2)) for c in """
-gpt2-optimum-int8-integer-only
-""".split()}
+# Cells known to fail (non-strict xfail: a cell that passes shows as XPASS, and must then leave this list).
+# Session 5 fixed every cell marked after the session-4 merges; none is known to fail now.
+KNOWN_FAILING: set[tuple[str, str, str]] = set()
 
 
 @pytest.mark.slow
