@@ -12,7 +12,7 @@
   3 bits per weight (see ``lowbit.ops.float_ops``); its function body lets any runtime run it.
 * ``dtype=mod`` (2 and 3 bits): a mixture of data types per group (``lowbit.quant.mod``, after BitMoD):
   each (group, column) picks one of four grids, ``Ŵ = s·L_t[q]``; the MatMul becomes
-  ``lowbit.MatMulGrid`` over UINT2 (3 bits: UINT4) codes, UINT2 grid indices and float scales.
+  ``lowbit.MatMulGrid`` over packed codes (8 per `bits` bytes), UINT2 grid indices and float scales.
 
 Per-layer overrides (the mixed-precision contract): ``metadata_props['lowbit.bits']`` on a
 linear's MatMul node ("2", "3", "4", "8", or "16" = keep float) and optionally
