@@ -57,14 +57,14 @@ RECIPES: dict[str, str] = {
     "int8-integer-only": "calibrate{rows=256},migrate-steps,dyadic,integer-swiglu,integer-lut,integer-attention,"
                          "integer-norms,lower-lowbit,lower-ort",
     # KV-cache graphs (compile --kv-cache): the cache stored at 8 / 4 bits (quantize-kv: K and V per token; the
-    # 4-bit caches in groups of 32 channels behind an online Hadamard on K and V — chosen on TinyStories 100-399,
+    # 4-bit caches in groups of 16 channels behind an online Hadamard on K and V — chosen on TinyStories 100-399,
     # benchmarks/KV_RESULTS.md)
     "w8a8-kv8": "calibrate,smooth{alpha=0.5},quantize{weights=8,acts=8,mode=static},quantize-kv{bits=8},lower-ort",
     "w4a8-kv4": "fold-norms,rotate,calibrate,smooth{alpha=0.5},calibrate{hessian=true},"
-                "quantize-weights{bits=4,group=128,method=gptq},quantize-kv{bits=4,group=32,hadamard=true},"
+                "quantize-weights{bits=4,group=128,method=gptq},quantize-kv{bits=4,group=16,hadamard=true},"
                 "lower-nbits{accuracy_level=4}",
     "w4a4-kv4": "fold-norms,rotate,calibrate{hessian=true},quantize-weights{bits=4,group=128,method=gptq},"
-                "quantize-acts{bits=4,exclude=lm_head},quantize-kv{bits=4,group=32,hadamard=true},"
+                "quantize-acts{bits=4,exclude=lm_head},quantize-kv{bits=4,group=16,hadamard=true},"
                 "lower-nbits{accuracy_level=4}",
 }
 
