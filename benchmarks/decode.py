@@ -39,7 +39,7 @@ VARIANTS = [
     ("lowbit w8a8", "quantize{weights=8,acts=8,mode=dynamic},lower-ort"),
     ("lowbit w8a8 +kv8", "quantize-kv{bits=8,k_mode=token}", "lowbit w8a8"),
     ("lowbit w4a8", "quantize-weights{bits=4,group=128,method=rtn},lower-nbits{accuracy_level=4}"),
-    ("lowbit w4a8 +kv4", "quantize-kv{bits=4,k_mode=token,group=32,hadamard=true}", "lowbit w4a8"),
+    ("lowbit w4a8 +kv4", "quantize-kv{bits=4,k_mode=token,group=16,hadamard=true}", "lowbit w4a8"),
 ]
 CLOCK = time.perf_counter  # --cpu-time: time.process_time (all threads' CPU time; ORT spinning off)
 _LINEAR_OPS = {"MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLinear"}

@@ -40,8 +40,8 @@ DIM, FFN, HEADS, KV_HEADS, VOCAB, CTX = 2048, 5632, 32, 4, 32000, 16
 LAYERS = 22  # --layers changes it (smoke runs)
 HD = DIM // HEADS
 # lowbit's recipes: w8a16 per channel (group 0), w4a16/w3a16 groups of 128, w2a16 asymmetric groups of 32;
-# 2-bit g128 is an extra row (the kernels run it; the recipe's quality was chosen at g32)
-FORMATS = [(8, 0), (4, 128), (3, 128), (2, 32), (2, 128)]
+# 2-bit g128 is an extra row (the kernels run it); the w3a16/w2a16 recipes now use groups of 16
+FORMATS = [(8, 0), (4, 128), (3, 128), (2, 32), (2, 128), (3, 16), (2, 16)]  # g16: the current w3a16/w2a16
 LLAMA_TYPES = ["Q8_0", "Q4_0", "Q3_K_S", "Q2_K", "TQ2_0"]
 
 
@@ -65,8 +65,9 @@ cpu, layout = _kernels()
 
 def random_packed(k: int, n: int, bits: int, group: int, rng) -> "layout.Packed":
     """A random-weight linear directly in the kernels' layout (every byte pattern is a valid code)."""
-    nt, ng = -(-n // layout.TILE), -(-k // group)
-    codes = rng.integers(0, 256, (nt, ng, bits, 2 * group), dtype=np.uint8)
+    gc = 32 if group == 16 and bits <= 3 else group  # 2/3-bit g16: codes in blocks of two groups
+    nt, ng = -(-n // layout.TILE), -(-k // gc) * gc // group
+    codes = rng.integers(0, 256, (nt, ng * group // gc, bits, 2 * gc), dtype=np.uint8)
     scales = rng.uniform(0.5, 1.5, (nt, ng, layout.TILE)).astype(np.float32) * np.float32(0.02 / np.sqrt(k))
     zeros = rng.integers(0, 1 << bits, (nt, ng, layout.TILE), dtype=np.uint8)
     return layout.Packed(bits, k, n, group, codes, scales, zeros)

@@ -31,7 +31,7 @@ most N positions, ``past_key_values.{i}.key_sink`` → ``present.{i}.key_sink``)
 them from there: the attention-sink tokens that most heads attend to are not quantized (IntactKV,
 PrefixQuant); N·(float bytes per token) once, not per token.
 
-``k_mode=token`` is the default and the recipes' 4-bit caches use ``group=32,hadamard=true``: chosen on
+``k_mode=token`` is the default and the recipes' 4-bit caches use ``group=16,hadamard=true``: chosen on
 TinyStories stories 100–399 (``benchmarks/kv_quality.py``, stories260K and SmolLM2-135M; numbers in
 ``benchmarks/KV_RESULTS.md``), never on the reported ones.  Static per-channel K lost there at every width.
 

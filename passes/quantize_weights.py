@@ -12,7 +12,7 @@
   3 bits per weight (see ``lowbit.ops.float_ops``); its function body lets any runtime run it.
 * ``dtype=mod`` (2 and 3 bits): a mixture of data types per group (``lowbit.quant.mod``, after BitMoD):
   each (group, column) picks one of four grids, ``Ŵ = s·L_t[q]``; the MatMul becomes
-  ``lowbit.MatMulGrid`` over UINT2 (3 bits: UINT4) codes, UINT2 grid indices and float scales.
+  ``lowbit.MatMulGrid`` over packed codes (8 per `bits` bytes), UINT2 grid indices and float scales.
 
 Per-layer overrides (the mixed-precision contract): ``metadata_props['lowbit.bits']`` on a
 linear's MatMul node ("2", "3", "4", "8", or "16" = keep float) and optionally
@@ -83,7 +83,9 @@ class QuantizeWeights(Pass):
         def __post_init__(self):
             if self.bits not in (2, 3, 4, 8):
                 raise ValueError(f"quantize-weights: bits must be 2, 3, 4 or 8, got {self.bits}")
-            if self.group not in (0, 16, 32, 64, 128, 256):
+            if self.group == 8 and self.dtype != "mod":
+                raise ValueError("quantize-weights: group=8 needs dtype=mod (MatMulNBits blocks are >= 16)")
+            if self.group not in (0, 8, 16, 32, 64, 128, 256):
                 raise ValueError(f"quantize-weights: group must be 0 (per channel) or 16..256, got {self.group}")
             if self.method not in ("rtn", "gptq"):
                 raise ValueError(f"quantize-weights: method must be rtn or gptq, got {self.method}")

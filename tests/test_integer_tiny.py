@@ -77,7 +77,7 @@ def test_logits_stay_near_the_qdq_graph(compiled):
     assert rel_err(got, want) < 0.15  # measured 0.085 (integer rsqrt, LUTs, int16 residual steps)
 
 
-def _post_norm_encoder():
+def _post_norm_encoder(scale: str = "Mul"):
     """A post-norm encoder layer (BERT's form, 2 heads, scale on Q): each norm's output feeds the next
     block AND the residual add, so migrate-steps clones it and integer-norms must derive the clone from
     its IntNorm twin (the shared path); integer-attention turns Q·Kᵀ, softmax and P·V integer; the
@@ -102,7 +102,7 @@ def _post_norm_encoder():
     text = f"""
     g (float[1, {t}, {c}] x) => (float[1, {t}, {n}] y)
     <{decl}, int64[4] split = {{1, {t}, {heads}, {c // heads}}}, int64[3] merge = {{1, {t}, {c}}},
-     float alpha = {{{1 / np.sqrt(c // heads):.9g}}}>
+     float alpha = {{{(1 / np.sqrt(c // heads)) if scale == "Mul" else np.sqrt(c // heads):.9g}}}>
     {{
         h0 = LayerNormalization <axis = -1> (x, g0, b0)
         q0 = MatMul (h0, wq)
@@ -117,7 +117,7 @@ def _post_norm_encoder():
         q3 = Transpose <perm = [0, 2, 1, 3]> (q2)
         k3 = Transpose <perm = [0, 2, 3, 1]> (k2)
         v3 = Transpose <perm = [0, 2, 1, 3]> (v2)
-        q4 = Mul (q3, alpha)
+        q4 = {scale} (q3, alpha)
         s = MatMul (q4, k3)
         p = Softmax <axis = -1> (s)
         ctx0 = MatMul (p, v3)
@@ -142,11 +142,12 @@ def _post_norm_encoder():
     return proto, calib, probe
 
 
-def test_post_norm_encoder_shares_the_norm_and_stays_near_the_qdq_graph():
+@pytest.mark.parametrize("scale", ["Mul", "Div"])  # Q·(1/√d) or Q/√d: both forms occur in exports
+def test_post_norm_encoder_shares_the_norm_and_stays_near_the_qdq_graph(scale):
     from lowbit.backends.lower_lowbit import LowerLowbit
     from lowbit.runtime.reference import compare_graph_with_ort
 
-    proto, calib, probe = _post_norm_encoder()
+    proto, calib, probe = _post_norm_encoder(scale)
     qdq = PassManager.from_pipeline(QDQ, CompileContext(calibration=calib, show_progress=False)).run(
         ir.serde.deserialize_model(proto))
     ctx = CompileContext(calibration=calib, show_progress=False)

@@ -141,3 +141,11 @@ def test_codes_pack_eight_per_bits_bytes_little_endian(bits):
     word = sum(int(packed[j]) << (8 * j) for j in range(bits))  # the first word, by hand
     assert [(word >> (bits * i)) & ((1 << bits) - 1) for i in range(8)] == codes[:8].tolist()
     assert unpack_codes(packed, bits, 77).tolist() == codes.tolist()
+
+
+def test_group_of_eight_only_with_the_grid_form():
+    from lowbit.passes.quantize_weights import QuantizeWeights
+
+    with pytest.raises(ValueError, match="group=8 needs dtype=mod"):
+        QuantizeWeights.Options(bits=2, group=8)
+    assert QuantizeWeights.Options(bits=2, group=8, symmetric=False, dtype="mod").group == 8

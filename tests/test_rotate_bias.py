@@ -166,3 +166,16 @@ def test_rotation_through_fused_skip_norms_rotates_their_stream_bias():
     pm = PassManager.from_pipeline("fold-norms,rotate", CompileContext(probes=[feed], show_progress=False))
     rotated = pm.run(model)
     assert rel_err(logits(rotated, feed), ref) <= 1e-4
+
+
+def test_a_fused_skip_norm_summing_a_non_linear_is_refused_naming_it():
+    """Rotation folds Q only into linears' outputs: a fused residual add over a Relu cannot be rotated."""
+    from lowbit.errors import PassFailure
+
+    model = _skip_norm_fused()
+    skip = next(n for n in model.graph if n.op_type == "SkipSimplifiedLayerNormalization")
+    relu = ir.node("Relu", [skip.inputs[1]], name="not_a_linear")
+    model.graph.insert_before(skip, relu)
+    skip.replace_input_with(1, relu.outputs[0])
+    with pytest.raises(PassFailure, match="a fused residual add sums Relu output, not a linear layer's output"):
+        PassManager.from_pipeline("fold-norms,rotate", CompileContext(show_progress=False)).run(model)

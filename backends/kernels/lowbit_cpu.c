@@ -8,7 +8,7 @@
  * dots, same float operations in the same order: -ffp-contract=off plus explicit fma).
  *
  * Packed layout (written by lowbit.backends.kernels.layout.repack): rows in tiles of 16 (one 32-bit
- * lane per row), K in groups of G (G % 32 == 0).  For tile t and group g the codes form 64-byte
+ * lane per row), K in groups of G (G % 32 == 0; 2/3-bit G = 16: see pair_mode).  For tile t and group g the codes form 64-byte
  * vectors; vector v holds S = 8/b steps; byte 4r+j, bits [b*s, b*s+b) is the code of row r at
  * k = g*G + v*4S + 4s + j.  3-bit: the low two bits use the 2-bit layout (G/16 vectors), followed by
  * G/32 64-byte vectors of high bits: vector w, byte 4r+j, bit 4u+s is bit 2 of the code that low-plane
@@ -70,6 +70,10 @@ int lowbit_num_threads(void) { return nthreads(); }
 
 /* bytes of packed codes for one (tile, group) */
 static inline size_t tg_bytes(int bits, int G) { return (size_t)TILE * G * bits / 8; }
+
+/* 2/3-bit codes in scale groups of 16 are laid out in blocks of 32 (two groups: the pair's two vectors
+ * and, for 3 bits, their high-bits vector); scales and zero points stay per group of 16. */
+static inline int pair_mode(int bits, int G) { return G == 16 && bits <= 3; }
 
 /* ---------------------------------------------------------------- activations */
 /* One group: amax, codes rint(x * 127/amax) (round half to even) clipped to +-127, their sum.  The
@@ -145,15 +149,15 @@ static inline int code_at(int bits, int G, const uint8_t *tg, int r, int kk) {
 
 static void tile_generic(int bits, int M, int Kp, int N, int G, int t, const uint8_t *codes, const float *scales,
                          const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
-    int ng = Kp / G;
+    int ng = Kp / G, Gc = pair_mode(bits, G) ? 32 : G; /* Gc: codes' block */
     for (int m = 0; m < M; m++) {
         float acc[TILE] = {0};
         for (int g = 0; g < ng; g++) {
-            const uint8_t *tg = codes + ((size_t)t * ng + g) * tg_bytes(bits, G);
+            const uint8_t *tg = codes + ((size_t)t * (Kp / Gc) + g * G / Gc) * tg_bytes(bits, Gc);
             const int8_t *xg = xq + (size_t)m * Kp + (size_t)g * G;
             for (int r = 0; r < TILE; r++) {
                 int32_t d = 0;
-                for (int kk = 0; kk < G; kk++) d += code_at(bits, G, tg, r, kk) * xg[kk];
+                for (int kk = 0; kk < G; kk++) d += code_at(bits, Gc, tg, r, g * G % Gc + kk) * xg[kk];
                 size_t i = ((size_t)t * ng + g) * TILE + r;
                 d -= (int32_t)zeros[i] * xsum[(size_t)m * ng + g];
                 float p = scales[i] * xs[(size_t)m * ng + g];
@@ -271,6 +275,62 @@ static const tile_fn T512[4][4] = {
     {tile512_2_1, tile512_2_2, tile512_2_3, tile512_2_4}, {tile512_3_1, tile512_3_2, tile512_3_3, tile512_3_4},
     {tile512_4_1, tile512_4_2, tile512_4_3, tile512_4_4}, {tile512_8_1, tile512_8_2, tile512_8_3, tile512_8_4}};
 
+/* 2/3-bit codes in groups of 16 (pair_mode): per block of 32, vector u belongs to scale group 2*block+u;
+ * one chain per (step, vector), the epilogue per group.  MB <= 2 (registers). */
+AVX512 void tile512p(const int bits, const int MB, int Kp, int N, int t, const uint8_t *codes, const float *scales,
+                     const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
+    const int S = 4, ngc = Kp / 32, ng = Kp / 16;
+    __m512 facc[2];
+    for (int m = 0; m < MB; m++) facc[m] = _mm512_setzero_ps();
+    for (int gc = 0; gc < ngc; gc++) {
+        const uint8_t *tg = codes + ((size_t)t * ngc + gc) * tg_bytes(bits, 32);
+        if (LOWBIT_PREFETCH)
+            for (int u = 0; u < 2; u++) _mm_prefetch((const char *)(tg + u * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
+        __m512i acc[16];
+        for (int a = 0; a < MB * S * 2; a++) acc[a] = _mm512_setzero_si512();
+        __m512i hv = bits == 3 ? _mm512_loadu_si512(tg + 128) : _mm512_setzero_si512();
+        for (int u = 0; u < 2; u++) {
+            __m512i w = _mm512_loadu_si512(tg + u * 64);
+            for (int s = 0; s < S; s++) {
+                __m512i c = step512(bits, w, s, u, hv);
+                for (int m = 0; m < MB; m++) {
+                    int32_t x4;
+                    memcpy(&x4, xq + (size_t)m * Kp + (size_t)gc * 32 + u * 16 + 4 * s, 4);
+                    DPBUSD(acc[(m * S + s) * 2 + u], c, _mm512_set1_epi32(x4));
+                }
+            }
+        }
+        for (int u = 0; u < 2; u++) {
+            int g = 2 * gc + u;
+            size_t i = ((size_t)t * ng + g) * TILE;
+            __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + i)));
+            __m512 sw = _mm512_loadu_ps(scales + i);
+            for (int m = 0; m < MB; m++) {
+                __m512i d = _mm512_setzero_si512();
+                for (int s = 0; s < S; s++) {
+                    int sh = step_shift(bits, s);
+                    __m512i e = acc[(m * S + s) * 2 + u];
+                    d = _mm512_add_epi32(d, sh ? _mm512_srai_epi32(e, sh) : e);
+                }
+                int32_t xsm = xsum[(size_t)m * ng + g];
+                d = _mm512_sub_epi32(d, _mm512_madd_epi16(z, _mm512_set1_epi32((int32_t)(uint16_t)(int16_t)xsm)));
+                __m512 p = _mm512_mul_ps(sw, _mm512_set1_ps(xs[(size_t)m * ng + g]));
+                facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), p, facc[m]);
+            }
+        }
+    }
+    int rows = N - t * TILE < TILE ? N - t * TILE : TILE;
+    __mmask16 km = (__mmask16)((1u << rows) - 1);
+    for (int m = 0; m < MB; m++) _mm512_mask_storeu_ps(y + (size_t)m * N + t * TILE, km, facc[m]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,gfni"))) static void tile512_pair(
+    int bits, int MB, int Kp, int N, int t, const uint8_t *c, const float *s, const uint8_t *z, const int8_t *xq,
+    const float *xs, const int32_t *xsum, float *y) {
+    if (bits == 2) { if (MB == 1) tile512p(2, 1, Kp, N, t, c, s, z, xq, xs, xsum, y); else tile512p(2, 2, Kp, N, t, c, s, z, xq, xs, xsum, y); }
+    else { if (MB == 1) tile512p(3, 1, Kp, N, t, c, s, z, xq, xs, xsum, y); else tile512p(3, 2, Kp, N, t, c, s, z, xq, xs, xsum, y); }
+}
+
 /* ---------------------------------------------------------------- AVX2 */
 #define AVX2F __attribute__((target("avx2,fma"), always_inline)) static inline
 
@@ -359,17 +419,23 @@ static int bits_index(int bits) { return bits == 2 ? 0 : bits == 3 ? 1 : bits ==
 int lowbit_gemm_q(int bits, int M, int Kp, int N, int G, const uint8_t *codes, const float *scales,
                   const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
     int bi = bits_index(bits);
-    if (bi < 0 || G <= 0 || G % 32 || Kp % G || M <= 0 || N <= 0) return -1;
+    int pair = pair_mode(bits, G);
+    if (bi < 0 || G <= 0 || (G % 32 && !pair) || Kp % (pair ? 32 : G) || M <= 0 || N <= 0) return -1;
     int isa = lowbit_isa(), nt = (N + TILE - 1) / TILE, ng = Kp / G;
 #pragma omp parallel for schedule(static) num_threads(nthreads()) if (nt > 1)
     for (int t = 0; t < nt; t++) {
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            int mb = M - m0 < 4 ? M - m0 : 4;
+        const int mbmax = pair && isa == ISA_AVX512VNNI ? 2 : 4;
+        for (int m0 = 0; m0 < M; m0 += mbmax) {
+            int mb = M - m0 < mbmax ? M - m0 : mbmax;
             const int8_t *xq_m = xq + (size_t)m0 * Kp;
             const float *xs_m = xs + (size_t)m0 * ng;
             const int32_t *xsum_m = xsum + (size_t)m0 * ng;
             float *y_m = y + (size_t)m0 * N;
-            if (isa == ISA_AVX512VNNI && mb == 1 && bits <= 3 && G * 2 / 32 < 4)
+            if (pair && isa == ISA_AVX512VNNI)
+                tile512_pair(bits, mb, Kp, N, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
+            else if (pair) /* AVX2: the generic C loop (slow) */
+                tile_generic(bits, mb, Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
+            else if (isa == ISA_AVX512VNNI && mb == 1 && bits <= 3 && G * 2 / 32 < 4)
                 tile512_small(bits, Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
             else if (isa == ISA_AVX512VNNI)
                 T512[bi][mb - 1](Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
