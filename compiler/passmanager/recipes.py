@@ -37,7 +37,7 @@ RECIPES: dict[str, str] = {
              "exclude=lm_head},"
              "quantize-weights{bits=8,group=0,method=gptq},quantize-embeddings,lower-nbits",
     "w2a16": "calibrate{hessian=true},"
-             "quantize-weights{bits=2,group=8,method=gptq,symmetric=false,clip_search=true,dtype=mod,hessian_fit=true,"
+             "quantize-weights{bits=2,group=16,method=gptq,symmetric=false,clip_search=true,dtype=mod,hessian_fit=true,"
              "exclude=lm_head},"
              "quantize-weights{bits=8,group=0,method=gptq},quantize-embeddings,lower-nbits",
     # int4 weights x int8 activations: ORT's MatMulNBits accuracy level 4 quantizes activations to int8
