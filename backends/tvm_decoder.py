@@ -262,20 +262,9 @@ def import_kv_relax(model, target: Any = "llvm"):
 def lower_kv_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", name: str = "model",
                  tuning_db: str | os.PathLike | None = None):
     """Lower a KV-cache decoder graph (``ir.Model`` or path) to one TVM artifact for every length."""
-    import json
-    from pathlib import Path
-
     mod, arrays, meta = import_kv_relax(model, target)
-    ex = tvm_lower.compile_relax(mod, target, tuning_db)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lib, params, meta_path = out / f"{name}.so", out / f"{name}.params.npz", out / f"{name}.json"
-    ex.export_library(str(lib))
-    np.savez(params, **{f"p{i}": a for i, a in enumerate(arrays)})
-    meta["tuning_db"] = None if tuning_db is None else str(tuning_db)
-    meta_path.write_text(json.dumps(meta, indent=1))
-    logger.info("lower_kv_tvm: wrote %s (%d params)", lib, len(arrays))
-    return tvm_lower.TvmArtifact(lib, params, meta_path, meta["target"])
+    return tvm_lower.export_artifact(tvm_lower.compile_relax(mod, target, tuning_db), arrays, meta, out_dir, name,
+                                     tuning_db)
 
 
 tvm_lower.KV_LOWERING.append(lower_kv_tvm)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from lowbit.errors import LowbitError
 from lowbit.passmanager.manager import Pass, PassResult, register_pass
 
-__all__ = ["TvmArtifact", "lower_tvm", "tvm_params", "import_relax", "compile_relax", "make_target", "parse_shapes", "LowerTvm"]
+__all__ = ["TvmArtifact", "lower_tvm", "tvm_params", "import_relax", "compile_relax", "export_artifact", "make_target", "parse_shapes", "LowerTvm"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,12 @@ def lower_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", n
               kernels: str | None = None) -> TvmArtifact:
     """Import, compile and export ``model`` (an ``ir.Model``, ModelProto or path) for ``target``."""
     mod, arrays, meta = import_relax(model, target, shape_dict, kernels)
-    ex = compile_relax(mod, target, tuning_db)
+    return export_artifact(compile_relax(mod, target, tuning_db), arrays, meta, out_dir, name, tuning_db)
+
+
+def export_artifact(ex, arrays, meta: dict, out_dir: str | os.PathLike, name: str,
+                    tuning_db: str | os.PathLike | None = None) -> TvmArtifact:
+    """Write a compiled executable as ``NAME.so`` + ``NAME.params.npz`` + ``NAME.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib, params, meta_path = out / f"{name}.so", out / f"{name}.params.npz", out / f"{name}.json"
@@ -198,7 +203,7 @@ def lower_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", n
     np.savez(params, **{f"p{i}": a for i, a in enumerate(arrays)})
     meta["tuning_db"] = None if tuning_db is None else str(tuning_db)
     meta_path.write_text(json.dumps(meta, indent=1))
-    logger.info("lower_tvm: wrote %s (%d params)", lib, len(arrays))
+    logger.info("wrote %s (%d params)", lib, len(arrays))
     return TvmArtifact(lib, params, meta_path, meta["target"])
 
 
