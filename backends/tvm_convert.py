@@ -192,8 +192,10 @@ def lowbit_converters():
     """Within the block, TVM's ONNX importer also knows lowbit's converters."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
+    from lowbit.backends.tvm_integer import INTEGER_CONVERTERS
+
     original = onnx_frontend._get_convert_map
-    extra = {op: factory() for op, factory in CONVERTERS.items()}
+    extra = {op: factory() for op, factory in {**CONVERTERS, **INTEGER_CONVERTERS}.items()}
 
     def patched():
         table = original()

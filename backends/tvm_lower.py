@@ -27,7 +27,7 @@ import onnx_ir as ir
 from lowbit.errors import LowbitError
 from lowbit.passmanager.manager import Pass, PassResult, register_pass
 
-__all__ = ["TvmArtifact", "lower_tvm", "tvm_params", "import_relax", "compile_relax", "make_target", "parse_shapes", "LowerTvm"]
+__all__ = ["TvmArtifact", "lower_tvm", "tvm_params", "import_relax", "compile_relax", "export_artifact", "make_target", "parse_shapes", "LowerTvm"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,12 @@ def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | 
 
     m = _as_model(model)
     shape_dict = _static_shapes(m, shape_dict)
+    from lowbit.backends.tvm_integer import fold_static_shapes, fuse_integer_gemms
+
+    fold_static_shapes(m, shape_dict)
     prepare_for_tvm(m, layout=layout, kernels=kernels)
+    if layout == "tiled":
+        fuse_integer_gemms(m)
     return _lift_params(m, shape_dict)
 
 
@@ -142,7 +147,12 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
     shape_dict = _static_shapes(m, shape_dict)
     if kernels and tgt.kind.name == "cuda":
         raise LowbitError(f"TVM lowering: kernels={kernels} runs on CPU only", hint="use target=llvm, or no kernels")
+    from lowbit.backends.tvm_integer import fold_static_shapes, fuse_integer_gemms
+
+    folded = fold_static_shapes(m, shape_dict)  # integer graphs only (tvm_integer.py)
     stats = prepare_for_tvm(m, layout="rows" if tgt.kind.name == "cuda" else "tiled", kernels=kernels)
+    if tgt.kind.name != "cuda":  # integer graphs: requantizes fused into their int8 GEMMs
+        stats["requantize_fused"], stats["shape_nodes_folded"] = fuse_integer_gemms(m), folded
     meta = {"kernels": kernels or "", "inputs": _value_info(m.graph.inputs), "outputs": _value_info(m.graph.outputs),
             "target": str(tgt), "device": "cuda" if tgt.kind.name == "cuda" else "cpu", "prepare": stats,
             "shape_dict": shape_dict}
@@ -180,7 +190,12 @@ def lower_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", n
               kernels: str | None = None) -> TvmArtifact:
     """Import, compile and export ``model`` (an ``ir.Model``, ModelProto or path) for ``target``."""
     mod, arrays, meta = import_relax(model, target, shape_dict, kernels)
-    ex = compile_relax(mod, target, tuning_db)
+    return export_artifact(compile_relax(mod, target, tuning_db), arrays, meta, out_dir, name, tuning_db)
+
+
+def export_artifact(ex, arrays, meta: dict, out_dir: str | os.PathLike, name: str,
+                    tuning_db: str | os.PathLike | None = None) -> TvmArtifact:
+    """Write a compiled executable as ``NAME.so`` + ``NAME.params.npz`` + ``NAME.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib, params, meta_path = out / f"{name}.so", out / f"{name}.params.npz", out / f"{name}.json"
@@ -188,7 +203,7 @@ def lower_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", n
     np.savez(params, **{f"p{i}": a for i, a in enumerate(arrays)})
     meta["tuning_db"] = None if tuning_db is None else str(tuning_db)
     meta_path.write_text(json.dumps(meta, indent=1))
-    logger.info("lower_tvm: wrote %s (%d params)", lib, len(arrays))
+    logger.info("wrote %s (%d params)", lib, len(arrays))
     return TvmArtifact(lib, params, meta_path, meta["target"])
 
 
@@ -203,6 +218,14 @@ def parse_shapes(text: str) -> dict[str, list[int]] | None:
             raise ValueError(f"lower-tvm: shapes wants NAME:D1xD2[+NAME:...], got {text!r}")
         out[name] = [int(d) for d in dims.split("x")]
     return out
+
+
+KV_LOWERING: list = []  # lowbit.backends.tvm_decoder registers lower_kv_tvm here (it imports this module)
+
+
+def _is_kv_graph(model: ir.Model) -> bool:
+    names = [v.name for v in model.graph.inputs]
+    return "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
 
 
 @register_pass("lower-tvm")
@@ -229,9 +252,12 @@ class LowerTvm(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         o = self.options
-        art = lower_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, shape_dict=parse_shapes(o.shapes),
-                        tuning_db=o.tuning_db or None,
-                        kernels=o.kernels or None)  # staged: moved into out_dir only if the compile succeeds
+        if not o.shapes and not o.kernels and _is_kv_graph(model) and KV_LOWERING:  # one artifact, every length
+            art = KV_LOWERING[0](model, o.target, self.ctx.stage(o.out_dir), o.name, tuning_db=o.tuning_db or None)
+        else:
+            art = lower_tvm(model, o.target, self.ctx.stage(o.out_dir), o.name, shape_dict=parse_shapes(o.shapes),
+                            tuning_db=o.tuning_db or None,
+                            kernels=o.kernels or None)  # staged: moved into out_dir only if the compile succeeds
         final = Path(o.out_dir)
         self.ctx.report["tvm"] = {"lib": str(final / art.lib.name), "params": str(final / art.params.name),
                                   "meta": str(final / art.meta.name), "target": art.target}

@@ -34,6 +34,7 @@ _LOW_BIT = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False), ir.DataT
             ir.DataType.UINT2: (2, False), ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
 # Standard ops plus the contrib ops with converters in tvm_convert.py.
 _FOREIGN_OK = {("com.microsoft", "MatMulNBits"), (NBITS_DOMAIN, "NBitsMatMul"), (NBITS_DOMAIN, "Int8MatMul")}
+_FOREIGN_OK |= {("lowbit", op) for op in ("Requantize", "Lookup", "IntNorm", "IntSoftmax")}  # tvm_integer.py (CPU)
 
 
 def pack_nbits(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, layout: str):

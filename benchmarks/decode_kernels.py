@@ -39,8 +39,9 @@ import numpy as np  # noqa: E402
 DIM, FFN, HEADS, KV_HEADS, VOCAB, CTX = 2048, 5632, 32, 4, 32000, 16
 LAYERS = 22  # --layers changes it (smoke runs)
 HD = DIM // HEADS
-# lowbit's recipes: w8a16 per channel, w4a16/w3a16 groups of 128, w2a16 asymmetric groups of 32
-FORMATS = {8: 0, 4: 128, 3: 128, 2: 32}
+# lowbit's recipes: w8a16 per channel (group 0), w4a16/w3a16 groups of 128, w2a16 asymmetric groups of 32;
+# 2-bit g128 is an extra row (the kernels run it); the w3a16/w2a16 recipes now use groups of 16
+FORMATS = [(8, 0), (4, 128), (3, 128), (2, 32), (2, 128), (3, 16), (2, 16)]  # g16: the current w3a16/w2a16
 LLAMA_TYPES = ["Q8_0", "Q4_0", "Q3_K_S", "Q2_K", "TQ2_0"]
 
 
@@ -64,8 +65,9 @@ cpu, layout = _kernels()
 
 def random_packed(k: int, n: int, bits: int, group: int, rng) -> "layout.Packed":
     """A random-weight linear directly in the kernels' layout (every byte pattern is a valid code)."""
-    nt, ng = -(-n // layout.TILE), -(-k // group)
-    codes = rng.integers(0, 256, (nt, ng, bits, 2 * group), dtype=np.uint8)
+    gc = 32 if group == 16 and bits <= 3 else group  # 2/3-bit g16: codes in blocks of two groups
+    nt, ng = -(-n // layout.TILE), -(-k // gc) * gc // group
+    codes = rng.integers(0, 256, (nt, ng * group // gc, bits, 2 * gc), dtype=np.uint8)
     scales = rng.uniform(0.5, 1.5, (nt, ng, layout.TILE)).astype(np.float32) * np.float32(0.02 / np.sqrt(k))
     zeros = rng.integers(0, 1 << bits, (nt, ng, layout.TILE), dtype=np.uint8)
     return layout.Packed(bits, k, n, group, codes, scales, zeros)
@@ -126,7 +128,7 @@ class Decoder:
         self.head(xs[DIM])
 
 
-_DECODERS: dict[int, Decoder] = {}
+_DECODERS: dict[tuple[int, int], Decoder] = {}
 _EMBED: list[np.ndarray] = []
 
 
@@ -137,8 +139,8 @@ def _embedding() -> np.ndarray:
     return _EMBED[0]
 
 
-def time_lowbit(bits: int, tokens: int) -> dict:
-    dec = _DECODERS.get(bits) or _DECODERS.setdefault(bits, Decoder(bits, FORMATS[bits]))
+def time_lowbit(bits: int, group: int, tokens: int) -> dict:
+    dec = _DECODERS.get((bits, group)) or _DECODERS.setdefault((bits, group), Decoder(bits, group))
     tok = 1
     for pos in range(CTX):  # fill the cache (again: random keys/values past it), warm up
         tok = dec.step(tok, pos)
@@ -280,15 +282,41 @@ def time_llama(bin_dir: Path, gguf_dir: Path, qtype: str, threads: int, tokens: 
     return {"ms": 1e3 / float(res["avg_ts"]), "bytes": gguf_weight_bytes(q)}
 
 
+def bars(rows: list[dict]) -> list[str]:
+    """The issue's targets for one thread count, from its rows (a row that did not run is skipped)."""
+    by = {r["row"]: r for r in rows}
+    r4, q4 = by.get("lowbit 4-bit g128"), by.get("llama.cpp Q4_0")
+    out = ["", "Targets:"]
+    if r4 and q4:
+        out.append(f"- 4-bit vs llama.cpp Q4_0: {r4['ms'] / q4['ms']:.2f}x the time (<= 1.0)")
+    if r4:
+        out.append(f"- 4-bit: {r4['floor_ms'] / r4['ms'] * 100:.0f} % of the floor (>= 60 % at 2 threads)")
+    for name, target in (("lowbit 3-bit g128", 0.85), ("lowbit 2-bit g32", 0.70), ("lowbit 2-bit g128", 0.70)):
+        r = by.get(name)
+        if not (r and r4):
+            continue
+        line = f"- {name[7:]}: {r['ms'] / r4['ms']:.2f}x the 4-bit time (<= {target})"
+        slower = [k for k, v in by.items() if k.startswith("llama.cpp") and v["bits_per_weight"] >= r["bits_per_weight"]
+                  and v["ms"] < r["ms"]]
+        out.append(line + ("; slower than " + ", ".join(slower) if slower else
+                           "; no llama.cpp type with as many bits/w is faster"))
+    r8 = by.get("lowbit 8-bit gK")
+    if r8:
+        out.append(f"- 8-bit: {r8['floor_ms'] / r8['ms'] * 100:.0f} % of the floor (>= 60 %)")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
-    ap.add_argument("--bits", type=int, nargs="*", default=[8, 4, 3, 2])
+    ap.add_argument("--formats", nargs="*", default=[f"{b}:{g}" for b, g in FORMATS],
+                    help="lowbit rows as BITS:GROUP (group 0: per channel); default %(default)s")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--llama-bin", type=Path, default=None, help="folder with llama-bench and llama-quantize")
     ap.add_argument("--gguf-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-gguf")
     ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES)
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--ort-levels", type=int, nargs="+", default=[4, 0], help="MatMulNBits accuracy levels timed")
     ap.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (22; fewer for a smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -316,8 +344,9 @@ def main(argv=None) -> int:
             rows.append({"threads": th, "row": name, "bandwidth_GBps": bw / 1e9, **r, "bits_per_weight": bpw,
                          "floor_ms": floor})
 
-        for bits in args.bits:
-            emit(f"lowbit {bits}-bit g{FORMATS[bits] or 'K'}", time_lowbit(bits, args.tokens))
+        for fmt in args.formats:
+            bits, group = map(int, fmt.split(":"))
+            emit(f"lowbit {bits}-bit g{group or 'K'}", time_lowbit(bits, group, args.tokens))
         if args.llama_bin is not None:
             for qt in args.llama_types:
                 try:
@@ -325,10 +354,12 @@ def main(argv=None) -> int:
                 except (subprocess.CalledProcessError, KeyError, ValueError) as exc:
                     print(f"| llama.cpp {qt}: failed ({exc}) |")
         if not args.no_ort:
-            for acc in (4, 0):
+            for acc in args.ort_levels:
                 r = time_ort(th, args.tokens, acc)
                 r["linears_ms"] = r["ms"]
                 emit(f"ORT MatMulNBits 4b acc{acc} (lin.)", r)
+        for line in bars([r for r in rows if r["threads"] == th]):
+            print(line)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

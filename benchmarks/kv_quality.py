@@ -1,6 +1,6 @@
 """KV-cache quantization quality: perplexity and bytes per cached token, FP32 cache vs int8/int4 caches.
 
-    python benchmarks/kv_quality.py [--model GGUF_OR_BIN] [--calib 0:32] [--eval 600:660] [--seq-len 512]
+    python benchmarks/kv_quality.py [--model GGUF_OR_BIN] [--calib 0:100] [--eval 600:785] [--rows 0,1,3] [--group 32] [--seq-len 512]
 
 The model is loaded once in its KV-cache form (weights float, as the frontend gives them); every row
 applies only ``quantize-kv`` with the options shown, so weights and activations are otherwise equal.
@@ -19,14 +19,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROWS = [
+ROWS = [  # {g}: --group (channels per dynamic scale group)
     ("fp32 cache", None),
-    ("int8, K per-channel static", "quantize-kv{bits=8,k_mode=channel}"),
     ("int8, K per-token", "quantize-kv{bits=8,k_mode=token}"),
-    ("int4, K per-channel static", "quantize-kv{bits=4,k_mode=channel}"),
-    ("int4, K per-channel static + Hadamard", "quantize-kv{bits=4,k_mode=channel,hadamard=true}"),
+    ("int8, K per-channel static", "quantize-kv{bits=8,k_mode=channel}"),
     ("int4, K per-token", "quantize-kv{bits=4,k_mode=token}"),
     ("int4, K per-token + Hadamard", "quantize-kv{bits=4,k_mode=token,hadamard=true}"),
+    ("int4, K/V groups of {g}", "quantize-kv{bits=4,k_mode=token,group={g}}"),
+    ("int4, K/V groups of {g} + Hadamard", "quantize-kv{bits=4,k_mode=token,group={g},hadamard=true}"),
+    ("int4, K per-channel static", "quantize-kv{bits=4,k_mode=channel}"),
+    ("int4, K per-channel static + Hadamard", "quantize-kv{bits=4,k_mode=channel,hadamard=true}"),
+    ("int4, K/V groups of {g} + Hadamard + sink 1", "quantize-kv{bits=4,k_mode=token,group={g},hadamard=true,sink=1}"),
+    ("int4, K per-token + Hadamard + sink 1", "quantize-kv{bits=4,k_mode=token,hadamard=true,sink=1}"),
+    ("int4, K per-token + sink 1", "quantize-kv{bits=4,k_mode=token,sink=1}"),
+    ("int8, K per-token + sink 1", "quantize-kv{bits=8,k_mode=token,sink=1}"),
 ]
 
 
@@ -47,10 +53,11 @@ def main() -> None:
     d = data_dir()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(d / "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--calib", default="0:32")
-    ap.add_argument("--eval", default="600:660")
+    ap.add_argument("--calib", default="0:100")
+    ap.add_argument("--eval", default="600:785")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rows", default="", help="comma-separated row numbers to run (default all)")
+    ap.add_argument("--group", type=int, default=32, help="channels per scale group in the grouped rows")
     ap.add_argument("--work", default="/tmp/lowbit-kv-quality")
     args = ap.parse_args()
     text = d / "tinystories/tinystories_hf_validation_head.eot.txt"
@@ -68,6 +75,7 @@ def main() -> None:
              for s in stories[_slice(args.calib)]]
     stream = token_stream(tok, stories[_slice(args.eval)])
     rows = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
+    rows = [(label.replace("{g}", str(args.group)), p and p.replace("{g}", str(args.group))) for label, p in rows]
     print(f"calibration stories {args.calib}, evaluation stories {args.eval}: {stream.size} tokens, "
           f"windows of {args.seq_len}", flush=True)
     print(f"{'cache':42s} {'ppl':>8s} {'Δ ppl':>8s} {'bytes/token':>12s}", flush=True)

@@ -12,12 +12,15 @@ tuning).  Bytes are those of the written ``.onnx`` file (with its external data,
     python benchmarks/quality.py --slice report
     python benchmarks/quality.py --slice tune --recipes w3a16 --pipeline "g32=fold-norms,rotate,..."
     python benchmarks/quality.py --slice report --minilm          # + MiniLM STS-test Spearman
+    python benchmarks/quality.py --slice report --markdown benchmarks/QUALITY_RESULTS.md   # the results table
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("--minilm", action="store_true", help="also MiniLM STS for w4a16-gptq (and w4a16)")
     ap.add_argument("--minilm-rows", default="w4a16,w4a16-gptq", help="recipes or pipelines for MiniLM (';'-separated)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--markdown", help="write the rows as one markdown table (with this command) here")
     args = ap.parse_args()
     rows = [(r, RECIPES[r]) for r in args.recipes.split(",") if r]
     rows += [tuple(p.split("=", 1)) for p in args.pipeline]
@@ -111,6 +115,29 @@ def main() -> None:
         result += minilm_rows(args, [r for r in args.minilm_rows.split(";") if r])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(args, result))
+
+
+def markdown_table(args, rows: list[dict]) -> str:
+    """One table: recipe, file bytes, perplexity, Δ vs FP32, target; the command and slices above it."""
+    sl = STORY_SLICES[args.slice]
+    argv = list(sys.argv[1:])
+    if "--json" in argv:  # a scratch path of this run, not part of the measurement
+        del argv[argv.index("--json"):argv.index("--json") + 2]
+    cmd = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *argv])
+    lines = [f"`{cmd}`", "",
+             f"stories260K; calibration TinyStories stories {CALIB_STORIES.start}–{CALIB_STORIES.stop - 1}; "
+             f"perplexity on the {args.slice} slice, stories {sl.start}–{sl.stop - 1}"
+             + (f" (first {args.limit})" if args.limit else "") + "; bytes = the written .onnx file.", "",
+             "| recipe | file bytes | perplexity | Δ ppl vs FP32 | target |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "ppl" in r:
+            tgt = f"≤ +{r['target_pct']:g} %" if "target_pct" in r else ""
+            lines.append(f"| `{r['row']}` | {r['bytes']:,} | {r['ppl']:.4f} | {r['delta_pct']:+.2f} % | {tgt} |")
+        else:
+            lines.append(f"| `{r['row']}` (STS-test Spearman ×100) | | {r['sts']:.2f} | | |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

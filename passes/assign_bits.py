@@ -18,8 +18,11 @@ Annotation contract, on each linear's ``MatMul`` node (``node.metadata_props``):
 Budgets (``target``): ``avg_bits`` — stored bits (weights, scales and zero points) per linear
 weight; ``nominal_bits`` — Σ bits × weights / weights, scales not counted (the papers' "W3.5"; the
 solver then takes the smallest candidate group, so restrict ``groups`` to compare like with
-like); ``bytes`` — the whole model's initializer bytes (linears in the storage format of
-:func:`lowbit.quant.rtn.storage_bytes`, everything else as it is); ``latency`` — summed µs of the
+like); ``bytes`` — the whole written ``.onnx`` file: initializers (linears in the storage format of
+:func:`lowbit.quant.rtn.storage_bytes`, everything else as it is now — so run ``quantize-embeddings``
+first) plus the serialized graph, measured on the model as it is (:func:`lowbit.mixed.bitplan.graph_overhead`)
+with ``FORM_BYTES`` for each quantized linear's node and tensor headers (``plan.file_bytes``);
+``latency`` — summed µs of the
 linears from a backend's latency table (``table=ort-cpu``).  ``plan=PATH`` replays a saved (and
 possibly hand-edited) plan instead of solving; ``save=PATH`` writes the plan.
 
@@ -39,7 +42,8 @@ from typing import Literal
 import numpy as np
 
 from lowbit.ir.analysis import find_linears
-from lowbit.mixed.bitplan import LayerPlan, Option, Plan, Unit, nominal_width, solve, split_bytes
+from lowbit.mixed.bitplan import (FORM_BYTES, LayerPlan, Option, Plan, Unit, function_bytes, graph_overhead,
+                                  nominal_width, solve, split_bytes)
 from lowbit.mixed.latency import LatencyTable
 from lowbit.passmanager.manager import BITS_ASSIGNED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.quant.rtn import FLOAT_BITS, storage_bytes
@@ -123,17 +127,23 @@ class AssignBits(Pass):
         weights = {lin.weight.name for lin in linears}
         fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items()
                     if n not in weights and v.const_value is not None)
+        self._graph = graph_overhead(model)
         if self.options.plan:
             plan = self._replay(linears, fixed)
         else:
             plan = self._solve(model, linears, fixed)
+        plan.graph_bytes = self._graph + FORM_BYTES * sum((lp.bits < FLOAT_BITS) + 2 * bool(lp.split)
+                                                          for lp in plan.layers)
+        if any(3 in (lp.bits, (lp.split or {}).get("bits")) for lp in plan.layers):  # lowbit.MatMul3Bit's body
+            plan.graph_bytes += function_bytes("MatMul3Bit", max(model.opset_imports.get("", 21), 21))
         before = [dict(lin.node.metadata_props) for lin in linears]
         annotate(linears, plan)
         changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
         if self.options.save:
             plan.save(self.ctx.stage(self.options.save))
         self.ctx.report["assign-bits"] = {"plan": plan.to_dict(), "linear_bytes": plan.linear_bytes,
-                                          "total_bytes": plan.total_bytes, "avg_bits": plan.avg_bits,
+                                          "total_bytes": plan.total_bytes, "file_bytes": plan.file_bytes,
+                                          "avg_bits": plan.avg_bits,
                                           "nominal_bits": plan.nominal_bits}
         self.stats["layers"] = len(plan.layers)
         self.stats["split_layers"] = sum(1 for lp in plan.layers if lp.split)
@@ -213,7 +223,9 @@ class AssignBits(Pass):
         weights_total = sum(lin.shape[0] * lin.shape[1] for lin in linears)
         capacity, resource = {"avg_bits": (o.target * weights_total / 8.0, "bytes"),
                               "nominal_bits": (o.target * weights_total, "nominal"),
-                              "bytes": (o.target - fixed, "bytes"), "latency": (o.target, "latency")}[o.budget]
+                              "bytes": (o.target - fixed - self._graph - FORM_BYTES * len(linears)
+                                        - (function_bytes("MatMul3Bit") if 3 in bits else 0), "bytes"),
+                              "latency": (o.target, "latency")}[o.budget]
         chosen = solve(units, capacity, resource)
         plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
                     model=model_fingerprint(model),

@@ -2,6 +2,10 @@
 
 * ``Gemm(A, B, C)`` with a constant ``B`` (and ``transA = 0``) becomes ``MatMul(A, B') + C'`` with
   ``B' = alpha·op(B)`` and ``C' = beta·C``: ``alpha·A·op(B) + beta·C = A·(alpha·op(B)) + beta·C``.
+* ``Identity(W)`` of an initializer (exporters' deduplication) is an initializer of its own.
+* ``MatMul(x, Transpose(W))`` with a constant 2-D ``W`` (a head tied to the embedding table, as torch's
+  exporter writes it) reads a transposed copy ``Wᵀ`` as its own initializer, so the head is a linear layer
+  the other passes find and quantize (the table itself stays for its ``Gather``).
 * Decomposed LayerNorm / RMSNorm subgraphs (ReduceMean, Sub, Pow, Sqrt, Div, …) become
   ``LayerNormalization`` / an RMS norm through onnxscript's own fusion rules, so smoothing and
   rotation can fold into their scales.  The RMS norm is ONNX ``RMSNormalization`` only where the
@@ -43,6 +47,18 @@ def _gemm_base(node: ir.Node, b: ir.Value) -> str:
     return node.name or "gemm"
 
 
+def _keep_initializer_order(graph: ir.Graph, order: list[str]) -> None:
+    """Put the initializers back in ``order`` (names not in it after them): the same model serializes the same,
+    so a canonicalization that changes nothing reports ``modified=False`` truthfully."""
+    data = graph.initializers.data
+    if list(data)[: len(order)] == order:
+        return
+    ordered = {name: data[name] for name in order if name in data}
+    ordered.update((name, value) for name, value in data.items() if name not in ordered)
+    data.clear()
+    data.update(ordered)
+
+
 @register_pass("canonicalize")
 class Canonicalize(Pass):
     @dataclass(frozen=True)
@@ -82,6 +98,42 @@ class Canonicalize(Pass):
             graph.remove(node, safe=True)
             self.stats["gemm_to_matmul"] += 1
 
+    def _fold_constant_identities(self, graph: ir.Graph) -> None:
+        """``Identity(W)`` of an initializer (exporters deduplicate equal tensors: optimum's GPT-2 reads every unit
+        LayerNorm γ through an Identity of one) becomes an initializer of the output's name holding the same
+        tensor, so each norm and linear has a constant of its own."""
+        for node in list(graph):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            if src is None or src.const_value is None or src.producer() is not None or src in graph.inputs \
+                    or out in graph.outputs:
+                continue
+            name = out.name
+            out.name = f"{name}_identity"
+            value = ir.Value(name=name, const_value=src.const_value, shape=src.shape, type=src.type)
+            graph.register_initializer(value)
+            out.replace_all_uses_with(value)
+            graph.remove(node, safe=True)
+            self.stats["identities_folded"] += 1
+
+    def _fold_constant_transposes(self, graph: ir.Graph) -> None:
+        """``Transpose(W)`` of a constant matrix read only as MatMul weights becomes the initializer ``Wᵀ``."""
+        for node in list(graph):
+            if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            if src is None or src.const_value is None or src.producer() is not None or src in graph.inputs \
+                    or len(src.const_value.shape) != 2 or list(_attr(node, "perm", [1, 0])) != [1, 0]:
+                continue
+            uses = list(out.uses())
+            if not uses or out in graph.outputs or any(u.node.op_type != "MatMul" or u.idx != 1 for u in uses):
+                continue
+            wt = add_initializer(graph, f"{src.name}.T", np.ascontiguousarray(src.const_value.numpy().T))
+            replace_value(graph, out, wt)
+            graph.remove(node, safe=True)
+            self.stats["transposes_folded"] += 1
+
     def _reciprocal_form(self, graph: ir.Graph) -> None:
         """``1 / sqrt(v)`` and ``x / sqrt(v)`` (TorchScript exports) as ``Reciprocal`` (+ ``Mul``): the form the
         RMSNorm rules match.  x / y = x · (1 / y)."""
@@ -103,6 +155,17 @@ class Canonicalize(Pass):
             graph.remove(node, safe=True)
             self.stats["div_sqrt_as_reciprocal"] += 1
 
+    def _drop_identity_casts(self, graph: ir.Graph) -> None:
+        """A Cast to the type its input already has is the identity (and hides a norm from its linears)."""
+        for node in list(graph):
+            to = node.attributes.get("to")
+            src = node.inputs[0] if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.inputs else None
+            if src is not None and to is not None and src.dtype is not None and int(src.dtype) == to.value \
+                    and node.outputs[0] not in graph.outputs:
+                node.outputs[0].replace_all_uses_with(src)
+                graph.remove(node, safe=True)
+                self.stats["identity_casts_removed"] += 1
+
     def _fuse_norms(self, model: ir.Model) -> None:
         from onnx_ir.passes.common import ShapeInferencePass
         from onnxscript import rewriter
@@ -122,19 +185,15 @@ class Canonicalize(Pass):
                     if name not in node.attributes:
                         node.attributes[name] = ir.AttrInt64(name, default)
                         self.stats["defaults_spelled_out"] += 1
+        order = list(model.graph.initializers)
         try:
             self._typed = ShapeInferencePass()(model).modified  # value types/shapes added: the IR changed
         except Exception as exc:  # dtype inference only helps the fusion rules' checks
             self.stats["shape_inference_failed"] += 1
             del exc
-        for node in list(model.graph):  # Cast to the type the value already has is the identity
-            to = node.attributes.get("to")
-            src = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
-            if src is not None and to is not None and src.dtype is not None and int(src.dtype) == to.value \
-                    and node.outputs[0] not in model.graph.outputs:
-                node.outputs[0].replace_all_uses_with(src)
-                model.graph.remove(node, safe=True)
-                self.stats["identity_casts_removed"] += 1
+        finally:  # onnx_ir's shape inference re-registers large initializers last: keep the model's order
+            _keep_initializer_order(model.graph, order)
+        self._drop_identity_casts(model.graph)
         rules = [*layer_normalization_ruleset.rules, *rms_normalization_ruleset.rules]
         rewriter.rewrite(model, pattern_rewrite_rules=rules)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -149,6 +208,8 @@ class Canonicalize(Pass):
 
     def call(self, model):
         graph = model.graph
+        self._fold_constant_identities(graph)
+        self._fold_constant_transposes(graph)
         if self.options.gemm:
             self._gemm_to_matmul(graph)
         if self.options.norms:
@@ -157,7 +218,9 @@ class Canonicalize(Pass):
             from lowbit.ir.precision import to_float32_interior
 
             self.stats["float32_interior"] = int(to_float32_interior(model))
+            if self.stats["float32_interior"]:  # the exporter's float16 ↔ float32 casts around norms are now identities
+                self._drop_identity_casts(graph)
         graph.meta.pop("lowbit.names", None)
-        edits = ("gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
+        edits = ("identities_folded", "transposes_folded", "gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
                  "identity_casts_removed", "rms_as_simplified_layer_norm", "div_sqrt_as_reciprocal")
         return PassResult(model, modified=any(self.stats[k] for k in edits) or getattr(self, "_typed", False))

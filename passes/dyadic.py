@@ -154,7 +154,7 @@ class Dyadic(Pass):
         self.ctx.report["dyadic"] = {
             "linears": self.stats["linears"], "out_bits": self.options.out_bits,
             "mult_bits": self.options.mult_bits, "worst_relative_scale_error": worst_err,
-            "shift_range": [min(shifts), max(shifts)], "worst_accumulator_bound": worst_bound,
+            "shift_range": [min(shifts), max(shifts)] if shifts else None, "worst_accumulator_bound": worst_bound,
             "accumulator_headroom_bits": float(np.log2(INT32_MAX / max(worst_bound, 1)))}
         return PassResult(model, modified=True)
 

@@ -33,6 +33,10 @@ def add_bias(graph: ir.Graph, lin: Linear, bias: np.ndarray, origin: str) -> Non
     users = [u.node for u in out.uses()]
     b = add_initializer(graph, f"{lin.name}.bias", bias.astype(np.float32))
     add = make_node(graph, "Add", [out, b], origin=origin, name=f"{lin.name}.bias_add")
+    if out.dtype is not None:  # a graph output must stay typed
+        add.outputs[0].dtype = out.dtype
+    if out.shape is not None:
+        add.outputs[0].shape = ir.Shape(out.shape)
     graph.remove(add, safe=False)
     graph.insert_after(lin.node, add)
     replace_uses_in(users, out, add.outputs[0])

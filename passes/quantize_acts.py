@@ -24,14 +24,7 @@ from lowbit.quant.int8 import per_token_round
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node
 
-__all__ = ["QuantizeActs", "fake_quant_per_token"]
-
-
-def fake_quant_per_token(x: np.ndarray, bits: int, clip: float = 1.0) -> np.ndarray:
-    """The numpy reference of what the inserted ops compute."""
-    qmax = float(2 ** (bits - 1) - 1)
-    t = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-12) / np.float32(qmax / clip)
-    return (np.clip(np.round(x / t), -qmax - 1, qmax) * t).astype(np.float32)
+__all__ = ["QuantizeActs"]
 
 
 @register_pass("quantize-acts")

@@ -5,20 +5,35 @@ likewise for values) the new keys/values are quantized once, when they enter the
 cache itself (graph input and output) holds uint8 codes — int4 packed two per byte, low nibble =
 even channel — and attention reads ``dequant(cache)``:
 
-* **K, ``k_mode=channel``** (default; KIVI's observation that key outliers live in fixed channels):
-  static per-(head, channel) scales from calibration, a centred range:
-  ``c = (max+min)/2``, ``s = (max−min)/2 / (2^(b−1)−1)``, ``q = clip(round((k−c)/s) + 2^(b−1), 0, 2^b−1)``,
-  ``k̂ = (q − 2^(b−1))·s + c``.  No per-token storage.
-* **K, ``k_mode=token``** and **V always**: dynamic asymmetric per (token, head):
-  ``s = (max−min)/(2^b−1)``, ``q = clip(round((x−min)/s), 0, 2^b−1)``, ``x̂ = q·s + min``, with s and
-  min stored as float16 in a cache tensor of their own, ``past_key_values.{i}.value_scale`` [b, kv, t, 2]
-  → ``present.{i}.value_scale`` (s and min are rounded to float16 before quantizing, so codes and
-  stored parameters agree exactly).  Per-token V keeps each token's error independent of the others.
+* **K, ``k_mode=channel``** (KIVI's observation that key outliers live in fixed channels): static
+  per-(head, channel) scales from calibration, ``q = clip(round((k−c)/s) + 2^(b−1), 0, 2^b−1)``,
+  ``k̂ = (q − 2^(b−1))·s + c`` with ``s = r / (2^(b−1)−1)``, no per-token storage.  The cache holds keys
+  *after* RoPE, whose range in a rotated channel depends on the position: calibrated min/max of
+  the positions seen clip later positions.  So for rotated channels (pairing read from the
+  frontend's ``lowbit.config``: ``rope_style``, ``rotary_dim``) the range is position-free:
+  ``c = 0``, ``r = max ‖(k_a, k_b)‖`` over the channel's RoPE pair (a rotation keeps the pair's norm);
+  unrotated channels (and graphs without that metadata) use ``c = (max+min)/2``, ``r = (max−min)/2``.
+* **K, ``k_mode=token``** and **V always**: dynamic asymmetric per (token, head, group of ``group``
+  channels; 0, or a group ≥ the head dim = the whole head): ``s = (max−min)/(2^b−1)``, ``q = clip(round((x−min)/s), 0, 2^b−1)``,
+  ``x̂ = q·s + min``, with s and min stored as float16 in a cache tensor of their own,
+  ``past_key_values.{i}.value_scale`` [b, kv, t, 2·groups] → ``present.{i}.value_scale`` (s and min
+  are rounded to float16 before quantizing, so codes and stored parameters agree exactly).
+  Per-token V keeps each token's error independent of the others.
 * **``hadamard=true``** (QuaRot): keys are rotated by the normalised Hadamard H (symmetric,
   H·H = I) after RoPE and before quantization, and the queries by the same H:
   ``(qH)(kH)ᵀ = qkᵀ``; values are rotated before quantization and the attention output by H
-  again: ``P·(VH)·H = P·V``.  The rotation spreads channel outliers, so 4-bit codes lose less.
+  again: ``P·(VH)·H = P·V``.  The rotation spreads channel outliers over the head, which helps
+  per-token groups; with ``k_mode=channel`` the RoPE pairs are mixed, so K's ranges are min/max.
   Uses the ``lowbit.Hadamard`` op; needs a power-of-two head dim.
+
+``sink=N`` keeps the first N positions of K and V also in float (a cache tensor ``…key_sink`` of at
+most N positions, ``past_key_values.{i}.key_sink`` → ``present.{i}.key_sink``) and attention reads
+them from there: the attention-sink tokens that most heads attend to are not quantized (IntactKV,
+PrefixQuant); N·(float bytes per token) once, not per token.
+
+``k_mode=token`` is the default and the recipes' 4-bit caches use ``group=16,hadamard=true``: chosen on
+TinyStories stories 100–399 (``benchmarks/kv_quality.py``, stories260K and SmolLM2-135M; numbers in
+``benchmarks/KV_RESULTS.md``), never on the reported ones.  Static per-channel K lost there at every width.
 
 Float semantics change only by the quantization error.  Bytes per cached token (all layers, K+V,
 stored scales included) are written to the report next to the float figure.
@@ -44,19 +59,37 @@ logger = logging.getLogger(__name__)
 _SHAPE_OPS = {"Unsqueeze", "Transpose", "Reshape", "Expand", "Squeeze"}
 
 
+def _rope_pairs(model, head_dim) -> tuple[np.ndarray, np.ndarray] | None:
+    """Channel indices (a, b) of the RoPE pairs in a cached key, from the frontend's ``lowbit.config``."""
+    conf = dict(kv.split("=", 1) for kv in model.metadata_props.get("lowbit.config", "").split(",") if "=" in kv)
+    style = conf.get("rope_style")
+    if conf.get("positions", "rope") != "rope" or style not in ("half", "interleaved") or not isinstance(head_dim, int):
+        return None
+    rd = int(conf.get("rotary_dim", "0") or 0) or head_dim
+    if style == "interleaved":
+        return np.arange(0, rd, 2), np.arange(1, rd, 2)
+    return np.arange(rd // 2), np.arange(rd // 2, rd)
+
+
 @register_pass("quantize-kv")
 class QuantizeKV(Pass):
     @dataclass(frozen=True)
     class Options:
         bits: int = 8
-        k_mode: Literal["channel", "token"] = "channel"
+        k_mode: Literal["channel", "token"] = "token"
         hadamard: bool = False
+        group: int = 0  # channels per (s, min) pair for dynamic per-token groups; 0 = the whole head
+        sink: int = 0  # the first `sink` cached positions also kept in float32 and read from there
 
         def __post_init__(self):
             if self.bits not in (4, 8):
                 raise ValueError(f"quantize-kv: bits must be 4 or 8, got {self.bits}")
             if self.k_mode not in ("channel", "token"):
                 raise ValueError(f"quantize-kv: k_mode must be channel or token, got {self.k_mode}")
+            if self.sink < 0:
+                raise ValueError(f"quantize-kv: sink must be >= 0, got {self.sink}")
+            if self.group < 0 or self.group % 2:
+                raise ValueError(f"quantize-kv: group must be 0 (whole head) or an even channel count, got {self.group}")
 
     def call(self, model):
         graph = model.graph
@@ -67,9 +100,12 @@ class QuantizeKV(Pass):
                       hint="build the KV-cache form (load_model(..., kv_cache=True), 'lowbit compile --kv-cache') "
                            "with the plain or expand attention core")
         o = self.options
+        shape = layers[0][1].outputs[0].shape
+        hd = shape[-1] if shape is not None else None
+        self._g = hd if not o.group or (isinstance(hd, int) and o.group >= hd) else o.group
+        if not isinstance(hd, int) or hd % self._g:
+            self.fail(f"group={o.group} does not divide the head dim {hd}", hint="use group=0 (whole head) or a divisor")
         if o.hadamard:
-            shape = layers[0][1].outputs[0].shape
-            hd = shape[-1] if shape is not None else None
             if not isinstance(hd, int) or hd & (hd - 1):
                 self.fail(f"hadamard=true needs a power-of-two head dim, got {hd}", hint="use hadamard=false")
             self._q1 = add_initializer(graph, "kv_hadamard_q", np.ones((1, 1), np.float32))
@@ -89,9 +125,10 @@ class QuantizeKV(Pass):
             self.stats["layers"] += 1
         graph.meta.pop("lowbit.names", None)
         attach_functions(model)
-        self.ctx.report["quantize-kv"] = {"bits": o.bits, "k_mode": o.k_mode, "hadamard": o.hadamard,
+        self.ctx.report["quantize-kv"] = {"bits": o.bits, "k_mode": o.k_mode, "hadamard": o.hadamard, "group": o.group,
                                           "layers": self.stats["layers"], "float_bytes_per_token": float_bytes,
-                                          "bytes_per_token": q_bytes}
+                                          "bytes_per_token": q_bytes, "sink_tokens": o.sink,
+                                          "sink_bytes": o.sink * float_bytes}
         logger.info("KV cache: %d → %d bytes per cached token", float_bytes, q_bytes)
         return PassResult(model, modified=True)
 
@@ -116,7 +153,7 @@ class QuantizeKV(Pass):
         return layers
 
     def _calibrate(self, model, layers) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per-(head, channel) min/max of the keys entering each layer's cache (rotated if hadamard)."""
+        """Per-(head, channel) centre and half-range of the keys entering each layer's cache (module doc)."""
         from lowbit.ir.sessions import make_session
 
         feeds = self.ctx.calibration
@@ -124,9 +161,9 @@ class QuantizeKV(Pass):
             self.fail("k_mode=channel needs calibration samples", hint="pass --calibration, or use k_mode=token")
         names = [f"present.{i}.key" for i in range(len(layers))]
         sess = make_session(model)
-        lo = [None] * len(names)
-        hi = [None] * len(names)
         wanted = {i.name for i in sess.get_inputs()}
+        pairs = None if self.options.hadamard else _rope_pairs(model, layers[0][0].outputs[0].shape[-1])
+        lo, hi, norm = [None] * len(names), [None] * len(names), [None] * len(names)
         for feed in feeds:
             res = sess.run(names, {k: v for k, v in feed.items() if k in wanted})
             for j, k in enumerate(res):
@@ -135,7 +172,18 @@ class QuantizeKV(Pass):
                 mn, mx = k.min(axis=(0, 2)), k.max(axis=(0, 2))  # [kv, head_dim]
                 lo[j] = mn if lo[j] is None else np.minimum(lo[j], mn)
                 hi[j] = mx if hi[j] is None else np.maximum(hi[j], mx)
-        return list(zip(lo, hi))
+                if pairs is not None:
+                    a, b = pairs
+                    pn = np.sqrt(k[..., a] ** 2 + k[..., b] ** 2).max(axis=(0, 2))  # [kv, pairs]
+                    norm[j] = pn if norm[j] is None else np.maximum(norm[j], pn)
+        out = []
+        for j in range(len(names)):
+            centre, half = (hi[j] + lo[j]) / 2, (hi[j] - lo[j]) / 2
+            if pairs is not None:
+                for idx in pairs:
+                    centre[:, idx], half[:, idx] = 0.0, norm[j]
+            out.append((centre, half))
+        return out
 
     # -- rewriting ---------------------------------------------------------------------------------
     def _op(self, op_type, inputs, name, before, **attrs) -> ir.Value:
@@ -186,25 +234,29 @@ class QuantizeKV(Pass):
         x = op("Hadamard", [new, self._q1], "hadamard") if o.hadamard else new
         side = None
         if mode == "static":
-            mn, mx = ranges
-            centre = ((mx + mn) / 2).astype(np.float32)[None, :, None, :]
+            centre, r = ranges
+            centre = centre.astype(np.float32)[None, :, None, :]
             half = 2 ** (b - 1)
-            scale = np.maximum((mx - mn) / 2 / (half - 1), 1e-8).astype(np.float32)[None, :, None, :]
+            scale = np.maximum(r / (half - 1), 1e-8).astype(np.float32)[None, :, None, :]
             c, s = self._const(centre, f"{name}.centre"), self._const(scale, f"{name}.scale")
             codes = op("Add", [op("Round", [op("Div", [op("Sub", [x, c], "centred"), s], "scaled")], "round"),
                                f32(half)], "offset")
             codes = op("Clip", [codes, f32(0.0), f32(qmax)], "clip")
         else:
-            mn = op("ReduceMin", [x, self._const(np.array([-1], np.int64), "last")], "min", keepdims=1)
-            mx = op("ReduceMax", [x, self._const(np.array([-1], np.int64), "last")], "max", keepdims=1)
+            groups = hd // self._g
+            xg = op("Reshape", [x, self._const(np.array([0, 0, 0, groups, hd // groups], np.int64), "g")], "grouped")
+            mn = op("ReduceMin", [xg, self._const(np.array([-1], np.int64), "last")], "min", keepdims=1)
+            mx = op("ReduceMax", [xg, self._const(np.array([-1], np.int64), "last")], "max", keepdims=1)
             s = op("Max", [op("Div", [op("Sub", [mx, mn], "range"), f32(qmax)], "step"), f32(1e-8)], "step_pos")
             params = op("Cast", [op("Concat", [s, mn], "params", axis=-1)], "params_f16", to=ir.DataType.FLOAT16)
             exact = op("Cast", [params], "params_f32", to=ir.DataType.FLOAT)
             s, mn = (op("Slice", [exact, self._const(np.array([a]), "i"), self._const(np.array([a + 1]), "i"),
                                   self._const(np.array([-1]), "i")], f"param{a}") for a in (0, 1))
-            codes = op("Clip", [op("Round", [op("Div", [op("Sub", [x, mn], "shifted"), s], "scaled")], "round"),
+            codes = op("Clip", [op("Round", [op("Div", [op("Sub", [xg, mn], "shifted"), s], "scaled")], "round"),
                                 f32(0.0), f32(qmax)], "clip")
-            side = self._cache_io(cat, f"{name}_scale", ir.DataType.FLOAT16, 2, params)
+            codes = op("Reshape", [codes, self._const(np.array([0, 0, 0, hd], np.int64), "heads")], "ungrouped")
+            flat = op("Reshape", [params, self._const(np.array([0, 0, 0, 2 * groups], np.int64), "p")], "params_flat")
+            side = self._cache_io(cat, f"{name}_scale", ir.DataType.FLOAT16, 2 * groups, flat)
         if b == 4:
             pairs = op("Reshape", [codes, self._const(np.array([0, 0, 0, hd // 2, 2], np.int64), "pairs")], "pairs")
             lo_hi = op("Mul", [pairs, f32(np.array([1.0, 16.0], np.float32))], "nibbles")
@@ -224,21 +276,30 @@ class QuantizeKV(Pass):
         if mode == "static":
             deq = op("Add", [op("Mul", [op("Sub", [vals, f32(2 ** (b - 1))], "signed"), s], "rescaled"), c], "dequant")
         else:
-            sp = side
+            sp = op("Reshape", [side, self._const(np.array([0, 0, 0, groups, 2], np.int64), "pg")], "cache_params")
             ss = op("Slice", [sp, self._const(np.array([0]), "i"), self._const(np.array([1]), "i"),
                               self._const(np.array([-1]), "i")], "cache_step")
             sm = op("Slice", [sp, self._const(np.array([1]), "i"), self._const(np.array([2]), "i"),
                               self._const(np.array([-1]), "i")], "cache_min")
             ss = op("Cast", [ss], "cache_step_f32", to=ir.DataType.FLOAT)
             sm = op("Cast", [sm], "cache_min_f32", to=ir.DataType.FLOAT)
-            deq = op("Add", [op("Mul", [vals, ss], "rescaled"), sm], "dequant")
+            vg = op("Reshape", [vals, self._const(np.array([0, 0, 0, groups, hd // groups], np.int64), "g")], "codes_g")
+            deq = op("Add", [op("Mul", [vg, ss], "rescaled"), sm], "dequant_g")
+            deq = op("Reshape", [deq, self._const(np.array([0, 0, 0, hd], np.int64), "heads")], "dequant")
+        if o.sink:  # attention reads the first positions from a float copy (IntactKV / PrefixQuant's sinks)
+            kept = self._cache_io(cat, f"{name}_sink", ir.DataType.FLOAT, hd, x, keep=o.sink)
+            n = op("Shape", [kept], "sink_len", start=2, end=3)
+            rest = op("Slice", [deq, n, self._const(np.array([2 ** 62], np.int64), "end"),
+                                self._const(np.array([2], np.int64), "axis2")], "after_sink")
+            deq = op("Concat", [kept, rest], "with_sink", axis=2)
         for u in list(present.uses()):
             u.node.replace_input_with(u.idx, deq)
         g.remove(cat, safe=False)
-        return kv * (hd * b // 8 + (4 if mode == "token" else 0))
+        return kv * (hd * b // 8 + (4 * (hd // self._g) if mode == "token" else 0))
 
-    def _cache_io(self, cat: ir.Node, present_name: str, dtype, last: int, new: ir.Value) -> ir.Value:
-        """Make (or re-type) the past input and present output ``present_name`` holding ``new`` along axis 2."""
+    def _cache_io(self, cat: ir.Node, present_name: str, dtype, last: int, new: ir.Value, keep: int = 0) -> ir.Value:
+        """Make (or re-type) the past input and present output ``present_name`` holding ``new`` along axis 2
+        (only the first ``keep`` positions when ``keep``)."""
         g = self._graph
         past_name = present_name.replace("present.", "past_key_values.", 1)
         old_past = next((v for v in g.inputs if v.name == past_name), None)
@@ -252,6 +313,10 @@ class QuantizeKV(Pass):
         else:
             g.inputs.append(past)
         out = self._op("Concat", [past, new], f"{present_name}.cache", cat, axis=2)
+        if keep:
+            out = self._op("Slice", [out, self._const(np.array([0], np.int64), "zero"),
+                                     self._const(np.array([keep], np.int64), "keep"),
+                                     self._const(np.array([2], np.int64), "axis2")], f"{present_name}.first", cat)
         old_out = next((v for v in g.outputs if v.name == present_name), None)
         out_shape = ir.Shape([d for d in (cat.outputs[0].shape or [])][:3] + [last])
         if old_out is not None:

@@ -10,6 +10,9 @@
   ``com.microsoft.MatMulNBits``.
 * 3 bits: ONNX has no 3-bit type, so the MatMul becomes ``lowbit.MatMul3Bit`` with codes packed
   3 bits per weight (see ``lowbit.ops.float_ops``); its function body lets any runtime run it.
+* ``dtype=mod`` (2 and 3 bits): a mixture of data types per group (``lowbit.quant.mod``, after BitMoD):
+  each (group, column) picks one of four grids, ``Ŵ = s·L_t[q]``; the MatMul becomes
+  ``lowbit.MatMulGrid`` over packed codes (8 per `bits` bytes), UINT2 grid indices and float scales.
 
 Per-layer overrides (the mixed-precision contract): ``metadata_props['lowbit.bits']`` on a
 linear's MatMul node ("2", "3", "4", "8", or "16" = keep float) and optionally
@@ -39,6 +42,7 @@ from lowbit.passmanager.manager import HESSIAN, QUANTIZED, Pass, PassResult, reg
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 from lowbit.quant.gptq import gptq_quantize, rtn_quantize
+from lowbit.quant.mod_graph import write_mod_matmul
 
 __all__ = ["QuantizeWeights", "BITS_KEY", "GROUP_KEY"]
 
@@ -49,11 +53,13 @@ _SIGNED = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 _UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
 
 
-def _quantize_array(w, xtx, bits, group, method, symmetric, clip_search, act_order, damp, hqq):
+def _quantize_array(w, xtx, bits, group, method, symmetric, clip_search, act_order, damp, hqq, dtype="int",
+                    hessian_fit=False):
     """(codes, scales, zero points) of one weight: a pure function, run here or as a Ray task."""
     if method == "gptq":
-        return gptq_quantize(w, xtx, bits, group, symmetric, clip_search, act_order, damp, hqq=hqq)
-    return rtn_quantize(w, bits, group, symmetric, clip_search, hqq)
+        return gptq_quantize(w, xtx, bits, group, symmetric, clip_search, act_order, damp, hqq=hqq, dtype=dtype,
+                             hessian_fit=hessian_fit)
+    return rtn_quantize(w, bits, group, symmetric, clip_search, hqq, dtype)
 
 
 @register_pass("quantize-weights")
@@ -71,11 +77,15 @@ class QuantizeWeights(Pass):
         hqq: bool = False  # HQQ-style zero-point/scale refinement per group (asymmetric)
         sequential: bool = False  # GPTQ: each stage's XᵀX from inputs through the already-quantized stages
         ray: str = ""  # quantize layers as Ray tasks: 'auto' or a cluster address ('' = in this process)
+        dtype: Literal["int", "mod"] = "int"  # mod: per-group mixture of data types at 2/3 bits (lowbit.quant.mod)
+        hessian_fit: bool = False  # gptq + dtype=mod: grid/scale per group by diag(XᵀX)-weighted error
 
         def __post_init__(self):
             if self.bits not in (2, 3, 4, 8):
                 raise ValueError(f"quantize-weights: bits must be 2, 3, 4 or 8, got {self.bits}")
-            if self.group not in (0, 16, 32, 64, 128, 256):
+            if self.group == 8 and self.dtype != "mod":
+                raise ValueError("quantize-weights: group=8 needs dtype=mod (MatMulNBits blocks are >= 16)")
+            if self.group not in (0, 8, 16, 32, 64, 128, 256):
                 raise ValueError(f"quantize-weights: group must be 0 (per channel) or 16..256, got {self.group}")
             if self.method not in ("rtn", "gptq"):
                 raise ValueError(f"quantize-weights: method must be rtn or gptq, got {self.method}")
@@ -83,6 +93,12 @@ class QuantizeWeights(Pass):
                 raise ValueError(f"quantize-weights: damp must be in [0, 1), got {self.damp}")
             if self.hqq and self.symmetric:
                 raise ValueError("quantize-weights: hqq=true refines zero points; it needs symmetric=false")
+            if self.dtype not in ("int", "mod"):
+                raise ValueError(f"quantize-weights: dtype must be int or mod, got {self.dtype}")
+            if self.dtype == "mod" and self.hqq:
+                raise ValueError("quantize-weights: dtype=mod picks a grid per group; it does not combine with hqq")
+            if self.hessian_fit and (self.dtype != "mod" or self.method != "gptq"):
+                raise ValueError("quantize-weights: hessian_fit=true needs method=gptq and dtype=mod")
             if self.sequential and self.method != "gptq":
                 raise ValueError("quantize-weights: sequential=true is a GPTQ option (method=gptq)")
 
@@ -121,7 +137,7 @@ class QuantizeWeights(Pass):
             if missing:
                 self.fail(f"GPTQ needs XᵀX for every quantized linear; missing for {missing[:3]}",
                           hint="run calibrate{hessian=true} right before quantize-weights")
-        if any(b == 2 for _, (b, _) in todo):
+        if any(b == 2 for _, (b, _) in todo) or any(self._dtype(b) == "mod" for _, (b, _) in todo):
             model.opset_imports[""] = max(model.opset_imports.get("", 1), 25)
         elif todo:
             model.opset_imports[""] = max(model.opset_imports.get("", 1), 21)
@@ -133,7 +149,9 @@ class QuantizeWeights(Pass):
                 w, group, (q, s, z) = results.pop(lin.name)
             else:
                 w, group, (q, s, z) = self._quantize(lin, bits, group, None)
-            if bits == 3:
+            if self._dtype(bits) == "mod":
+                self._mod(graph, lin, q, s, z, bits, group)
+            elif bits == 3:
                 self._matmul3bit(graph, lin, q, s, z, group)
             else:
                 self._dequantize(graph, lin, q, s, z, bits, group)
@@ -162,7 +180,13 @@ class QuantizeWeights(Pass):
             group = 0  # one group covers the whole column: per channel
         if o.method == "gptq" and xtx is None:
             xtx = act_stats(lin.input).xtx
-        return w, xtx, bits, group, o.method, o.symmetric, o.clip_search, o.act_order, o.damp, o.hqq
+        dtype = self._dtype(bits)
+        return (w, xtx, bits, group, o.method, o.symmetric, o.clip_search, o.act_order, o.damp, o.hqq, dtype,
+                o.hessian_fit and dtype == "mod")
+
+    def _dtype(self, bits: int) -> str:
+        """The mixture of data types covers 2 and 3 bits; wider layers of a mixed plan stay integer."""
+        return self.options.dtype if bits in (2, 3) else "int"
 
     def _quantize(self, lin: Linear, bits: int, group: int, xtx):
         """(weight, effective group, (codes, scales, zero points)) of one linear."""
@@ -194,7 +218,7 @@ class QuantizeWeights(Pass):
             xtx = cal.hessians(sorted({lin.input.name for lin in stage}))
             jobs = [self._job(lin, *plan[lin.node], xtx[lin.input.name]) for lin in stage]
             for lin, job, qsz in zip(stage, jobs, map_tasks(_quantize_array, jobs, self.options.ray)):
-                cal.set_weight(lin.weight.name, dequantize(*qsz, job[3]))
+                cal.set_weight(lin.weight.name, dequantize(*qsz, job[3], job[2], job[10]))
                 out[lin.name] = (job[0], job[3], qsz)
             self.stats["stages"] += 1
         return out
@@ -265,6 +289,12 @@ class QuantizeWeights(Pass):
         self._tag(dq, bits, group)
         self._tag(lin.node, bits, group)
         lin.node.replace_input_with(1, dq.outputs[0])
+
+    def _mod(self, graph, lin: Linear, q, s, z, bits: int, group: int) -> None:
+        node = write_mod_matmul(graph, lin.node, lin.name, q, s, z, bits, group, origin=self.name)
+        self._tag(node, bits, group)
+        node.metadata_props["lowbit.dtype"] = "mod"
+        node.metadata_props["lowbit.k"] = str(q.shape[0])
 
     def _matmul3bit(self, graph, lin: Linear, q, s, z, group: int) -> None:
         name, k = lin.name, q.shape[0]

@@ -74,10 +74,15 @@ def test_bytes_budget_counts_the_whole_model_and_beats_uniform(calibrated):
     lins = find_linears(model.graph)
     names = {lin.weight.name for lin in lins}
     fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if n not in names)
-    uniform3 = fixed + sum(storage_bytes(*lin.shape, 3, 32 if lin.shape[0] > 32 else 0) for lin in lins)
+    from lowbit.mixed.bitplan import FORM_BYTES, function_bytes, graph_overhead
+
+    # the written file's non-initializer bytes: the graph, each quantized linear's form, MatMul3Bit's body
+    graph = graph_overhead(model) + FORM_BYTES * len(lins) + function_bytes("MatMul3Bit")
+    uniform3 = fixed + graph + sum(storage_bytes(*lin.shape, 3, 32 if lin.shape[0] > 32 else 0) for lin in lins)
     plan = run(model, ctx, f"assign-bits{{budget=bytes,target={uniform3},groups=32}}")
     assert plan.fixed_bytes == fixed
-    assert plan.total_bytes <= uniform3
+    assert plan.graph_bytes == graph - (function_bytes("MatMul3Bit") if all(lp.bits != 3 for lp in plan.layers) else 0)
+    assert plan.file_bytes <= uniform3
     uni_cost = sum(
         __import__("lowbit.mixed.sensitivity", fromlist=["x"]).cheap_sensitivity(lin, 3, 32 if lin.shape[0] > 32 else 0)
         for lin in lins)
@@ -289,3 +294,40 @@ def test_mixed_pipeline_compiles_end_to_end_to_the_planned_bytes(tmp_path):
     assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
     logits = make_session(out).run(None, {"tokens": np.arange(8, dtype=np.int64)[None] % CFG.vocab_size})[0]
     assert np.isfinite(logits).all()
+
+
+def test_the_default_budget_is_an_average_of_three_stored_bits(calibrated):
+    """The documented default (``avg_bits``, target 3.0): the plan fits 3 bits per weight and uses it."""
+    model, ctx = calibrated
+    plan = run(model, ctx, "assign-bits")
+    assert plan.budget == "avg_bits" and plan.target == 3.0
+    assert 2.8 * plan.weights < 8 * plan.linear_bytes <= 3.0 * plan.weights
+
+
+@pytest.mark.parametrize("bits", ["2:4:8", "3:4:8"])
+def test_bytes_budget_predicts_the_written_file(bits, tmp_path):
+    """budget=bytes counts the whole .onnx file: initializers exactly, the serialized graph within 1 %."""
+    import os
+
+    import lowbit
+
+    model, ctx = calibrated_small_llama()
+    lins = find_linears(model.graph)
+    names = {lin.weight.name for lin in lins}
+    fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if n not in names)
+    from lowbit.mixed.bitplan import FORM_BYTES, graph_overhead
+
+    target = (fixed + graph_overhead(model) + FORM_BYTES * len(lins) + 2_000
+              + sum(storage_bytes(*lin.shape, 3, 32 if lin.shape[0] > 32 else 0) for lin in lins))
+    out = tmp_path / "mixed.onnx"
+    pipe = (f"calibrate{{hessian=true}},assign-bits{{budget=bytes,target={target},bits={bits},groups=32}},"
+            "quantize-weights{symmetric=false},lower-nbits")
+    result = lowbit.compile(model, pipe, calibration=ctx.calibration, output=out, progress=False)
+    plan = Plan.from_dict(result.report["assign-bits"]["plan"])
+    import onnx
+
+    written = onnx.load(str(out))
+    assert sum(len(t.raw_data) for t in written.graph.initializer) == plan.total_bytes  # data: exact
+    size = os.path.getsize(out)
+    assert abs(size - plan.file_bytes) <= 0.01 * size  # graph: measured + FORM_BYTES per quantized linear
+    assert plan.file_bytes <= target and size <= 1.01 * target

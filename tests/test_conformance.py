@@ -133,52 +133,9 @@ def _full():
                     yield arch, form, recipe
 
 
-# Cells that failed the full product after the session-4 merges (see the closing note): the
-# integer passes that landed after this suite was written (int8-integer-only on OPT, genai and some
-# external-data forms), w8a8's searched α on Gemma-3 (rel. L2 0.128 > 0.08), and canonicalize
-# reporting modified=False on BERT opset-23 / fixed-shape exports (caught by the verifier); on optimum
-# exports, integer-norms crashes on GPT-2 and fold-norms leaves an untyped value_info on OPT.  Marked,
-# not hidden: each must be fixed and removed from this list; a cell that now passes shows as XPASS.
-KNOWN_FAILING = {tuple(c.split("-", 2)) for c in """
-gemma3-optimum-w8a8 gpt2-optimum-int8-integer-only opt-optimum-w4a8 opt-optimum-w3a16
-llama-genai-int8-integer-only
-qwen2-genai-int8-integer-only
-mistral-genai-int8-integer-only
-gemma3-dynamo-w8a8
-gemma3-dynamo-int8-integer-only
-gemma3-opset23-w8a8
-gemma3-opset23-int8-integer-only
-gemma3-fp16-w8a8
-gemma3-fp16-w4a8
-gemma3-fp16-w3a16
-gemma3-external-w8a8
-gemma3-external-int8-integer-only
-gemma3-fixed-w8a8
-gemma3-fixed-int8-integer-only
-gpt2-fixed-int8-integer-only
-opt-dynamo-int8-integer-only
-opt-opset23-int8-integer-only
-opt-fp16-int8-integer-only
-opt-external-int8-integer-only
-opt-fixed-int8-integer-only
-bert-opset23-w8a8
-bert-opset23-w8a8-dynamic
-bert-opset23-w4a16-gptq
-bert-opset23-w4a8
-bert-opset23-w3a16
-bert-opset23-int8-integer-only
-bert-external-int8-integer-only
-bert-fixed-w8a8
-bert-fixed-w8a8-dynamic
-bert-fixed-w4a16-gptq
-bert-fixed-w4a8
-bert-fixed-w3a16
-bert-fixed-int8-integer-only
-qwen2-external-int8-integer-only
-mistral-external-int8-integer-only
-phi3-external-int8-integer-only
-gpt2-external-int8-integer-only
-""".split()}
+# Cells known to fail (non-strict xfail: a cell that passes shows as XPASS, and must then leave this list).
+# Session 5 fixed every cell marked after the session-4 merges; none is known to fail now.
+KNOWN_FAILING: set[tuple[str, str, str]] = set()
 
 
 @pytest.mark.slow

@@ -77,3 +77,17 @@ def test_kv_cache_on_a_model_without_past_is_refused(stories_model, tmp_path):
     path = lowbit.save_onnx(stories_model, tmp_path / "m.onnx")
     with pytest.raises(lowbit.errors.LowbitError, match="no past key/value inputs"):
         lowbit.load_model(path, kv_cache=True)
+
+
+def test_output_check_feeds_a_kv_graph_consistently(tmp_path):
+    """RTN needs no calibration, so the output check runs a synthetic feed: on a KV graph its past must be
+    empty (past + sequence = the mask's length); it used to fail with 'broadcast 4 by 5'."""
+    cfg = LlamaConfig(dim=48, hidden_dim=64, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=40, seq_len=64)
+    model = build_llama(cfg, random_llama_weights(cfg, seed=3), kv_cache=True)
+    out = tmp_path / "kv.w4a16.onnx"
+    result = lowbit.compile(model, recipe="w4a16", output=out, progress=False)
+    assert out.exists() and result.report
+    sess = make_session(lowbit.load_model(out))
+    names = [i.name for i in sess.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+

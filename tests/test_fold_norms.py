@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto
 
@@ -80,3 +81,52 @@ def test_norm_feeding_a_non_linear_is_skipped():
     model, stats = _run(model)
     assert stats["folded"] == 0 and stats["skipped_non_linear_consumer"] == 1
     assert str(model.graph) == text
+
+
+def test_layernorm_twice_changes_nothing_and_unit_gamma_with_beta_still_folds():
+    """After one fold the LayerNorm is γ = 1, β = 0: a second run must not fire (β = 0 is "already unit").
+    γ = 1 with β ≠ 0 is not unit: β still moves into the linears' bias."""
+    from onnx_text import digest
+
+    model, stats = _run(_layernorm_graph(extra_consumer=False))
+    assert stats["folded"] == 1
+    again, stats = _run(model)
+    assert stats["folded"] == 0 and stats["already_unit"] == 1
+    before = digest(again)
+    assert digest(_run(again)[0]) == before
+    model = _layernorm_graph(extra_consumer=False)
+    ln = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    ln.inputs[1].const_value = __import__("onnx_ir").tensor(np.ones(8, np.float32), name=ln.inputs[1].name)
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 5, 8)).astype(np.float32)}
+    ref = make_session(model, optimize=False).run(None, feed)[0]
+    model, stats = _run(model)
+    assert stats["folded"] == 1 and stats["already_unit"] == 0
+    ln = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    assert np.all(const_array(ln.inputs[2]) == 0)
+    assert rel_err(make_session(model, optimize=False).run(None, feed)[0], ref) <= 1e-5
+
+
+def test_a_bias_made_for_a_head_that_is_the_graph_output_keeps_the_output_typed():
+    """OPT's head has no bias and writes the graph output: the Add made for β·W becomes the output and must carry
+    its type and shape (an untyped graph output is an invalid model)."""
+    import onnx
+
+    from lowbit.ir.sessions import to_proto
+
+    rng = np.random.default_rng(0)
+    g = GraphBuilder(opset=23)
+    x = g.input("x", TensorProto.FLOAT, [2, 5, 8])
+    g.output("y", TensorProto.FLOAT, [2, 5, 6])
+    h = g.op("LayerNormalization", [x, g.init("ln.weight", rng.random(8).astype(np.float32) + 0.5),
+                                    g.init("ln.bias", rng.standard_normal(8).astype(np.float32))], name="ln", axis=-1)
+    g.op("MatMul", [h, g.init("head.weight", rng.standard_normal((8, 6)).astype(np.float32))], name="head", out="y")
+    model = g.build("head")
+    feed = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32)}
+    before = make_session(model, optimize=False).run(None, feed)[0]
+    model, stats = _run(model)
+    assert stats["folded"] == 1
+    (out,) = model.graph.outputs
+    assert out.name == "y" and out.producer().op_type == "Add"
+    assert out.dtype == ir.DataType.FLOAT and list(out.shape) == [2, 5, 6]
+    onnx.checker.check_model(to_proto(model))
+    assert rel_err(make_session(model, optimize=False).run(None, feed)[0], before) <= 1e-5

@@ -89,3 +89,28 @@ def test_block_length_does_not_change_the_result():
     for block in (16, 40, 128, 256):
         for a, b in zip(ref, gptq_quantize(w, x.T @ x, 2, 48, False, block=block)):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bits, group", [(5, 0), (1, 0), (4, -1)])
+def test_direct_calls_refuse_unsupported_bits_and_groups(bits, group):
+    """The quantizers are a public API of ``lowbit.quant``: a call past the pass's Options is refused too."""
+    from lowbit.quant.gptq import rtn_quantize
+
+    w = np.random.default_rng(0).standard_normal((64, 4))
+    with pytest.raises(ValueError, match="bits must be|group must be"):
+        rtn_quantize(w, bits, group)
+    with pytest.raises(ValueError, match="bits must be|group must be"):
+        gptq_quantize(w, np.eye(64), bits, group)
+
+
+def test_default_damping_is_one_percent_of_the_mean_diagonal():
+    """GPTQ's default λ = 0.01·mean(diag H) (the paper's setting), on a Hessian where λ changes codes."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((40, 4)) @ rng.standard_normal((4, 96))  # rank 4: the damping decides the inverse
+    w = rng.standard_normal((96, 6))
+    h = x.T @ x
+    got = gptq_quantize(w, h, 3, 32, False)
+    for a, b in zip(got, gptq_quantize(w, h, 3, 32, False, damp=0.01)):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.any(a != b) for a, b in zip(got, gptq_quantize(w, h, 3, 32, False, damp=0.011))), \
+        "the case must tell 1 % from 1.1 %"

@@ -153,3 +153,77 @@ def test_minilm_sts_slice_close_to_fp32(minilm):
     got, _ = sts_spearman(make_session(_lowered(model)), packaged_minilm_path(), a, b, s)
     ref, _ = sts_spearman(fp32_session, packaged_minilm_path(), a, b, s)
     assert got > ref - 1.5, (got, ref)
+
+
+def _padded(feeds, length):
+    """Encoder feeds padded to one length (TVM artifacts have static shapes): pad id 0, mask 0."""
+    out = []
+    for f in feeds:
+        n = f["input_ids"].shape[1]
+        out.append({k: np.pad(v[:, :length], ((0, 0), (0, max(0, length - n)))) for k, v in f.items()})
+    return out
+
+
+@pytest.mark.slow
+def test_stories_tvm_matches_reference_on_100_inputs(stories, tmp_path):
+    pytest.importorskip("tvm")
+    from lowbit.runtime.reference_tvm import compare_graph_with_tvm
+
+    src, calib, probes = stories
+    model, _ = _compile(src, INTEGER, calib)
+    probes = [p for p in probes if p["tokens"].shape[1] == 64]  # one static shape: 64 tokens
+    assert len(probes) == 100
+    compared, mismatches = compare_graph_with_tvm(model, probes, out_dir=tmp_path)
+    lowbit_ops = sum(n.domain == "lowbit" for n in model.graph)
+    assert compared == 100 * lowbit_ops and mismatches == []
+    assert '"requantize_fused": 35' in (tmp_path / "check.json").read_text()
+
+
+@pytest.mark.slow
+def test_minilm_tvm_matches_reference_on_100_inputs(minilm, tmp_path):
+    pytest.importorskip("tvm")
+    from lowbit.runtime.reference_tvm import compare_graph_with_tvm
+
+    model, _, _, probes, _ = minilm
+    compared, mismatches = compare_graph_with_tvm(model, _padded(probes, 64), out_dir=tmp_path)
+    lowbit_ops = sum(n.domain == "lowbit" for n in model.graph)
+    assert compared == 100 * lowbit_ops and mismatches == []
+    assert '"requantize_fused": 36' in (tmp_path / "check.json").read_text()
+
+
+def _aarch64_or_skip():
+    from aarch64_runtime import missing
+
+    why = missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.mark.slow  # cross-compiled for aarch64 and run under qemu-aarch64 (emulated): minutes
+def test_stories_aarch64_matches_reference_on_100_inputs(stories, tmp_path):
+    pytest.importorskip("tvm")
+    _aarch64_or_skip()
+    from aarch64_runtime import qemu_run
+    from lowbit.runtime.reference_tvm import compare_graph_with_tvm
+
+    src, calib, probes = stories
+    model, _ = _compile(src, INTEGER, calib)
+    probes = [p for p in probes if p["tokens"].shape[1] == 64]
+    compared, mismatches = compare_graph_with_tvm(model, probes, target="aarch64-linux", out_dir=tmp_path,
+                                                  run=qemu_run)
+    assert compared == 100 * sum(n.domain == "lowbit" for n in model.graph) and mismatches == []
+
+
+@pytest.mark.slow  # MiniLM emulated on aarch64 is slow: 8 real inputs (x86 TVM and ORT check 100)
+def test_minilm_aarch64_matches_reference_on_8_inputs(minilm, tmp_path):
+    pytest.importorskip("tvm")
+    _aarch64_or_skip()
+    from aarch64_runtime import qemu_run
+    from lowbit.runtime.reference_tvm import compare_graph_with_tvm
+
+    model, _, _, probes, _ = minilm
+    compared, mismatches = compare_graph_with_tvm(model, _padded(probes[:8], 64), target="aarch64-linux",
+                                                  out_dir=tmp_path, run=qemu_run)
+    assert compared == 8 * sum(n.domain == "lowbit" for n in model.graph) and mismatches == []

@@ -19,7 +19,7 @@ from lowbit.ops.integer_ops import dyadic
 from lowbit.runtime.reference import ReferenceInterpreter
 from lowbit.ir.sessions import make_session
 
-ALL_OPS = ("MatMul3Bit", "Hadamard", "Requantize", "Lookup", "IntNorm", "IntSoftmax")
+ALL_OPS = ("MatMul3Bit", "Hadamard", "Requantize", "Lookup", "IntNorm", "IntSoftmax", "MatMulGrid")
 
 
 def _case(op_type: str):
@@ -31,6 +31,17 @@ def _case(op_type: str):
                 {"B": pack3(rng.integers(0, 8, (n, k)).astype(np.uint8)),
                  "s": (rng.random((n, 2)) + 0.1).astype(np.float32), "z": rng.integers(0, 8, (n, 2)).astype(np.uint8)},
                 {"block_size": block})
+    if op_type == "MatMulGrid":
+        import ml_dtypes
+
+        from lowbit.ops.grid_ops import pack_codes
+
+        k, n, g, bits = 40, 5, 16, 3  # three groups, K padded to 48; 240 codes = 30 words of 3 bytes
+        return ({"x": rng.standard_normal((2, 3, k)).astype(np.float32)},
+                {"codes": pack_codes(rng.integers(0, 8, (3, g, n)), bits),
+                 "types": rng.integers(0, 4, (3, 1, n)).astype(ml_dtypes.uint2),
+                 "s": (rng.random((3, 1, n)) + 0.1).astype(np.float32),
+                 "grid": rng.standard_normal(32).astype(np.float32)}, {"bits": bits, "group": g})
     if op_type == "Hadamard":
         q = np.linalg.qr(rng.standard_normal((3, 3)))[0].astype(np.float32)
         return {"x": rng.standard_normal((2, 12)).astype(np.float32)}, {"Q": q}, {}  # n = 12 = 4·3
@@ -63,7 +74,8 @@ def _model(op_type: str) -> tuple[ir.Model, dict[str, np.ndarray]]:
                       for k, v in feeds.items()],
         [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(out.dtype), out.shape)],
         [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, VERSION)])
+    opset = 25 if op_type == "MatMulGrid" else 21  # UINT2 codes
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, VERSION)])
     proto.ir_version = 10
     return ir.serde.deserialize_model(proto), feeds
 
@@ -74,7 +86,7 @@ def test_registry_holds_all_four_ops_each_with_reference_and_plain_onnx_form():
         assert op.name == name and callable(op.reference) and 1 <= op.version <= VERSION
         assert op.function is not None or op.lower is not None
         assert op.inputs and op.outputs and op.doc
-    assert {n for n, op in OPS.items() if op.function is not None} == {"MatMul3Bit", "Hadamard"}
+    assert {n for n, op in OPS.items() if op.function is not None} == {"MatMul3Bit", "Hadamard", "MatMulGrid"}
     assert {n for n, op in OPS.items() if op.lower is not None} == {"Requantize", "Lookup", "IntNorm", "IntSoftmax"}
 
 

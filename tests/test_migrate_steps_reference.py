@@ -141,3 +141,33 @@ def test_ratio_search_picks_the_reference_minimum(case):
     chosen = ctx.report["migrate-steps"]["ratio"]["min"]
     assert errors[chosen] <= best * 1.001, f"chose ρ={chosen}; reference errors {errors}"
     assert max(errors.values()) > 1.05 * best, "the case must make the choice matter"
+
+
+def test_v_to_o_steps_do_not_saturate_and_are_shared_per_kv_channel():
+    """The kept arm of a V→O group with GQA, on its own terms: O's input measured in ORT (float model) must
+    not saturate the per-channel quantizer, and O channels reading one V channel share its step (the step
+    is folded into that one V column in the migrated arm)."""
+    import onnx
+
+    from lowbit.ir.analysis import find_linears
+    from lowbit.ir.sessions import make_session, to_proto
+    from test_rotate_bias import CFG, qwen_like
+
+    rng = np.random.default_rng(0)
+    feeds = [{"tokens": rng.integers(0, CFG.vocab_size, (1, 12)).astype(np.int64)} for _ in range(3)]
+    model = qwen_like()
+    o = next(lin for lin in find_linears(model.graph) if lin.name.endswith("attn.o_proj"))
+    x_name, width = o.input.name, o.shape[0]
+    proto = to_proto(model)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(x_name, onnx.TensorProto.FLOAT, None))
+    sess = make_session(proto, optimize=False)
+    xs = np.concatenate([sess.run([x_name], f)[0].reshape(-1, width) for f in feeds]).astype(np.float64)
+    ctx = CompileContext(calibration=feeds, show_progress=False)
+    kept = PassManager.from_pipeline("calibrate{rows=256},migrate-steps{migrate=false,ratio=8}", ctx).run(model)
+    ql = next(n for n in kept.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == x_name)
+    s, z = const_array(ql.inputs[1]).astype(np.float64), const_array(ql.inputs[2]).astype(np.float64)
+    _assert_no_saturation(xs, s, z)
+    hd = CFG.dim // CFG.n_heads
+    per_head = s.reshape(CFG.n_kv_heads, CFG.n_heads // CFG.n_kv_heads, hd)
+    np.testing.assert_array_equal(per_head, np.broadcast_to(per_head[:, :1], per_head.shape))
+    assert np.unique(s).size > 1, "the case must have per-channel steps"

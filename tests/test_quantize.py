@@ -58,17 +58,22 @@ def test_weight_quantizer_is_per_channel_symmetric():
         quantize_weight_int8(np.array([[np.nan]], np.float32), "fc")
 
 
-def test_static_w8a8_matches_numpy_and_runs_on_integer_kernels():
+@pytest.mark.parametrize("sign", ["mixed", "non-negative", "non-positive"])
+def test_static_w8a8_matches_numpy_and_runs_on_integer_kernels(sign):
+    """Non-negative inputs (after a ReLU): zero point 0; non-positive: 255; both edges of the uint8 grid."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 4)).astype(np.float32)
-    feeds = [{"x": rng.standard_normal((2, 5, 8)).astype(np.float32)} for _ in range(3)]
+    f = {"mixed": lambda a: a, "non-negative": np.abs, "non-positive": lambda a: -np.abs(a)}[sign]
+    feeds = [{"x": f(rng.standard_normal((2, 5, 8))).astype(np.float32)} for _ in range(3)]
     result = lowbit.compile(_linear_model(w), "calibrate,quantize,lower-ort", calibration=feeds, progress=False)
     lo = min(float(f["x"].min()) for f in feeds)
     hi = max(float(f["x"].max()) for f in feeds)
-    x = feeds[0]["x"]
-    got = make_session(result.model).run(None, {"x": x})[0]
-    want = _numpy_w8a8_static(x, w, np.array([0.5, -1.0, 0.25, 0.0]), lo, hi)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    sess = make_session(result.model)
+    for feed in feeds:  # every feed: one of them holds the extreme value that sits on the grid's edge
+        x = feed["x"]
+        got = sess.run(None, {"x": x})[0]
+        want = _numpy_w8a8_static(x, w, np.array([0.5, -1.0, 0.25, 0.0]), lo, hi)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert result.report["lower-ort"]["ort_integer_gemms"] == 1
     ops = [n.op_type for n in result.model.graph]
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2

@@ -9,6 +9,7 @@ from lowbit.quant.gptq import dequantize, gptq_quantize, rtn_quantize
 from lowbit.passmanager.manager import CompileContext, PassManager
 from lowbit.ir.sessions import make_session
 from lowbit_models import random_llama, rel_err, tokens
+from rtn_reference import rtn_reference
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -23,6 +24,18 @@ def test_rtn_codes_in_range_and_error_bounded(bits, group, symmetric):
     s_rows = s[np.arange(100) // g]
     # round to nearest: within half a step, except the clipped top code of a symmetric grid
     assert np.all(np.abs(w_hat - w) <= s_rows.__abs__() * (0.5 + (1.0 if symmetric else 0)) + 1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [0, 32, 64])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_is_the_min_max_formula(bits, group, symmetric):
+    """rtn_quantize → dequantize equals the loop-by-loop reference (tests/rtn_reference.py) exactly."""
+    w = np.random.default_rng(bits + group).standard_normal((100, 9)).astype(np.float32)
+    w[:, 0], w[:, 1], w[:, 2] = np.abs(w[:, 0]) + 0.1, 0.0, -np.abs(w[:, 2])  # all ≥ 0, all zero, all ≤ 0
+    w[5, 3] = -w[:, 3].__abs__().max() * 1.5  # the largest magnitude negative: the symmetric grid's sign rule
+    got = dequantize(*rtn_quantize(w, bits, group, symmetric), group)
+    np.testing.assert_array_equal(got, rtn_reference(w, bits, group, symmetric, np.float64))
 
 
 def test_clip_search_never_worse():
@@ -52,13 +65,14 @@ def _quantize(model, pipeline, feeds=None):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_graph_runs_and_matches_numpy_dequantized_weights(bits):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_graph_runs_and_matches_numpy_dequantized_weights(bits, symmetric):
     model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
     feed = tokens(128, seq=12)
     from lowbit.ir.analysis import find_linears
 
     weights = {lin.name: lin.weight.const_value.numpy().copy() for lin in find_linears(model.graph)}
-    qmodel = _quantize(model, f"quantize-weights{{bits={bits},group=32}}")
+    qmodel = _quantize(model, f"quantize-weights{{bits={bits},group=32,symmetric={str(symmetric).lower()}}}")
     ops = {n.op_type for n in qmodel.graph}
     assert ("MatMul3Bit" in ops) == (bits == 3)
     # the same model with numpy RTN-dequantized float weights gives the same logits
@@ -66,7 +80,7 @@ def test_graph_runs_and_matches_numpy_dequantized_weights(bits):
     for lin in find_linears(ref.graph):
         w = weights[lin.name]
         group = 32 if w.shape[0] > 32 else 0
-        lin.weight.const_value = __import__("onnx_ir").tensor(dequantize(*rtn_quantize(w, bits, group), group))
+        lin.weight.const_value = __import__("onnx_ir").tensor(rtn_reference(w, bits, group, symmetric, np.float64))
     got = make_session(qmodel, optimize=False).run(None, feed)[0]
     want = make_session(ref, optimize=False).run(None, feed)[0]
     assert rel_err(got, want) < 1e-5
@@ -106,3 +120,25 @@ def test_gptq_pass_beats_rtn_on_logits():
                       f"calibrate{{hessian=true}},quantize-weights{{bits=3,group=32,method={method}}}", feeds)
         errs[method] = rel_err(make_session(m).run(None, probe)[0], ref)
     assert errs["gptq"] < errs["rtn"]
+
+
+def test_the_ray_path_assembles_what_the_local_path_computes():
+    """quantize-weights{ray=...} maps the per-layer jobs (lowbit.quant.parallel.map_tasks) and then rebuilds
+    (weight, effective group, codes) per layer; here the map runs in this process (ray="", no cluster:
+    test_ray runs the real one, slow) and the assembly must equal the local per-layer path, incl. a group
+    longer than K (effective group 0: per channel)."""
+    from lowbit.ir.analysis import find_linears
+
+    model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
+    pm = PassManager.from_pipeline("quantize-weights{bits=4,group=128}", CompileContext(show_progress=False))
+    p = pm.passes[0]
+    todo = [(lin, (4, 128)) for lin in find_linears(model.graph)]
+    assert any(lin.shape[0] <= 128 for lin, _ in todo) and any(lin.shape[0] > 128 for lin, _ in todo)
+    assembled = p._parallel(todo)
+    for lin, (bits, group) in todo:
+        w, g, arrays = assembled[lin.name]
+        w_l, g_l, arrays_l = p._quantize(lin, bits, group, None)
+        assert g == g_l == (0 if lin.shape[0] <= 128 else 128), lin.name
+        np.testing.assert_array_equal(w, w_l)
+        for a, b in zip(arrays, arrays_l):
+            np.testing.assert_array_equal(a, b)

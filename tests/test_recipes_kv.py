@@ -14,7 +14,7 @@ from lowbit.frontends.decoder import kv_input_names, kv_output_names
 from lowbit.frontends.llama2c import llama2c_spec, read_llama2c
 from lowbit.ir.sessions import make_session
 from lowbit.runtime import KVSession
-from lowbit.runtime.llm import perplexity, perplexity_cached, token_stream
+from lowbit.runtime.llm import log_softmax, perplexity, token_stream
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,11 @@ def stream(stories_tok, tinystories):
     return token_stream(Llama2cTokenizer(stories_tok), read_stories(tinystories)[600:604])
 
 
-# w4a4 and w4a8-kv4 failed their cache-vs-window check after the session-4 merges (closing note).
-KNOWN_FAILING = {"w4a4", "w4a8-kv4"}
+KNOWN_FAILING: set = set()
 
 
 @pytest.mark.parametrize("recipe", mark_known(list(RECIPES + ["w8a8-kv8", "w4a8-kv4"]), KNOWN_FAILING))
-def test_recipe_on_kv_graph(recipe, stories_bin, tinystories, stream):
+def test_recipe_on_kv_graph(recipe, stories_bin, tinystories, stream, stories_tok):
     cfg, _ = read_llama2c(stories_bin)
     spec = llama2c_spec(cfg)
     kv = lowbit.compile(stories_bin, recipe, calibration=tinystories, calibration_samples=16, kv_cache=True,
@@ -46,11 +45,13 @@ def test_recipe_on_kv_graph(recipe, stories_bin, tinystories, stream):
                          [s.step(ids[t : t + 1], last_only=False)[0] for t in range(8, len(ids))])
     err = np.max(np.abs(got - full)) / np.max(np.abs(full))
     if recipe in ("w4a4", "w4a8", "w4a8-kv4"):
-        # dynamic int8/int4 activations inside MatMulNBits: ORT's M=1 and M=8 kernels round differently, and a
-        # code flipped at 4 bits moves a logit visibly; the path is judged on perplexity (below)
-        c = perplexity_cached(s, stream[:300], seq_len=128).nll
-        w = perplexity(sess, stream[:300], seq_len=128).nll
-        assert abs(c - w) <= 0.01 * w, (c, w)
+        # A one-token step sums attention in another order than a window (last-bit differences); int4
+        # activations re-quantized to int8 inside MatMulNBits sit on exact .5 ties, so such a bit flips a
+        # code and the logits differ visibly.  Flips are unbiased: the cached path's per-token NLL must not
+        # differ from the window's by more than their paired noise (3 standard errors over 1536 tokens).
+        long = token_stream(Llama2cTokenizer(stories_tok), read_stories(tinystories)[600:616])[:1537]
+        d = _token_nll(s, kv, sess, long, cached=True) - _token_nll(s, kv, sess, long, cached=False)
+        assert abs(d.mean()) <= 3 * d.std(ddof=1) / np.sqrt(d.size), (d.mean(), d.std(ddof=1), d.size)
     else:
         assert err <= 1e-5, err
     if "kv" not in recipe:  # the same passes on the cache-less graph give the same model
@@ -61,6 +62,19 @@ def test_recipe_on_kv_graph(recipe, stories_bin, tinystories, stream):
         assert abs(a - b) <= 1e-4 * a, (a, b)
     else:
         assert kv.graph.inputs[3].dtype.name == "UINT8"
+
+
+def _token_nll(s, model, sess, stream, cached: bool, window: int = 128) -> np.ndarray:
+    out = []
+    for a in range(0, len(stream) - 1, window):
+        w = stream[a : a + window + 1]
+        if cached:
+            s.reset()
+            logits = np.concatenate([s.step(w[t : t + 1], last_only=False)[0] for t in range(len(w) - 1)])
+        else:
+            logits = sess.run(["logits"], _prefill(model, w[:-1]))[0][0]
+        out.append(-np.take_along_axis(log_softmax(logits), w[1:, None], -1)[:, 0])
+    return np.concatenate(out)
 
 
 def _prefill(model, ids):

@@ -68,3 +68,48 @@ def test_post_norm_encoder_refuses():
                                 g.init("ln.bias", np.zeros(16, np.float32))], out="y", axis=-1)
     with pytest.raises(PassFailure, match="post-norm|LayerNormalization"):
         _run(g.build("bert-ish"), "fold-norms,rotate")
+
+
+def _weights(model):
+    from lowbit.ir.analysis import find_linears
+
+    return {lin.name: lin.weight.const_value.numpy().astype(np.float64) for lin in find_linears(model.graph)}
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_the_rotation_is_the_papers(kind):
+    """QuaRot's method, not just some equivalence: Q read back from the embedding (E' = E·Q) is orthogonal,
+    and for kind=hadamard a randomised Hadamard (every |Q_ij| = 1/√d); readers get Qᵀ·W, writers W·Q; R2 is
+    an orthogonal (Hadamard) block per head on V's columns, its transpose on O's rows.  Q = I, or a Q that
+    is not the Hadamard, is float-equivalent too, and fails here."""
+    import onnx_ir as ir
+
+    model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
+    folded, _ = _run(model, "fold-norms")
+    before = ir.serde.deserialize_model(ir.serde.serialize_model(folded))
+    rotated, _ = _run(folded, f"rotate{{kind={kind}}}")
+    emb = lambda m: next(n for n in m.graph if n.op_type == "Gather").inputs[0].const_value.numpy()  # noqa: E731
+    e0, e1 = emb(before).astype(np.float64), emb(rotated).astype(np.float64)
+    q = np.linalg.lstsq(e0, e1, rcond=None)[0]
+    d = q.shape[0]
+    np.testing.assert_allclose(q.T @ q, np.eye(d), atol=1e-4)
+    if kind == "hadamard":
+        np.testing.assert_allclose(np.abs(q), 1 / np.sqrt(d), atol=1e-4)
+    else:
+        assert np.abs(np.abs(q) - 1 / np.sqrt(d)).max() > 0.05, "kind=random is not a Hadamard"
+    assert np.abs(q - np.eye(d)).max() > 0.1
+    w0, w1 = _weights(before), _weights(rotated)
+    for name in ("layers.0.attn.q_proj", "layers.0.attn.k_proj", "layers.0.mlp.gate_proj"):
+        np.testing.assert_allclose(w1[name], q.T @ w0[name], atol=1e-4, err_msg=name)
+    hd = 16
+    v0 = q.T @ w0["layers.0.attn.v_proj"]  # R1 first, then R2 on each head's columns
+    for h in range(v0.shape[1] // hd):
+        cols = slice(h * hd, (h + 1) * hd)
+        r2 = np.linalg.lstsq(v0[:, cols], w1["layers.0.attn.v_proj"][:, cols], rcond=None)[0]
+        np.testing.assert_allclose(r2.T @ r2, np.eye(hd), atol=1e-4)
+        if kind == "hadamard":
+            np.testing.assert_allclose(np.abs(r2), 1 / np.sqrt(hd), atol=1e-4)
+        o_rows = [slice(g * hd, (g + 1) * hd) for g in range(4) if g // 2 == h]  # GQA: 2 query heads per KV head
+        for rows in o_rows:
+            np.testing.assert_allclose(w1["layers.0.attn.o_proj"][rows], r2.T @ w0["layers.0.attn.o_proj"][rows] @ q,
+                                       atol=1e-4)

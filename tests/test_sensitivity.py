@@ -16,6 +16,7 @@ from lowbit.passmanager.manager import CompileContext, PassManager
 from lowbit.quant.rtn import dequantize_rtn, fake_quant, pack, quantize_rtn, storage_bytes
 from lowbit.ir.sessions import make_session, to_proto
 from lowbit.mixed.sensitivity import SensitivityCache, cheap_per_column, measured_sensitivity
+from rtn_reference import rtn_reference
 
 CFG = LlamaConfig(dim=32, hidden_dim=48, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=32)
 
@@ -48,9 +49,21 @@ def test_packed_buffers_have_the_counted_bytes(k, n, group, bits):
         block = group if 0 < group < k else k
         eye = np.eye(k, dtype=np.float32)
         np.testing.assert_array_equal(matmul3bit_reference(eye, arrays["B"], arrays["scales"], arrays["zero_points"], block),
-                                      fake_quant(w, 3, group))
+                                      rtn_reference(w, 3, group))
         return
     assert arrays["B"].shape[:2] == (n, nb) and arrays["scales"].shape == (n * nb,)
+
+
+@pytest.mark.parametrize("k,n", [(64, 10), (172, 7), (40, 3)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [0, 32, 64])
+def test_fake_quant_is_the_rtn_formula(k, n, bits, group):
+    """fake_quant/quantize_rtn against the loop-by-loop reference, incl. all-positive and all-zero columns."""
+    w = np.random.default_rng(k * bits + group).standard_normal((k, n)).astype(np.float32)
+    w[:, 0], w[:, 1], w[:, 2] = np.abs(w[:, 0]) + 0.1, 0.0, -np.abs(w[:, 2])
+    want = rtn_reference(w, bits, group)
+    np.testing.assert_array_equal(fake_quant(w, bits, group), want)
+    np.testing.assert_array_equal(dequantize_rtn(*quantize_rtn(w, bits, group), k), want)
 
 
 def test_rtn_reproduces_values_on_its_grid_and_error_falls_with_bits():
@@ -71,7 +84,7 @@ def test_cheap_estimator_is_hessian_diagonal_weighted_perturbation():
     lin = find_linears(model.graph)[0]
     st = act_stats(lin.input)
     w = lin.weight.const_value.numpy()
-    dw = fake_quant(w, 3, 32).astype(np.float64) - w
+    dw = rtn_reference(w, 3, 32).astype(np.float64) - w
     want = (np.diag(st.xtx)[:, None] / st.count * dw**2).sum(axis=0)
     np.testing.assert_allclose(cheap_per_column(lin, 3, 32), want, rtol=1e-12)
     values = [cheap_per_column(lin, b, 32).sum() for b in (2, 3, 4, 8, 16)]
@@ -111,7 +124,7 @@ def test_measured_is_the_loss_change_of_the_layer_alone_and_is_cached(tmp_path):
     lin = lins[2]
     w = lin.weight.const_value.numpy()
     got = measured_sensitivity(model, [(lin, 2, 32), (lin, 16, 0)], fs, cache_dir=tmp_path, progress=False)
-    want = _nll_with(model, lin.weight.name, fake_quant(w, 2, 32), fs) - _nll_with(model, lin.weight.name, w, fs)
+    want = _nll_with(model, lin.weight.name, rtn_reference(w, 2, 32), fs) - _nll_with(model, lin.weight.name, w, fs)
     assert got[(lin.name, 2, 32)] == pytest.approx(want, rel=1e-4, abs=1e-7)
     assert got[(lin.name, 16, 0)] == 0.0
     (path,) = (tmp_path / "sensitivity").glob("*.json")
@@ -159,7 +172,7 @@ def test_measured_for_an_encoder_is_mean_one_minus_cosine(tmp_path):
     cos = []
     for f in fs:
         ref = np.maximum(f["x"] @ w1, 0) @ w2
-        out = np.maximum(f["x"] @ fake_quant(w1, 2, 0), 0) @ w2
+        out = np.maximum(f["x"] @ rtn_reference(w1, 2, 0), 0) @ w2
         cos.append((ref * out).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(out, axis=-1))
     assert got[(lin.name, 2, 0)] == pytest.approx(float(np.mean(1 - np.concatenate(cos, axis=None))), rel=1e-4)
 
@@ -196,7 +209,7 @@ def test_gptq_quantizer_simulates_the_weights_quantize_weights_writes(tmp_path):
     lin = find_linears(model.graph)[4]
     w = lin.weight.const_value.numpy()
     gptq_w = simulated_weight(lin, 3, 32, "gptq")
-    assert not np.array_equal(gptq_w, fake_quant(w, 3, 32))  # GPTQ, not RTN
+    assert not np.array_equal(gptq_w, rtn_reference(w, 3, 32))  # GPTQ, not RTN
     got = measured_sensitivity(model, [(lin, 3, 32)], fs, cache_dir=tmp_path, quantizer="gptq", progress=False)
     rtn = measured_sensitivity(model, [(lin, 3, 32)], fs, cache_dir=tmp_path, progress=False)
     want = _nll_with(model, lin.weight.name, gptq_w, fs) - _nll_with(model, lin.weight.name, w, fs)
@@ -213,3 +226,17 @@ def test_gptq_quantizer_simulates_the_weights_quantize_weights_writes(tmp_path):
     written = matmul3bit_reference(np.eye(w.shape[0], dtype=np.float32), packed, scales, zps,
                                    node.attributes["block_size"].as_int())
     np.testing.assert_allclose(written, gptq_w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [48, 64, 100])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_group_covering_the_column_is_per_channel(k, bits):
+    """``group ≥ K`` means one group per column (module doc): the same buffers, bytes and values as group=0,
+    whatever K (a power of two or not: MatMulNBits' block is the next power of two ≥ K)."""
+    w = np.random.default_rng(k + bits).standard_normal((k, 5)).astype(np.float32)
+    per_channel = pack(w, bits, 0)
+    for group in (k, k + 1, 4 * k):
+        for (name, a), b in zip(pack(w, bits, group).items(), per_channel.values()):
+            np.testing.assert_array_equal(a, b, err_msg=f"group={group} {name}")
+        assert storage_bytes(k, 5, bits, group) == storage_bytes(k, 5, bits, 0)
+        np.testing.assert_array_equal(fake_quant(w, bits, group), rtn_reference(w, bits, 0))

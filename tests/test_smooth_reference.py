@@ -51,10 +51,12 @@ def reference_scales(h, w1, w2, alpha):
     return xmax ** alpha / wmax ** (1 - alpha)
 
 
-def w8a8_error(h, weights, s):
-    """Static per-tensor uint8 activations × per-output-channel int8 weights, after smoothing by s."""
+def w8a8_error(h, weights, s, fit=None):
+    """Static per-tensor uint8 activations (range from the rows ``fit``, default ``h``) × per-output-channel
+    int8 weights, after smoothing by s."""
     x = h / s
-    lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+    ranged = x if fit is None else fit / s
+    lo, hi = min(ranged.min(), 0.0), max(ranged.max(), 0.0)
     step = (hi - lo) / 255
     zp = np.round(-lo / step)
     xq = (np.clip(np.round(x / step) + zp, 0, 255) - zp) * step
@@ -99,10 +101,20 @@ def test_a_swapped_exponent_is_distinguishable(case):
     assert np.max(np.abs(a / b - 1)) > 0.5
 
 
+def held_out_reference(h, w1, w2, alpha):
+    """Two-fold: s (or no smoothing, alpha None) and the activation range from even rows, error on odd, and back."""
+    total = 0.0
+    for fit, test in ((h[0::2], h[1::2]), (h[1::2], h[0::2])):
+        s = np.ones(C) if alpha is None else reference_scales(fit, w1, w2, alpha)
+        total += w8a8_error(test, [w1, w2], s, fit)
+    return total
+
+
 def test_alpha_search_picks_the_reference_minimum(case):
     _, _, h, _, w1, w2 = case
-    errors = {a: w8a8_error(h, [w1, w2], reference_scales(h, w1, w2, a)) for a in GRID}
+    errors = {a: held_out_reference(h, w1, w2, a) for a in (None, *GRID)}
     ranked = sorted(errors, key=errors.get)
+    assert ranked[0] is not None, "on outliers some α must beat no smoothing"
     assert errors[ranked[1]] > 1.01 * errors[ranked[0]], "the case must have a clear winner"
     model, ctx = _smoothed(case, "calibrate{rows=100000},smooth{search=true}")
     chosen = ctx.report["smooth"]["alpha"]["mean"]
@@ -110,8 +122,49 @@ def test_alpha_search_picks_the_reference_minimum(case):
     np.testing.assert_allclose(_applied_scales(model, w1), reference_scales(h, w1, w2, ranked[0]), rtol=1e-4)
 
 
+def test_alpha_search_leaves_a_group_unsmoothed_where_no_alpha_helps_on_unseen_rows():
+    """No outliers (γ = 1, plain Gaussian rows): smoothing by the calibration's own channel maxima pushes every
+    channel to the edge of the range, so unseen rows clip; the held-out reference prefers no smoothing, and so
+    must the search (the layers listed as unsmoothed, the weights untouched)."""
+    rng = np.random.default_rng(5)
+    gamma = np.ones(C, np.float32)
+    w1 = (rng.standard_normal((C, N1)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((C, N2)) * 0.3).astype(np.float32)
+    feeds = [{"x": rng.standard_normal((1, 24, C)).astype(np.float32)} for _ in range(4)]
+    x = np.concatenate([f["x"].reshape(-1, C) for f in feeds]).astype(np.float64)
+    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS)
+    errors = {a: held_out_reference(h, w1, w2, a) for a in (None, *GRID)}
+    assert min(errors, key=errors.get) is None, f"the case must prefer no smoothing: {errors}"
+    model, ctx = _smoothed((_text(gamma, w1, w2), feeds), "calibrate{rows=100000},smooth{search=true}")
+    assert {u["reason"] for u in ctx.report["smooth"]["unsmoothed"]} == {
+        "no α lowers its held-out W8A8 error (smooth{search=true})"}
+    assert len(ctx.report["smooth"]["unsmoothed"]) == 2 and "alpha" not in ctx.report["smooth"]
+    np.testing.assert_array_equal(_applied_scales(model, w1), np.ones(C))
+
+
 def test_smoothing_then_w8a8_beats_no_smoothing_on_outliers(case):
     """The point of the method on this case, measured by the reference simulator."""
     _, _, h, _, w1, w2 = case
     best = min(w8a8_error(h, [w1, w2], reference_scales(h, w1, w2, a)) for a in GRID)
     assert best < 0.8 * w8a8_error(h, [w1, w2], np.ones(C))
+
+
+def test_alpha_search_on_a_row_sample_of_many_tokens_scales_from_all_of_them(case):
+    """Rows sampled from ≥ 2× as many tokens: s from every token's max|X|, the error on the rows in sample."""
+    from lowbit.quant.stats import act_stats
+
+    text, feeds, _, gamma, w1, w2 = case
+    rng = np.random.default_rng(7)
+    more = feeds + [{"x": rng.standard_normal((1, 24, C)).astype(np.float32)} for _ in range(4)]  # 192 tokens
+    x = np.concatenate([f["x"].reshape(-1, C) for f in more]).astype(np.float64)
+    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * gamma
+    calibrated, _ = _smoothed((text, more), "calibrate{rows=64}")
+    norm = next(n for n in calibrated.graph if n.op_type == "RMSNormalization")
+    rows = act_stats(norm.outputs[0]).rows.astype(np.float64)  # the row sample the search sees
+    assert rows.shape == (64, C)
+    errors = {a: w8a8_error(rows, [w1, w2], np.ones(C) if a is None else reference_scales(h, w1, w2, a))
+              for a in (None, *GRID)}
+    best = min(errors, key=errors.get)
+    model, ctx = _smoothed((text, more), "calibrate{rows=64},smooth{search=true}")
+    assert ctx.report["smooth"]["alpha"]["mean"] == best, f"reference errors {errors}"
+    np.testing.assert_allclose(_applied_scales(model, w1), reference_scales(h, w1, w2, best), rtol=1e-4)

@@ -44,3 +44,34 @@ def test_padded_rows_do_not_enter_statistics():
     np.testing.assert_allclose(st_pad.xtx, st_one.xtx, rtol=1e-6)
     np.testing.assert_array_equal(st_pad.cmax, rows.max(axis=0).astype(np.float32))
     assert st_pad.count == 9
+
+
+def test_padded_rows_of_a_flattened_activation_do_not_enter_statistics():
+    """GPT-2's Conv1D form: the linear reads x reshaped to [b·t, C]; the mask [b, t] still selects its rows."""
+    model = _encoder()
+    proto = ir.serde.serialize_model(model)
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([-1, 8], np.int64), "flat"))
+    nodes = list(proto.graph.node)
+    nodes.insert(1, helper.make_node("Reshape", ["x", "flat"], ["x2d"], name="flatten"))
+    nodes[2].input[0] = "x2d"  # lin reads [b·t, 8]
+    nodes[2].output[0] = "y2d"
+    nodes.insert(3, helper.make_node("Reshape", ["y2d", "shape_out"], ["y"], name="unflatten"))
+    nodes.insert(3, helper.make_node("Shape", ["x"], ["xs"]))
+    nodes.insert(4, helper.make_node("Slice", ["xs", "s0", "s2"], ["bt"]))
+    nodes.insert(5, helper.make_node("Concat", ["bt", "four"], ["shape_out"], axis=0))
+    proto.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "s0"),
+                                    numpy_helper.from_array(np.array([2], np.int64), "s2"),
+                                    numpy_helper.from_array(np.array([4], np.int64), "four")])
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.checker.check_model(proto)
+    model = ir.serde.deserialize_model(proto)
+    x = find_linears(model.graph)[0].input
+    assert x.name == "x2d"
+    a, b = [3, 5, 7], [4, 9, 2, 11, 6, 8]
+    padded = {"input_ids": np.array([a + [0, 0, 0], b], np.int64),
+              "attention_mask": np.array([[1] * 3 + [0] * 3, [1] * 6], np.int64)}
+    st = collect_stats(model, [x], [padded], hessian=True, progress=False)[x]
+    rows = model.graph.initializers["emb"].const_value.numpy().astype(np.float64)[a + b]
+    np.testing.assert_allclose(st.xtx, rows.T @ rows, rtol=1e-6)
+    assert st.count == 9

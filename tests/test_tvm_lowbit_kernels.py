@@ -68,7 +68,7 @@ def _kernel_formula(x, codes, scales, zps, block):
     return (d * scales.astype(np.float64)[None] * (amax / np.float32(127)).astype(np.float64)[:, None, :]).sum(-1)
 
 
-@pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (4, 128), (8, 64), (2, 16), (3, 16)])
 def test_lowbit_cpu_kernels_in_a_tvm_model(bits, group, tmp_path):
     pipeline = f"quantize-weights{{bits={bits},group={group},method=rtn,symmetric=false}},lower-nbits{{accuracy_level=0,slow=allow}}"
     model = PassManager.from_pipeline(pipeline, CompileContext()).run(_linear(bits))

@@ -22,8 +22,9 @@ BITS = (2, 3, 4, 8)
 
 @dataclass(frozen=True)
 class Packed:
-    """One linear in the kernels' layout: ``codes`` uint8 [NT, ng, bits, 2G] (bits and G readable from
-    the shape), ``scales`` float32 [NT, ng, 16], ``zeros`` uint8 [NT, ng, 16]; y = x[..., :K] @ W."""
+    """One linear in the kernels' layout: ``codes`` uint8 [NT, nb, bits, 2Gc] in blocks of Gc = G (2/3-bit
+    G = 16: Gc = 32, two groups a block), ``scales`` float32 [NT, ng, 16], ``zeros`` uint8 [NT, ng, 16]
+    (ng = nb·Gc/G; the group is Kp / ng); y = x[..., :K] @ W."""
 
     bits: int
     k: int
@@ -35,17 +36,23 @@ class Packed:
 
     @property
     def kp(self) -> int:
-        return self.codes.shape[1] * self.group
+        return self.codes.shape[1] * self.codes.shape[3] // 2  # code blocks × their K
 
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes
 
 
+def _code_block(bits: int, group: int) -> int:
+    """K of one block of codes: the group, or two groups of 16 for 2/3-bit codes (the kernels' pair mode)."""
+    return 32 if group == 16 and bits <= 3 else group
+
+
 def packed_bytes(k: int, n: int, bits: int, group: int) -> int:
     """Bytes a [K, N] linear takes in this layout (what one decode step reads)."""
-    nt, ng = -(-n // TILE), -(-k // group)
-    return nt * ng * (2 * group * bits + TILE * 5)
+    gc = _code_block(bits, group)
+    nt, nb = -(-n // TILE), -(-k // gc)
+    return nt * nb * (2 * gc * bits + TILE * 5 * (gc // group))
 
 
 def _bitslice(c: np.ndarray, b: int) -> np.ndarray:
@@ -65,26 +72,29 @@ def repack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits
         raise ValueError(f"lowbit-cpu kernels: {bits}-bit weights are not supported (use {BITS})")
     n, k = codes.shape
     ng = -(-k // group)
-    if group % 32:
-        raise ValueError(f"lowbit-cpu kernels: group {group} is not a multiple of 32")
+    gc = _code_block(bits, group)
+    if gc % 32:
+        raise ValueError(f"lowbit-cpu kernels: group {group} is not a multiple of 32 (or 16 for 2/3 bits)")
     if scales.shape != (n, ng) or (zeros is not None and zeros.shape != (n, ng)):
         raise ValueError(f"lowbit-cpu kernels: scales/zeros must be [N, K/group] = [{n}, {ng}], got {scales.shape}")
     if codes.size and int(codes.max()) >> bits:
         raise ValueError(f"lowbit-cpu kernels: codes exceed {bits} bits")
-    nt = -(-n // TILE)
-    c = np.zeros((nt * TILE, ng * group), np.uint8)
+    nt, nb = -(-n // TILE), -(-k // gc)
+    c = np.zeros((nt * TILE, nb * gc), np.uint8)
     c[:n, :k] = codes
-    c = c.reshape(nt, TILE, ng, group)
+    c = c.reshape(nt, TILE, nb, gc)
     if bits == 3:
-        lo = _bitslice(c & 3, 2)  # [NT, ng, G/16, 64]
-        h = ((c >> 2) & 1).reshape(nt, TILE, ng, group // 16, 4, 4).transpose(0, 2, 3, 4, 1, 5)  # [.., v, s, r, j]
-        hi = np.packbits(h.reshape(nt, ng, group // 16, 4, 64), axis=-1, bitorder="little")  # 8 bytes per (v, s)
-        flat = np.concatenate([lo.reshape(nt, ng, -1), hi.reshape(nt, ng, -1)], axis=-1)
+        lo = _bitslice(c & 3, 2)  # [NT, nb, gc/16, 64]
+        # high bits: one 64-byte vector per pair of low-plane vectors (v = 2w + u); byte 4r+j, bit 4u+s
+        h = ((c >> 2) & 1).reshape(nt, TILE, nb, gc // 32, 2, 4, 4).transpose(0, 2, 3, 1, 6, 4, 5)  # [.., w, r, j, u, s]
+        hi = np.packbits(h.reshape(nt, nb, gc // 32, 64, 8), axis=-1, bitorder="little")
+        flat = np.concatenate([lo.reshape(nt, nb, -1), hi.reshape(nt, nb, -1)], axis=-1)
     else:
-        flat = _bitslice(c, bits).reshape(nt, ng, -1)
+        flat = _bitslice(c, bits).reshape(nt, nb, -1)
+    ngp = nb * gc // group  # scale groups, a padded one (scale 0) where K needs a whole block
     z = np.full((n, ng), 1 << (bits - 1), np.uint8) if zeros is None else zeros.astype(np.uint8)
-    pad = ((0, nt * TILE - n), (0, 0))
-    sp = np.pad(scales.astype(np.float32), pad).reshape(nt, TILE, ng).transpose(0, 2, 1)
-    zp = np.pad(z, pad).reshape(nt, TILE, ng).transpose(0, 2, 1)
-    return Packed(bits, k, n, group, np.ascontiguousarray(flat.reshape(nt, ng, bits, 2 * group)),
+    pad = ((0, nt * TILE - n), (0, ngp - ng))
+    sp = np.pad(scales.astype(np.float32), pad).reshape(nt, TILE, ngp).transpose(0, 2, 1)
+    zp = np.pad(z, pad).reshape(nt, TILE, ngp).transpose(0, 2, 1)
+    return Packed(bits, k, n, group, np.ascontiguousarray(flat.reshape(nt, nb, bits, 2 * gc)),
                   np.ascontiguousarray(sp), np.ascontiguousarray(zp))

@@ -8,13 +8,14 @@
  * dots, same float operations in the same order: -ffp-contract=off plus explicit fma).
  *
  * Packed layout (written by lowbit.backends.kernels.layout.repack): rows in tiles of 16 (one 32-bit
- * lane per row), K in groups of G (G % 32 == 0).  For tile t and group g the codes form 64-byte
+ * lane per row), K in groups of G (G % 32 == 0; 2/3-bit G = 16: see pair_mode).  For tile t and group g the codes form 64-byte
  * vectors; vector v holds S = 8/b steps; byte 4r+j, bits [b*s, b*s+b) is the code of row r at
  * k = g*G + v*4S + 4s + j.  3-bit: the low two bits use the 2-bit layout (G/16 vectors), followed by
- * G/16*4 uint64 masks (vector v, step s) whose bit 4r+j is the code's bit 2 -> 3 bits per weight.
+ * G/32 64-byte vectors of high bits: vector w, byte 4r+j, bit 4u+s is bit 2 of the code that low-plane
+ * vector v = 2w+u, step s holds at that byte -> 3 bits per weight.
  * scales: float [tiles][groups][16]; zeros: uint8 [tiles][groups][16].
  *
- * Paths: AVX-512 VNNI (vpdpbusd: u8 codes x s8 activations), AVX2 (vpmaddubsw + vpmaddwd), generic C;
+ * Paths: AVX-512 VNNI + GFNI (vpdpbusd: u8 codes x s8 activations), AVX2 (vpmaddubsw + vpmaddwd), generic C;
  * chosen once at load time from cpuid (override: lowbit_set_isa).
  */
 #include <immintrin.h>
@@ -38,7 +39,7 @@ static int g_threads = 0;
 int lowbit_best_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vnni"))
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("gfni"))
         return ISA_AVX512VNNI;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
     return ISA_GENERIC;
@@ -69,6 +70,10 @@ int lowbit_num_threads(void) { return nthreads(); }
 
 /* bytes of packed codes for one (tile, group) */
 static inline size_t tg_bytes(int bits, int G) { return (size_t)TILE * G * bits / 8; }
+
+/* 2/3-bit codes in scale groups of 16 are laid out in blocks of 32 (two groups: the pair's two vectors
+ * and, for 3 bits, their high-bits vector); scales and zero points stay per group of 16. */
+static inline int pair_mode(int bits, int G) { return G == 16 && bits <= 3; }
 
 /* ---------------------------------------------------------------- activations */
 /* One group: amax, codes rint(x * 127/amax) (round half to even) clipped to +-127, their sum.  The
@@ -136,24 +141,23 @@ static inline int code_at(int bits, int G, const uint8_t *tg, int r, int kk) {
     int span = 4 * S, v = kk / span, s = (kk % span) / 4, j = kk % 4;
     int c = (tg[v * 64 + 4 * r + j] >> (b * s)) & ((1 << b) - 1);
     if (bits == 3) {
-        uint64_t mk;
-        memcpy(&mk, tg + (size_t)G / 16 * 64 + ((size_t)v * 4 + s) * 8, 8);
-        c |= (int)((mk >> (4 * r + j)) & 1) << 2;
+        uint8_t hb = tg[(size_t)G / 16 * 64 + (size_t)(v / 2) * 64 + 4 * r + j];
+        c |= ((hb >> (4 * (v % 2) + s)) & 1) << 2;
     }
     return c;
 }
 
 static void tile_generic(int bits, int M, int Kp, int N, int G, int t, const uint8_t *codes, const float *scales,
                          const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
-    int ng = Kp / G;
+    int ng = Kp / G, Gc = pair_mode(bits, G) ? 32 : G; /* Gc: codes' block */
     for (int m = 0; m < M; m++) {
         float acc[TILE] = {0};
         for (int g = 0; g < ng; g++) {
-            const uint8_t *tg = codes + ((size_t)t * ng + g) * tg_bytes(bits, G);
+            const uint8_t *tg = codes + ((size_t)t * (Kp / Gc) + g * G / Gc) * tg_bytes(bits, Gc);
             const int8_t *xg = xq + (size_t)m * Kp + (size_t)g * G;
             for (int r = 0; r < TILE; r++) {
                 int32_t d = 0;
-                for (int kk = 0; kk < G; kk++) d += code_at(bits, G, tg, r, kk) * xg[kk];
+                for (int kk = 0; kk < G; kk++) d += code_at(bits, Gc, tg, r, g * G % Gc + kk) * xg[kk];
                 size_t i = ((size_t)t * ng + g) * TILE + r;
                 d -= (int32_t)zeros[i] * xsum[(size_t)m * ng + g];
                 float p = scales[i] * xs[(size_t)m * ng + g];
@@ -165,34 +169,58 @@ static void tile_generic(int bits, int M, int Kp, int N, int G, int t, const uin
 }
 
 /* ---------------------------------------------------------------- AVX-512 VNNI */
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) static inline
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,gfni"), always_inline)) static inline
 
-AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, const uint8_t *codes,
+/* acc += u8 c . s8 x per 32-bit lane, accumulating in place: gcc's intrinsic copies the accumulator
+ * around every vpdpbusd in unrolled loops (two extra moves per dot product). */
+#define DPBUSD(acc, c, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(c), "v"(x))
+
+/* Step s of a code vector w, as u8 lanes scaled by 2^sh(s) (the per-step accumulators are shifted back,
+ * exactly, once per group): one AND per step instead of shift + AND.  3-bit ORs in its high-plane bit,
+ * moved from bit 4u+s of the high-bits byte to bit sh+2 by one vgf2p8affineqb (a bit-selection matrix),
+ * in the same vpternlogd as the AND; its top step is shifted down (lo + 4*hi would not fit a byte). */
+AVX512 __m512i step512(const int bits, __m512i w, int s, int u, __m512i hv) {
+    if (bits == 8) return w;
+    if (bits == 4) return _mm512_and_si512(w, _mm512_set1_epi8((char)(0x0F << (4 * s))));
+    if (bits == 2) return _mm512_and_si512(w, _mm512_set1_epi8((char)(3 << (2 * s))));
+    int sh = s == 3 ? 0 : 2 * s, q = 4 * u + s, o = sh + 2; /* input bit q -> output bit o */
+    __m512i h = _mm512_gf2p8affine_epi64_epi8(hv, _mm512_set1_epi64((long long)((1ULL << q) << (8 * (7 - o)))), 0);
+    if (s == 3) w = _mm512_srli_epi16(w, 6);
+    return _mm512_ternarylogic_epi32(w, _mm512_set1_epi8((char)(3 << sh)), h, 0xEA); /* (w & mask) | h */
+}
+
+static inline int step_shift(int bits, int s) { return bits == 8 ? 0 : bits == 4 ? 4 * s : bits == 2 ? 2 * s : (s == 3 ? 0 : 2 * s); }
+
+AVX512 void tile512(const int bits, const int MB, const int U1, int Kp, int N, int G, int t, const uint8_t *codes,
                     const float *scales, const uint8_t *zeros, const int8_t *xq, const float *xs,
                     const int32_t *xsum, float *y) {
     const int b = bits == 3 ? 2 : bits, S = 8 / b, ng = Kp / G, nv = G * b / 32;
-    const int NA = MB == 1 ? 2 * S : MB == 2 ? 2 : 1; /* independent dpbusd chains: hide its latency */
-    const __m512i mask = _mm512_set1_epi8((char)((1 << b) - 1)), four = _mm512_set1_epi8(4);
+    /* independent vpdpbusd chains per step (hide its latency); nv is a multiple of U (G % 32 == 0) */
+    /* compile-time constant (acc stays in registers); U1: one chain per step (groups of 2 vectors) */
+    const int U = MB == 1 && !U1 ? (S == 1 ? 4 : 2) : 1;
     __m512 facc[4];
     for (int m = 0; m < MB; m++) facc[m] = _mm512_setzero_ps();
     for (int g = 0; g < ng; g++) {
         const uint8_t *tg = codes + ((size_t)t * ng + g) * tg_bytes(bits, G);
-        const uint64_t *hi = (const uint64_t *)(tg + (size_t)nv * 64);
-        __m512i acc[8];
-        for (int a = 0; a < MB * NA; a++) acc[a] = _mm512_setzero_si512();
-        for (int v = 0; v < nv; v += 2) {
-            if (LOWBIT_PREFETCH) _mm_prefetch((const char *)(tg + v * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
-            for (int u = 0; u < 2; u++) {
+        const uint8_t *hb = tg + (size_t)nv * 64; /* 3-bit: high bits, one vector per pair of vectors */
+        __m512i acc[16];
+        for (int a = 0; a < MB * S * U; a++) acc[a] = _mm512_setzero_si512();
+        const int8_t *xg = xq + (size_t)g * G;
+        const int V = U > 2 ? U : 2; /* vectors a step of the loop: nv is a multiple (G % 32 == 0) */
+        for (int v = 0; v < nv; v += V) {
+            if (LOWBIT_PREFETCH)
+                for (int u = 0; u < V; u++) _mm_prefetch((const char *)(tg + (v + u) * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
+            __m512i hv = bits == 3 ? _mm512_loadu_si512(hb + v / 2 * 64) : _mm512_setzero_si512();
+            for (int u = 0; u < V; u++) {
                 __m512i w = _mm512_loadu_si512(tg + (v + u) * 64);
                 for (int s = 0; s < S; s++) {
-                    __m512i c = b == 8 ? w : _mm512_and_si512(_mm512_srli_epi16(w, b * s), mask);
-                    if (bits == 3) c = _mm512_mask_add_epi8(c, _cvtu64_mask64(hi[(v + u) * 4 + s]), c, four);
-                    int kk = g * G + (v + u) * 4 * S + 4 * s;
+                    __m512i c = step512(bits, w, s, u, hv);
+                    int kk = (v + u) * 4 * S + 4 * s;
                     for (int m = 0; m < MB; m++) {
                         int32_t x4;
-                        memcpy(&x4, xq + (size_t)m * Kp + kk, 4);
-                        int a = m * NA + (NA == 1 ? 0 : (s + S * u) % NA);
-                        acc[a] = _mm512_dpbusd_epi32(acc[a], c, _mm512_set1_epi32(x4));
+                        memcpy(&x4, xg + (size_t)m * Kp + kk, 4);
+                        int a = (m * S + s) * U + u % U;
+                        DPBUSD(acc[a], c, _mm512_set1_epi32(x4));
                     }
                 }
             }
@@ -201,9 +229,18 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
         __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + i)));
         __m512 sw = _mm512_loadu_ps(scales + i);
         for (int m = 0; m < MB; m++) {
-            __m512i d = acc[m * NA];
-            for (int a = 1; a < NA; a++) d = _mm512_add_epi32(d, acc[m * NA + a]);
-            d = _mm512_sub_epi32(d, _mm512_mullo_epi32(z, _mm512_set1_epi32(xsum[(size_t)m * ng + g])));
+            __m512i d = _mm512_setzero_si512();
+            for (int s = 0; s < S; s++) {
+                __m512i e = acc[(m * S + s) * U];
+                for (int u = 1; u < U; u++) e = _mm512_add_epi32(e, acc[(m * S + s) * U + u]);
+                int sh = step_shift(bits, s);
+                d = _mm512_add_epi32(d, sh ? _mm512_srai_epi32(e, sh) : e); /* exact: e is a multiple of 2^sh */
+            }
+            int32_t xsm = xsum[(size_t)m * ng + g];
+            /* z * xsum: |xsum| <= 127 G fits 16 bits up to G = 256 (one vpmaddwd), else vpmulld */
+            __m512i zx = G <= 256 ? _mm512_madd_epi16(z, _mm512_set1_epi32((int32_t)(uint16_t)(int16_t)xsm))
+                                  : _mm512_mullo_epi32(z, _mm512_set1_epi32(xsm));
+            d = _mm512_sub_epi32(d, zx);
             __m512 p = _mm512_mul_ps(sw, _mm512_set1_ps(xs[(size_t)m * ng + g]));
             facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), p, facc[m]);
         }
@@ -214,13 +251,20 @@ AVX512 void tile512(const int bits, const int MB, int Kp, int N, int G, int t, c
 }
 
 #define DEF512(BITS, MB)                                                                                        \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) static void tile512_##BITS##_##MB(      \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,gfni"))) static void tile512_##BITS##_##MB(      \
         int Kp, int N, int G, int t, const uint8_t *c, const float *s, const uint8_t *z, const int8_t *xq,     \
         const float *xs, const int32_t *xsum, float *y) {                                                      \
-        tile512(BITS, MB, Kp, N, G, t, c, s, z, xq, xs, xsum, y);                                              \
+        tile512(BITS, MB, 0, Kp, N, G, t, c, s, z, xq, xs, xsum, y);                                           \
     }
 #define DEF512_BITS(BITS) DEF512(BITS, 1) DEF512(BITS, 2) DEF512(BITS, 3) DEF512(BITS, 4)
 DEF512_BITS(2)
+/* one-row GEMV of 2/3-bit codes in small groups (2 vectors a group): one chain per step, fewer adds */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,gfni"))) static void tile512_small(
+    int bits, int Kp, int N, int G, int t, const uint8_t *c, const float *s, const uint8_t *z, const int8_t *xq,
+    const float *xs, const int32_t *xsum, float *y) {
+    if (bits == 2) tile512(2, 1, 1, Kp, N, G, t, c, s, z, xq, xs, xsum, y);
+    else tile512(3, 1, 1, Kp, N, G, t, c, s, z, xq, xs, xsum, y);
+}
 DEF512_BITS(3)
 DEF512_BITS(4)
 DEF512_BITS(8)
@@ -230,6 +274,62 @@ typedef void (*tile_fn)(int, int, int, int, const uint8_t *, const float *, cons
 static const tile_fn T512[4][4] = {
     {tile512_2_1, tile512_2_2, tile512_2_3, tile512_2_4}, {tile512_3_1, tile512_3_2, tile512_3_3, tile512_3_4},
     {tile512_4_1, tile512_4_2, tile512_4_3, tile512_4_4}, {tile512_8_1, tile512_8_2, tile512_8_3, tile512_8_4}};
+
+/* 2/3-bit codes in groups of 16 (pair_mode): per block of 32, vector u belongs to scale group 2*block+u;
+ * one chain per (step, vector), the epilogue per group.  MB <= 2 (registers). */
+AVX512 void tile512p(const int bits, const int MB, int Kp, int N, int t, const uint8_t *codes, const float *scales,
+                     const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
+    const int S = 4, ngc = Kp / 32, ng = Kp / 16;
+    __m512 facc[2];
+    for (int m = 0; m < MB; m++) facc[m] = _mm512_setzero_ps();
+    for (int gc = 0; gc < ngc; gc++) {
+        const uint8_t *tg = codes + ((size_t)t * ngc + gc) * tg_bytes(bits, 32);
+        if (LOWBIT_PREFETCH)
+            for (int u = 0; u < 2; u++) _mm_prefetch((const char *)(tg + u * 64 + LOWBIT_PREFETCH), _MM_HINT_T0);
+        __m512i acc[16];
+        for (int a = 0; a < MB * S * 2; a++) acc[a] = _mm512_setzero_si512();
+        __m512i hv = bits == 3 ? _mm512_loadu_si512(tg + 128) : _mm512_setzero_si512();
+        for (int u = 0; u < 2; u++) {
+            __m512i w = _mm512_loadu_si512(tg + u * 64);
+            for (int s = 0; s < S; s++) {
+                __m512i c = step512(bits, w, s, u, hv);
+                for (int m = 0; m < MB; m++) {
+                    int32_t x4;
+                    memcpy(&x4, xq + (size_t)m * Kp + (size_t)gc * 32 + u * 16 + 4 * s, 4);
+                    DPBUSD(acc[(m * S + s) * 2 + u], c, _mm512_set1_epi32(x4));
+                }
+            }
+        }
+        for (int u = 0; u < 2; u++) {
+            int g = 2 * gc + u;
+            size_t i = ((size_t)t * ng + g) * TILE;
+            __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + i)));
+            __m512 sw = _mm512_loadu_ps(scales + i);
+            for (int m = 0; m < MB; m++) {
+                __m512i d = _mm512_setzero_si512();
+                for (int s = 0; s < S; s++) {
+                    int sh = step_shift(bits, s);
+                    __m512i e = acc[(m * S + s) * 2 + u];
+                    d = _mm512_add_epi32(d, sh ? _mm512_srai_epi32(e, sh) : e);
+                }
+                int32_t xsm = xsum[(size_t)m * ng + g];
+                d = _mm512_sub_epi32(d, _mm512_madd_epi16(z, _mm512_set1_epi32((int32_t)(uint16_t)(int16_t)xsm)));
+                __m512 p = _mm512_mul_ps(sw, _mm512_set1_ps(xs[(size_t)m * ng + g]));
+                facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), p, facc[m]);
+            }
+        }
+    }
+    int rows = N - t * TILE < TILE ? N - t * TILE : TILE;
+    __mmask16 km = (__mmask16)((1u << rows) - 1);
+    for (int m = 0; m < MB; m++) _mm512_mask_storeu_ps(y + (size_t)m * N + t * TILE, km, facc[m]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,gfni"))) static void tile512_pair(
+    int bits, int MB, int Kp, int N, int t, const uint8_t *c, const float *s, const uint8_t *z, const int8_t *xq,
+    const float *xs, const int32_t *xsum, float *y) {
+    if (bits == 2) { if (MB == 1) tile512p(2, 1, Kp, N, t, c, s, z, xq, xs, xsum, y); else tile512p(2, 2, Kp, N, t, c, s, z, xq, xs, xsum, y); }
+    else { if (MB == 1) tile512p(3, 1, Kp, N, t, c, s, z, xq, xs, xsum, y); else tile512p(3, 2, Kp, N, t, c, s, z, xq, xs, xsum, y); }
+}
 
 /* ---------------------------------------------------------------- AVX2 */
 #define AVX2F __attribute__((target("avx2,fma"), always_inline)) static inline
@@ -244,15 +344,6 @@ AVX2F __m256i dot4_avx2(__m256i c, __m256i x, int bits) {
     return _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, _mm256_set1_epi16(16)));
 }
 
-AVX2F __m256i expand_bits_avx2(uint32_t m) { /* bit i -> byte i = 4 */
-    const __m256i idx = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
-                                         3, 3, 3, 3, 3, 3, 3);
-    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), idx);
-    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
-    return _mm256_and_si256(v, _mm256_set1_epi8(4));
-}
-
 AVX2F void tile256(const int bits, const int MB, int Kp, int N, int G, int t, const uint8_t *codes,
                    const float *scales, const uint8_t *zeros, const int8_t *xq, const float *xs,
                    const int32_t *xsum, float *y) {
@@ -262,7 +353,7 @@ AVX2F void tile256(const int bits, const int MB, int Kp, int N, int G, int t, co
     for (int m = 0; m < MB; m++) facc[m][0] = facc[m][1] = _mm256_setzero_ps();
     for (int g = 0; g < ng; g++) {
         const uint8_t *tg = codes + ((size_t)t * ng + g) * tg_bytes(bits, G);
-        const uint64_t *hi = (const uint64_t *)(tg + (size_t)nv * 64);
+        const uint8_t *hb = tg + (size_t)nv * 64;
         __m256i acc[4][2];
         for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
         for (int v = 0; v < nv; v++) {
@@ -270,7 +361,12 @@ AVX2F void tile256(const int bits, const int MB, int Kp, int N, int G, int t, co
                 __m256i w = _mm256_loadu_si256((const __m256i *)(tg + v * 64 + 32 * h));
                 for (int s = 0; s < S; s++) {
                     __m256i c = b == 8 ? w : _mm256_and_si256(_mm256_srli_epi16(w, b * s), mask);
-                    if (bits == 3) c = _mm256_or_si256(c, expand_bits_avx2((uint32_t)(hi[v * 4 + s] >> (32 * h))));
+                    if (bits == 3) { /* bit q = 4(v%2)+s of the high-bits byte -> bit 2 */
+                        __m256i hv = _mm256_loadu_si256((const __m256i *)(hb + (v / 2) * 64 + 32 * h));
+                        int q = 4 * (v % 2) + s;
+                        hv = q >= 2 ? _mm256_srli_epi16(hv, q - 2) : _mm256_slli_epi16(hv, 2 - q);
+                        c = _mm256_or_si256(c, _mm256_and_si256(hv, _mm256_set1_epi8(4)));
+                    }
                     int kk = g * G + v * 4 * S + 4 * s;
                     for (int m = 0; m < MB; m++) {
                         int32_t x4;
@@ -323,17 +419,25 @@ static int bits_index(int bits) { return bits == 2 ? 0 : bits == 3 ? 1 : bits ==
 int lowbit_gemm_q(int bits, int M, int Kp, int N, int G, const uint8_t *codes, const float *scales,
                   const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
     int bi = bits_index(bits);
-    if (bi < 0 || G <= 0 || G % 32 || Kp % G || M <= 0 || N <= 0) return -1;
+    int pair = pair_mode(bits, G);
+    if (bi < 0 || G <= 0 || (G % 32 && !pair) || Kp % (pair ? 32 : G) || M <= 0 || N <= 0) return -1;
     int isa = lowbit_isa(), nt = (N + TILE - 1) / TILE, ng = Kp / G;
 #pragma omp parallel for schedule(static) num_threads(nthreads()) if (nt > 1)
     for (int t = 0; t < nt; t++) {
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            int mb = M - m0 < 4 ? M - m0 : 4;
+        const int mbmax = pair && isa == ISA_AVX512VNNI ? 2 : 4;
+        for (int m0 = 0; m0 < M; m0 += mbmax) {
+            int mb = M - m0 < mbmax ? M - m0 : mbmax;
             const int8_t *xq_m = xq + (size_t)m0 * Kp;
             const float *xs_m = xs + (size_t)m0 * ng;
             const int32_t *xsum_m = xsum + (size_t)m0 * ng;
             float *y_m = y + (size_t)m0 * N;
-            if (isa == ISA_AVX512VNNI)
+            if (pair && isa == ISA_AVX512VNNI)
+                tile512_pair(bits, mb, Kp, N, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
+            else if (pair) /* AVX2: the generic C loop (slow) */
+                tile_generic(bits, mb, Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
+            else if (isa == ISA_AVX512VNNI && mb == 1 && bits <= 3 && G * 2 / 32 < 4)
+                tile512_small(bits, Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
+            else if (isa == ISA_AVX512VNNI)
                 T512[bi][mb - 1](Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
             else if (isa == ISA_AVX2)
                 T256[bi][mb - 1](Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);

@@ -1,6 +1,6 @@
 /* lowbit decode-step helpers around the low-bit linears (batch 1, float32): RMSNorm, rotary embedding
- * + KV-cache append + grouped-query attention for one new token, SwiGLU.  Plain C, one thread except
- * SwiGLU (its expf runs on the kernels' threads): at decode these touch kilobytes, the linears megabytes.
+ * + KV-cache append + grouped-query attention for one new token, SwiGLU.  Plain C; attention heads (past a
+ * cache length) and SwiGLU run on the kernels' threads: at decode these touch kilobytes, the linears megabytes.
  *
  * rmsnorm:  y = x / sqrt(mean(x^2) + eps) * w            (w NULL: 1)
  * rope:     pairs (i, i + d/2) of each head rotated by pos * theta_i (cos/sin given for this position)
@@ -9,6 +9,12 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+int lowbit_num_threads(void); /* lowbit_cpu.c: the kernels' thread count */
 
 void lowbit_rmsnorm(int n, const float *x, const float *w, float eps, float *y) {
     double ss = 0.0;
@@ -40,29 +46,40 @@ void lowbit_rope_attend(int heads, int kv, int d, int pos, int cap, float *qkv, 
             vc[((size_t)g * cap + pos) * d + i] = v[(size_t)g * d + i];
         }
     float scale = 1.0f / sqrtf((float)d);
-    for (int h = 0; h < heads; h++) {
-        int g = h / (heads / kv);
-        const float *qh = q + (size_t)h * d;
-        float mx = -INFINITY, sum = 0.0f;
-        for (int t = 0; t <= pos; t++) {
-            const float *kt = kc + ((size_t)g * cap + t) * d;
-            float dot = 0.0f;
-            for (int i = 0; i < d; i++) dot += qh[i] * kt[i];
-            scratch[t] = dot * scale;
-            mx = scratch[t] > mx ? scratch[t] : mx;
+    int heads_per_kv = heads / kv;
+    /* heads on the kernels' threads once the cache is long enough to pay for the fork (scratch: one row
+     * of pos + 1 scores per head, the caller's for one thread) */
+#pragma omp parallel num_threads(lowbit_num_threads()) if ((size_t)heads * (pos + 1) * d >= 16384)
+    {
+        float *sc = scratch;
+#ifdef _OPENMP
+        if (omp_get_num_threads() > 1) sc = malloc(sizeof(float) * (size_t)(pos + 1));
+#endif
+#pragma omp for schedule(static)
+        for (int h = 0; h < heads; h++) {
+            int g = h / heads_per_kv;
+            const float *qh = q + (size_t)h * d;
+            float mx = -INFINITY, sum = 0.0f;
+            for (int t = 0; t <= pos; t++) {
+                const float *kt = kc + ((size_t)g * cap + t) * d;
+                float dot = 0.0f;
+                for (int i = 0; i < d; i++) dot += qh[i] * kt[i];
+                sc[t] = dot * scale;
+                mx = sc[t] > mx ? sc[t] : mx;
+            }
+            for (int t = 0; t <= pos; t++) sum += sc[t] = expf(sc[t] - mx);
+            float *oh = out + (size_t)h * d;
+            for (int i = 0; i < d; i++) oh[i] = 0.0f;
+            for (int t = 0; t <= pos; t++) {
+                const float *vt = vc + ((size_t)g * cap + t) * d;
+                float p = sc[t] / sum;
+                for (int i = 0; i < d; i++) oh[i] += p * vt[i];
+            }
         }
-        for (int t = 0; t <= pos; t++) sum += scratch[t] = expf(scratch[t] - mx);
-        float *oh = out + (size_t)h * d;
-        for (int i = 0; i < d; i++) oh[i] = 0.0f;
-        for (int t = 0; t <= pos; t++) {
-            const float *vt = vc + ((size_t)g * cap + t) * d;
-            float p = scratch[t] / sum;
-            for (int i = 0; i < d; i++) oh[i] += p * vt[i];
-        }
+        if (sc != scratch) free(sc);
     }
 }
 
-int lowbit_num_threads(void); /* lowbit_cpu.c: the kernels' thread count */
 
 void lowbit_swiglu(int n, const float *gu, float *out) {
 #pragma omp parallel for schedule(static) num_threads(lowbit_num_threads()) if (n >= 4096)

@@ -27,7 +27,7 @@ _REGISTERED: str | bool = False
 def kernel_operands(codes_kn: np.ndarray, scale_gn: np.ndarray, zero_gn: np.ndarray, bits: int, block: int):
     """(codes, scales, zeros) in the kernels' layout from codes [K, N] and per-group scale/zero [G, N];
     None where the kernels cannot run the format (the TIR kernel runs it instead)."""
-    if bits not in (2, 3, 4, 8) or block % 32:
+    if bits not in (2, 3, 4, 8) or (block % 32 and not (block == 16 and bits <= 3)):
         return None
     z = np.asarray(zero_gn)
     if np.any(z != np.round(z)) or z.min() < 0 or z.max() >= (1 << bits):
@@ -79,9 +79,9 @@ def _register_python() -> None:
 
     def cpu_linear(x, codes, scales, zeros, out):
         m, k = (int(d) for d in x.shape)
-        _, ng, bits, g2 = (int(d) for d in codes.shape)
-        group, n = g2 // 2, int(out.shape[1])
-        kp = ng * group
+        _, nb, bits, g2 = (int(d) for d in codes.shape)
+        kp, ng, n = nb * (g2 // 2), int(scales.shape[1]), int(out.shape[1])
+        group = kp // ng
         need = m * kp + 8 * m * ng + 64
         ws = workspaces.get(need)
         if ws is None:

@@ -29,11 +29,18 @@ def _one_line(text) -> str:
 
 
 def synthetic_feed(sess) -> dict[str, np.ndarray]:
-    """Small valid inputs from the session's signature: token ids 0..3, masks of ones, floats N(0, 1)."""
+    """Small valid inputs from the session's signature: token ids 0..3, masks of ones, floats N(0, 1).
+
+    A KV-cache graph is fed as generation starts it (a prefill): every ``past*`` cache input empty
+    (its symbolic non-batch axes 0), so that the attention mask's total length (past + sequence)
+    agrees with the 4 tokens fed.
+    """
     rng = np.random.default_rng(0)
     feed = {}
     for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else (4 if i == len(inp.shape) - 1 else 1)
+        past = inp.name.startswith("past")
+        shape = [d if isinstance(d, int) and d > 0 else
+                 (1 if i == 0 else 0 if past else 4 if i == len(inp.shape) - 1 else 1)
                  for i, d in enumerate(inp.shape)]
         dtype = _NP.get(inp.type)
         if dtype is None:

@@ -22,7 +22,11 @@ def absmax(model: ir.Model, values: list[ir.Value], feeds: list[dict]) -> dict[s
     """{value name: max |x| over every finite element of every sample}."""
     from lowbit.ir.sessions import make_session
 
+    out = {v.name: _const_absmax(v.const_value.numpy()) for v in values if v.const_value is not None}
+    values = [v for v in values if v.const_value is None]  # constants (an exporter's folded position table)
     names = list(dict.fromkeys(v.name for v in values))
+    if not names:
+        return out
     if any(n.domain == DOMAIN for n in model.graph):  # ORT runs lowbit ops through their lowerings, on a copy
         model = _lowered_copy(model)
         by_name = {o.name: o for n in model.graph for o in n.outputs} | {v.name: v for v in model.graph.inputs}
@@ -34,7 +38,7 @@ def absmax(model: ir.Model, values: list[ir.Value], feeds: list[dict]) -> dict[s
     finally:
         for v in added:
             model.graph.outputs.remove(v)
-    out = dict.fromkeys(names, 0.0)
+    out.update(dict.fromkeys(names, 0.0))
     for feed in feeds:
         for n, x in zip(names, sess.run(names, feed)):
             x = np.abs(np.asarray(x, np.float64))
@@ -43,6 +47,12 @@ def absmax(model: ir.Model, values: list[ir.Value], feeds: list[dict]) -> dict[s
                 out[n] = max(out[n], float(x.max()))
     logger.debug("ranges of %d values over %d samples", len(names), len(feeds))
     return out
+
+
+def _const_absmax(x: np.ndarray) -> float:
+    x = np.abs(np.asarray(x, np.float64))
+    x = x[np.isfinite(x)]
+    return float(x.max()) if x.size else 0.0
 
 
 def _lowered_copy(model: ir.Model) -> ir.Model:

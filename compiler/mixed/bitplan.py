@@ -33,7 +33,7 @@ from lowbit.errors import LowbitError
 from lowbit.quant.rtn import FLOAT_BITS, fake_quant, storage_bytes
 
 __all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "nominal_width", "apply_fake_quant", "fake_quant_proto", "plan_bytes",
-           "split_bytes",
+           "split_bytes", "graph_overhead", "function_bytes", "FORM_BYTES",
            "PLAN_VERSION", "ORDER_BYTES"]
 
 PLAN_VERSION = 1
@@ -86,6 +86,7 @@ class Plan:
     target: float = 0.0
     estimator: str = "cheap"
     fixed_bytes: int = 0  # initializers that are not linear weights (embedding, norms, tables)
+    graph_bytes: int = 0  # the rest of the written file: nodes, names, tensor headers (see graph_overhead)
     model: str = ""  # fingerprint of the model the plan was made for
     extra: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
@@ -101,6 +102,11 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return self.fixed_bytes + self.linear_bytes
+
+    @property
+    def file_bytes(self) -> int:
+        """The predicted size of the written ``.onnx`` file: initializers plus the serialized graph."""
+        return self.total_bytes + self.graph_bytes
 
     @property
     def avg_bits(self) -> float:
@@ -126,6 +132,7 @@ class Plan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["summary"] = {"weights": self.weights, "linear_bytes": self.linear_bytes, "total_bytes": self.total_bytes,
+                        "file_bytes": self.file_bytes,
                         "avg_bits": round(self.avg_bits, 4), "nominal_bits": round(self.nominal_bits, 4)}
         return d
 
@@ -168,6 +175,25 @@ class Plan:
             lp.bytes = storage_bytes(k, n - ns, lp.bits, lp.group)
             if lp.split:
                 lp.split["bytes"] = split_bytes(k, n, ns, lp.split["bits"], lp.split["group"])
+
+
+FORM_BYTES = 480  # serialized node + tensor headers a quantized linear adds over its float MatMul (MatMulNBits form)
+
+
+def graph_overhead(model) -> int:
+    """Bytes of ``model``'s serialized protobuf that are not initializer data (nodes, names, value infos,
+    tensor headers, metadata); external data counts as nothing here, as it is not in the ``.onnx`` file."""
+    import onnx_ir as ir
+
+    proto = ir.to_proto(model)
+    return proto.ByteSize() - sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def function_bytes(op_type: str, opset: int = 21) -> int:
+    """Serialized size of a lowbit op's function body, which a model using the op carries once."""
+    from lowbit.ops.registry import get_op
+
+    return get_op(op_type).function(opset).ByteSize()
 
 
 def split_bytes(k: int, n: int, ns: int, bits: int, group: int) -> int:

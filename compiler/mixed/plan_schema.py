@@ -53,8 +53,9 @@ def check_plan_dict(d, source: str = "plan") -> None:
         if key in d and not isinstance(d[key], typ):
             raise _fail(key, f"must be a {typ.__name__}, got {type(d[key]).__name__}", source)
     _num(d, "target", "the plan", source)
-    if "fixed_bytes" in d:
-        _int(d, "fixed_bytes", "the plan", source)
+    for key in ("fixed_bytes", "graph_bytes"):
+        if key in d:
+            _int(d, key, "the plan", source)
     known = {"name", "shape", "bits", "group", "bytes", "est_error", "measured_error", "split"}
     for i, lp in enumerate(d["layers"]):
         where = f"layers[{i}]"

@@ -58,8 +58,8 @@ def _check_calibrated(model: ir.Model, hessian: bool = False) -> str | None:
     return None
 
 
-_QUANTIZED_OPS = {"MatMulInteger", "MatMulNBits", "MatMul3Bit", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-                  "QLinearMatMul"}
+_QUANTIZED_OPS = {"MatMulInteger", "MatMulNBits", "MatMul3Bit", "MatMulGrid", "DynamicQuantizeMatMul",
+                  "MatMulIntegerToFloat", "QLinearMatMul"}
 
 
 def _check_quantized(model: ir.Model) -> str | None:

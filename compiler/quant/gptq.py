@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.quant.hqq import hqq_refine
+from lowbit.quant.mod import mod_decode, mod_encode, mod_params
 from lowbit.quant.rtn import blocks, decode, encode, grouped, rtn_params
 
 __all__ = ["rtn_quantize", "gptq_quantize", "dequantize", "group_params"]
@@ -32,9 +33,15 @@ __all__ = ["rtn_quantize", "gptq_quantize", "dequantize", "group_params"]
 _CLIP_GRID = np.linspace(1.0, 0.5, 11)
 
 
-def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_search: bool, hqq: bool = False):
-    """Per-(group, column) float64 scale and zero point ``[G, N]`` for ``w[K, N]``."""
+def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_search: bool, hqq: bool = False,
+                 dtype: str = "int", row_weights: np.ndarray | None = None):
+    """Per-(group, column) float64 scale and zero point ``[G, N]`` for ``w[K, N]`` (``dtype='mod'``: the
+    zero point is the index of the group's grid, ``lowbit.quant.mod``)."""
     wg = grouped(w, group, np.float64)
+    if dtype == "mod":
+        rw = None if row_weights is None else grouped(np.asarray(row_weights, np.float64)[:, None], group,
+                                                      np.float64)[..., 0]
+        return mod_params(wg, bits, clip_search, rw)
     best_s, best_z = rtn_params(wg, bits, symmetric)
     if clip_search:
         best_s, best_z = _clip_search(wg, bits, symmetric, best_s, best_z)
@@ -57,35 +64,50 @@ def _clip_search(wg, bits, symmetric, best_s, best_z):
     return best_s, best_z
 
 
-def _check(bits: int, group: int) -> None:
+def _enc(w, s, z, bits, dtype):
+    return mod_encode(w, s, z, bits) if dtype == "mod" else encode(w, s, z, bits)
+
+
+def _dec(q, s, z, bits, dtype):
+    return mod_decode(q, s, z, bits) if dtype == "mod" else decode(q, s, z)
+
+
+def _check(bits: int, group: int, dtype: str = "int", hqq: bool = False) -> None:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    if dtype not in ("int", "mod"):
+        raise ValueError(f"dtype must be int or mod, got {dtype}")
+    if dtype == "mod" and (bits not in (2, 3) or hqq):
+        raise ValueError("dtype=mod (mixture of data types) is defined for 2 and 3 bits, without hqq")
     if group < 0:
         raise ValueError(f"group must be >= 0, got {group}")
 
 
 def rtn_quantize(w: np.ndarray, bits: int, group: int = 0, symmetric: bool = True, clip_search: bool = False,
-                 hqq: bool = False):
-    """Round to nearest: (codes uint8 [K, N], scales float32 [G, N], zero points uint8 [G, N])."""
-    _check(bits, group)
+                 hqq: bool = False, dtype: str = "int"):
+    """Round to nearest: (codes uint8 [K, N], scales float32 [G, N], zero points (or grid indices) uint8 [G, N])."""
+    _check(bits, group, dtype, hqq)
     w = np.asarray(w, np.float64)
-    s, z = group_params(w, bits, group, symmetric, clip_search, hqq)
+    s, z = group_params(w, bits, group, symmetric, clip_search, hqq, dtype)
     rows = np.arange(w.shape[0]) // blocks(w.shape[0], group)[0]
-    q = encode(w, s[rows], z[rows], bits)
+    q = _enc(w, s[rows], z[rows], bits, dtype)
     return q.astype(np.uint8), s.astype(np.float32), z.astype(np.uint8)
 
 
-def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, group: int) -> np.ndarray:
-    """Ŵ[K, N] = (q − z)·s with the group of row k being k // group (all rows when group=0)."""
+def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, group: int, bits: int = 0,
+               dtype: str = "int") -> np.ndarray:
+    """Ŵ[K, N] = (q − z)·s (``dtype='mod'``: s·L_z[q]) with the group of row k being k // group (all rows when
+    group=0)."""
     rows = np.arange(q.shape[0]) // blocks(q.shape[0], group)[0]
-    return decode(q, np.asarray(scales, np.float32)[rows], zps[rows])
+    return _dec(q, np.asarray(scales, np.float32)[rows], zps[rows], bits, dtype)
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0, symmetric: bool = True,
                   clip_search: bool = False, act_order: bool = False, damp: float = 0.01, block: int = 128,
-                  hqq: bool = False):
-    """GPTQ with Hessian ``XᵀX`` [K, K]; returns what ``rtn_quantize`` returns."""
-    _check(bits, group)
+                  hqq: bool = False, dtype: str = "int", hessian_fit: bool = False):
+    """GPTQ with Hessian ``XᵀX`` [K, K]; returns what ``rtn_quantize`` returns.  ``hessian_fit`` (dtype=mod):
+    each group's grid and scale minimise the diag(XᵀX)-weighted squared error."""
+    _check(bits, group, dtype, hqq)
     wt = np.array(np.asarray(w, np.float64).T)  # [N, K]: rows = output channels
     n, k = wt.shape
     h = np.array(hessian, np.float64)
@@ -95,9 +117,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
     h[dead, dead] = 1.0
     wt[:, dead] = 0.0
     g = blocks(k, group)[0]
+    hd = np.diag(h).copy() if hessian_fit else None
     static = None
     if group <= 0 or act_order:  # parameters fixed up front (per channel, or static groups)
-        static = group_params(wt.T, bits, group, symmetric, clip_search, hqq)
+        static = group_params(wt.T, bits, group, symmetric, clip_search, hqq, dtype, hd)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     wt, h = wt[:, perm], h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
@@ -122,13 +145,14 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
                 if stop > i2:  # the group runs past this block: apply the block's pending (lazy) update first
                     ahead = wt[:, i2:stop] - err1[:, :i] @ hinv[i1:col, i2:stop]
                     cur = np.concatenate([cur, ahead], axis=1)
-                s, z = group_params(cur.T, bits, 0, symmetric, clip_search, hqq)
+                s, z = group_params(cur.T, bits, 0, symmetric, clip_search, hqq, dtype,
+                                    None if hd is None else hd[perm][col:stop])
                 s_all[col // g], z_all[col // g] = s[0], z[0]
             gi = gidx[col]
             wcol = w1[:, i]
-            qc = encode(wcol, s_all[gi], z_all[gi], bits)
+            qc = _enc(wcol, s_all[gi], z_all[gi], bits, dtype)
             q_out[:, col] = qc
-            deq = decode(qc, s_all[gi], z_all[gi])
+            deq = _dec(qc, s_all[gi], z_all[gi], bits, dtype)
             e = (wcol - deq) / hinv1[i, i]
             w1[:, i:] -= np.outer(e, hinv1[i, i:])
             err1[:, i] = e

@@ -24,6 +24,10 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer, if the model does not record one")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print text and timings as JSON at the end (no streaming)")
+    p.add_argument("--backend", default="ort", choices=["ort", "tvm"],
+                   help="tvm: compile the KV graph with TVM (symbolic lengths, one artifact) and run it there; "
+                        "MODEL may also be such an artifact (.so from 'lowbit compile --kv-cache --backend tvm')")
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda"], help="TVM target (with --backend tvm)")
     p.set_defaults(func=run)
 
 
@@ -41,12 +45,35 @@ def _model(arg, tokenizer):
     return load_model(arg, tokenizer=tokenizer, kv_cache=True)
 
 
+def _tvm_session(args):
+    """A TvmKVSession: MODEL is a KV artifact (.so), or is compiled into one in a temporary folder."""
+    import tempfile
+    from pathlib import Path
+
+    from lowbit.runtime.tvm_kv_session import TvmKVSession
+
+    if str(args.model).endswith(".so"):
+        if not Path(args.model).is_file():
+            from lowbit.errors import ModelLoadError
+
+            raise ModelLoadError(f"{args.model}: no such file", hint="check the artifact path")
+        return TvmKVSession(args.model, device="cuda" if args.target == "cuda" else None)
+    from lowbit.backends.tvm_decoder import lower_kv_tvm
+
+    model = _model(args.model, args.tokenizer)
+    out = tempfile.mkdtemp(prefix="lowbit-tvm-kv-")
+    art = lower_kv_tvm(model, args.target, out)
+    return TvmKVSession(art.lib)
+
+
 def run(args) -> int:
     import sys
 
     from lowbit.runtime.generate import generate
 
-    gen = generate(_model(args.model, args.tokenizer), args.prompt, tokenizer=args.tokenizer,
+    model = _tvm_session(args) if args.backend == "tvm" or str(args.model).endswith(".so") else \
+        _model(args.model, args.tokenizer)
+    gen = generate(model, args.prompt, tokenizer=args.tokenizer,
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, chat=args.chat, threads=args.threads)
     for tok in gen:

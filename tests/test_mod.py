@@ -1,0 +1,151 @@
+"""Mixture of data types per group (BitMoD-style, ``quantize-weights{dtype=mod}``) against a plain-numpy
+reference written from the paper's definition: each group picks the grid and scale of least squared error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from lowbit.ir.analysis import find_linears
+from lowbit.ir.sessions import make_session
+from lowbit.passmanager.manager import CompileContext, PassManager
+from lowbit.quant.gptq import dequantize, gptq_quantize, rtn_quantize
+from lowbit.quant.mod import GRIDS, mod_storage_bytes
+from lowbit_models import random_llama, rel_err, tokens
+
+
+def _bitmod_fp3() -> list[list[float]]:
+    """BitMoD's 3-bit types: FP3 (sign + magnitudes 0, 1, 2, 4) whose redundant −0 code holds ±3 or ±6."""
+    basic = sorted({s * m for s in (1, -1) for m in (0, 1, 2, 4)})
+    return [sorted(basic + [v]) for v in (3, -3, 6, -6)]
+
+
+def _ref_group(w: np.ndarray, grids, h=None) -> tuple[float, int, float]:
+    """(scale, grid, error) of one group by the definition: per grid, the covering scale shrunk by
+    1, 0.95, …, 0.5, nearest level, and the least-squares rescale for those levels; smallest error wins.
+    ``h``: per-row weights of the squared error (and of the least-squares rescale)."""
+    h = np.ones_like(w) if h is None else h
+    best = (None, None, np.inf)
+    for t, lv in enumerate(grids):
+        lv = np.asarray(lv, np.float64)
+        s0 = max(max(w.max(), 0) / lv[-1], min(w.min(), 0) / lv[0])
+        s0 = s0 if s0 > 0 else 1.0
+        for f in np.linspace(1.0, 0.5, 11):
+            s = s0 * f
+            v = lv[[int(np.argmin(np.abs(x / s - lv))) for x in w]]
+            cands = [s] + ([float((h * w) @ v / ((h * v) @ v))] if v @ v > 0 else [])
+            for c in cands:
+                if c <= 0:
+                    continue
+                vc = lv[[int(np.argmin(np.abs(x / c - lv))) for x in w]]
+                err = float((h * (c * vc - w) ** 2).sum())
+                if err < best[2]:
+                    best = (c, t, err)
+    return best
+
+
+def test_three_bit_grids_are_bitmods():
+    assert GRIDS[3].tolist() == _bitmod_fp3()
+    for grid in GRIDS.values():  # every grid has 2^b distinct ascending levels
+        assert all(np.all(np.diff(row) > 0) for row in grid)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_rtn_mod_matches_the_reference(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((32, 6)) * np.exp(rng.standard_normal(6))
+    w[:16, 2] += 1.5  # a skewed group
+    q, s, t = rtn_quantize(w, bits, 16, symmetric=False, clip_search=True, dtype="mod")
+    got = dequantize(q, s, t, 16, bits, "mod")
+    for gi in range(2):
+        for c in range(6):
+            ws = w[gi * 16:(gi + 1) * 16, c]
+            scale, grid, err = _ref_group(ws, GRIDS[bits])
+            assert t[gi, c] == grid
+            assert s[gi, c] == pytest.approx(scale, rel=1e-6)
+            assert ((got[gi * 16:(gi + 1) * 16, c] - ws) ** 2).sum() == pytest.approx(err, rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_mixture_beats_integer_grids_on_gaussian_groups(bits):
+    w = np.random.default_rng(0).standard_normal((256, 64))
+    e_int = ((dequantize(*rtn_quantize(w, bits, 16, symmetric=False, clip_search=True), 16) - w) ** 2).sum()
+    e_mod = ((dequantize(*rtn_quantize(w, bits, 16, symmetric=False, clip_search=True, dtype="mod"), 16, bits,
+                         "mod") - w) ** 2).sum()
+    assert e_mod < 0.92 * e_int
+
+
+def test_gptq_with_mixture_lowers_the_output_error_of_rtn_and_of_integer_gptq():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((512, 64)) @ rng.standard_normal((64, 64)) * 0.3
+    w = rng.standard_normal((64, 48))
+    h = x.T @ x
+    for act_order in (False, True):
+        qg = dequantize(*gptq_quantize(w, h, 2, 16, False, True, act_order, dtype="mod"), 16, 2, "mod")
+        qr = dequantize(*rtn_quantize(w, 2, 16, False, True, dtype="mod"), 16, 2, "mod")
+        qi = dequantize(*gptq_quantize(w, h, 2, 16, False, True, act_order), 16)
+        err = np.linalg.norm(x @ (qg - w))
+        assert err < 0.9 * np.linalg.norm(x @ (qr - w))
+        assert err < 0.95 * np.linalg.norm(x @ (qi - w))
+
+
+def _ref_decode(q, s, t, bits, group):
+    grids = np.asarray(_bitmod_fp3()) if bits == 3 else GRIDS[2]
+    rows = np.arange(q.shape[0]) // group
+    return np.asarray(s, np.float32)[rows] * grids[t[rows].astype(int), q.astype(int)].astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_graph_computes_the_numpy_weights_and_stores_what_it_counts(bits):
+    model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
+    feed = tokens(128, seq=12)
+    weights = {lin.name: lin.weight.const_value.numpy().copy() for lin in find_linears(model.graph)}
+    qmodel = PassManager.from_pipeline(f"quantize-weights{{bits={bits},group=16,symmetric=false,dtype=mod}}",
+                                       CompileContext(show_progress=False)).run(model)
+    ref = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
+    counted = written = 0
+    for lin in find_linears(ref.graph):
+        w = weights[lin.name]
+        q, s, t = rtn_quantize(w, bits, 16, symmetric=False, dtype="mod")
+        lin.weight.const_value = ir.tensor(_ref_decode(q, s, t, bits, 16))
+        counted += mod_storage_bytes(*w.shape, bits, 16)
+        written += sum(qmodel.graph.initializers[f"{lin.name}.{k}"].const_value.nbytes
+                       for k in ("weight_q", "weight_dtype", "weight_scale"))
+    assert written == counted
+    got = make_session(qmodel, optimize=False).run(None, feed)[0]
+    want = make_session(ref, optimize=False).run(None, feed)[0]
+    assert rel_err(got, want) < 1e-5
+
+
+def test_hessian_weighted_fit_matches_the_reference():
+    from lowbit.quant.mod import mod_params
+
+    rng = np.random.default_rng(7)
+    wg = rng.standard_normal((2, 16, 5))
+    hd = np.exp(2 * rng.standard_normal((2, 16)))  # a few input channels dominate
+    s, t = mod_params(wg, 2, True, hd)
+    for gi in range(2):
+        for c in range(5):
+            scale, grid, _ = _ref_group(wg[gi, :, c], GRIDS[2], hd[gi])
+            assert t[gi, c] == grid and s[gi, c] == pytest.approx(scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_codes_pack_eight_per_bits_bytes_little_endian(bits):
+    from lowbit.ops.grid_ops import pack_codes, unpack_codes
+
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, 77)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == 10 * bits  # ⌈77/8⌉ words of `bits` bytes
+    word = sum(int(packed[j]) << (8 * j) for j in range(bits))  # the first word, by hand
+    assert [(word >> (bits * i)) & ((1 << bits) - 1) for i in range(8)] == codes[:8].tolist()
+    assert unpack_codes(packed, bits, 77).tolist() == codes.tolist()
+
+
+def test_group_of_eight_only_with_the_grid_form():
+    from lowbit.passes.quantize_weights import QuantizeWeights
+
+    with pytest.raises(ValueError, match="group=8 needs dtype=mod"):
+        QuantizeWeights.Options(bits=2, group=8)
+    assert QuantizeWeights.Options(bits=2, group=8, symmetric=False, dtype="mod").group == 8
