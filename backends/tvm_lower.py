@@ -94,8 +94,11 @@ def _static_shapes(m: ir.Model, shape_dict) -> dict[str, list[int]]:
             continue
         dims = list(v.shape or [])
         if not all(isinstance(d, int) for d in dims):
+            example = "x".join(str(d) if isinstance(d, int) else "1" if i == 0 else "64" for i, d in enumerate(dims))
             raise LowbitError(f"TVM lowering: input '{v.name}' has symbolic shape {dims}",
-                              hint="pass shape_dict={name: [static dims]} (one artifact per shape)")
+                              hint=f"give static shapes, one artifact per shape: --recipe 'RECIPE,"
+                                   f"lower-tvm{{shapes={v.name}:{example}}}' or pass "
+                                   f"shape_dict={{'{v.name}': [...]}} (Python); KV-cache graphs (--kv-cache) need none")
         shape_dict[v.name] = dims
     return shape_dict
 

@@ -94,3 +94,13 @@ def test_timing_and_dump_instruments(stories_model, stories_calibration, tmp_pat
     dumped = sorted(p.name for p in (tmp_path / "ir").iterdir())
     assert dumped == ["02-smooth.txt", "03-quantize.txt"]  # calibrate and lower-ort change nothing
     assert "QuantizeLinear" in (tmp_path / "ir" / "03-quantize.txt").read_text()
+
+
+def test_a_recipe_name_inside_a_pipeline_stands_for_its_passes():
+    """'RECIPE,pass{…}' appends to a recipe (e.g. a TVM lowering with static shapes); a recipe name with
+    options, or a name that is a pass, is not expanded."""
+    got = resolve_recipe("int8-integer-only,lower-tvm{shapes=tokens:1x64}")
+    assert got == str(parse_pipeline(RECIPES["int8-integer-only"] + ",lower-tvm{shapes=tokens:1x64}"))
+    assert resolve_recipe("calibrate,w8a8").startswith("calibrate," + RECIPES["w8a8"].split(",")[0])
+    with pytest.raises(PipelineError, match="unknown pass 'w8a8'"):
+        PassManager.from_pipeline(resolve_recipe("w8a8{alpha=0.5},lower-ort"), CompileContext())

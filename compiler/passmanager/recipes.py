@@ -82,13 +82,17 @@ RECIPES: dict[str, str] = {
 
 
 def resolve_recipe(name_or_pipeline: str) -> str:
-    """A recipe name → its pipeline string; anything else is parsed as a pipeline."""
+    """A recipe name → its pipeline string; anything else is parsed as a pipeline, in which a recipe
+    name without options stands for its passes (``int8-integer-only,lower-tvm{shapes=tokens:1x64}``)."""
     if name_or_pipeline in RECIPES:
         return RECIPES[name_or_pipeline]
-    if "," not in name_or_pipeline and "{" not in name_or_pipeline and name_or_pipeline.count("-") <= 2:
-        from lowbit.passmanager.manager import registered_passes
+    from lowbit.passmanager.manager import registered_passes
 
+    if "," not in name_or_pipeline and "{" not in name_or_pipeline and name_or_pipeline.count("-") <= 2:
         if name_or_pipeline not in registered_passes():
             raise PipelineError(f"unknown recipe '{name_or_pipeline}'",
                                 hint=f"recipes: {', '.join(RECIPES)}; or give a pipeline string")
-    return str(parse_pipeline(name_or_pipeline))
+    passes = registered_passes()
+    items = [RECIPES[i.name] if i.name in RECIPES and i.name not in passes and not i.options else str(i)
+             for i in parse_pipeline(name_or_pipeline)]
+    return str(parse_pipeline(",".join(items)))
