@@ -28,6 +28,10 @@ SYSROOT = "/usr/aarch64-linux-gnu"
 DEVICE_SCRIPT = Path(__file__).resolve().parents[1] / "runtime" / "tvm_device.py"
 
 
+_DEBROOT = "arm64"  # Debian's arm64 packages, unpacked (dpkg -x), never installed
+_READY = "ready-arm64"
+
+
 def _home() -> Path:
     return Path(os.environ.get("LOWBIT_AARCH64_ENV", Path.home() / ".cache" / "lowbit-aarch64"))
 
@@ -39,7 +43,7 @@ def missing() -> str | None:
             return f"{tool} not on PATH (apt-get install qemu-user gcc-aarch64-linux-gnu)"
     if not Path(SYSROOT, "lib").is_dir():
         return f"{SYSROOT} missing (apt-get install gcc-aarch64-linux-gnu)"
-    if _home().joinpath("ready").exists():
+    if _home().joinpath(_READY).exists():
         return None
     archs = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True).stdout.split()
     if "arm64" not in archs:
@@ -48,11 +52,11 @@ def missing() -> str | None:
 
 
 def aarch64_env() -> Path:
-    """The prepared folder (root/ = unpacked .debs, site/ = unpacked wheels); built on first use."""
+    """The prepared folder (arm64/ = unpacked .debs, site/ = unpacked wheels); built on first use."""
     home = _home()
-    if home.joinpath("ready").exists():
+    if home.joinpath(_READY).exists():
         return home
-    debs, wheels, root, site = (home / d for d in ("debs", "wheels", "root", "site"))
+    debs, wheels, root, site = (home / d for d in ("debs", "wheels", _DEBROOT, "site"))
     for d in (debs, wheels, root, site):
         d.mkdir(parents=True, exist_ok=True)
     subprocess.run(["apt-get", "download", *[f"{p}:arm64" for p in DEBS]], cwd=debs, check=True, capture_output=True)
@@ -66,7 +70,7 @@ def aarch64_env() -> Path:
             z.extractall(site)
     for lib in ("libtvm_compiler.so", "libtvm_runtime_cuda.so"):  # runtime-only on the device
         site.joinpath("tvm", "lib", lib).unlink(missing_ok=True)
-    home.joinpath("ready").write_text("ok\n")
+    home.joinpath(_READY).write_text("ok\n")
     return home
 
 
@@ -76,10 +80,11 @@ def qemu_run(lib: Path, feeds: list[dict[str, np.ndarray]], timeout: int = 900) 
     lib = Path(lib)
     fin, fout = lib.parent / "feeds.npz", lib.parent / "outputs.npz"
     np.savez(fin, **{f"f{i}.{k}": np.asarray(v) for i, f in enumerate(feeds) for k, v in f.items()})
-    libdirs = f"{home}/root/usr/lib/aarch64-linux-gnu:{home}/root/lib/aarch64-linux-gnu"
-    cmd = ["qemu-aarch64", "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={libdirs}", "-E", f"PYTHONHOME={home}/root/usr",
-           "-E", f"PYTHONPATH={home}/site", "-E", "TVM_USE_RUNTIME_LIB=1",
-           f"{home}/root/usr/bin/python3.11", str(DEVICE_SCRIPT), str(lib), str(fin), str(fout)]
+    usr = home / _DEBROOT / "usr"
+    libdirs = f"{usr / 'lib' / 'aarch64-linux-gnu'}:{home / _DEBROOT / 'lib' / 'aarch64-linux-gnu'}"
+    cmd = ["qemu-aarch64", "-L", SYSROOT, "-E", f"LD_LIBRARY_PATH={libdirs}", "-E", f"PYTHONHOME={usr}",
+           "-E", f"PYTHONPATH={home / 'site'}", "-E", "TVM_USE_RUNTIME_LIB=1",
+           str(usr / "bin" / "python3.11"), str(DEVICE_SCRIPT), str(lib), str(fin), str(fout)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"qemu-aarch64 run failed ({proc.returncode}): {proc.stderr[-2000:]}")
