@@ -228,13 +228,7 @@ def symbolic_kv_form(model: ir.Model) -> int:
 def import_kv_relax(model, target: Any = "llvm"):
     """(IRModule, param arrays, meta) of a KV-cache decoder graph with symbolic lengths (see the module doc);
     :func:`lowbit.backends.tvm_lower.import_relax` without its static-shape requirement."""
-    import warnings
-
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from lowbit.backends.tvm_convert import lowbit_converters
     from lowbit.backends.tvm_prepare import prepare_for_tvm
-    from lowbit.ir.sessions import to_proto
 
     tgt = tvm_lower.make_target(target)
     m = tvm_lower._as_model(model)
@@ -246,17 +240,7 @@ def import_kv_relax(model, target: Any = "llvm"):
             "shape_dict": {}, "kv_cache": True, "tokenizer": m.metadata_props.get("lowbit.tokenizer")}
     shape_dict: dict = {}
     arrays = tvm_lower._lift_params(m, shape_dict)
-    dtypes = {v.name: np.dtype(v.dtype.numpy()).name for v in m.graph.inputs}
-    try:
-        with tgt, lowbit_converters(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Renaming name")
-            mod = from_onnx(to_proto(m), shape_dict=shape_dict, dtype_dict=dtypes, keep_params_in_input=False)
-    except NotImplementedError as exc:
-        raise LowbitError(f"TVM import failed: {exc}", hint="this op needs a converter in backends/tvm_convert.py") from exc
-    except Exception as exc:
-        raise LowbitError(f"TVM import failed: {type(exc).__name__}: {exc}") from exc
-    meta["num_params"] = len(arrays)
-    return mod, arrays, meta
+    return tvm_lower.import_onnx(m, tgt, shape_dict), arrays, {**meta, "num_params": len(arrays)}
 
 
 def lower_kv_tvm(model, target: Any = "llvm", out_dir: str | os.PathLike = "out", name: str = "model",

@@ -139,10 +139,6 @@ def tvm_params(model, layout: str = "tiled", shape_dict: dict[str, list[int]] | 
 def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] | None = None,
                  kernels: str | None = None):
     """(IRModule with params as inputs, list of param arrays, meta dict) for ``model``."""
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from lowbit.ir.sessions import to_proto
-    from lowbit.backends.tvm_convert import lowbit_converters
     from lowbit.backends.tvm_prepare import prepare_for_tvm
 
     tgt = make_target(target)
@@ -160,18 +156,25 @@ def import_relax(model, target: Any = "llvm", shape_dict: dict[str, list[int]] |
             "target": str(tgt), "device": "cuda" if tgt.kind.name == "cuda" else "cpu", "prepare": stats,
             "shape_dict": shape_dict}
     arrays = _lift_params(m, shape_dict)
-    proto = to_proto(m)
+    return import_onnx(m, tgt, shape_dict), arrays, {**meta, "num_params": len(arrays)}
+
+
+def import_onnx(m: ir.Model, tgt, shape_dict: dict):
+    """Relax IRModule of a prepared model through TVM's ONNX importer with lowbit's converters."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from lowbit.backends.tvm_convert import lowbit_converters
+    from lowbit.ir.sessions import to_proto
+
     dtypes = {v.name: np.dtype(v.dtype.numpy()).name for v in m.graph.inputs}
     try:
         with tgt, lowbit_converters(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Renaming name")
-            mod = from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtypes, keep_params_in_input=False)
+            return from_onnx(to_proto(m), shape_dict=shape_dict, dtype_dict=dtypes, keep_params_in_input=False)
     except NotImplementedError as exc:
         raise LowbitError(f"TVM import failed: {exc}", hint="this op needs a converter in backends/tvm_convert.py") from exc
     except Exception as exc:
         raise LowbitError(f"TVM import failed: {type(exc).__name__}: {exc}") from exc
-    meta["num_params"] = len(arrays)
-    return mod, arrays, meta
 
 
 def compile_relax(mod, target: Any = "llvm", tuning_db: str | os.PathLike | None = None):
