@@ -214,7 +214,7 @@ def test_saved_plan_appears_only_with_a_successful_compile(tmp_path, monkeypatch
 
 
 def test_sigint_while_the_temp_folder_is_made_leaks_nothing(tmp_path, monkeypatch):
-    """The signal lands between mkdtemp and recording the folder: it is held back, then cleaned up."""
+    """The signal lands right after the temp folder is made: the folder is removed and the body never runs."""
     import lowbit.ir.staging as staging
 
     real = os.mkdir
@@ -229,3 +229,25 @@ def test_sigint_while_the_temp_folder_is_made_leaks_nothing(tmp_path, monkeypatc
         with ArtifactSet(tmp_path / "m.onnx"):
             pytest.fail("the body must not run")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_inside_the_cleanup_still_removes_the_temp_folder(tmp_path, monkeypatch):
+    """A KeyboardInterrupt that lands inside rmtree (a signal another thread took is raised at any later bytecode)
+    must not leave the half-removed folder behind; the interrupt still reaches the caller."""
+    import lowbit.ir.staging as staging
+
+    real = staging.shutil.rmtree
+    calls = []
+
+    def rmtree_interrupted_once(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(staging.shutil, "rmtree", rmtree_interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        with ArtifactSet(tmp_path / "m.onnx") as art:
+            (art.dir / "m.onnx").write_bytes(b"x")
+            raise RuntimeError("body failed")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []

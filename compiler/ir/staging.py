@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 _TAG = ".lowbit-"
 _STALE = re.compile(r"^\..*\.lowbit-(?P<host>[A-Za-z0-9.\-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$", re.S)
-_LIVE: set[Path] = set()
 
 
 def _host() -> str:
@@ -85,18 +84,6 @@ def remove_stale(folder: Path) -> int:
     return removed
 
 
-@contextlib.contextmanager
-def _signals_blocked():
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 class _Terminated(BaseException):
     pass
 
@@ -127,23 +114,22 @@ class ArtifactSet:
         remove_stale(parent)
         prefix = temp_prefix(name, limit)
         try:
-            with _signals_blocked():
-                for _ in range(100):
-                    # the name is recorded *before* the folder exists: a KeyboardInterrupt at any point
-                    # (another thread may take the signal while this one has it blocked) cannot leak it
-                    self.dir = parent / f"{prefix}{secrets.token_hex(4)}"
-                    try:
-                        os.mkdir(self.dir, 0o700)
-                        break
-                    except FileExistsError:
-                        continue
-                    except OSError as exc:
-                        self.dir = None
-                        from lowbit.files import os_error
+            # the name is recorded *before* the folder exists, and any exception from here on (a KeyboardInterrupt
+            # included) goes through __exit__, which removes it. Signals are not blocked: a blocked SIGINT is
+            # taken by another thread and raised here at some later bytecode, possibly inside the caller's body
+            for _ in range(100):
+                self.dir = parent / f"{prefix}{secrets.token_hex(4)}"
+                try:
+                    os.mkdir(self.dir, 0o700)
+                    break
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    self.dir = None
+                    from lowbit.files import os_error
 
-                        raise os_error(exc, parent, "output folder") from None
-                _LIVE.add(self.dir)
-                self._install_sigterm()
+                    raise os_error(exc, parent, "output folder") from None
+            self._install_sigterm()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -152,11 +138,15 @@ class ArtifactSet:
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        old = signal.getsignal(signal.SIGTERM)
+        if old in (signal.SIG_DFL, None):
             def _raise(signum, frame):
                 raise _Terminated(signum)
 
-            self._old_term = signal.signal(signal.SIGTERM, _raise)
+            # recorded before the handler is set: signal.signal runs pending handlers, and a KeyboardInterrupt
+            # raised there must still find the old handler to restore in __exit__
+            self._old_term = signal.SIG_DFL
+            signal.signal(signal.SIGTERM, _raise)
 
     def stage(self, final: str | os.PathLike) -> Path:
         """A temporary path inside the set for a file (or folder) that belongs at ``final``."""
@@ -188,13 +178,26 @@ class ArtifactSet:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if self.dir is not None:
-                shutil.rmtree(self.dir, ignore_errors=True)
-                _LIVE.discard(self.dir)
+                _remove_tree(self.dir)
         finally:
             if self._old_term is not None:
                 signal.signal(signal.SIGTERM, self._old_term)
         if exc_type is _Terminated:
             raise SystemExit(143)
+
+
+def _remove_tree(folder: Path) -> None:
+    """``rmtree`` that finishes even when a KeyboardInterrupt lands inside it (a signal taken by another thread is
+    raised in this one at any later bytecode); the interrupt is raised again once the folder is gone."""
+    interrupted = None
+    for _ in range(5):
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            break
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the folder is removed
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _move(src: Path, dst: Path) -> Path:
