@@ -121,7 +121,8 @@ class MigrateSteps(Pass):
                 attrs = {k: a for k, a in norm.attributes.items()}
                 clone = make_node(graph, norm.op_type, list(norm.inputs), origin=self.name,
                                   name=f"{norm.name}.migrated", attributes=attrs, before=norm)
-                clone.outputs[0].dtype, clone.outputs[0].shape = group.activation.dtype, group.activation.shape
+                if group.activation.dtype is not None:  # an untyped model stays untyped (no Tensor(None))
+                    clone.outputs[0].dtype, clone.outputs[0].shape = group.activation.dtype, group.activation.shape
                 norm = clone
             for idx in NORM_INPUTS.get(norm.op_type, (1, 2)):  # γ, β (Skip norms: inputs 2, 3)
                 if idx is not None and idx < len(norm.inputs) and norm.inputs[idx] is not None:

@@ -155,20 +155,38 @@ class Pass(InPlacePass):
     def __call__(self, model: ir.Model) -> PassResult:
         """Run the pass; called on its own (not by a manager), it still goes through the default instruments."""
         if self._managed:
-            return super().__call__(model)
+            return _refuse_typeless(self, super().__call__(model))
         instruments = _with_defaults(())
         if not instruments:
-            return super().__call__(model)
+            return _refuse_typeless(self, super().__call__(model))
         for inst in instruments:
             inst.before_pass(self, model)
         start = time.perf_counter()
-        result = super().__call__(model)
+        result = _refuse_typeless(self, super().__call__(model))
         for inst in instruments:
             inst.after_pass(self, result.model, result, time.perf_counter() - start)
         return result
 
     def fail(self, message: str, node: ir.Node | None = None, hint: str | None = None):
         raise PassFailure(self.name, message, node=None if node is None else (node.name or node.op_type), hint=hint)
+
+
+def _refuse_typeless(p: Pass, result: PassResult) -> PassResult:
+    """Refuse a pass that left a value typed as a tensor of unknown element type.
+
+    Setting ``value.dtype = other.dtype`` where ``other`` is untyped (a model whose intermediate values
+    carry no types: built by hand, or loaded without lowbit's frontend, which infers them) makes a
+    ``Tensor(None)`` type that ONNX cannot serialize; the next session would fail deep inside onnx_ir
+    with an unrelated pass's name on it.  This names the pass that made it, and what to do."""
+    graph = result.model.graph
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for v in node.outputs:
+            if v.type is not None and v.dtype is None:
+                raise PassFailure(p.name, f"made value '{v.name}' a tensor of unknown element type "
+                                          "(the model's values carry no types)", node=node.name or node.op_type,
+                                  hint="load the model with lowbit.load_model or run 'canonicalize' first "
+                                       "(both infer value types), or report this lowbit bug")
+    return result
 
 
 class Instrument:
