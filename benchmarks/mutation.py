@@ -79,6 +79,11 @@ COVER: dict[str, list[str]] = {
     "passes/integer_attention.py": ["test_integer_tiny.py", "test_integer_check.py"],
     "compiler/quant/channel_scales.py": ["test_smooth_reference.py", "test_bias_models.py", "test_awq.py",
                                          "test_smooth.py", "test_migrate_steps_reference.py"],
+    "compiler/quant/hqq.py": ["test_quant_refine.py", "test_quantize_weights.py"],
+    "compiler/quant/sequential.py": ["test_sequential.py"],
+    "compiler/quant/parallel.py": ["test_quantize_weights.py", "test_ray.py"],  # test_ray: slow, needs Ray
+    "compiler/quant/mod.py": ["test_mod.py"],
+    "compiler/quant/mod_graph.py": ["test_mod.py", "test_lowbit_registry.py"],
     "compiler/quant/stats.py": ["test_calibration.py", "test_stats_padding.py", "test_smooth_reference.py",
                                 "test_migrate_steps_reference.py", "test_quantize.py"],
 }
