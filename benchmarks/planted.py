@@ -108,7 +108,9 @@ BUGS = [
     Bug("requantize-shift-before-multiply", OPS,
         "p = acc.astype(np.int64) * b + (np.int64(1) << (c - 1))\n    r = np.right_shift(p, c)",
         "p = np.right_shift(acc.astype(np.int64) + (np.int64(1) << (c - 1)), c)\n    r = p * b"),
-    Bug("dyadic-shift-one-short", OPS, "c = (bits - 1) - e", "c = (bits - 2) - e"),
+    Bug("dyadic-out-zero-point-sign", "passes/dyadic.py",
+        "return step, np.asarray(np.clip(np.round(-lo / step), 0, 255), np.uint8)",
+        "return step, np.asarray(np.clip(np.round(lo / step), 0, 255), np.uint8)"),
 ]
 
 EXTRA_COVER = {OPS: ["test_dyadic_lsb.py", "test_integer_ops.py", "test_integer_tiny.py"],
