@@ -59,3 +59,18 @@ def test_hqq_matches_reference_and_never_hurts(bits):
 def test_hqq_refuses_symmetric():
     with pytest.raises(ValueError, match="symmetric"):
         rtn_quantize(np.ones((32, 2)), 3, 32, True, hqq=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_hqq_matches_reference_on_many_groups(bits):
+    """Many (group, column) pairs, so that some rounded zero points sit next to a .5 boundary of the
+    iterated z: a change inside the iteration (e.g. codes clipped at 1 instead of 0, a different
+    shrinkage power) moves one of them, which the 24 groups above may not."""
+    rng = np.random.default_rng(10 + bits)
+    wg = rng.standard_t(3, (48, 16, 24)) + rng.normal(0, 0.5, (1, 1, 24))  # off-centre groups too
+    s, z = _minmax(wg, bits)
+    got_s, got_z = hqq_refine(wg, bits, s, z)
+    want_s, want_z = _hqq_reference(wg, bits, s, z)
+    np.testing.assert_array_equal(got_z, want_z)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-9)
+    assert np.mean(got_s != s) > 0.5  # the least-squares scale replaces most min-max ones: the comparison has teeth
