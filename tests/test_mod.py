@@ -96,20 +96,20 @@ def _ref_decode(q, s, t, bits, group):
     return np.asarray(s, np.float32)[rows] * grids[t[rows].astype(int), q.astype(int)].astype(np.float32)
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_graph_computes_the_numpy_weights_and_stores_what_it_counts(bits):
+@pytest.mark.parametrize("bits,group", [(2, 16), (3, 16), (3, 0)])  # group 0: one group per column (all K)
+def test_graph_computes_the_numpy_weights_and_stores_what_it_counts(bits, group):
     model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
     feed = tokens(128, seq=12)
     weights = {lin.name: lin.weight.const_value.numpy().copy() for lin in find_linears(model.graph)}
-    qmodel = PassManager.from_pipeline(f"quantize-weights{{bits={bits},group=16,symmetric=false,dtype=mod}}",
+    qmodel = PassManager.from_pipeline(f"quantize-weights{{bits={bits},group={group},symmetric=false,dtype=mod}}",
                                        CompileContext(show_progress=False)).run(model)
     ref = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
     counted = written = 0
     for lin in find_linears(ref.graph):
         w = weights[lin.name]
-        q, s, t = rtn_quantize(w, bits, 16, symmetric=False, dtype="mod")
-        lin.weight.const_value = ir.tensor(_ref_decode(q, s, t, bits, 16))
-        counted += mod_storage_bytes(*w.shape, bits, 16)
+        q, s, t = rtn_quantize(w, bits, group, symmetric=False, dtype="mod")
+        lin.weight.const_value = ir.tensor(_ref_decode(q, s, t, bits, group or w.shape[0]))
+        counted += mod_storage_bytes(*w.shape, bits, group)
         written += sum(qmodel.graph.initializers[f"{lin.name}.{k}"].const_value.nbytes
                        for k in ("weight_q", "weight_dtype", "weight_scale"))
     assert written == counted
