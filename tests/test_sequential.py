@@ -52,3 +52,58 @@ def test_sequential_equals_from_scratch_and_differs_from_one_shot():
     other = make_session(one, optimize=False).run(None, probe)[0]
     assert rel_err(got, want) < 1e-5
     assert rel_err(other, want) > 1e-4  # one-shot Hessians give a different model: the test can tell
+
+
+def test_stages_follow_linear_depth_and_every_node_runs_once(caplog):
+    """linear_stages: q/k/v, then o, then gate/up, then down per block (then the head); the calibrator
+    runs each node once over all stages (the frontier is cached, never recomputed from the inputs)."""
+    import logging
+
+    from lowbit.quant.sequential import SequentialCalibrator, linear_stages
+
+    model = random_llama(dim=64, hidden=96, layers=2, heads=4, kv=2, vocab=128)
+    linears = find_linears(model.graph)
+    stages = linear_stages(model.graph, linears)
+    kinds = [sorted(lin.name.rsplit(".", 1)[-1].split("_")[0] for lin in st) for st in stages]
+    want = [["k", "q", "v"], ["o"], ["gate", "up"], ["down"]] * 2
+    assert kinds[:8] == want, kinds
+    assert len(stages) == 9 and len(stages[8]) == 1  # the head last, alone
+    proto = to_proto(model)
+    cal = SequentialCalibrator(proto, _feeds()[:1])
+    with caplog.at_level(logging.DEBUG, logger="lowbit.quant.sequential"):
+        for st in stages:
+            xtx = cal.hessians(sorted({lin.input.name for lin in st}))
+            assert all(v.shape == (lin.shape[0], lin.shape[0]) for lin, v in zip(st, xtx.values()))
+    ran = sum(int(r.getMessage().split()[1]) for r in caplog.records if r.getMessage().startswith("stage:"))
+    assert len(caplog.records) >= len(stages) and 0 < ran <= len(proto.graph.node)
+
+
+def test_padding_rows_stay_out_of_the_sequential_hessians():
+    """XᵀX of a linear after a quantized one, with an attention_mask: written here in numpy over the
+    real tokens only (padded positions would pull the Hessian towards whatever the padding computes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.quant.sequential import SequentialCalibrator
+
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((6, 5)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, 8]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [2, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, 5])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    mask = np.ones((2, 7), np.int64)
+    mask[0, 5:] = 0
+    mask[1, :2] = 0  # right and left padding
+    x = rng.standard_normal((2, 7, 8)).astype(np.float32) * 3
+    cal = SequentialCalibrator(proto, [{"x": x, "attention_mask": mask}])
+    keep = mask.reshape(-1) != 0
+    x2 = x.reshape(-1, 8).astype(np.float64)[keep]
+    np.testing.assert_allclose(cal.hessians(["x"])["x"], x2.T @ x2, rtol=1e-6)
+    w1_hat = np.round(w1 * 4) / 4  # a "quantized" first linear
+    cal.set_weight("w1", w1_hat)
+    r = np.maximum(x2.astype(np.float32) @ w1_hat, 0).astype(np.float64)
+    np.testing.assert_allclose(cal.hessians(["r"])["r"], r.T @ r, rtol=1e-5)

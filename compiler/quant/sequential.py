@@ -88,7 +88,7 @@ class SequentialCalibrator:
         produced = {o for i in idx for o in g.node[i].output if o}
         later_reads = {x for j, n in enumerate(g.node) if j not in self.done for x in n.input}
         keep = sorted((produced | set(self.cache[0])) & later_reads)
-        outputs = sorted(set(targets) | (produced & set(keep)))
+        outputs = sorted((set(targets) & produced) | (produced & set(keep)))  # a graph input is read from the feed
         ins = sorted({x for i in idx for x in g.node[i].input if x and x not in produced and x not in self.inits})
         used_inits = sorted({x for i in idx for x in g.node[i].input if x in self.inits})
 
@@ -100,11 +100,11 @@ class SequentialCalibrator:
                               [self.inits[x] for x in used_inits]),
             opset_imports=list(self.proto.opset_import), ir_version=min(self.proto.ir_version, 10))
         sub.functions.extend(self.proto.functions)
-        sess = make_session(sub, optimize=False, threads=self.threads)
+        sess = make_session(sub, optimize=False, threads=self.threads) if outputs else None
         stats: dict[str, ActStats] = {}
         for feed, cache in zip(self.feeds, self.cache):
             avail = {**feed, **cache}
-            outs = dict(zip(outputs, sess.run(outputs, {x: avail[x] for x in ins})))
+            outs = dict(zip(outputs, sess.run(outputs, {x: avail[x] for x in ins}))) if sess is not None else {}
             for t in targets:
                 x = outs[t] if t in outs else avail[t]
                 st = stats.setdefault(t, ActStats(np.full(x.shape[-1], np.inf, np.float32),
