@@ -45,6 +45,22 @@ def _ref_group(w: np.ndarray, grids, h=None) -> tuple[float, int, float]:
     return best
 
 
+def _two_bit_grids() -> list[list[float]]:
+    """The two integer grids an integer zero point in {1, 2} gives, the uniform ±{1, 3} and the 4-level
+    Lloyd–Max quantizer of N(0, 1) (Max 1960: ±0.4528, ±1.5104)."""
+    return [[-2, -1, 0, 1], [-1, 0, 1, 2], [-3, -1, 1, 3], [-1.5104, -0.4528, 0.4528, 1.5104]]
+
+
+def test_two_bit_grids_are_the_documented_ones_and_lloyd_max_is_a_fixed_point():
+    from scipy.stats import norm
+
+    assert GRIDS[2].tolist() == _two_bit_grids()
+    a, b = _two_bit_grids()[3][2:]
+    t = (a + b) / 2  # Lloyd–Max: thresholds at midpoints, levels at the conditional means of N(0, 1)
+    assert (norm.pdf(0) - norm.pdf(t)) / (norm.cdf(t) - 0.5) == pytest.approx(a, abs=2e-4)
+    assert norm.pdf(t) / norm.sf(t) == pytest.approx(b, abs=2e-4)
+
+
 def test_three_bit_grids_are_bitmods():
     assert GRIDS[3].tolist() == _bitmod_fp3()
     for grid in GRIDS.values():  # every grid has 2^b distinct ascending levels
@@ -61,7 +77,7 @@ def test_rtn_mod_matches_the_reference(bits):
     for gi in range(2):
         for c in range(6):
             ws = w[gi * 16:(gi + 1) * 16, c]
-            scale, grid, err = _ref_group(ws, GRIDS[bits])
+            scale, grid, err = _ref_group(ws, _bitmod_fp3() if bits == 3 else _two_bit_grids())
             assert t[gi, c] == grid
             assert s[gi, c] == pytest.approx(scale, rel=1e-6)
             assert ((got[gi * 16:(gi + 1) * 16, c] - ws) ** 2).sum() == pytest.approx(err, rel=1e-5)
@@ -91,7 +107,7 @@ def test_gptq_with_mixture_lowers_the_output_error_of_rtn_and_of_integer_gptq():
 
 
 def _ref_decode(q, s, t, bits, group):
-    grids = np.asarray(_bitmod_fp3()) if bits == 3 else GRIDS[2]
+    grids = np.asarray(_bitmod_fp3() if bits == 3 else _two_bit_grids())
     rows = np.arange(q.shape[0]) // group
     return np.asarray(s, np.float32)[rows] * grids[t[rows].astype(int), q.astype(int)].astype(np.float32)
 
@@ -127,7 +143,7 @@ def test_hessian_weighted_fit_matches_the_reference():
     s, t = mod_params(wg, 2, True, hd)
     for gi in range(2):
         for c in range(5):
-            scale, grid, _ = _ref_group(wg[gi, :, c], GRIDS[2], hd[gi])
+            scale, grid, _ = _ref_group(wg[gi, :, c], _two_bit_grids(), hd[gi])
             assert t[gi, c] == grid and s[gi, c] == pytest.approx(scale, rel=1e-6)
 
 
