@@ -102,6 +102,8 @@ BUGS = [
         "set_input_const(graph, prev.bias_node, idx, prev.bias.const_value.numpy() / s.astype(np.float32))",
         "pass"),
     # method, not only equivalence
+    Bug("migrate-prev-bias-unscaled", "passes/migrate_steps.py",
+        "set_input_const(graph, prev.bias_node, idx, prev.bias.const_value.numpy() / sp.astype(np.float32))", "pass"),
     Bug("smooth-alpha-swapped", "passes/smooth.py", "s[ok] = x[ok] ** alpha / w[ok] ** (1.0 - alpha)",
         "s[ok] = x[ok] ** (1.0 - alpha) / w[ok] ** alpha"),
     Bug("gptq-no-lazy-update", GPTQ, "wt[:, i2:] -= err1 @ hinv[i1:i2, i2:]", "pass"),
