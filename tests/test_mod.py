@@ -21,7 +21,7 @@ def _bitmod_fp3() -> list[list[float]]:
     return [sorted(basic + [v]) for v in (3, -3, 6, -6)]
 
 
-def _ref_group(w: np.ndarray, grids, h=None) -> tuple[float, int, float]:
+def _ref_group(w: np.ndarray, grids, h=None, factors=np.linspace(1.0, 0.5, 11)) -> tuple[float, int, float]:
     """(scale, grid, error) of one group by the definition: per grid, the covering scale shrunk by
     1, 0.95, …, 0.5, nearest level, and the least-squares rescale for those levels; smallest error wins.
     ``h``: per-row weights of the squared error (and of the least-squares rescale)."""
@@ -31,7 +31,7 @@ def _ref_group(w: np.ndarray, grids, h=None) -> tuple[float, int, float]:
         lv = np.asarray(lv, np.float64)
         s0 = max(max(w.max(), 0) / lv[-1], min(w.min(), 0) / lv[0])
         s0 = s0 if s0 > 0 else 1.0
-        for f in np.linspace(1.0, 0.5, 11):
+        for f in factors:
             s = s0 * f
             v = lv[[int(np.argmin(np.abs(x / s - lv))) for x in w]]
             cands = [s] + ([float((h * w) @ v / ((h * v) @ v))] if v @ v > 0 else [])
@@ -67,17 +67,18 @@ def test_three_bit_grids_are_bitmods():
         assert all(np.all(np.diff(row) > 0) for row in grid)
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_rtn_mod_matches_the_reference(bits):
+@pytest.mark.parametrize("bits,clip", [(2, True), (3, True), (2, False), (3, False)])
+def test_rtn_mod_matches_the_reference(bits, clip):
     rng = np.random.default_rng(bits)
     w = rng.standard_normal((32, 6)) * np.exp(rng.standard_normal(6))
     w[:16, 2] += 1.5  # a skewed group
-    q, s, t = rtn_quantize(w, bits, 16, symmetric=False, clip_search=True, dtype="mod")
+    q, s, t = rtn_quantize(w, bits, 16, symmetric=False, clip_search=clip, dtype="mod")
     got = dequantize(q, s, t, 16, bits, "mod")
     for gi in range(2):
         for c in range(6):
             ws = w[gi * 16:(gi + 1) * 16, c]
-            scale, grid, err = _ref_group(ws, _bitmod_fp3() if bits == 3 else _two_bit_grids())
+            scale, grid, err = _ref_group(ws, _bitmod_fp3() if bits == 3 else _two_bit_grids(),
+                                          factors=np.linspace(1.0, 0.5, 11) if clip else [1.0])  # no clip: covering scale
             assert t[gi, c] == grid
             assert s[gi, c] == pytest.approx(scale, rel=1e-6)
             assert ((got[gi * 16:(gi + 1) * 16, c] - ws) ** 2).sum() == pytest.approx(err, rel=1e-5)
