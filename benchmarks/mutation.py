@@ -54,7 +54,7 @@ COVER: dict[str, list[str]] = {
                                    "test_quantize_weights.py", "test_assign_bits.py"],  # the latter: split plans
     "passes/quantize.py": ["test_verify.py", "test_before_expected.py", "test_quantize.py"],
     "passes/quantize_acts.py": ["test_verify.py", "test_before_expected.py", "test_quantize_acts.py"],
-    "passes/migrate_steps.py": ["test_verify.py", "test_search_objectives.py", "test_migrate_steps_reference.py",
+    "passes/migrate_steps.py": ["test_verify.py", "test_untyped_models.py", "test_search_objectives.py", "test_migrate_steps_reference.py",
                                 "test_dyadic_lsb.py", "test_before_expected.py"],
     "passes/dyadic.py": ["test_verify.py", "test_dyadic_lsb.py", "test_dyadic_overflow_bound.py",
                          "test_before_expected.py", "test_integer_check.py", "test_integer_tiny.py"],
