@@ -231,7 +231,8 @@ def stage(dest: Path) -> dict[str, Path]:
     return where
 
 
-def run_tests(stage_dir: Path, tests: list[str], timeout: float) -> str:
+def run_tests(stage_dir: Path, tests: list[str], timeout: float, why: list | None = None) -> str:
+    """'killed' (a test failed; its id is appended to ``why``), 'survived', 'timeout' or 'no tests'."""
     data = os.environ.get("LOWBIT_DATA") or str((ROOT / ".." / "shared" / "data").resolve())
     env = dict(os.environ, PYTHONPATH=str(stage_dir), LOWBIT_VERIFY="1", PYTHONDONTWRITEBYTECODE="1", LOWBIT_DATA=data)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", "-k", "not minilm",
@@ -244,6 +245,9 @@ def run_tests(stage_dir: Path, tests: list[str], timeout: float) -> str:
         return "survived"
     if res.returncode == 5:
         return "no tests"
+    if why is not None:  # which test failed: a kill by an unrelated failure (data missing…) shows here
+        lines = res.stdout.decode(errors="replace").splitlines()
+        why.append(next((ln.split(" - ")[0] for ln in lines if ln.startswith(("FAILED", "ERROR"))), "?"))
     return "killed"
 
 
@@ -298,12 +302,13 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             try:
                 path.write_text(mutated_source(m))
-                outcome = run_tests(folder, COVER[m.module], args.timeout)
+                why: list[str] = []
+                outcome = run_tests(folder, COVER[m.module], args.timeout, why)
             finally:
                 path.write_text(original)
                 stages.put((folder, where))
-            print(f"{outcome:16s} {m.module}#{m.index} line {m.line} {m.kind} ({time.perf_counter() - start:.0f}s)",
-                  flush=True)
+            print(f"{outcome:16s} {m.module}#{m.index} line {m.line} {m.kind} ({time.perf_counter() - start:.0f}s)"
+                  + (f" by {why[0]}" if why else ""), flush=True)
             return m, outcome
 
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool_exec:

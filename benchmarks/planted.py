@@ -168,12 +168,13 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             try:
                 path.write_text(original.replace(b.old, b.new))
-                outcome = run_tests(folder, _tests(b), args.timeout)
+                why: list[str] = []
+                outcome = run_tests(folder, _tests(b), args.timeout, why)
             finally:
                 path.write_text(original)
                 stages.put((folder, where))
-            print(f"{'caught' if outcome == 'killed' else outcome:10s} {b.name} ({time.perf_counter() - start:.0f}s)",
-                  flush=True)
+            print(f"{'caught' if outcome == 'killed' else outcome:10s} {b.name} ({time.perf_counter() - start:.0f}s)"
+                  + (f" by {why[0]}" if why else ""), flush=True)
             return b, outcome
 
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as ex:
