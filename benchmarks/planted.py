@@ -60,6 +60,12 @@ BUGS = [
         "return np.clip(np.round(w / scale) + zp, 0, (1 << bits) - 2)"),
     Bug("int8-weight-range-126", INT8, "scale = np.where(amax > 0, amax / 127.0, 1.0)",
         "scale = np.where(amax > 0, amax / 126.0, 1.0)"),
+    Bug("act-clip-low-end-symmetric", "passes/quantize_acts.py", 'c("lo", np.array(-qmax - 1, np.float32))',
+        'c("lo", np.array(-qmax, np.float32))'),
+    Bug("act-qmax-full-range", "passes/quantize_acts.py", "qmax = float(2 ** (self.options.bits - 1) - 1)",
+        "qmax = float(2 ** (self.options.bits - 1))"),
+    Bug("kv-codes-clip-one-short", "passes/quantize_kv.py", 'codes = op("Clip", [codes, f32(0.0), f32(qmax)], "clip")',
+        'codes = op("Clip", [codes, f32(0.0), f32(qmax - 1)], "clip")'),
     # rounding mode
     Bug("rtn-round-half-away", RTN, "return np.clip(np.round(w / scale) + zp, 0, (1 << bits) - 1)",
         "return np.clip(np.sign(w / scale) * np.floor(np.abs(w / scale) + 0.5) + zp, 0, (1 << bits) - 1)"),
