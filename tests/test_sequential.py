@@ -107,3 +107,23 @@ def test_padding_rows_stay_out_of_the_sequential_hessians():
     cal.set_weight("w1", w1_hat)
     r = np.maximum(x2.astype(np.float32) @ w1_hat, 0).astype(np.float64)
     np.testing.assert_allclose(cal.hessians(["r"])["r"], r.T @ r, rtol=1e-5)
+
+
+def test_sequential_after_rotate_reads_the_online_hadamard():
+    """After rotate, down's input goes through lowbit.Hadamard, an ONNX function of the model: the
+    stage models must carry the model's functions (w4a4 runs rotate, then sequential GPTQ)."""
+    feeds = _feeds()
+    probe = {"tokens": np.random.default_rng(9).integers(0, 128, (1, 16)).astype(np.int64)}
+
+    def rotated():
+        m = random_llama(dim=64, hidden=96, layers=1, heads=4, kv=2, vocab=128)
+        return PassManager.from_pipeline("fold-norms,rotate", CompileContext(show_progress=False)).run(m)
+
+    model = rotated()
+    assert any(n.op_type == "Hadamard" for n in model.graph)
+    seq = PassManager.from_pipeline(f"quantize-weights{{bits={BITS},group={GROUP},method=gptq,sequential=true}}",
+                                    CompileContext(calibration=feeds, show_progress=False)).run(model)
+    ref = _from_scratch_reference(rotated(), feeds)
+    got = make_session(seq, optimize=False).run(None, probe)[0]
+    want = make_session(ref, optimize=False).run(None, probe)[0]
+    assert rel_err(got, want) < 1e-5
