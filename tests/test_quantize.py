@@ -79,6 +79,30 @@ def test_static_w8a8_matches_numpy_and_runs_on_integer_kernels(sign):
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
 
 
+@pytest.mark.parametrize("pipeline", ["calibrate,quantize", "quantize{acts=16}"])
+def test_the_qdq_graph_itself_computes_the_numpy_result(pipeline):
+    """The QDQ graph before lower-ort (what migrate-steps, dyadic and a user's own pipeline read): ORT runs
+    its DequantizeLinear nodes as written, so a per-channel scale on the wrong axis shows here; lower-ort
+    reads the constants and would hide it."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    feeds = [{"x": rng.standard_normal((2, 5, 8)).astype(np.float32)} for _ in range(3)]
+    result = lowbit.compile(_linear_model(w), pipeline, calibration=feeds, progress=False)
+    assert "MatMulInteger" not in {n.op_type for n in result.model.graph}
+    lo = min(float(f["x"].min()) for f in feeds)
+    hi = max(float(f["x"].max()) for f in feeds)
+    bias = np.array([0.5, -1.0, 0.25, 0.0])
+    sess = make_session(result.model, optimize=False)
+    for feed in feeds:
+        x = feed["x"]
+        if pipeline.startswith("calibrate"):
+            want = _numpy_w8a8_static(x, w, bias, lo, hi)
+        else:
+            wq, sw = _wq(w)
+            want = x.astype(np.float64) @ (wq.astype(np.float64) * sw) + bias
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_dynamic_per_token_matches_numpy():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((8, 4)).astype(np.float32)
