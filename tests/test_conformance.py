@@ -11,9 +11,10 @@ random weights are incompressible, so 4- and 3-bit errors are large; the bounds 
 graphs (errors of order 1), not quality, which benchmarks measure on real models.
 
 Refused by design (each with the reason in the message):
-* rotation recipes (``w4a8``, ``w3a16``) on LayerNorm models (GPT-2, OPT, BERT): mean subtraction
-  does not commute with a rotation; on Gemma-3: sandwich norms put a norm between the attention
-  output and the residual add;
+* rotation recipes (``w4a8``, ``w3a16``) on post-norm encoders (BERT: the LayerNorm's output is the
+  residual stream itself; ModernBERT: the embedding norm feeds the stream) — pre-LayerNorm decoders
+  (GPT-2, OPT, GPT-NeoX, Phi-2, StableLM, Falcon) are rotated with a Q that fixes the ones vector; on
+  Gemma-2/3: sandwich norms put a norm between the attention output and the residual add;
 * static ``w8a8`` where ORT would run some quantized linears on float kernels (a 2-D MatMul + bias
   becomes a float Gemm: OPT's fc2, fixed-shape exports): the message names them and suggests
   ``w8a8-dynamic``.
@@ -39,15 +40,15 @@ from known_failures import mark_known  # noqa: E402
 RECIPES = ("w8a8", "w8a8-dynamic", "w4a16-gptq", "w4a8", "w3a16", "int8-integer-only")
 BOUNDS = {"w8a8": 0.08, "w8a8-dynamic": 0.04, "w4a16-gptq": 0.3, "w4a8": 0.3, "w3a16": 0.5,
           "int8-integer-only": 0.2}
-LAYERNORM = {"gpt2", "opt", "bert"}
 ROTATING = {"w4a8", "w3a16"}
+SANDWICH = {"gemma2", "gemma3"}
 
 
 def expected_refusal(arch: str, form: str, recipe: str) -> str | None:
     """The pattern a by-design refusal of this cell must match, or None if the cell must compile."""
-    if recipe in ROTATING and arch in LAYERNORM:
-        return r"node '.+'.*LayerNormalization .*does not commute with a rotation"
-    if recipe in ROTATING and arch == "gemma3":
+    if recipe in ROTATING and arch in cm.ENCODERS:
+        return r"node '.+'.*the output of \w*LayerNormalization feeds something other than linears"
+    if recipe in ROTATING and arch in SANDWICH:
         return r"node '.+'.*residual Add adds the output of \w*Normalization '.+' \(a sandwich norm after the layer\)"
     if recipe == "w8a8":
         return r"ORT runs only \d+ of \d+ quantized linears on integer kernels; float kernels for \S+"

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["GroupKind", "Via", "Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "NORM_INPUTS", "SKIP_NORMS",
-           "SHAPE_ONLY", "linear_name", "const_array", "value_users"]
+           "SHAPE_ONLY", "linear_name", "const_array", "value_users", "keeps_channels", "channel_readers"]
 
 # norm op → (γ input index, β input index or None).  The Skip forms (ONNX Runtime contrib ops that
 # onnxruntime-genai's builder emits) add a residual first: output 0 is the norm, output 3 the sum.
@@ -225,6 +225,36 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
     n_v = lin.shape[1]
     hd = _head_dim(vpath) or _head_dim(path)
     return lin, ("vo", n_v, hd), Via.ATTENTION_VO
+
+
+def keeps_channels(node: ir.Node, n: int) -> bool:
+    """``node`` is a Reshape/Flatten that leaves the last axis (``n`` channels) whole: rows map to rows."""
+    if node.op_type not in ("Reshape", "Flatten") or not node.inputs or not node.outputs:
+        return False
+    src, out = node.inputs[0], node.outputs[0]
+    target = const_array(node.inputs[1]) if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+    src_n = src.shape[-1] if src.shape is not None and len(src.shape) else None
+    out_n = out.shape[-1] if out.shape is not None and len(out.shape) else None
+    if target is not None and target.size and int(target[-1]) == n:
+        out_n = n
+    return src_n == n and out_n == n
+
+
+def channel_readers(v: ir.Value, by_input: dict, n: int) -> list | None:
+    """The linears reading ``v`` directly or through channel-keeping reshapes; None if anything else reads it."""
+    found, todo = [], [v]
+    while todo:
+        x = todo.pop()
+        lins = by_input.get(x, [])
+        for user in value_users(x):
+            if any(lin.node is user for lin in lins):
+                continue
+            if keeps_channels(user, n) and user.inputs[0] is x:
+                todo.append(user.outputs[0])
+                continue
+            return None
+        found.extend(lins)
+    return found
 
 
 def _through_flatten(act: ir.Value, n_in: int, graph: ir.Graph) -> ir.Value:
