@@ -207,9 +207,13 @@ class Rotate(Pass):
                     out = node.outputs[0]
                     lins = channel_readers(out, by_input, d_stream)
                     if not lins or out in graph.outputs:
-                        self.fail(f"the output of {node.op_type} feeds something other than linears (a post-norm "
-                                  "residual or a sandwich norm), so it cannot take the rotation's inverse",
-                                  node=node, hint=_ALTERNATIVE)
+                        others = sorted({u.op_type for u in value_users(out)} - {"MatMul", "Reshape", "Flatten"})
+                        what = ", ".join(others) + (", " if others and out in graph.outputs else "") \
+                            + ("a graph output" if out in graph.outputs else "")
+                        what = what or "a non-linear"
+                        self.fail(f"the output of {node.op_type} feeds something other than linears ({what}: a "
+                                  "post-norm residual, an embedding norm or a sandwich norm), so it cannot take the "
+                                  "rotation's inverse", node=node, hint=_ALTERNATIVE)
                     if node.op_type in _LN:
                         self._check_layernorm(node)
                     gi = NORM_INPUTS[node.op_type][0]
