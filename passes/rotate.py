@@ -310,6 +310,9 @@ class Rotate(Pass):
 
     def _r2(self, graph, group, rng) -> None:
         v, o = group.producer_linear, group.consumers[0]
+        if np.unique(group.channel_map).size != v.shape[1]:  # V is a slice of a fused qkv: R2 would turn Q, K too
+            self.stats["r2_skipped"] += 1
+            return
         hd = None
         for use in v.output.uses():
             if use.node.op_type == "Reshape":
