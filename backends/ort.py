@@ -4,8 +4,10 @@
 u8×s8 integer path (uint8 activations, int8 weights: s8×s8 is 5–20× slower than fp32 on
 x86), then asks ORT for its optimized graph and counts integer GEMM nodes
 (``MatMulIntegerToFloat``, ``MatMulInteger``, ``QLinearMatMul``, ``DynamicQuantizeMatMul``)
-against the number of quantized linears.  The counts go into the report; a quantized linear
-that ORT would run in float is an error, because the user asked for integer execution.
+against the number of quantized linears.  A static QDQ linear that ORT would fuse into a float
+``Gemm`` (2-D or fixed-shape MatMul + bias) is first written as an explicit ``MatMulInteger`` →
+rescale (:mod:`.ort_explicit`, same arithmetic) and counted again.  The counts go into the report;
+a quantized linear that ORT still runs in float is an error, because the user asked for integer execution.
 """
 
 from __future__ import annotations
@@ -81,11 +83,16 @@ class LowerOrt(Pass):
     @dataclass(frozen=True)
     class Options:
         verify: bool = True  # ask ORT for its optimized graph and count integer GEMMs
+        explicit: bool = True  # static QDQ linears ORT would fuse into a float Gemm → explicit MatMulInteger
 
     requires_properties = (QUANTIZED,)
     ensures_properties = (LOWERED_ORT,)
 
     def call(self, model):
+        self._explicit_done = False
+        return self._lower(model)
+
+    def _lower(self, model):
         graph = model.graph
         quantized, weights = 0, {}
         for node in graph:
@@ -118,6 +125,20 @@ class LowerOrt(Pass):
             if on_int < quantized:
                 names = [n.name for n in graph if n.op_type in ("MatMul", "MatMulInteger") and n.name]
                 slow = _not_on_integer_kernels(names, ort_optimized_nodes(model))
+                if self.options.explicit and not self._explicit_done:
+                    from lowbit.backends.ort_explicit import explicit_integer_linear
+
+                    self._explicit_done = True
+                    by_name = {n.name: n for n in graph}
+                    todo = {n.name for n in weights.values() if n.name and _weight_name(n) not in used}
+                    todo |= {name for name, _ in slow}
+                    rewritten = sum(explicit_integer_linear(graph, by_name[name], self.name)
+                                    for name in sorted(todo) if name in by_name)
+                    if rewritten:
+                        self.stats["explicit_integer_linears"] = rewritten
+                        self._lower(model)
+                        self.ctx.report["lower-ort"]["explicit_integer_linears"] = rewritten
+                        return PassResult(model, modified=True)
                 which = (": " + ", ".join(f"'{n}' runs as {op}" for n, op in slow[:3])
                          + (f" and {len(slow) - 3} more" if len(slow) > 3 else "")) if slow else ""
                 floats = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")

@@ -70,12 +70,14 @@ class Awq(Pass):
             pm = np.zeros(n)
             np.maximum.at(pm, group.channel_map, mean)
             mean = pm
-        mean = np.maximum(mean, 1e-8)
+        mapped = np.zeros(mean.shape[0], bool)  # a fused producer (qkv, gate_up): only the consumer's columns
+        mapped[group.channel_map if group.kind == "linear" else slice(None)] = True
+        mean = np.where(mapped, np.maximum(mean, 1e-8), 1.0)
         o = self.options
         best, best_err = None, awq_error(rows, weights, np.ones(rows.shape[1]), o.bits, o.group, o.symmetric)
         for i in range(1, o.grid + 1):
             s = mean ** (i / o.grid)
-            s = s / np.sqrt(s.max() * s.min())
+            s = np.where(mapped, s / np.sqrt(s[mapped].max() * s[mapped].min()), 1.0)
             sc = consumer_scales(group, s)
             err = awq_error(rows, weights, sc, o.bits, o.group, o.symmetric)
             if err < best_err:

@@ -78,8 +78,9 @@ class Canonicalize(Pass):
             if b is None or b.const_value is None or _attr(node, "transA", 0):
                 self.stats["gemm_kept"] += 1
                 continue
-            w = b.const_value.numpy().astype(np.float32)
-            w = (w.T if _attr(node, "transB", 0) else w) * np.float32(_attr(node, "alpha", 1.0))
+            dtype = b.const_value.numpy().dtype  # the model's float type (a float16 Gemm stays float16)
+            w = b.const_value.numpy().astype(np.float64)
+            w = ((w.T if _attr(node, "transB", 0) else w) * _attr(node, "alpha", 1.0)).astype(dtype)
             base = _gemm_base(node, b)
             wv = add_initializer(graph, f"{base}.weight", np.ascontiguousarray(w))
             mm = make_node(graph, "MatMul", [node.inputs[0], wv], origin=self.name, name=f"{base}.matmul", before=node)
@@ -87,8 +88,9 @@ class Canonicalize(Pass):
             c = node.inputs[2] if len(node.inputs) > 2 else None
             if c is not None:
                 if c.const_value is not None:
+                    cv = c.const_value.numpy()
                     cv = add_initializer(graph, f"{base}.bias",
-                                         c.const_value.numpy() * np.float32(_attr(node, "beta", 1.0)))
+                                         (cv.astype(np.float64) * _attr(node, "beta", 1.0)).astype(cv.dtype))
                 elif _attr(node, "beta", 1.0) == 1.0:
                     cv = c
                 else:

@@ -1,7 +1,8 @@
 """Norm folding.  norm(x; γ, β)·W + b = norm(x; 1, 0)·(diag(γ)·W) + (β·W + b).
 
 A norm's scale γ multiplies its output per channel, and its shift β adds a constant row; both
-are affine in the normalised value, so they move into every linear that reads the norm output:
+are affine in the normalised value, so they move into every linear that reads the norm output (directly or through
+reshapes that keep the channel axis, GPT-2's Conv1D):
 γ scales the weight rows, β·W joins the bias (an ``Add`` is created for a linear that had none).
 The norm is left with γ = 1 (and β = 0), which rotation needs: RMSNorm(x·Q) = RMSNorm(x)·Q for an
 orthogonal Q only when γ = 1.  A norm whose output also feeds anything but linears is skipped and
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import NORM_INPUTS, NORM_OPS, Linear, const_array, find_linears, value_users
+from lowbit.ir.analysis import (NORM_INPUTS, NORM_OPS, Linear, channel_readers, const_array, find_linears,
+                                value_users)
 from lowbit.quant.stats import META_KEY, act_stats
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, replace_uses_in, set_input_const
@@ -65,9 +67,12 @@ class FoldNorms(Pass):
             if node.op_type not in NORM_OPS:
                 continue
             out = node.outputs[0]
-            consumers = by_input.get(out, [])
-            users = set(value_users(out))
-            if not consumers or out in graph.outputs or users != {c.node for c in consumers}:
+            n = out.shape[-1] if out.shape is not None and len(out.shape) else None
+            consumers = channel_readers(out, by_input, n) if isinstance(n, int) else None
+            if consumers is None and not isinstance(n, int):  # unknown width: direct readers only
+                consumers = by_input.get(out, [])
+                consumers = consumers if set(value_users(out)) == {c.node for c in consumers} else None
+            if not consumers or out in graph.outputs:
                 self.stats["skipped_non_linear_consumer"] += 1
                 continue
             gi, bi = NORM_INPUTS[node.op_type]

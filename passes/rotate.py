@@ -1,7 +1,13 @@
 """Rotation folding (QuaRot) for pre-norm decoders.  For orthogonal Q: (x·Q)(Qᵀ·W) = x·W.
 
 * R1 (residual stream, d×d): the embedding table becomes E·Q, so the stream carries x·Q.  RMSNorm
-  commutes with Q when its scale is 1 (‖xQ‖ = ‖x‖), which ``fold-norms`` guarantees, so every
+  commutes with Q when its scale is 1 (‖xQ‖ = ‖x‖), which ``fold-norms`` guarantees.  LayerNorm
+  (γ = 1, β = 0) is x·C/‖x·C‖·√d with the centring C = I − 11ᵀ/d; it commutes with every orthogonal Q
+  that fixes the ones vector (Q·1 = 1 ⇒ Qᵀ·1 = 1 ⇒ C·Q = Q·C), so on a stream that any LayerNorm reads,
+  Q is made to fix 1 by a Householder reflection P (P·(Q₀·u) = u, u = 1/√d): Q = P·Q₀ still spreads
+  every centred direction like Q₀ (SliceGPT's observation that LayerNorm models rotate once the mean
+  is taken out, without rewriting the norms).  Parallel residuals (x + attn(n(x)) + mlp(n(x))) are
+  sums of writers.  So every
   linear reading a norm of the stream takes Qᵀ·W (q/k/v, gate/up, the head) and every linear
   writing into it (o, down) takes W·Q (and b·Q).  A tied head is its own initializer in lowbit's
   graphs, so it is rotated as a reader; the embedding is rotated separately.
@@ -13,8 +19,8 @@
 
 Q is a randomised Hadamard (``kind=hadamard``: random signs · H_p ⊗ Q_m) or a random orthogonal
 matrix (``kind=random``).  Float outputs are unchanged up to rounding.  Models where this does not
-apply (LayerNorm with mean subtraction, post-norm encoders, a stream read by anything but norms
-and residual adds) are refused, naming the node.
+apply (post-norm encoders, LayerNorm over other than the last axis, a stream read by anything but
+norms and residual adds) are refused, naming the node.
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from lowbit.ir.analysis import NORM_INPUTS, GroupKind, Linear, Via, const_array, find_groups, find_linears, value_users
+from lowbit.ir.analysis import (NORM_INPUTS, GroupKind, Linear, Via, channel_readers, const_array, find_groups,
+                                find_linears, keeps_channels, value_users)
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN
 from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
 from lowbit.passmanager.manager import Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, set_input_const
 
-__all__ = ["Rotate", "orthogonal", "kron_factors"]
+__all__ = ["Rotate", "orthogonal", "kron_factors", "fix_ones"]
 
 _RMS = {"RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+_LN = {"LayerNormalization", "SkipLayerNormalization"}
 
 
 def kron_factors(n: int) -> tuple[int, int]:
@@ -60,9 +68,28 @@ def orthogonal(n: int, kind: str, rng: np.random.Generator, signs: bool = True) 
     return full, qm
 
 
+def fix_ones(q: np.ndarray) -> np.ndarray:
+    """P·q for the Householder reflection P taking q·u to u (u = 1/√n): an orthogonal matrix with ·1 = 1."""
+    n = q.shape[0]
+    u = np.full(n, n ** -0.5)
+    w = q @ u - u
+    norm = np.linalg.norm(w)
+    if norm < 1e-12:
+        return q
+    w /= norm
+    return q - 2.0 * np.outer(w, w @ q)
+
+
 _INDEX_PATH = {"Reshape", "Unsqueeze", "Squeeze", "Cast", "Flatten", "Identity"}
 _NO_CHANNEL_USE = {"Shape", "Size"}  # read only the stream's shape, which a rotation keeps
 _ALTERNATIVE = "use a recipe without rotation instead (w4a16-gptq, w8a8, w8a8-dynamic)"
+
+
+def _through_reshapes(v: ir.Value, d: int) -> ir.Value:
+    """The value before single-use reshapes that keep the ``d`` channels (a 2-D linear's output viewed as 3-D)."""
+    while v.producer() is not None and keeps_channels(v.producer(), d) and len(v.producer().inputs[0].uses()) == 1:
+        v = v.producer().inputs[0]
+    return v
 
 
 def _from_input(v: ir.Value, graph: ir.Graph) -> bool:
@@ -102,10 +129,13 @@ class Rotate(Pass):
             by_input.setdefault(lin.input, []).append(lin)
         by_output = {lin.output: lin for lin in linears}
         embed = self._embedding(graph)
-        self._tables, self._consts = [embed], []
+        self._tables, self._consts, self._layernorms = [embed], [], 0
         readers, writers = self._walk(graph, embed.outputs[0], by_input, by_output)
         d = const_array(embed.inputs[0]).shape[1]
         q, _ = orthogonal(d, self.options.kind, rng)
+        if self._layernorms:
+            q = fix_ones(q)
+            self.stats["layernorm"] = self._layernorms
         for table in self._tables:
             set_input_const(graph, table, 0, const_array(table.inputs[0]).astype(np.float64) @ q)
         for node, idx in self._consts:  # constants added to the stream (positions folded by a fixed-shape export)
@@ -168,27 +198,33 @@ class Rotate(Pass):
                     if k is not None and k.size == 1:  # a scalar scale (Gemma's √d) commutes with Q
                         todo.append(node.outputs[0])
                         continue
-                if node.op_type in ("LayerNormalization", "SkipLayerNormalization"):
-                    self.fail("the residual stream is normalised by LayerNormalization (mean subtraction), "
-                              "which does not commute with a rotation (LayerNorm models: GPT-2, OPT, BERT)",
-                              node=node, hint=_ALTERNATIVE)
-                if node.op_type in _RMS:
-                    if node.op_type == "SkipSimplifiedLayerNormalization":  # out = norm(input + skip + bias)
+                if keeps_channels(node, d_stream) and use.idx == 0:  # [b, s, d] → [b·s, d] (OPT) and back
+                    todo.append(node.outputs[0])
+                    continue
+                if node.op_type in _RMS | _LN:
+                    if node.op_type.startswith("Skip"):  # out = norm(input + skip + bias)
                         self._skip_norm(node, use.idx, s, seen, by_output, writers, todo)
+                    out = node.outputs[0]
+                    lins = channel_readers(out, by_input, d_stream)
+                    if not lins or out in graph.outputs:
+                        others = sorted({u.op_type for u in value_users(out)} - {"MatMul", "Reshape", "Flatten"})
+                        what = ", ".join(others) + (", " if others and out in graph.outputs else "") \
+                            + ("a graph output" if out in graph.outputs else "")
+                        what = what or "a non-linear"
+                        self.fail(f"the output of {node.op_type} feeds something other than linears ({what}: a "
+                                  "post-norm residual, an embedding norm or a sandwich norm), so it cannot take the "
+                                  "rotation's inverse", node=node, hint=_ALTERNATIVE)
+                    if node.op_type in _LN:
+                        self._check_layernorm(node)
                     gi = NORM_INPUTS[node.op_type][0]
                     gamma = const_array(node.inputs[gi]) if len(node.inputs) > gi else None
                     if gamma is None or not np.all(gamma == 1):
-                        self.fail("norm scale γ is not 1: RMSNorm commutes with a rotation only at unit scale",
+                        self.fail("norm scale γ is not 1: a norm commutes with a rotation only at unit scale",
                                   node=node, hint="run fold-norms before rotate")
-                    out = node.outputs[0]
-                    lins = by_input.get(out, [])
-                    if not lins or set(value_users(out)) != {lin.node for lin in lins}:
-                        self.fail("a normalised stream feeds something other than linears (post-norm or "
-                                  "sandwich norms)", node=node, hint=_ALTERNATIVE)
                     readers.extend(lins)
                 elif node.op_type == "Add":
                     other = node.inputs[1 - use.idx]
-                    lin = by_output.get(other)
+                    lin = by_output.get(_through_reshapes(other, d_stream))
                     table = other.producer()
                     if lin is None and table is not None and table.op_type == "Gather" \
                             and const_array(table.inputs[0]) is not None and const_array(table.inputs[0]).ndim == 2:
@@ -198,6 +234,11 @@ class Rotate(Pass):
                     arr = const_array(other)
                     if lin is None and arr is not None and arr.ndim >= 1 and arr.shape[-1] == d_stream:
                         self._consts.append((node, 1 - use.idx))
+                        todo.append(node.outputs[0])
+                        continue
+                    summed = self._summed_writers(other, by_output, d_stream) if lin is None and other not in seen else None
+                    if summed is not None:  # a parallel residual: x + (attn(n(x)) + mlp(n(x)))
+                        writers.extend(summed)
                         todo.append(node.outputs[0])
                         continue
                     if lin is None and other not in seen:
@@ -230,15 +271,48 @@ class Rotate(Pass):
             prod = other.producer()
             self.fail(f"a fused residual add sums {prod.op_type if prod else 'an input'} output, not a linear "
                       "layer's output", node=node, hint=_ALTERNATIVE)
-        if len(node.inputs) > 3 and node.inputs[3] is not None:
-            if const_array(node.inputs[3]) is None:
+        bias = 4 if node.op_type == "SkipLayerNormalization" else 3  # (input, skip, γ[, β], bias)
+        if len(node.inputs) > bias and node.inputs[bias] is not None:
+            if const_array(node.inputs[bias]) is None:
                 self.fail("the fused residual add has a non-constant bias", node=node, hint=_ALTERNATIVE)
-            self._consts.append((node, 3))
+            self._consts.append((node, bias))
         if len(node.outputs) > 3 and node.outputs[3] is not None and list(node.outputs[3].uses()):
             todo.append(node.outputs[3])
 
+    def _check_layernorm(self, node: ir.Node) -> None:
+        """LayerNorm commutes with a ones-fixing rotation when it normalises the last axis with β = 0."""
+        axis = next((a.as_int() for a in node.attributes.values() if a.name == "axis"), -1)
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        if axis != -1 and (rank is None or axis != rank - 1):
+            self.fail(f"LayerNormalization over axis {axis} (not the last, channel axis) does not commute with a "
+                      "rotation of the channels", node=node, hint=_ALTERNATIVE)
+        bi = NORM_INPUTS[node.op_type][1]
+        beta = node.inputs[bi] if len(node.inputs) > bi else None
+        if beta is not None and (const_array(beta) is None or np.any(const_array(beta) != 0)):
+            self.fail("LayerNorm shift β is not 0: it would be rotated away", node=node,
+                      hint="run fold-norms before rotate")
+        self._layernorms += 1
+
+    @staticmethod
+    def _summed_writers(v: ir.Value, by_output, d: int) -> list[Linear] | None:
+        """The linears whose outputs (and constant rows) ``v`` sums through Adds read only there, else None."""
+        out, todo = [], [v]
+        while todo:
+            x = todo.pop()
+            prod = x.producer()
+            if _through_reshapes(x, d) in by_output:
+                out.append(by_output[_through_reshapes(x, d)])
+            elif prod is not None and prod.op_type == "Add" and (x is v or len(value_users(x)) == 1):
+                todo.extend(prod.inputs)
+            else:
+                return None
+        return out if len(out) > 1 else None
+
     def _r2(self, graph, group, rng) -> None:
         v, o = group.producer_linear, group.consumers[0]
+        if np.unique(group.channel_map).size != v.shape[1]:  # V is a slice of a fused qkv: R2 would turn Q, K too
+            self.stats["r2_skipped"] += 1
+            return
         hd = None
         for use in v.output.uses():
             if use.node.op_type == "Reshape":

@@ -207,15 +207,54 @@ def _biased_fixed_shape(path, layers: int = 3, k: int = 64):
 
 
 def test_w8a8_refusal_names_the_layers_and_the_way_out(tmp_path, capsys):
-    """Fixed shapes + biases: ORT fuses MatMul+Add into Gemm and runs it in float.  The refusal names the
-    layers and suggests w8a8-dynamic, which then compiles onto integer kernels."""
+    """Fixed shapes + biases: ORT fuses MatMul+Add into Gemm and runs it in float.  Without the explicit
+    integer form the refusal names the layers and suggests w8a8-dynamic, which compiles onto integer kernels."""
     from bad_input_cases import npz_dir
 
     model = _biased_fixed_shape(tmp_path / "b.onnx")
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)} for i in range(4)]
     out = tmp_path / "out" / "m.onnx"
     cal = npz_dir(tmp_path / "cal", feeds)
-    cli_refuses(["compile", model, "--recipe", "w8a8", "--calibration", cal, "-o", out], capsys,
+    static = "calibrate,quantize{weights=8,acts=8,mode=static},lower-ort{explicit=false}"
+    cli_refuses(["compile", model, "--recipe", static, "--calibration", cal, "-o", out], capsys,
                 ["node 'l0'", "'l0' runs as Gemm", "--recipe w8a8-dynamic"], out=out)
     res = lowbit.compile(model, "w8a8-dynamic", calibration=feeds, output=out, progress=False)
     assert res.report["lower-ort"]["ort_integer_gemms"] == 3
+
+
+def test_static_w8a8_on_fixed_shapes_runs_on_integer_kernels(tmp_path):
+    """The same model with static w8a8: each linear becomes MatMulInteger → Cast → Mul(s_x·s_w) + b, which ORT
+    cannot fuse into a float Gemm.  The output equals a numpy evaluation of the QDQ arithmetic read from the
+    compiled file (uint8 activations at the file's scale and zero point, int8 weights), layer by layer."""
+    import onnx
+    from onnx import numpy_helper as nh
+
+    model = _biased_fixed_shape(tmp_path / "b.onnx")
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)} for i in range(4)]
+    out = tmp_path / "out" / "m.onnx"
+    res = lowbit.compile(model, "w8a8", calibration=feeds, output=out, progress=False)
+    report = res.report["lower-ort"]
+    assert report["ort_integer_gemms"] == 3 and report["explicit_integer_linears"] == 3
+    proto = onnx.load(str(out))
+    init = {t.name: nh.to_array(t) for t in proto.graph.initializer}
+    nodes = {n.output[0]: n for n in proto.graph.node}
+    by_input = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            by_input.setdefault(i, []).append(n)
+    ints = [n for n in proto.graph.node if n.op_type == "MatMulInteger"]
+    assert len(ints) == 3 and not [n for n in proto.graph.node if n.op_type == "MatMul"]
+    x = feeds[0]["x"].astype(np.float64)
+    for mm in ints:  # Q(x) → MatMulInteger(x_q, W_q, z) → Cast → Mul(rescale) → Add(bias) → Relu
+        q = nodes[mm.input[0]]
+        s, z = float(init[q.input[1]]), int(init[q.input[2]])
+        xq = np.clip(np.rint(x / s) + z, 0, 255)  # ONNX QuantizeLinear: round half to even, saturate
+        acc = (xq - z) @ init[mm.input[1]].astype(np.float64)
+        mul = by_input[by_input[mm.output[0]][0].output[0]][0]
+        add = by_input[mul.output[0]][0]
+        bias = init[add.input[1]] if add.input[1] in init else init[add.input[0]]
+        x = np.maximum(acc * init[mul.input[1]].astype(np.float64) + bias, 0)
+    from lowbit.ir.sessions import make_session
+
+    got = make_session(str(out)).run(None, feeds[0])[0]
+    np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["GroupKind", "Via", "Linear", "Group", "find_linears", "find_groups", "NORM_OPS", "NORM_INPUTS", "SKIP_NORMS",
-           "SHAPE_ONLY", "linear_name", "const_array", "value_users"]
+           "SHAPE_ONLY", "linear_name", "const_array", "value_users", "keeps_channels", "channel_readers"]
 
 # norm op → (γ input index, β input index or None).  The Skip forms (ONNX Runtime contrib ops that
 # onnxruntime-genai's builder emits) add a residual first: output 0 is the norm, output 3 the sum.
@@ -201,6 +201,64 @@ def _head_dim(path: list[ir.Node]) -> int | None:
     return None
 
 
+def _last_axis(node: ir.Node, src: ir.Value, default: int) -> bool:
+    axis = next((a.as_int() for a in node.attributes.values() if a.name == "axis"), default)
+    rank = len(src.shape) if src.shape is not None else None
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _slice_range(node: ir.Node, n: int) -> tuple[int, int] | None:
+    """[start, end) of a constant step-1 Slice of the last axis (``n`` channels), else None."""
+    parts = [const_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+             for i in range(1, 5)]
+    starts, ends, axes, steps = parts
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if starts is None or ends is None or starts.size != 1 or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+        return None
+    axis = int(axes.reshape(-1)[0]) if axes is not None else 0
+    if not (axis == -1 or (rank is not None and axis == rank - 1)):
+        return None
+    lo, hi = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+    lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
+    return max(0, min(lo, n)), max(0, min(hi, n))
+
+
+def _slice_of_linear(v: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear, np.ndarray] | None:
+    """(linear, its output columns) when ``v`` is a last-axis Split/Slice of a fused linear's output (Phi-3's
+    qkv_proj and gate_up_proj) whose other readers take disjoint columns: a scale on ``v``'s channels folds
+    into those columns alone."""
+    node = v.producer()
+    if node is None or node.op_type not in ("Split", "Slice") or not _single_use(v, graph):
+        return None
+    src = node.inputs[0]
+    lin = by_out.get(src)
+    if lin is None or src in graph.outputs:
+        return None
+    n = lin.shape[1]
+    if node.op_type == "Split":
+        if value_users(src) != [node] or not _last_axis(node, src, 0):
+            return None
+        sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if sizes is None:
+            k = len(node.outputs)
+            if n % k:
+                return None
+            sizes = np.full(k, n // k)
+        i = list(node.outputs).index(v)
+        start = int(np.sum(sizes[:i]))
+        return lin, np.arange(start, start + int(sizes[i]))
+    ranges = []
+    for user in value_users(src):
+        r = _slice_range(user, n) if user.op_type == "Slice" and user.inputs[0] is src else None
+        if r is None:
+            return None
+        ranges.append((r, user is node))
+    mine = next(r for r, me in ranges if me)
+    if any(not me and r[0] < mine[1] and mine[0] < r[1] for r, me in ranges) or mine[0] >= mine[1]:
+        return None
+    return lin, np.arange(*mine)
+
+
 def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear | None, np.ndarray | None, str]:
     """A previous linear that a per-channel scale on x folds into, with the channel map."""
     node = x.producer()
@@ -212,6 +270,10 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
             if lin is not None and _single_use(lin.output, graph) and lin.output is not node.inputs[1 - side]:
                 n = lin.shape[1]
                 return lin, np.arange(n), Via.GATED
+        for side in (0, 1):  # a fused gate_up: the up half's columns
+            fused = _slice_of_linear(node.inputs[side], graph, by_out)
+            if fused is not None and node.inputs[0] is not node.inputs[1]:
+                return fused[0], fused[1], Via.GATED
         return None, None, "Mul without a linear operand"
     # V→O: o_proj input <- Reshape/Transpose <- MatMul(P, V') <- Reshape/Transpose/Expand <- v_proj
     src, path = _trace_back(x, _PASSTHROUGH, graph)
@@ -219,12 +281,47 @@ def _linear_producer(x: ir.Value, graph: ir.Graph, by_out: dict) -> tuple[Linear
     if pv is None or pv.op_type != "MatMul" or not path or not _single_use(src, graph):
         return None, None, f"produced by {node.op_type}"
     vsrc, vpath = _trace_back(pv.inputs[1], _KV_REPEAT, graph)
-    lin = by_out.get(vsrc)
-    if lin is None or not _single_use(lin.output, graph):
+    lin, cols = by_out.get(vsrc), None
+    if lin is None:  # V sliced from a fused qkv
+        fused = _slice_of_linear(vsrc, graph, by_out)
+        lin, cols = fused if fused is not None else (None, None)
+    elif not _single_use(lin.output, graph):
+        lin = None
+    if lin is None:
         return None, None, "attention output whose V is not a single-use linear"
-    n_v = lin.shape[1]
+    n_v = lin.shape[1] if cols is None else len(cols)
     hd = _head_dim(vpath) or _head_dim(path)
-    return lin, ("vo", n_v, hd), Via.ATTENTION_VO
+    return lin, ("vo", n_v, hd, cols), Via.ATTENTION_VO
+
+
+def keeps_channels(node: ir.Node, n: int) -> bool:
+    """``node`` is a Reshape/Flatten that leaves the last axis (``n`` channels) whole: rows map to rows."""
+    if node.op_type not in ("Reshape", "Flatten") or not node.inputs or not node.outputs:
+        return False
+    src, out = node.inputs[0], node.outputs[0]
+    target = const_array(node.inputs[1]) if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+    src_n = src.shape[-1] if src.shape is not None and len(src.shape) else None
+    out_n = out.shape[-1] if out.shape is not None and len(out.shape) else None
+    if target is not None and target.size and int(target[-1]) == n:
+        out_n = n
+    return src_n == n and out_n == n
+
+
+def channel_readers(v: ir.Value, by_input: dict, n: int) -> list | None:
+    """The linears reading ``v`` directly or through channel-keeping reshapes; None if anything else reads it."""
+    found, todo = [], [v]
+    while todo:
+        x = todo.pop()
+        lins = by_input.get(x, [])
+        for user in value_users(x):
+            if any(lin.node is user for lin in lins):
+                continue
+            if keeps_channels(user, n) and user.inputs[0] is x:
+                todo.append(user.outputs[0])
+                continue
+            return None
+        found.extend(lins)
+    return found
 
 
 def _through_flatten(act: ir.Value, n_in: int, graph: ir.Graph) -> ir.Value:
@@ -292,7 +389,7 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
             groups.append(Group(GroupKind.NONE, act, consumers, reason=reason))
             continue
         if isinstance(cmap, tuple):  # V→O: build the GQA channel map
-            _, n_v, hd = cmap
+            _, n_v, hd, cols = cmap
             if n_in == n_v:
                 cmap = np.arange(n_in)
             elif hd and n_in % n_v == 0 and n_v % hd == 0:
@@ -302,6 +399,8 @@ def find_groups(graph: ir.Graph, linears: list[Linear] | None = None) -> list[Gr
             else:
                 groups.append(Group(GroupKind.NONE, act, consumers, reason="cannot map O channels to V channels"))
                 continue
+            if cols is not None:  # V's columns inside a fused qkv
+                cmap = cols[cmap]
         if len(cmap) != n_in:
             groups.append(Group(GroupKind.NONE, act, consumers, reason="channel count mismatch"))
             continue
