@@ -135,7 +135,7 @@ def qdq_token(x: np.ndarray) -> np.ndarray:
     return np.round(x / t) * t
 
 
-def mse_clip(xs: list[np.ndarray], lo: float, hi: float, ratios=np.linspace(0.05, 1.0, 39)) -> tuple[float, int, float]:
+def mse_clip(xs: list[np.ndarray], lo: float, hi: float, ratios=np.linspace(0.05, 1.0, 20)) -> tuple[float, int, float]:
     """Per-tensor asymmetric u8 range [r·lo, r·hi] minimising the squared QDQ error on ``xs``; (step, zp, r)."""
     best = None
     for r in ratios:
