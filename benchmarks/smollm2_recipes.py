@@ -206,6 +206,8 @@ def main() -> None:
                 res = lowbit.compile(gguf, row["pipeline"], calibration=str(calib_file), output=path,
                                      calibration_samples=None, progress=False)
                 row["calibration"] = res.report.get("calibration")
+                if res.timing is not None:  # where the compile time went, pass by pass
+                    row["pass_seconds"] = [[name, round(sec, 1)] for name, sec, _ in res.timing.rows]
                 row["unsmoothed"] = len((res.report.get("smooth") or {}).get("unsmoothed", []))
             row["compile_seconds"] = round(time.perf_counter() - t, 1)
             row["bytes"] = file_bytes(path)

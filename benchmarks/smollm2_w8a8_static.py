@@ -177,9 +177,10 @@ def main() -> None:
         calib_file = tmp / "calib.txt"
         calib_file.write_text("<|endoftext|>".join(stories[_slice(args.calib)]), encoding="utf-8")
         t = time.perf_counter()
-        lowbit.compile(gguf, "w8a8", calibration=str(calib_file), output=model_path, calibration_samples=None,
-                       progress=False)
-        logger.info("compiled w8a8 in %.0f s", time.perf_counter() - t)
+        res = lowbit.compile(gguf, "w8a8", calibration=str(calib_file), output=model_path,
+                             calibration_samples=None, progress=False)
+        logger.info("compiled w8a8 in %.0f s; passes %s", time.perf_counter() - t,
+                    [(n, round(sec, 1)) for n, sec, _ in res.timing.rows] if res.timing else "?")
     model = lowbit.load_model(gguf)
     tok = load_tokenizer(model.metadata_props.get("lowbit.tokenizer") or gguf)
     fp32 = save_onnx(model, tmp / "fp32.onnx")
