@@ -33,6 +33,28 @@ import numpy as np
 
 logger = logging.getLogger("smollm2_recipes")
 
+# rows that are a recipe with other options (issue 14's SmolLM2 table: groups that do not align with the GGUF's
+# blocks of 32); each is the named recipe's pipeline with one option replaced, run through lowbit.compile
+VARIANTS = {
+    "w3a16-g128": ("w3a16", "bits=3,group=16,", "bits=3,group=128,"),
+    "w2a16-g64": ("w2a16", "bits=2,group=16,", "bits=2,group=64,"),
+    "w4a16-gptq-g128": ("w4a16-gptq", "bits=4,group=32,", "bits=4,group=128,"),
+}
+
+
+def pipeline_of(row: str) -> str:
+    """The recipe name or pipeline string lowbit.compile gets for a lowbit row."""
+    if row not in VARIANTS:
+        return row
+    from lowbit.passmanager.recipes import RECIPES
+
+    name, old, new = VARIANTS[row]
+    text = RECIPES[name]
+    if text.count(old) != 1:
+        raise RuntimeError(f"row {row}: recipe {name} no longer holds {old!r} once; update VARIANTS")
+    return text.replace(old, new)
+
+
 DEFAULT_ROWS = ("fp32,ort-dynamic,w8a8-dynamic,w8a8,int8-integer-only,w4a8,w4a16-gptq,w3a16,"
                 "ort-hqq-b32,ort-hqq-b128,ort-kquant-b32,ort-kquant-b128")
 
@@ -180,9 +202,12 @@ def main() -> None:
                 path = ort_nbits(fp32, tmp / f"{recipe}.onnx", algo, int(block))
             else:
                 path = tmp / f"{recipe}.onnx"
-                res = lowbit.compile(gguf, recipe, calibration=str(calib_file), output=path,
+                row["pipeline"] = pipeline_of(recipe)
+                res = lowbit.compile(gguf, row["pipeline"], calibration=str(calib_file), output=path,
                                      calibration_samples=None, progress=False)
                 row["calibration"] = res.report.get("calibration")
+                if res.timing is not None:  # where the compile time went, pass by pass
+                    row["pass_seconds"] = [[name, round(sec, 1)] for name, sec, _ in res.timing.rows]
                 row["unsmoothed"] = len((res.report.get("smooth") or {}).get("unsmoothed", []))
             row["compile_seconds"] = round(time.perf_counter() - t, 1)
             row["bytes"] = file_bytes(path)
