@@ -209,6 +209,24 @@ def _rm(folder: Path, keep: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _peak() -> str:
+    """This process's peak RSS since the last call (then reset) and its children's peak, in GB (Linux)."""
+    import resource
+
+    try:
+        hwm = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines()
+                   if x.startswith("VmHWM"))
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration):
+        return "peak RSS n/a"
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return f"peak RSS {hwm / 2**20:.1f} GB, children {kids / 2**20:.1f} GB"
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -252,7 +270,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=22, help="TinyLlama-1.1B has 22 (fewer: same widths, faster)")
     ap.add_argument("--threads", default="2", help="comma-separated thread counts, each timed on the same models; "
                     "T:C1/C2 times thread count T at contexts C1, C2 only (default --contexts)")
-    ap.add_argument("--profile", action="store_true", help="also split lowbit's decode time by node kind")
+    ap.add_argument("--profile", nargs="?", const="all", default="",
+                    help="also split lowbit's decode time by node kind (optionally only these row indices: 4,5)")
     ap.add_argument("--contexts", default="16,256,1024")
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
@@ -289,9 +308,9 @@ def main() -> None:
     rows = {t: {} for t, _ in plan}
     profiles = {t: {} for t, _ in plan}
 
-    def measure(label: str, open_runner, profile_path: Path | None = None) -> None:
-        for threads, contexts in plan:
-            with bigmem(args.lock):
+    def measure(label: str, open_runner, size: int, profile_path: Path | None = None) -> None:
+        for threads, contexts in plan:  # the lock only for models over 2 GB (a session holds about 1.2x the file)
+            with bigmem(args.lock if size > 2 << 30 else None):
                 t0 = time.perf_counter()
                 r = open_runner(threads)
                 load_s = time.perf_counter() - t0
@@ -303,7 +322,7 @@ def main() -> None:
                 if profile_path is not None:
                     profiles[threads][label] = profile_split(profile_path, ids, contexts, threads)
             cells = ", ".join(f"{k}: {v:.1f}" for k, v in rows[threads][label].items())
-            print(f"  {label}, {threads} threads: {cells} (ms; session {load_s:.0f} s, load {_load()})", flush=True)
+            print(f"  {label}, {threads} threads: {cells} (ms; session {load_s:.0f} s, load {_load()}, {_peak()})", flush=True)
 
     t_start = time.perf_counter()
     chosen = ([] if args.variants == "none" else
@@ -318,7 +337,7 @@ def main() -> None:
                 model = build_llama(cfg, random_llama_weights(cfg, seed=0), kv_cache=True)
                 save_onnx(model, base_path, external_data=True)
                 del model
-            print(f"  lowbit fp32 built in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"  lowbit fp32 built in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
         paths["lowbit fp32"] = base_path
     for i, (label, pipeline, *start) in enumerate(chosen):
         if pipeline:
@@ -328,10 +347,12 @@ def main() -> None:
                 with bigmem(args.lock):
                     t0 = time.perf_counter()
                     lowbit_build(label, pipeline, src, path, ids)
-                    print(f"  {label} compiled ({pipeline}) in {time.perf_counter() - t0:.0f} s", flush=True)
+                    print(f"  {label} compiled ({pipeline}) in {time.perf_counter() - t0:.0f} s ({_peak()})",
+                          flush=True)
             paths[label] = path
-        measure(label, lambda t, p=paths[label]: LowbitRunner(p, t, args.cpu_time),
-                paths[label] if args.profile else None)
+        profiled = args.profile == "all" or str(VARIANTS.index((label, pipeline, *start))) in args.profile.split(",")
+        measure(label, lambda t, p=paths[label]: LowbitRunner(p, t, args.cpu_time), _size(paths[label].parent),
+                paths[label] if args.profile and profiled else None)
         later = chosen[i + 1:]
         for name, p in list(paths.items()):  # delete what no later variant starts from
             if not any((s[0] if s else "lowbit fp32") == name and pl for _, pl, *s in later):
@@ -343,13 +364,14 @@ def main() -> None:
             if not (hf / "config.json").exists():
                 base.write_hf_folder(cfg, random_llama_weights(cfg, seed=0), hf)
                 gc.collect()
+                print(f"  HF folder written ({_peak()})", flush=True)
         for precision in args.genai.split(","):
             out = work / f"genai-{precision}"
             with bigmem(args.lock):
                 t0 = time.perf_counter()
                 base.genai_build(hf, out, precision, work / "genai-cache")
-                print(f"  genai builder {precision} in {time.perf_counter() - t0:.0f} s", flush=True)
-            measure(f"ort-genai builder {precision}", lambda t, o=out: base.GenaiRunner(o, t, n_ctx))
+                print(f"  genai builder {precision} in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+            measure(f"ort-genai builder {precision}", lambda t, o=out: base.GenaiRunner(o, t, n_ctx), _size(out))
             _rm(out, args.keep)
         _rm(hf, args.keep)
         _rm(work / "genai-cache", args.keep)
@@ -360,9 +382,10 @@ def main() -> None:
             with bigmem(args.lock):
                 t0 = time.perf_counter()
                 gguf = base.gguf_build(Path(args.llama_bin), gdir, args.layers, q)
-                print(f"  GGUF {q} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"  GGUF {q} ready in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
             measure(f"llama.cpp {q} (llama-cpp-python)",
-                    lambda t, g=gguf: base.LlamaCppRunner(g, t, n_ctx, args.llama_py, args.llama_lib))
+                    lambda t, g=gguf: base.LlamaCppRunner(g, t, n_ctx, args.llama_py, args.llama_lib),
+                    gguf.stat().st_size)
             if not args.keep and gguf not in before:
                 gguf.unlink()
         for f in set(gdir.glob("*-f16.gguf")) - before:  # the F16 source of the quantized files
