@@ -261,10 +261,8 @@ def print_tables(rows: dict, profiles: dict, threads: int, contexts, prefill: in
 
 
 def main() -> None:
-    from lowbit.frontends.llama2c import build_llama, random_llama_weights
-    from lowbit.ir.model_io import save_onnx
-
     import decode_baselines as base
+    from decode_build import LazyWeights, build_streaming
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=22, help="TinyLlama-1.1B has 22 (fewer: same widths, faster)")
@@ -321,68 +319,53 @@ def main() -> None:
                 gc.collect()
                 if profile_path is not None:
                     profiles[threads][label] = profile_split(profile_path, ids, contexts, threads)
+            (work / "rows.json").write_text(json.dumps({"rows": rows, "profiles": profiles}, default=str))
             cells = ", ".join(f"{k}: {v:.1f}" for k, v in rows[threads][label].items())
             print(f"  {label}, {threads} threads: {cells} (ms; session {load_s:.0f} s, load {_load()}, {_peak()})", flush=True)
 
     t_start = time.perf_counter()
     chosen = ([] if args.variants == "none" else
               [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS)
+    order = [v for v in chosen if "fp32" not in v[0]] + [v for v in chosen if "fp32" in v[0]]  # fp32 (locked) last
+    weights = LazyWeights(cfg, seed=0)
     paths: dict[str, Path] = {}
     base_path = work / "lowbit_fp32" / "model.onnx"
-    if chosen:
-        with bigmem(args.lock):
-            t0 = time.perf_counter()
-            if not base_path.exists():
-                base_path.parent.mkdir(parents=True, exist_ok=True)
-                model = build_llama(cfg, random_llama_weights(cfg, seed=0), kv_cache=True)
-                save_onnx(model, base_path, external_data=True)
-                del model
-            print(f"  lowbit fp32 built in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+    if order:
+        t0 = time.perf_counter()
+        if not base_path.exists():
+            build_streaming(cfg, weights, base_path)
+        print(f"  lowbit fp32 written in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
         paths["lowbit fp32"] = base_path
-    for i, (label, pipeline, *start) in enumerate(chosen):
-        if pipeline:
-            src = paths[start[0]] if start else base_path
-            path = work / label.replace(" ", "_").replace("+", "") / "model.onnx"
-            if not path.exists():
-                with bigmem(args.lock):
+
+    def lowbit_rows(variants) -> None:
+        for i, (label, pipeline, *start) in enumerate(variants):
+            if pipeline:
+                src = paths[start[0]] if start else base_path
+                path = work / label.replace(" ", "_").replace("+", "") / "model.onnx"
+                if not path.exists():  # compiles of the cheap recipes stay under 3 GB: no lock
                     t0 = time.perf_counter()
                     lowbit_build(label, pipeline, src, path, ids)
                     print(f"  {label} compiled ({pipeline}) in {time.perf_counter() - t0:.0f} s ({_peak()})",
                           flush=True)
-            paths[label] = path
-        profiled = args.profile == "all" or str(VARIANTS.index((label, pipeline, *start))) in args.profile.split(",")
-        measure(label, lambda t, p=paths[label]: LowbitRunner(p, t, args.cpu_time), _size(paths[label].parent),
-                paths[label] if args.profile and profiled else None)
-        later = chosen[i + 1:]
-        for name, p in list(paths.items()):  # delete what no later variant starts from
-            if not any((s[0] if s else "lowbit fp32") == name and pl for _, pl, *s in later):
-                _rm(p.parent, args.keep)
-                del paths[name]
-    if args.genai:
-        hf = work / "hf"
-        with bigmem(args.lock):
-            if not (hf / "config.json").exists():
-                base.write_hf_folder(cfg, random_llama_weights(cfg, seed=0), hf)
-                gc.collect()
-                print(f"  HF folder written ({_peak()})", flush=True)
-        for precision in args.genai.split(","):
-            out = work / f"genai-{precision}"
-            with bigmem(args.lock):
-                t0 = time.perf_counter()
-                base.genai_build(hf, out, precision, work / "genai-cache")
-                print(f"  genai builder {precision} in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
-            measure(f"ort-genai builder {precision}", lambda t, o=out: base.GenaiRunner(o, t, n_ctx), _size(out))
-            _rm(out, args.keep)
-        _rm(hf, args.keep)
-        _rm(work / "genai-cache", args.keep)
-    if args.llama_bin and args.llama_gguf_dir:
+                paths[label] = path
+            idx = str(VARIANTS.index((label, pipeline, *start)))
+            profiled = args.profile == "all" or idx in args.profile.split(",")
+            measure(label, lambda t, p=paths[label]: LowbitRunner(p, t, args.cpu_time), _size(paths[label].parent),
+                    paths[label] if args.profile and profiled else None)
+            later = order[order.index((label, pipeline, *start)) + 1:]
+            for name, p in list(paths.items()):  # delete what no later variant is or starts from
+                if not any(lbl == name or ((s[0] if s else "lowbit fp32") == name and pl) for lbl, pl, *s in later):
+                    _rm(p.parent, args.keep)
+                    del paths[name]
+
+    lowbit_rows([v for v in order if "fp32" not in v[0]])
+    if args.llama_bin and args.llama_gguf_dir:  # the F16 writer holds 2.2 GB: no lock
         gdir = Path(args.llama_gguf_dir)
         before = set(gdir.glob("*.gguf")) if gdir.is_dir() else set()
         for q in args.llama_types.split(","):
-            with bigmem(args.lock):
-                t0 = time.perf_counter()
-                gguf = base.gguf_build(Path(args.llama_bin), gdir, args.layers, q)
-                print(f"  GGUF {q} ready in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+            t0 = time.perf_counter()
+            gguf = base.gguf_build(Path(args.llama_bin), gdir, args.layers, q)
+            print(f"  GGUF {q} ready in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
             measure(f"llama.cpp {q} (llama-cpp-python)",
                     lambda t, g=gguf: base.LlamaCppRunner(g, t, n_ctx, args.llama_py, args.llama_lib),
                     gguf.stat().st_size)
@@ -390,9 +373,31 @@ def main() -> None:
                 gguf.unlink()
         for f in set(gdir.glob("*-f16.gguf")) - before:  # the F16 source of the quantized files
             None if args.keep else f.unlink()
+    lowbit_rows([v for v in order if "fp32" in v[0]])
+    if args.genai:
+        hf = work / "hf"
+        if not (hf / "config.json").exists():
+            base.write_hf_folder(cfg, weights, hf)  # per-layer shards drawn from the same lazy weights: no lock
+            print(f"  HF folder written ({_peak()})", flush=True)
+        for precision in sorted(args.genai.split(","), key=lambda p: p == "fp32"):  # fp32 (locked) last
+            out = work / f"genai-{precision}"
+            with bigmem(args.lock):  # the builder holds the HF model and its ONNX form (4-10 GB)
+                t0 = time.perf_counter()
+                base.genai_build(hf, out, precision, work / "genai-cache")
+                print(f"  genai builder {precision} in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+            measure(f"ort-genai builder {precision}", lambda t, o=out: base.GenaiRunner(o, t, n_ctx), _size(out))
+            _rm(out, args.keep)
+        _rm(hf, args.keep)
+        _rm(work / "genai-cache", args.keep)
     print(f"\nall rows in {time.perf_counter() - t_start:.0f} s; load average {_load()} at the end")
     for threads, contexts in plan:
-        print_tables(rows[threads], profiles[threads], threads, contexts, args.prefill)
+        print_tables(_ordered(rows[threads]), profiles[threads], threads, contexts, args.prefill)
+
+
+def _ordered(rows: dict) -> dict:
+    """lowbit rows in VARIANTS order first (fp32 is the ratios' base), then the baselines as measured."""
+    names = [v[0] for v in VARIANTS]
+    return dict(sorted(rows.items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
 
 
 if __name__ == "__main__":

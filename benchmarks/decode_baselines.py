@@ -58,8 +58,10 @@ def write_hf_folder(cfg, w: dict, hf: Path) -> None:
 def genai_build(hf: Path, out: Path, precision: str, cache: Path) -> Path:
     """onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder``) for the CPU."""
     if not (out / "genai_config.json").exists():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                        "-p", precision, "-e", "cpu", "-c", str(cache)], check=True, stdout=subprocess.DEVNULL)
+        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                              "-p", precision, "-e", "cpu", "-c", str(cache)], capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"onnxruntime-genai's builder failed ({precision}):\n{res.stderr[-3000:]}")
     return out
 
 
