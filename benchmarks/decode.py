@@ -1,8 +1,8 @@
 """Decode ms/token at several contexts and prefill ms, TinyLlama-1.1B shape (random weights: speed only).
 
     python benchmarks/decode.py [--layers 22] [--threads 16,2:16/256] [--contexts 16,256,1024] [--prefill 256]
-                                [--steps 8] [--genai fp32,int4] [--llama-gguf-dir DIR --llama-bin DIR] [--profile]
-                                [--work DIR [--prepare-only]]
+                                [--steps 8] [--genai fp32,int4] [--llama-gguf-dir DIR --llama-bin DIR
+                                [--llama-py SDIST --llama-lib DIR]] [--profile] [--lock FILE] [--work DIR [--keep]]
 
 One run measures, through the KV cache (lowbit's KVSession: cache kept in ORT between steps):
 
@@ -11,19 +11,29 @@ One run measures, through the KV cache (lowbit's KVSession: cache kept in ORT be
   with a quantized cache (``quantize-kv``: int8, or int4 + Hadamard);
 * with ``--genai fp32,int4``: onnxruntime-genai's own model builder output for the same random
   weights (a Hugging Face folder written with transformers), timed through its ``Generator``;
-* with ``--llama-bin``: llama.cpp's ``llama-bench`` (Q8_0 / Q4_0 GGUFs of the same shape, same threads).
+* with ``--llama-bin`` (its ``llama-quantize``) and ``--llama-gguf-dir``: llama.cpp through llama-cpp-python's
+  ``Llama.eval`` (Q8_0 / Q4_0 GGUFs of the same shape, same threads); ``--llama-py``/``--llama-lib`` use an
+  unpacked llama-cpp-python sdist and the llama.cpp libraries built from it where the package is not installed.
 
-Decode at context c = prefill c tokens, then time ``--steps`` single-token steps (median).  Ratios are to
-lowbit FP32 at the same context.  The last table splits lowbit's decode time (ORT's profiler, per node)
-into the linear layers and the attention/cache nodes: only the latter grow with the context.
+Decode at context c = median of ``--steps`` single-token steps with c tokens cached (contexts reached in
+increasing order by extending one cache).  Ratios are to lowbit FP32 at the same context.  The growth table
+puts the decode step's growth per 1,000 cached tokens next to its split (ORT's profiler, ``--profile``) into
+linear layers / attention+cache nodes / the rest: only attention should grow, by about the cache bytes read.
+
+Memory: one model is built, loaded and timed at a time, then deleted from ``--work`` (``--keep`` keeps them);
+``--lock FILE`` holds a flock on FILE only while a model is built or timed, so other jobs can take turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import gc
 import json
+import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,28 +62,25 @@ def tinyllama(layers: int):
                        seq_len=2048)
 
 
-def time_session(kv, ids, contexts, prefill: int, steps: int) -> dict:
-    out = {}
-    t = []
-    for _ in range(2):
-        kv.reset()
-        t0 = CLOCK()
-        kv.step(ids[:prefill])
-        t.append((CLOCK() - t0) * 1e3)
-    out["prefill"] = min(t)
-    for c in contexts:
-        kv.reset()
-        kv.step(ids[:c])
-        ts = []
-        for i in range(steps):
-            t0 = CLOCK()
-            kv.step(ids[c + i : c + i + 1])
-            ts.append((CLOCK() - t0) * 1e3)
-        out[c] = statistics.median(ts)
-    return out
+@contextlib.contextmanager
+def bigmem(lock: str | None):
+    """Hold ``--lock`` (flock, as flock(1) takes it) while one model is built or loaded: released between models."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        t0 = time.perf_counter()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if time.perf_counter() - t0 > 1:
+            print(f"  (waited {time.perf_counter() - t0:.0f} s for {lock})", flush=True)
+        try:
+            yield
+        finally:
+            gc.collect()
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _session(path: Path, threads: int, no_spin: bool):
+def _session(path: Path, threads: int, no_spin: bool, profile: str | None = None):
     import onnxruntime as ort
 
     from lowbit.ir.sessions import session_options
@@ -81,193 +88,204 @@ def _session(path: Path, threads: int, no_spin: bool):
     so = session_options(threads=threads)
     if no_spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def profile_split(path: Path, ids, contexts, threads: int) -> dict:
-    """Per context: ms per decode step in linear-layer nodes vs attention/cache nodes (ORT profiler)."""
-    import onnxruntime as ort
+class LowbitRunner:
+    """A lowbit KV graph through ``KVSession`` (what ``lowbit generate`` runs): the cache stays in ORT values."""
 
-    from lowbit.ir.sessions import session_options
-    from lowbit.runtime import KVSession
+    fresh_extend = False
 
-    res = {}
-    for c in contexts:
-        so = session_options(threads=threads)
-        so.enable_profiling = True
-        so.profile_file_prefix = str(path.parent / f"prof{c}")
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        init = {i.name for i in sess.get_inputs()}
-        kv = KVSession(sess)
-        kv.step(ids[:c])
-        for i in range(4):
-            kv.step(ids[c + i : c + i + 1])
-        trace = json.loads(Path(sess.end_profiling()).read_text())
-        runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
-        last_runs = runs[-4:]
-        lo = last_runs[0]["ts"]
-        lin = att = other = 0.0
-        for e in trace:
-            if e.get("cat") != "Node" or e["ts"] < lo or not e["name"].endswith("_kernel_time"):
-                continue
-            name, op = e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "")
-            d = e["dur"] / 1e3 / 4
-            if op in _LINEAR_OPS or (op in ("MatMul", "Gemm", "FusedMatMul") and ".attn.qk" not in name
-                                     and ".attn.pv" not in name):
-                lin += d
-            elif ".attn." in name or name.startswith("present.") or "mask." in name or "kv." in name:
-                att += d
-            else:
-                other += d
-        del init
-        res[c] = (lin, att, other)
-    return res
+    def __init__(self, path: Path, threads: int, no_spin: bool = False, profile: str | None = None):
+        from lowbit.runtime import KVSession
+
+        self.kv = KVSession(_session(path, threads, no_spin, profile))
+
+    def reset(self) -> None:
+        self.kv.reset()
+
+    def extend(self, ids) -> None:
+        self.kv.step(ids)
+
+    def decode(self, token) -> None:
+        self.kv.step(np.asarray([token], dtype=np.int64))
 
 
-def genai_prepare(cfg, weights, work: Path, precisions) -> dict:
-    """onnxruntime-genai's model builder outputs for the same weights (``weights()`` gives them), cached in work."""
-    hf = work / "hf"
-    if not (hf / "config.json").exists():
-        import torch
-        from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
-
-        w = weights()
-        conf = HFConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
-                        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                        vocab_size=cfg.vocab_size, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                        tie_word_embeddings=False, torch_dtype="float32")
-        with torch.device("meta"):
-            m = LlamaForCausalLM(conf)
-        m = m.to_empty(device="cpu")
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                p.copy_(torch.from_numpy(_hf_weight(name, w, cfg)))
-        m.save_pretrained(hf)
-        del m
-    if not (hf / "tokenizer.json").exists():  # the builder copies a tokenizer into its output
-        _word_tokenizer(cfg.vocab_size).save(str(hf / "tokenizer.json"))
-        (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    outs = {}
-    for precision in precisions:
-        out = work / f"genai-{precision}"
-        if not (out / "genai_config.json").exists():
-            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                            "-p", precision, "-e", "cpu", "-c", str(work / "cache")], check=True,
-                           stdout=subprocess.DEVNULL)
-        outs[precision] = out
-    return outs
+def time_runner(r, ids, contexts, prefill: int, steps: int, reps: int = 2) -> dict:
+    """Prefill ms (best of ``reps``) and, per context c, the median ms of ``steps`` single-token steps taken with c
+    tokens cached.  Contexts are reached in increasing order by extending one cache (a fresh one where the
+    runner cannot extend after decoding)."""
+    out, t = {}, []
+    for _ in range(reps):
+        r.reset()
+        t0 = CLOCK()
+        r.extend(ids[:prefill])
+        t.append((CLOCK() - t0) * 1e3)
+    out["prefill"] = min(t)
+    r.reset()
+    n = 0
+    for c in sorted(contexts):
+        if r.fresh_extend or c < n:
+            r.reset()
+            n = 0
+        if c > n:
+            r.extend(ids[n:c])
+            n = c
+        ts = []
+        for _ in range(steps):
+            t0 = CLOCK()
+            r.decode(ids[n])
+            ts.append((CLOCK() - t0) * 1e3)
+            n += 1
+        out[c] = statistics.median(ts)
+    return out
 
 
-def genai_rows(outs: dict, ids, contexts, prefill, steps, threads) -> dict:
-    """The builder outputs timed through onnxruntime-genai's Generator."""
-    import onnxruntime_genai as og
+def profile_split(path: Path, ids, contexts, threads: int, steps: int = 4) -> dict:
+    """Per context: ms per decode step in linear-layer nodes / attention+cache nodes / the rest (ORT's profiler),
+    and the cache's bytes per cached token."""
+    prefix = str(path.parent / "prof")
+    r = LowbitRunner(path, threads, profile=prefix)
+    kinds, n = [], 0
+    for c in sorted(contexts):
+        if c > n:
+            r.extend(ids[n:c])
+            kinds.append(None)
+            n = c
+        for _ in range(steps):
+            r.decode(ids[n])
+            kinds.append(c)
+            n += 1
+    bytes_per_token = r.kv.cache_bytes() / r.kv.length
+    trace_path = Path(r.kv.session.end_profiling())
+    trace = json.loads(trace_path.read_text())
+    trace_path.unlink()
+    del r
+    runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    if len(runs) != len(kinds):
+        raise RuntimeError(f"profiler: {len(runs)} runs for {len(kinds)} calls")
+    starts = [e["ts"] for e in runs]
+    res = {c: [0.0, 0.0, 0.0] for c in contexts}
+    import bisect
 
-    rows = {}
-    for precision, out in outs.items():
-        conf = json.loads((out / "genai_config.json").read_text())
-        conf["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-        (out / "genai_config.json").write_text(json.dumps(conf))
-        model = og.Model(str(out))
-        r = {}
-
-        def run(n_prompt, n_new):
-            perf = CLOCK
-            p = og.GeneratorParams(model)
-            p.set_search_options(max_length=n_prompt + n_new + 1, do_sample=False)
-            g = og.Generator(model, p)
-            t0 = perf()
-            g.append_tokens(ids[:n_prompt].astype(np.int32))
-            pre = (perf() - t0) * 1e3
-            ts = []
-            for _ in range(n_new):
-                t0 = perf()
-                g.generate_next_token()
-                ts.append((perf() - t0) * 1e3)
-            return pre, statistics.median(ts)
-
-        r["prefill"] = min(run(prefill, 1)[0] for _ in range(2))
-        for c in contexts:
-            r[c] = run(c, steps)[1]
-        rows[f"ort-genai builder {precision}"] = r
-        del model
-    return rows
-
-
-def _word_tokenizer(n: int):
-    from tokenizers import Tokenizer, models
-
-    return Tokenizer(models.WordLevel({f"t{i}": i for i in range(n)}, unk_token="t0"))
-
-
-def _hf_weight(name: str, w: dict, cfg) -> np.ndarray:
-    """The llama2.c random weights under a Hugging Face parameter name (same arrays; llama2.c's interleaved
-    RoPE layout is not permuted to HF's halves, which changes the function but not the speed)."""
-    from lowbit.frontends.llama2c import decoder_weights
-
-    d = decoder_weights(cfg, w)
-    key = (name.replace("model.embed_tokens.weight", "embed").replace("lm_head.weight", "embed")
-           .replace("model.norm", "final_norm").replace("model.", "").replace("self_attn", "attn")
-           .replace("input_layernorm", "attn_norm").replace("post_attention_layernorm", "ffn_norm"))
-    return np.ascontiguousarray(d[key], dtype=np.float32)
-
-
-def prepare_ggufs(bin_dir: Path, gguf_dir: Path, layers: int, types) -> None:
-    """Random-weight GGUFs of the same shape (decode_kernels' F16 writer, then llama-quantize)."""
-    import decode_kernels
-
-    decode_kernels.LAYERS = layers
-    for q in types:
-        decode_kernels.prepare_gguf(bin_dir, gguf_dir, q)
-
-
-def llama_rows(bin_dir: Path, gguf_dir: Path, contexts, prefill, steps, threads, types=("Q8_0", "Q4_0")) -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    rows = {}
-    for q in types:
-        files = sorted(gguf_dir.glob(f"*-{q}.gguf"))
-        if not files:
+    for e in trace:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
-        r = {}
-        for c in contexts:
-            out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(files[0]), "-p", "0", "-n", str(steps),
-                                  "-d", str(c), "-t", str(threads), "-o", "json", "-r", "2"],
-                                 capture_output=True, text=True, check=True, env=env)
-            r[c] = 1e3 / json.loads(out.stdout)[0]["avg_ts"]
-        out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(files[0]), "-p", str(prefill), "-n", "0",
-                              "-t", str(threads), "-o", "json", "-r", "2"], capture_output=True, text=True, check=True,
-                             env=env)
-        r["prefill"] = prefill * 1e3 / json.loads(out.stdout)[0]["avg_ts"]
-        rows[f"llama.cpp {q}"] = r
-    return rows
+        c = kinds[bisect.bisect_right(starts, e["ts"]) - 1]
+        if c is None:
+            continue
+        name, op = e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "")
+        if op in _LINEAR_OPS or (op in ("MatMul", "Gemm", "FusedMatMul") and ".attn.qk" not in name
+                                 and ".attn.pv" not in name):
+            k = 0
+        elif ".attn." in name or name.startswith("present.") or "mask." in name or "kv." in name:
+            k = 1
+        else:
+            k = 2
+        res[c][k] += e["dur"] / 1e3 / steps
+    return {"split": res, "bytes_per_token": bytes_per_token}
+
+
+def lowbit_build(label: str, pipeline, start: Path, out: Path, ids) -> Path:
+    from lowbit.data.datasets import kv_prefill_feed
+    from lowbit.ir.model_io import load_onnx, save_onnx
+    from lowbit.passmanager.manager import CompileContext, PassManager
+
+    model = load_onnx(start)
+    calib = [kv_prefill_feed(model, ids[None, :64])]
+    model = PassManager.from_pipeline(pipeline, CompileContext(calibration=calib, show_progress=False)).run(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_onnx(model, out, external_data=True)
+    del model
+    return out
+
+
+def _rm(folder: Path, keep: bool) -> None:
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _peak() -> str:
+    """This process's peak RSS since the last call (then reset) and its children's peak, in GB (Linux)."""
+    import resource
+
+    try:
+        hwm = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines()
+                   if x.startswith("VmHWM"))
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration):
+        return "peak RSS n/a"
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return f"peak RSS {hwm / 2**20:.1f} GB, children {kids / 2**20:.1f} GB"
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def print_tables(rows: dict, profiles: dict, threads: int, contexts, prefill: int) -> None:
+    first = next(iter(rows))
+    base = rows[first]
+    head = "".join(f"{'ctx ' + str(c):>17s}" for c in contexts) + f"{'prefill ' + str(prefill):>19s}"
+    print(f"\n{threads} threads: decode ms/token at each context (ratio: {first} ÷ row), prefill ms")
+    print(f"{'':34s}{head}")
+    for label, r in rows.items():
+        cells = "".join(f"{r[c]:9.2f} ({base[c] / r[c]:4.2f}x)" for c in contexts)
+        print(f"{label:34s}{cells}{r['prefill']:10.1f} ({base['prefill'] / r['prefill']:4.2f}x)")
+    lo, hi = min(contexts), max(contexts)
+    k = 1000 / (hi - lo)
+    print(f"\ngrowth of the decode step from ctx {lo} to {hi}, per 1,000 cached tokens (ms); profiler columns: "
+          "linear layers / attention+cache nodes / rest, and the cache bytes one step reads per 1,000 tokens")
+    for label, r in rows.items():
+        line = f"{label:34s} total {(r[hi] - r[lo]) * k:+8.2f}"
+        p = profiles.get(label)
+        if p:
+            s = p["split"]
+            line += "   " + " / ".join(f"{(s[hi][i] - s[lo][i]) * k:+7.2f}" for i in range(3))
+            line += f"   {p['bytes_per_token'] * 1000 / 2**20:6.1f} MiB"
+        print(line)
+    if profiles:
+        print("\nper step (ms): linears / attention+cache / rest, at each context (ORT profiler)")
+        for label, p in profiles.items():
+            print(f"{label:34s}" + "".join(f"  ctx {c}: {a:7.2f} / {b:6.2f} / {o:5.2f}"
+                                           for c, (a, b, o) in sorted(p["split"].items())))
+    sys.stdout.flush()
 
 
 def main() -> None:
-    from lowbit.data.datasets import kv_prefill_feed
-    from lowbit.frontends.llama2c import build_llama, random_llama_weights
-    from lowbit.ir.model_io import load_onnx, save_onnx
-    from lowbit.passmanager.manager import CompileContext, PassManager
-    from lowbit.runtime import KVSession
+    import decode_baselines as base
+    from decode_build import LazyWeights, build_streaming
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=22, help="TinyLlama-1.1B has 22 (fewer: same widths, faster)")
     ap.add_argument("--threads", default="2", help="comma-separated thread counts, each timed on the same models; "
                     "T:C1/C2 times thread count T at contexts C1, C2 only (default --contexts)")
-    ap.add_argument("--prepare-only", action="store_true", help="build the lowbit/genai models in --work and stop")
-    ap.add_argument("--profile", action="store_true", help="also split lowbit's decode time by node kind")
+    ap.add_argument("--profile", nargs="?", const="all", default="",
+                    help="also split lowbit's decode time by node kind (optionally only these row indices: 4,5)")
     ap.add_argument("--contexts", default="16,256,1024")
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=2, help="prefill timed this many times (best kept)")
     ap.add_argument("--variants", default="", help="comma-separated indices into the lowbit rows (default all; none)")
     ap.add_argument("--genai", default="", help="also onnxruntime-genai's model builder at these precisions (fp32,int4)")
-    ap.add_argument("--llama-bin", help="folder with llama.cpp's llama-bench")
+    ap.add_argument("--llama-bin", help="folder with llama.cpp's llama-quantize (writes the random GGUFs)")
     ap.add_argument("--llama-gguf-dir", help="folder for the random-weight GGUFs (written there once)")
     ap.add_argument("--llama-types", default="Q8_0,Q4_0")
+    ap.add_argument("--llama-py", help="an unpacked llama-cpp-python sdist (where the package is not installed)")
+    ap.add_argument("--llama-lib", help="llama.cpp's shared libraries built from that sdist (LLAMA_CPP_LIB_PATH)")
+    ap.add_argument("--lock", help="flock this file while a model is built or timed (released between models)")
+    ap.add_argument("--keep", action="store_true", help="keep every model in --work (default: deleted once timed)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--cpu-time", action="store_true",
-                    help="CPU ms of all threads (process time, ORT spinning off) instead of wall ms: robust on an "
-                         "oversubscribed machine; llama.cpp rows stay wall time")
+                    help="CPU ms of all threads (process time, ORT spinning off) instead of wall ms")
     args = ap.parse_args()
     global CLOCK
     if args.cpu_time:
@@ -277,75 +295,109 @@ def main() -> None:
         t, _, ctx = part.partition(":")
         plan.append((int(t), [int(c) for c in (ctx.split("/") if ctx else args.contexts.split(","))]))
     all_ctx = sorted({c for _, cs in plan for c in cs})
+    n_ctx = max(all_ctx + [args.prefill]) + args.steps + 8
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-decode-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = tinyllama(args.layers)
-    cache = {}
-
-    def weights():
-        if "w" not in cache:
-            cache["w"] = random_llama_weights(cfg, seed=0)
-        return cache["w"]
-
-    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, max(all_ctx) + args.steps + args.prefill)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, n_ctx)
     print(f"{'CPU' if args.cpu_time else 'wall'} ms. TinyLlama-1.1B shape (dim 2048, ffn 5632, 32 heads / 4 KV heads, "
           f"vocab 32000), {args.layers} layers, random weights; threads:contexts {args.threads}; decode = median "
-          f"of {args.steps} steps after a prefill of the context", flush=True)
-    t0 = time.perf_counter()
-    base_path = work / "fp32.onnx"
+          f"of {args.steps} steps with the context cached; load average {_load()} at start", flush=True)
+    rows = {t: {} for t, _ in plan}
+    profiles = {t: {} for t, _ in plan}
+
+    def measure(label: str, open_runner, size: int, profile_path: Path | None = None) -> None:
+        for threads, contexts in plan:  # the lock only for models over 2 GB (a session holds about 1.2x the file)
+            with bigmem(args.lock if size > 2 << 30 else None):
+                t0 = time.perf_counter()
+                r = open_runner(threads)
+                load_s = time.perf_counter() - t0
+                rows[threads][label] = time_runner(r, ids, contexts, args.prefill, args.steps, args.reps)
+                if hasattr(r, "close"):
+                    r.close()
+                del r
+                gc.collect()
+                if profile_path is not None:
+                    profiles[threads][label] = profile_split(profile_path, ids, contexts, threads)
+            (work / "rows.json").write_text(json.dumps({"rows": rows, "profiles": profiles}, default=str))
+            cells = ", ".join(f"{k}: {v:.1f}" for k, v in rows[threads][label].items())
+            print(f"  {label}, {threads} threads: {cells} (ms; session {load_s:.0f} s, load {_load()}, {_peak()})", flush=True)
+
+    t_start = time.perf_counter()
     chosen = ([] if args.variants == "none" else
               [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS)
-    if chosen and not base_path.exists():
-        save_onnx(build_llama(cfg, weights(), kv_cache=True), base_path, external_data=True)
-    paths = {}
-    for label, pipeline, *start in chosen:
-        path = base_path
-        if pipeline:
-            path = work / f"{label.replace(' ', '_').replace('+', '')}.onnx"
-            if not path.exists():
-                model = load_onnx(paths[start[0]] if start and start[0] in paths else base_path)
-                calib = [kv_prefill_feed(model, ids[None, :64])]
-                model = PassManager.from_pipeline(pipeline, CompileContext(calibration=calib,
-                                                                           show_progress=False)).run(model)
-                save_onnx(model, path, external_data=True)
-                del model
-        paths[label] = path
-    genai = genai_prepare(cfg, weights, work, args.genai.split(",")) if args.genai else {}
-    cache.clear()
-    print(f"  lowbit and genai models ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    if args.prepare_only:
-        return
-    llama = args.llama_bin and args.llama_gguf_dir
-    types = args.llama_types.split(",")
-    if llama:
-        prepare_ggufs(Path(args.llama_bin), Path(args.llama_gguf_dir), args.layers, types)
+    order = [v for v in chosen if "fp32" not in v[0]] + [v for v in chosen if "fp32" in v[0]]  # fp32 (locked) last
+    weights = LazyWeights(cfg, seed=0)
+    paths: dict[str, Path] = {}
+    base_path = work / "lowbit_fp32" / "model.onnx"
+    if order:
+        t0 = time.perf_counter()
+        if not base_path.exists():
+            build_streaming(cfg, weights, base_path)
+        print(f"  lowbit fp32 written in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+        paths["lowbit fp32"] = base_path
+
+    def lowbit_rows(variants) -> None:
+        for i, (label, pipeline, *start) in enumerate(variants):
+            if pipeline:
+                src = paths[start[0]] if start else base_path
+                path = work / label.replace(" ", "_").replace("+", "") / "model.onnx"
+                if not path.exists():  # compiles of the cheap recipes stay under 3 GB: no lock
+                    t0 = time.perf_counter()
+                    lowbit_build(label, pipeline, src, path, ids)
+                    print(f"  {label} compiled ({pipeline}) in {time.perf_counter() - t0:.0f} s ({_peak()})",
+                          flush=True)
+                paths[label] = path
+            idx = str(VARIANTS.index((label, pipeline, *start)))
+            profiled = args.profile == "all" or idx in args.profile.split(",")
+            measure(label, lambda t, p=paths[label]: LowbitRunner(p, t, args.cpu_time), _size(paths[label].parent),
+                    paths[label] if args.profile and profiled else None)
+            later = order[order.index((label, pipeline, *start)) + 1:]
+            for name, p in list(paths.items()):  # delete what no later variant is or starts from
+                if not any(lbl == name or ((s[0] if s else "lowbit fp32") == name and pl) for lbl, pl, *s in later):
+                    _rm(p.parent, args.keep)
+                    del paths[name]
+
+    lowbit_rows([v for v in order if "fp32" not in v[0]])
+    if args.llama_bin and args.llama_gguf_dir:  # the F16 writer holds 2.2 GB: no lock
+        gdir = Path(args.llama_gguf_dir)
+        before = set(gdir.glob("*.gguf")) if gdir.is_dir() else set()
+        for q in args.llama_types.split(","):
+            t0 = time.perf_counter()
+            gguf = base.gguf_build(Path(args.llama_bin), gdir, args.layers, q)
+            print(f"  GGUF {q} ready in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+            measure(f"llama.cpp {q} (llama-cpp-python)",
+                    lambda t, g=gguf: base.LlamaCppRunner(g, t, n_ctx, args.llama_py, args.llama_lib),
+                    gguf.stat().st_size)
+            if not args.keep and gguf not in before:
+                gguf.unlink()
+        for f in set(gdir.glob("*-f16.gguf")) - before:  # the F16 source of the quantized files
+            None if args.keep else f.unlink()
+    lowbit_rows([v for v in order if "fp32" in v[0]])
+    if args.genai:
+        hf = work / "hf"
+        if not (hf / "config.json").exists():
+            base.write_hf_folder(cfg, weights, hf)  # per-layer shards drawn from the same lazy weights: no lock
+            print(f"  HF folder written ({_peak()})", flush=True)
+        for precision in sorted(args.genai.split(","), key=lambda p: p == "fp32"):  # fp32 (locked) last
+            out = work / f"genai-{precision}"
+            with bigmem(args.lock):  # the builder holds the HF model and its ONNX form (4-10 GB)
+                t0 = time.perf_counter()
+                base.genai_build(hf, out, precision, work / "genai-cache")
+                print(f"  genai builder {precision} in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+            measure(f"ort-genai builder {precision}", lambda t, o=out: base.GenaiRunner(o, t, n_ctx), _size(out))
+            _rm(out, args.keep)
+        _rm(hf, args.keep)
+        _rm(work / "genai-cache", args.keep)
+    print(f"\nall rows in {time.perf_counter() - t_start:.0f} s; load average {_load()} at the end")
     for threads, contexts in plan:
-        rows = {}
-        for label, path in paths.items():
-            kv = KVSession(_session(path, threads, args.cpu_time))
-            rows[label] = time_session(kv, ids, contexts, args.prefill, args.steps)
-            del kv
-            print(f"  {label}, {threads} threads: {rows[label]}", flush=True)
-        if genai:
-            rows.update(genai_rows(genai, ids, contexts, args.prefill, args.steps, threads))
-        if llama:
-            rows.update(llama_rows(Path(args.llama_bin), Path(args.llama_gguf_dir), contexts, args.prefill,
-                                   args.steps, threads, types))
-        first = next(iter(rows))
-        base = rows[first]
-        head = "".join(f"{'ctx ' + str(c):>17s}" for c in contexts) + f"{'prefill ' + str(args.prefill):>19s}"
-        print(f"\n{threads} threads: decode ms/token at each context (ratio: {first} ÷ row), prefill ms")
-        print(f"{'':34s}{head}")
-        for label, r in rows.items():
-            cells = "".join(f"{r[c]:9.2f} ({base[c] / r[c]:4.2f}x)" for c in contexts)
-            print(f"{label:34s}{cells}{r['prefill']:10.1f} ({base['prefill'] / r['prefill']:4.2f}x)", flush=True)
-        if args.profile:
-            print(f"\nwhere lowbit's decode time goes, {threads} threads (ms per step: linear layers / "
-                  "attention+cache / rest), ORT profiler:")
-            for label, path in paths.items():
-                split = profile_split(path, ids, contexts, threads)
-                print(f"{label:34s}" + "".join(f"  ctx {c}: {a:6.2f} / {b:6.2f} / {o:5.2f}"
-                                                 for c, (a, b, o) in split.items()), flush=True)
+        print_tables(_ordered(rows[threads]), profiles[threads], threads, contexts, args.prefill)
+
+
+def _ordered(rows: dict) -> dict:
+    """lowbit rows in VARIANTS order first (fp32 is the ratios' base), then the baselines as measured."""
+    names = [v[0] for v in VARIANTS]
+    return dict(sorted(rows.items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
 
 
 if __name__ == "__main__":

@@ -56,10 +56,13 @@ class GraphBuilder:
         return outs[0] if outputs == 1 else outs
 
     def build(self, graph_name: str, metadata: dict[str, str] | None = None, producer: str = "lowbit") -> ir.Model:
-        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.inits)
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs)
         domains = sorted({n.domain for n in self.nodes if n.domain not in ("", "ai.onnx")})
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)]
                                   + [helper.make_opsetid(d, 1) for d in domains], producer_name=producer)
+        inits, self.inits = self.inits[::-1], []
+        while inits:  # the initializers go in after make_model (which copies the graph), each original freed
+            proto.graph.initializer.append(inits.pop())  # once copied: peak memory one model, not three
         proto.ir_version = 10
         for k, v in (metadata or {}).items():
             proto.metadata_props.add(key=k, value=v)
