@@ -30,8 +30,8 @@ __all__ = ["KernelBuildError", "build", "library", "ISA_NAMES", "isa", "set_isa"
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / name for name in ("lowbit_cpu.c", "lowbit_decode.c")]
-CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11"]
+SOURCES = [Path(__file__).resolve().parent / name for name in ("lowbit_cpu.c", "lowbit_decode.c", "lowbit_pool.c")]
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11", "-pthread"]
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512-vnni"}
 _LIB: ctypes.CDLL | None = None
 

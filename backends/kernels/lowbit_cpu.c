@@ -36,6 +36,9 @@ enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 static int g_isa = -1;
 static int g_threads = 0;
 
+typedef void (*lowbit_chunk_fn)(void *arg, int chunk);
+void lowbit_pool_run(lowbit_chunk_fn fn, void *arg, int n, int threads); /* lowbit_pool.c */
+
 int lowbit_best_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -416,21 +419,29 @@ static int bits_index(int bits) { return bits == 2 ? 0 : bits == 3 ? 1 : bits ==
 
 /* y[M, N] from pre-quantized activations (xq [M, Kp], xs/xsum [M, Kp/G]).  Returns 0, or -1 on bad
  * arguments.  Rows of M are blocked by 4 (the weight tile is unpacked once per block: prefill GEMM). */
-int lowbit_gemm_q(int bits, int M, int Kp, int N, int G, const uint8_t *codes, const float *scales,
-                  const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
-    int bi = bits_index(bits);
-    int pair = pair_mode(bits, G);
-    if (bi < 0 || G <= 0 || (G % 32 && !pair) || Kp % (pair ? 32 : G) || M <= 0 || N <= 0) return -1;
-    int isa = lowbit_isa(), nt = (N + TILE - 1) / TILE, ng = Kp / G;
-#pragma omp parallel for schedule(static) num_threads(nthreads()) if (nt > 1)
-    for (int t = 0; t < nt; t++) {
-        const int mbmax = pair && isa == ISA_AVX512VNNI ? 2 : 4;
+struct gemm_args {
+    int bits, M, Kp, N, G, isa, tiles_per_chunk, nt;
+    const uint8_t *codes, *zeros;
+    const float *scales, *xs;
+    const int8_t *xq;
+    const int32_t *xsum;
+    float *y;
+};
+
+static void gemm_tiles(void *p, int chunk) {
+    const struct gemm_args *a = (const struct gemm_args *)p;
+    int bits = a->bits, M = a->M, Kp = a->Kp, N = a->N, G = a->G, isa = a->isa, bi = bits_index(bits);
+    int pair = pair_mode(bits, G), ng = Kp / G, t1 = (chunk + 1) * a->tiles_per_chunk;
+    const int mbmax = pair && isa == ISA_AVX512VNNI ? 2 : 4;
+    for (int t = chunk * a->tiles_per_chunk; t < t1 && t < a->nt; t++) {
         for (int m0 = 0; m0 < M; m0 += mbmax) {
             int mb = M - m0 < mbmax ? M - m0 : mbmax;
-            const int8_t *xq_m = xq + (size_t)m0 * Kp;
-            const float *xs_m = xs + (size_t)m0 * ng;
-            const int32_t *xsum_m = xsum + (size_t)m0 * ng;
-            float *y_m = y + (size_t)m0 * N;
+            const int8_t *xq_m = a->xq + (size_t)m0 * Kp;
+            const float *xs_m = a->xs + (size_t)m0 * ng;
+            const int32_t *xsum_m = a->xsum + (size_t)m0 * ng;
+            float *y_m = a->y + (size_t)m0 * N;
+            const uint8_t *codes = a->codes, *zeros = a->zeros;
+            const float *scales = a->scales;
             if (pair && isa == ISA_AVX512VNNI)
                 tile512_pair(bits, mb, Kp, N, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
             else if (pair) /* AVX2: the generic C loop (slow) */
@@ -445,6 +456,25 @@ int lowbit_gemm_q(int bits, int M, int Kp, int N, int G, const uint8_t *codes, c
                 tile_generic(bits, mb, Kp, N, G, t, codes, scales, zeros, xq_m, xs_m, xsum_m, y_m);
         }
     }
+}
+
+/* y[M, N] from pre-quantized activations (xq [M, Kp], xs/xsum [M, Kp/G]).  Returns 0, or -1 on bad
+ * arguments.  Rows of M are blocked by 4 (the weight tile is unpacked once per block: prefill GEMM).
+ * Tiles go to the work pool (lowbit_pool.c) in chunks of about CHUNK_BYTES of codes, at least 4 chunks
+ * a thread, claimed dynamically. */
+#define CHUNK_BYTES (128 << 10)
+int lowbit_gemm_q(int bits, int M, int Kp, int N, int G, const uint8_t *codes, const float *scales,
+                  const uint8_t *zeros, const int8_t *xq, const float *xs, const int32_t *xsum, float *y) {
+    int pair = pair_mode(bits, G);
+    if (bits_index(bits) < 0 || G <= 0 || (G % 32 && !pair) || Kp % (pair ? 32 : G) || M <= 0 || N <= 0) return -1;
+    int nt = (N + TILE - 1) / TILE, th = nthreads();
+    size_t tile_bytes = (size_t)TILE * Kp * bits / 8 * (M > 4 ? 4 : M);
+    int per = (int)(CHUNK_BYTES / (tile_bytes ? tile_bytes : 1));
+    int most = nt / (4 * th); /* at least 4 chunks a thread */
+    per = per > most ? most : per;
+    per = per < 1 ? 1 : per;
+    struct gemm_args a = {bits, M, Kp, N, G, lowbit_isa(), per, nt, codes, zeros, scales, xs, xq, xsum, y};
+    lowbit_pool_run(gemm_tiles, &a, (nt + per - 1) / per, th);
     return 0;
 }
 
