@@ -10,6 +10,10 @@ The down projection's input quantizer (migrate-steps' round-and-clip, per-channe
 points u_j) becomes ``Requantize(T[g]·(u − z_u); s_s·s_u / t_j, u_j)``: from the two linears' codes
 to the next linear's codes with no float op.  The only rounding added to the float path is the
 table's, at 2^-15 of the largest silu value.
+
+The up codes need no table, so where the up projection's Requantize feeds only this product it is
+widened to int16 on the same range (``widened_requantize``: step s_u/257): |T·(u − z_u)| ≤ 32767·65535
+< 2^31 still fits int32, and the up projection's 8-bit rounding leaves the product.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import onnx_ir as ir
 
 from lowbit.ir.analysis import const_array
 from lowbit.ir.rewrite import add_initializer, make_node, replace_value
-from lowbit.ops.integer_ops import QRANGE, dyadic
+from lowbit.ops.integer_ops import QRANGE, dyadic, widened_requantize
 from lowbit.ops.registry import DOMAIN, VERSION
 from lowbit.passmanager.manager import QUANTIZED, Pass, PassResult, register_pass
 from lowbit.quant.int8 import match_round_and_clip
@@ -62,7 +66,7 @@ def _match(mul: ir.Node):
 class IntegerSwiglu(Pass):
     @dataclass(frozen=True)
     class Options:
-        pass
+        wide_up: bool = True  # int16 up codes when the up projection's Requantize feeds only the product
 
     requires_properties = (QUANTIZED,)
 
@@ -93,6 +97,9 @@ class IntegerSwiglu(Pass):
         def const(suffix, arr):
             return add_initializer(graph, f"{name}.{suffix}", np.asarray(arr))
 
+        if self.options.wide_up and (wide := self._widen(graph, uq, s_u, z_u, name, cast)) is not None:
+            uq, s_u, z_u = wide
+            self.stats["wide_up"] += 1
         lo, hi = QRANGE[z_g.dtype]
         x = (np.arange(lo, hi + 1, dtype=np.float64) - float(z_g)) * s_g
         silu = x / (1.0 + np.exp(-x))
@@ -109,3 +116,22 @@ class IntegerSwiglu(Pass):
         y.dtype = ir.DataType.UINT8
         replace_value(graph, cast.outputs[0], y)
         self.stats["swiglu"] += 1
+
+    def _widen(self, graph, uq: ir.Value, s_u: float, z_u: np.ndarray, name: str, before: ir.Node):
+        """An int16 twin of the up projection's 8-bit Requantize, or None when its codes have other readers."""
+        rq = uq.producer()
+        if rq is None or rq.op_type != "Requantize" or rq.domain != DOMAIN or len(list(uq.uses())) != 1:
+            return None
+        dq_out = list(uq.uses())[0].node.outputs[0]
+        if len(list(dq_out.uses())) != 1 or dq_out in graph.outputs:
+            return None
+        b, c, z = (const_array(v) for v in rq.inputs[1:4])
+        if b is None or c is None or z is None or np.any(z != z_u):
+            return None
+        b2, c2, z2, _ = widened_requantize(b, c, z, np.float64(s_u))
+        consts = [add_initializer(graph, f"{name}.up_wide_{k}", a) for k, a in
+                  (("mult", b2), ("shift", c2), ("zero_point", z2))]
+        u16 = make_node(graph, "Requantize", [rq.inputs[0], *consts], origin=self.name, name=f"{name}.up_wide",
+                        domain=DOMAIN, before=before).outputs[0]
+        u16.dtype = ir.DataType.INT16
+        return u16, s_u / 257.0, z2.reshape(())  # exact step; the float32 s2 is for a DequantizeLinear

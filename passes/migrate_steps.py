@@ -57,12 +57,15 @@ def channel_qparams(lo: np.ndarray, hi: np.ndarray, s: np.ndarray) -> np.ndarray
     return np.clip(np.round(-lo / s), 0, 255).astype(np.uint8)
 
 
-def _error(rows: np.ndarray, weights: list[np.ndarray], s: np.ndarray, z: np.ndarray) -> float:
+def _error(rows: np.ndarray, weights: list[np.ndarray], s: np.ndarray, z: np.ndarray,
+           refs: list[np.ndarray] | None = None) -> float:
+    """Σ over the consumers of ‖rows·W − DQ(Q(rows))·DQ(Q(diag(s)·W))‖² (``refs``: the rows·W, if known)."""
     xq = np.clip(np.round(rows / s) + z, 0, 255) - z
     err = 0.0
-    for w in weights:
+    for i, w in enumerate(weights):
         wq, sw = quantize_weight_int8((w * s[:, None]).astype(np.float32))
-        err += float(np.sum((rows @ w - (xq @ wq.astype(np.float64)) * sw) ** 2))
+        ref = refs[i] if refs is not None else rows @ w
+        err += float(np.sum((ref - (xq @ wq.astype(np.float64)) * sw) ** 2))
     return err
 
 
@@ -100,11 +103,15 @@ class MigrateSteps(Pass):
             return s, channel_qparams(lo, hi, s)
         rows = st.rows.astype(np.float64)
         weights = [c.weight.const_value.numpy().astype(np.float64) for c in group.consumers]
-        best = None
+        refs = [rows @ w for w in weights]  # the float products do not depend on the ratio
+        best, seen = None, set()
         for r in ratios:
             s = balanced_steps(a, r)
+            if s.tobytes() in seen:  # ρ above the steps' own spread: the same steps as a smaller ρ
+                continue
+            seen.add(s.tobytes())
             z = channel_qparams(lo, hi, s)
-            e = _error(rows, weights, s, z)
+            e = _error(rows, weights, s, z, refs)
             if best is None or e < best[0]:
                 best = (e, s, z, r)
         self.ratios.append(best[3])

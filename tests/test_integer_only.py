@@ -114,7 +114,8 @@ def test_stories_reference_matches_ort_on_100_inputs(stories):
     assert rep.integer_gemms == 36 and not rep.float_rescales and not rep.float_gemms
     assert "RMSNormalization" not in rep.float_ops and report["integer-norms"]["norms"] == 11
     assert report["integer-norms"]["entries"] == 1 and report["integer-norms"]["residual_rescale"] == 10  # int stream
-    assert report["integer-swiglu"] == {"swiglu": 5} and "Sigmoid" not in rep.float_ops
+    assert report["integer-swiglu"] == {"swiglu": 5, "wide_up": 5} and "Sigmoid" not in rep.float_ops
+    assert report["integer-exits"] == {"widened": 15}  # Q, K, V of the 5 RoPE attentions: int16 codes
     assert report["dyadic"]["worst_relative_scale_error"] < 2.0 ** -20  # shared shift: ≈2^-26 here
     compared, mismatches = compare_graph_with_ort(model, probes)
     assert compared > 100 * 36 and mismatches == []

@@ -56,3 +56,55 @@ def test_swiglu_codes_follow_the_float_formula_and_reference_equals_ort():
         want = np.clip(np.round(gf / (1 + np.exp(-gf)) * uf / steps) + zps, 0, 255)
         diff = np.abs(got.astype(np.int64) - want)
         assert diff.max() <= 1 and diff.mean() < 0.02
+
+
+def _graph_up_from_accumulator(steps, zps, b, c) -> ir.Model:
+    """As _graph, but the up codes are a Requantize of an int32 accumulator (dyadic's output form)."""
+    model = _graph(steps, zps)
+    g = model.graph
+    u_in = g.inputs[1]
+    acc = ir.Value(name="acc", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape(["m", 8]))
+    g.inputs[1] = acc
+    rq = make_node(g, "Requantize", [acc, add_initializer(g, "b", b), add_initializer(g, "c", c),
+                                     add_initializer(g, "zr", np.uint8(Z_U))],
+                   origin="test", name="up_rq", domain="lowbit")
+    rq.outputs[0].dtype = ir.DataType.UINT8
+    g.remove(rq, safe=False)
+    g.insert_before(list(g)[0], rq)
+    u_in.replace_all_uses_with(rq.outputs[0])
+    model.opset_imports["lowbit"] = 1
+    return model
+
+
+def test_up_codes_from_an_accumulator_are_widened_to_int16():
+    """The up projection's Requantize feeds only the product: integer-swiglu reads an int16 twin (step
+    S_U/257).  Reference == ORT bit for bit, and the codes are closer to the float formula on the
+    unrounded up value acc·b/2^c·S_U than the 8-bit up codes leave them."""
+    from lowbit.ops.integer_ops import dyadic
+
+    rng = np.random.default_rng(4)
+    steps, zps = 2.0 ** rng.integers(-9, -7, 8), rng.integers(100, 140, 8).astype(np.uint8)
+    b, c, _ = dyadic(np.full(8, 1 / 997.0), 30, shared_shift=True)
+    feeds = [{"g": rng.integers(0, 256, (60, 8)).astype(np.uint8),
+              "acc": rng.integers(-120_000, 120_000, (60, 8)).astype(np.int32)} for _ in range(3)]
+    errs = {}
+    for wide in (False, True):
+        model = _graph_up_from_accumulator(steps, zps, b, c)
+        ctx = CompileContext(show_progress=False, properties={QUANTIZED})
+        PassManager.from_pipeline(f"integer-swiglu{{wide_up={str(wide).lower()}}}", ctx).run(model)
+        assert ctx.report["integer-swiglu"].get("wide_up", 0) == int(wide)
+        kinds = {n.outputs[0].dtype for n in model.graph if n.op_type == "Requantize" and n.name.endswith("up_wide")}
+        assert kinds == ({ir.DataType.INT16} if wide else set())
+        compared, mismatches = compare_graph_with_ort(model, feeds)
+        assert compared >= 3 * 6 and mismatches == []
+        e = []
+        for f in feeds:
+            got = ReferenceInterpreter(model).run(list(model.graph), f)[model.graph.outputs[0].name]
+            gf = (f["g"].astype(np.float64) - Z_G) * S_G
+            uf = np.clip(f["acc"] / 997.0, -Z_U, 255 - Z_U) * S_U  # the up value before any 8-bit rounding
+            want = np.clip(np.round(gf / (1 + np.exp(-gf)) * uf / steps) + zps, 0, 255)
+            e.append(np.abs(got.astype(np.int64) - want))
+        errs[wide] = np.concatenate(e)
+        if wide:  # only the silu table and the final rounding remain
+            assert errs[wide].max() <= 1
+    assert errs[True].mean() < 0.5 * errs[False].mean(), (errs[True].mean(), errs[False].mean())

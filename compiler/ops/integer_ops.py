@@ -38,7 +38,8 @@ import onnx_ir as ir
 from lowbit.ops.registry import lowbit_op
 from lowbit.ir.rewrite import add_initializer, make_node
 
-__all__ = ["QRANGE", "dyadic", "emit_requantize", "requantize_reference", "emit_lookup", "lookup_reference"]
+__all__ = ["QRANGE", "dyadic", "emit_requantize", "requantize_reference", "emit_lookup", "lookup_reference",
+           "widened_requantize"]
 
 _OFFSET_BITS = 62
 QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767)}
@@ -72,6 +73,25 @@ def dyadic(m: np.ndarray, bits: int = 30, shared_shift: bool = False) -> tuple[n
         raise ValueError(f"scale out of the dyadic range (shift {int(c.min())}..{int(c.max())}, needs 1..62)")
     err = float(np.max(np.abs(b / np.exp2(c.astype(np.float64)) - m) / m))
     return b, c, err
+
+
+def widened_requantize(b: np.ndarray, c: np.ndarray, zp: np.ndarray, step: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The int16 form of an 8-bit Requantize read through ``DQ(·; step, zp)``: same range, 257× finer.
+
+    The 8-bit codes q ∈ [lo, lo + 255] stand for ``(q − zp)·step``.  Codes q' = (q − lo)·257 − 32768 span
+    int16 exactly (255·257 = 65535), so ``step' = step/257``, ``zp' = (zp − lo)·257 − 32768`` and the
+    multiplier b/2^c becomes 257·b/2^c, renormalised to 30 significant bits (one shift, as ``dyadic``).
+    Returns (b', c', zp' int16, step').
+    """
+    zp = np.asarray(zp)
+    lo = QRANGE[zp.dtype][0]
+    m = np.asarray(b, np.float64) * 257.0 / np.exp2(np.asarray(c, np.float64))
+    b2, c2, _ = dyadic(m, 30, shared_shift=np.asarray(c).size == 1 or np.ptp(c) == 0)
+    if np.asarray(c).size == 1:
+        c2 = c2.reshape(-1)[:1].reshape(np.shape(c))
+    z2 = ((zp.astype(np.int64) - lo) * 257 - 32768).astype(np.int16)
+    return b2.astype(np.int64), c2.astype(np.int64), z2, (np.asarray(step, np.float64) / 257.0).astype(np.float32)
 
 
 def _check_requantize(acc, b, c, zp):
