@@ -46,6 +46,23 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
                               + T.shift_left(T.int64(1), Cs[nt * TILE + l] - T.int64(1)), Cs[nt * TILE + l])
                 + T.Cast("int64", Z[nt * TILE + l]), T.int64(hi)), T.int64(lo)))
 
+    def dot(acc, row, k4, nt, A, B):  # acc[0:64] += A[row, 4·k4 : 4·k4+4] · B[nt, k4] (u8 × s8, 4-way)
+        for j in T.unroll(4):
+            acc[T.ramp(j * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                acc.vload([j * 16], "int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([row, k4 * 4], "uint8x4"), dtype="int32"), 16),
+                              dtype="uint8x64"),
+                B.vload([nt, k4, j * 16, 0], "int8x64"),
+                dtype="int32x16")
+
+    dot = T.macro(dot)
+
+    @T.macro
+    def init(acc, C, nt):
+        for l in T.vectorized(TILE):
+            acc[l] = T.int32(0) - C[nt, l]
+
     @T.prim_func
     def int8_matmul_requantize_vnni(a: T.handle, c: T.handle, b: T.handle, mb: T.handle, sc: T.handle,
                                     zp: T.handle, o: T.handle):
@@ -59,36 +76,31 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
         Z = T.match_buffer(zp, (N,), out_dtype)
         O = T.match_buffer(o, (M, N), out_dtype)
         for nt in T.parallel(NT):
-            acc = T.decl_buffer((ROWS * TILE,), "int32", scope="local")
+            # one 256-byte "global" buffer per row: stack slots that LLVM keeps in zmm registers.  A "local"
+            # buffer (or one of 1 KB or more) is a heap workspace on CPU, and every vpdpbusd result was stored to it.
+            a0 = T.decl_buffer((TILE,), "int32")
+            a1 = T.decl_buffer((TILE,), "int32")
+            a2 = T.decl_buffer((TILE,), "int32")
+            a3 = T.decl_buffer((TILE,), "int32")
             for mo in range(M // ROWS):  # ROWS rows at once: each 64-byte slice of B feeds ROWS vpdpbusd
-                for r in T.unroll(ROWS):
-                    for l in T.vectorized(TILE):
-                        acc[r * TILE + l] = T.int32(0) - C[nt, l]
+                init(a0, C, nt)
+                init(a1, C, nt)
+                init(a2, C, nt)
+                init(a3, C, nt)
                 for k4 in range(K4):
-                    for j in T.unroll(4):
-                        for r in T.unroll(ROWS):
-                            acc[T.ramp(r * TILE + j * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                acc.vload([r * TILE + j * 16], "int32x16"),
-                                T.reinterpret(T.broadcast(T.reinterpret(A.vload([mo * ROWS + r, k4 * 4], "uint8x4"),
-                                                                        dtype="int32"), 16), dtype="uint8x64"),
-                                B.vload([nt, k4, j * 16, 0], "int8x64"),
-                                dtype="int32x16")
-                for r in T.unroll(ROWS):
-                    epilogue(acc, r * TILE, Bm, Cs, Z, O, mo * ROWS + r, nt)
+                    dot(a0, mo * ROWS, k4, nt, A, B)
+                    dot(a1, mo * ROWS + 1, k4, nt, A, B)
+                    dot(a2, mo * ROWS + 2, k4, nt, A, B)
+                    dot(a3, mo * ROWS + 3, k4, nt, A, B)
+                epilogue(a0, 0, Bm, Cs, Z, O, mo * ROWS, nt)
+                epilogue(a1, 0, Bm, Cs, Z, O, mo * ROWS + 1, nt)
+                epilogue(a2, 0, Bm, Cs, Z, O, mo * ROWS + 2, nt)
+                epilogue(a3, 0, Bm, Cs, Z, O, mo * ROWS + 3, nt)
             for m in range(M // ROWS * ROWS, M):  # the remaining rows one at a time
-                for l in T.vectorized(TILE):
-                    acc[l] = T.int32(0) - C[nt, l]
+                init(a0, C, nt)
                 for k4 in range(K4):
-                    for j in T.unroll(4):
-                        acc[T.ramp(j * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                            acc.vload([j * 16], "int32x16"),
-                            T.reinterpret(T.broadcast(T.reinterpret(A.vload([m, k4 * 4], "uint8x4"), dtype="int32"),
-                                                      16), dtype="uint8x64"),
-                            B.vload([nt, k4, j * 16, 0], "int8x64"),
-                            dtype="int32x16")
-                epilogue(acc, 0, Bm, Cs, Z, O, m, nt)
+                    dot(a0, m, k4, nt, A, B)
+                epilogue(a0, 0, Bm, Cs, Z, O, m, nt)
 
     @T.prim_func
     def int8_matmul_requantize(a: T.handle, c: T.handle, b: T.handle, mb: T.handle, sc: T.handle,
@@ -103,7 +115,7 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
         Z = T.match_buffer(zp, (N,), out_dtype)
         O = T.match_buffer(o, (M, N), out_dtype)
         for nt in T.parallel(NT):
-            acc = T.decl_buffer((TILE,), "int32", scope="local")
+            acc = T.decl_buffer((TILE,), "int32")  # "global": a stack slot
             for m in range(M):
                 for l in T.vectorized(TILE):
                     acc[l] = T.int32(0) - C[nt, l]
@@ -136,7 +148,7 @@ def int_norm_cpu(C: int, x_dtype: str, out_dtype: str, *, rms: int, frac_bits: i
         Y = T.match_buffer(y, (R, C), out_dtype)
         for r in T.parallel(R):
             d = T.decl_buffer((C,), "int64", scope="local")
-            s = T.decl_buffer((8,), "int64", scope="local")  # 0 Σx, 1 Σd², 2 n, 3 bit length, 4 rem, 5 root, 6 bit
+            s = T.decl_buffer((8,), "int64")  # 0 Σx, 1 Σd², 2 n, 3 bit length, 4 rem, 5 root, 6 bit
             s[0] = T.int64(0)
             s[1] = T.int64(0)
             for j in range(C):
@@ -188,8 +200,8 @@ def int_softmax_cpu(L: int, x_dtype: str):
         Kp = T.match_buffer(keep, (R, L), "bool")
         Y = T.match_buffer(y, (R, L), "uint8")
         for r in T.parallel(R):
-            e = T.decl_buffer((L,), "int32", scope="local")
-            s = T.decl_buffer((4,), "int64", scope="local")  # 0 max, 1 Σe, 2 ⌈log2 2S⌉, 3 multiplier
+            e = T.decl_buffer((L,), "int32")
+            s = T.decl_buffer((4,), "int64")  # 0 max, 1 Σe, 2 ⌈log2 2S⌉, 3 multiplier
             s[0] = T.int64(-256)
             for j in range(L):
                 s[0] = T.max(s[0], T.if_then_else(Kp[r, j], T.Cast("int64", X[r, j]), T.int64(-256)))
@@ -225,7 +237,7 @@ def int_batch_matmul_cpu(batch: int, M: int, K: int, N: int, a_dtype: str, b_dty
         ZB = T.match_buffer(zb, (1,), b_dtype)
         Y = T.match_buffer(y, (batch, M, N), "int32")
         for bm in T.parallel(batch * M):
-            acc = T.decl_buffer((N,), "int32", scope="local")
+            acc = T.decl_buffer((N,), "int32")
             for n in T.vectorized(N):
                 acc[n] = T.int32(0)
             for k in range(K):
