@@ -25,6 +25,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.backends.tvm_integer_attention import fuse_integer_attention
 from lowbit.backends.tvm_integer_kernels import TILE
 from lowbit.backends.tvm_prepare import NBITS_DOMAIN
 
@@ -150,6 +151,7 @@ def fuse_integer_gemms(model: ir.Model) -> int:
             graph.remove(n, safe=True)
         fused += 1
     logger.debug("fuse_integer_gemms: %d requantizes fused into their GEMMs", fused)
+    fuse_integer_attention(model)  # Q·Kᵀ → softmax → P·V chains: one kernel each (tvm_integer_attention.py)
     return fused
 
 
@@ -205,6 +207,44 @@ def _int8_matmul_requantize():
             return relax.op.reshape(y, (*lead, N))
 
     return Int8MatMulRequantize
+
+
+@_register("IntAttention")
+def _int_attention():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+    from tvm.target import Target
+
+    from lowbit.backends.tvm_integer_attention import int_attention_cpu
+    from lowbit.backends.tvm_kernels import has_vnni
+
+    class IntAttention(OnnxOpConverter):
+        _funcs: dict = {}
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            q, kt, v, keep, table, prm, rq = inputs[:7]
+            lead = [int(d) for d in list(q.ty.shape)[:-2]]
+            M, D, L = int(q.ty.shape[-2]), int(q.ty.shape[-1]), int(kt.ty.shape[-1])
+            bh = int(np.prod(lead))
+            ld, od = (a.decode() if isinstance(a, bytes) else str(a) for a in (attr["logit_dtype"], attr["out_dtype"]))
+            target = Target.current(allow_none=True)
+            vnni = target is not None and has_vnni(target) and L % 16 == 0 and D % 16 == 0
+            H = int(rq.ty.shape[1])
+            gv = _cached(cls, bb, ("int_attention", "vnni" if vnni else "plain", f"h{H}", f"m{M}", f"l{L}", f"d{D}", ld, od),
+                         lambda: int_attention_cpu(H, M, L, D, ld, od, vnni))
+            if len(keep.ty.shape) == len(lead) + 2:  # Range-built mask dims may be symbolic: pin them (checked at run time)
+                from tvm import tirx
+
+                dims = [k if isinstance(k, tirx.IntImm) else d for k, d in zip(keep.ty.shape, (*lead, M, L))]
+                keep = bb.match_cast(keep, relax.TensorType(dims, "bool"))
+            keep = bb.normalize(relax.op.broadcast_to(keep, (*lead, M, L)))
+            args = [bb.normalize(relax.op.reshape(x, (bh, *s))) for x, s in
+                    ((q, (M, D)), (kt, (D, L)), (v, (L, D)), (keep, (M, L)))]
+            y = bb.emit(relax.call_tir(gv, [*args, table, prm, rq], relax.TensorType((bh, M, D), od)))
+            return relax.op.reshape(y, (*lead, M, D))
+
+    return IntAttention
 
 
 @_register("Requantize")

@@ -48,3 +48,70 @@ def test_int8_matmul_requantize_exact(M, K, nt, dt, vnni):
     ref = np.clip(((acc * b + (1 << (c - 1))) >> c) + zp.astype(np.int64), lo, hi).astype(dt)
     assert np.array_equal(got, ref)
     assert len(np.unique(got)) > 20  # neither saturated nor constant
+
+
+def _attention_graph(rng, H: int, S: int, D: int, per_channel: bool):
+    """q·kᵀ → Requantize → IntSoftmax(mask) → p·v → Transpose → Reshape → Requantize: integer-attention's chain."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnx_ir as ir
+
+    from lowbit.ops.integer_nonlinear import exp_table
+    from lowbit.ops.integer_ops import dyadic
+
+    b1, c1, _ = dyadic(np.array([30 / (74 * 74 * np.sqrt(D))]))  # logit codes spread ±30
+    n2 = H * D if per_channel else 1
+    b2, c2, _ = dyadic(rng.uniform(0.6, 1.0, n2) * 40 / (255 * 74 / 3))  # context codes spread ±40
+    zp2 = rng.integers(100, 140, n2).astype(np.uint8) if per_channel else np.asarray(128, np.uint8)
+    inits = {"zq": np.asarray(128, np.uint8), "zk": np.asarray(121, np.uint8), "zv": np.asarray(133, np.uint8),
+             "zp": np.asarray(0, np.uint8), "b1": b1.reshape(()), "c1": c1.reshape(()), "z1": np.asarray(-3, np.int8),
+             "table": exp_table(0.08), "shape": np.array([1, S, H * D], np.int64),
+             "b2": b2.reshape(-1) if per_channel else b2.reshape(()), "c2": c2.reshape(-1) if per_channel else c2.reshape(()),
+             "z2": zp2}
+    L = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], domain="lowbit", name=out, **kw)  # noqa: E731
+    nodes = [helper.make_node("MatMulInteger", ["q", "kt", "zq", "zk"], ["qk"], name="qk"),
+             L("Requantize", ["qk", "b1", "c1", "z1"], "logits"),
+             L("IntSoftmax", ["logits", "table", "keep"], "probs"),
+             helper.make_node("MatMulInteger", ["probs", "v", "zp", "zv"], ["pv"], name="pv"),
+             helper.make_node("Transpose", ["pv"], ["ctx0"], perm=[0, 2, 1, 3], name="ctx0"),
+             helper.make_node("Reshape", ["ctx0", "shape"], ["ctx1"], name="ctx1"),
+             L("Requantize", ["ctx1", "b2", "c2", "z2"], "ctx")]
+    u8 = TensorProto.UINT8
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("q", u8, [1, H, S, D]), helper.make_tensor_value_info("kt", u8, [1, H, D, S]),
+         helper.make_tensor_value_info("v", u8, [1, H, S, D]), helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, S, S])],
+        [helper.make_tensor_value_info("ctx", u8, [1, S, H * D])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lowbit", 1)])
+    proto.ir_version = 10
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("H,S,D,per_channel", [(2, 32, 16, True), (3, 12, 8, False)])  # VNNI form (where the CPU has it); portable form
+def test_fused_attention_matches_reference(tmp_path, H, S, D, per_channel):
+    """The attention chain compiled as one kernel gives the reference's context codes bit for bit."""
+    import onnx_ir as ir
+
+    from lowbit.backends.tvm_integer import fold_static_shapes
+    from lowbit.backends.tvm_integer_attention import fuse_integer_attention
+    from lowbit.backends.tvm_lower import lower_tvm
+    from lowbit.runtime.reference import ReferenceInterpreter
+    from lowbit.runtime.tvm_runner import TvmSession
+
+    rng = np.random.default_rng(S)
+    model = _attention_graph(rng, H, S, D, per_channel)
+    shapes = {"q": [1, H, S, D], "kt": [1, H, D, S], "v": [1, H, S, D], "keep": [1, 1, S, S]}
+    probe = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    fold_static_shapes(probe, shapes)
+    assert fuse_integer_attention(probe) == 1 and [n.op_type for n in probe.graph] == ["IntAttention", "Transpose", "Reshape"]
+    sess = TvmSession(lower_tvm(model, "llvm", tmp_path, "att", shape_dict=shapes).lib)
+    interp = ReferenceInterpreter(model)
+    for i in range(3):
+        keep = np.tril(np.ones((S, S), bool))[None, None] if i == 0 else rng.random((1, 1, S, S)) < 0.7
+        keep[..., 2, :] = False  # a row with nothing kept
+        feed = {"q": rng.integers(0, 256, (1, H, S, D)).astype(np.uint8), "kt": rng.integers(0, 256, (1, H, D, S)).astype(np.uint8),
+                "v": rng.integers(0, 256, (1, H, S, D)).astype(np.uint8), "keep": keep}
+        env = interp.run(list(model.graph), feed)
+        got, = sess.run(None, feed)
+        assert np.array_equal(got, env["ctx"])
+        assert len(np.unique(env["ctx"])) > 20 and len(np.unique(env["probs"])) > 20  # not saturated or constant
