@@ -115,3 +115,31 @@ def test_fused_attention_matches_reference(tmp_path, H, S, D, per_channel):
         got, = sess.run(None, feed)
         assert np.array_equal(got, env["ctx"])
         assert len(np.unique(env["ctx"])) > 20 and len(np.unique(env["probs"])) > 20  # not saturated or constant
+
+
+@pytest.mark.slow  # cross-compiled and run under qemu-aarch64: about a minute
+def test_fused_attention_on_aarch64_under_qemu(tmp_path):
+    """The portable attention kernel (no VNNI on aarch64), cross-compiled, gives the reference's codes."""
+    import os
+
+    from aarch64_runtime import missing, qemu_run
+    from lowbit.backends.tvm_integer_export import export_tvm
+    from lowbit.runtime.reference import ReferenceInterpreter
+
+    why = missing()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    H, S, D = 2, 16, 16
+    rng = np.random.default_rng(7)
+    model = _attention_graph(rng, H, S, D, True)
+    shapes = {"q": [1, H, S, D], "kt": [1, H, D, S], "v": [1, H, S, D], "keep": [1, 1, S, S]}
+    art = export_tvm(model, "aarch64-linux", tmp_path / "att", shapes)
+    assert b"lowbit_int_attention_plain" in art.lib.read_bytes()  # the fused kernel, portable form
+    feeds = [{"q": rng.integers(0, 256, (1, H, S, D)).astype(np.uint8), "kt": rng.integers(0, 256, (1, H, D, S)).astype(np.uint8),
+              "v": rng.integers(0, 256, (1, H, S, D)).astype(np.uint8), "keep": rng.random((1, 1, S, S)) < 0.7}
+             for _ in range(2)]
+    interp = ReferenceInterpreter(model)
+    for feed, got in zip(feeds, qemu_run(art.lib, feeds)):
+        assert np.array_equal(got["ctx"], interp.run(list(model.graph), feed)["ctx"])
