@@ -143,3 +143,60 @@ def test_fused_attention_on_aarch64_under_qemu(tmp_path):
     interp = ReferenceInterpreter(model)
     for feed, got in zip(feeds, qemu_run(art.lib, feeds)):
         assert np.array_equal(got["ctx"], interp.run(list(model.graph), feed)["ctx"])
+
+
+def _norm_graph(rng, C: int, rms: int):
+    """Add(Cast(a), Cast(b)) → IntNorm → (y, Cast → Requantize per channel → y2): the residual block's tail."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnx_ir as ir
+
+    from lowbit.ops.integer_ops import dyadic
+
+    b, c, _ = dyadic(rng.uniform(0.5, 1.0, C) / 40)
+    inits = {"zx": np.asarray(7, np.int32), "g": rng.integers(1 << 25, 1 << 27, C).astype(np.int64),
+             "beta": rng.integers(-(1 << 40), 1 << 40, C).astype(np.int64), "zp": np.asarray(0, np.int16),
+             "b": b, "c": c, "z": rng.integers(110, 140, C).astype(np.uint8)}
+    i32 = TensorProto.INT32
+    nodes = [helper.make_node("Cast", ["a"], ["a32"], to=i32, name="ca"), helper.make_node("Cast", ["r"], ["r32"], to=i32, name="cr"),
+             helper.make_node("Add", ["a32", "r32"], ["s"], name="add"),
+             helper.make_node("IntNorm", ["s", "zx", "g", "beta", "zp"], ["y"], domain="lowbit", name="norm", rms=rms,
+                              frac_bits=20, shift=36, n_min=1),
+             helper.make_node("Cast", ["y"], ["y32"], to=i32, name="cy"),
+             helper.make_node("Requantize", ["y32", "b", "c", "z"], ["y2"], domain="lowbit", name="rq"),
+             helper.make_node("Cast", ["y"], ["yo"], to=i32, name="co")]
+    graph = helper.make_graph(
+        nodes, "norm", [helper.make_tensor_value_info("a", TensorProto.INT16, [1, 5, C]),
+                        helper.make_tensor_value_info("r", TensorProto.INT8, [1, 5, C])],
+        [helper.make_tensor_value_info("yo", i32, [1, 5, C]), helper.make_tensor_value_info("y2", TensorProto.UINT8, [1, 5, C])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("lowbit", 1)])
+    proto.ir_version = 10
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("rms", [0, 1])
+def test_fused_norm_matches_reference(tmp_path, rms):
+    """Residual add + IntNorm + Requantize of its codes as one kernel: the reference's codes, both outputs."""
+    import onnx_ir as ir
+
+    from lowbit.backends.tvm_integer import fold_static_shapes
+    from lowbit.backends.tvm_integer_norm import fuse_integer_norms
+    from lowbit.backends.tvm_lower import lower_tvm
+    from lowbit.runtime.reference import ReferenceInterpreter
+    from lowbit.runtime.tvm_runner import TvmSession
+
+    C = 96
+    rng = np.random.default_rng(rms)
+    model = _norm_graph(rng, C, rms)
+    shapes = {"a": [1, 5, C], "r": [1, 5, C]}
+    probe = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    fold_static_shapes(probe, shapes)
+    assert fuse_integer_norms(probe) == 1 and [n.op_type for n in probe.graph] == ["IntNormFused", "Cast"]
+    sess = TvmSession(lower_tvm(model, "llvm", tmp_path, "norm", shape_dict=shapes).lib)
+    interp = ReferenceInterpreter(model)
+    for _ in range(2):
+        feed = {"a": rng.integers(-3000, 3000, (1, 5, C)).astype(np.int16), "r": rng.integers(-128, 128, (1, 5, C)).astype(np.int8)}
+        env = interp.run(list(model.graph), feed)
+        got = dict(zip(sess.output_names, sess.run(None, feed)))
+        assert np.array_equal(got["yo"], env["yo"]) and np.array_equal(got["y2"], env["y2"])
+        assert len(np.unique(env["y2"])) > 20 and len(np.unique(env["yo"])) > 100
