@@ -3,7 +3,9 @@
 Each op's lowering (``LowbitOp.lower`` in :mod:`lowbit.ops.registry`) emits standard ONNX ops that
 compute exactly the op's numpy reference (bit for bit for the integer ops), so plain ONNX Runtime
 runs the graph; the ``lowbit`` opset import is dropped once no lowbit node is left.  Ops that run
-through a function body instead (``attach_functions``) and have no lowering are refused.
+through a function body instead (``attach_functions``) and have no lowering are refused.  ``keep``
+names ops a backend runs natively (``lowbit compile --backend tvm`` keeps the integer ops for
+``lower-tvm``'s kernels); they stay as they are.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ class LowerLowbit(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        pass
+        keep: str = ""  # "+"-separated lowbit op names left in the graph, e.g. "Requantize+Lookup"
+
+        def __post_init__(self):
+            unknown = sorted(set(self.keep.split("+")) - set(OPS) - {""})
+            if unknown:
+                raise ValueError(f"lower-lowbit: keep names unknown lowbit ops {unknown}; known: {sorted(OPS)}")
 
     def call(self, model):
         graph = model.graph
+        keep = set(self.options.keep.split("+")) - {""}
         for node in list(graph):
-            if node.domain != DOMAIN:
+            if node.domain != DOMAIN or node.op_type in keep:
                 continue
             op = OPS.get(node.op_type)
             if op is None or op.lower is None:

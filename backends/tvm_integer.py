@@ -25,7 +25,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from lowbit.backends.tvm_integer_attention import fuse_integer_attention
 from lowbit.backends.tvm_integer_kernels import TILE
+from lowbit.backends.tvm_integer_norm import fuse_integer_norms
 from lowbit.backends.tvm_prepare import NBITS_DOMAIN
 
 __all__ = ["INTEGER_CONVERTERS", "INTEGER_OPS", "fold_static_shapes", "fuse_integer_gemms"]
@@ -150,6 +152,8 @@ def fuse_integer_gemms(model: ir.Model) -> int:
             graph.remove(n, safe=True)
         fused += 1
     logger.debug("fuse_integer_gemms: %d requantizes fused into their GEMMs", fused)
+    fuse_integer_attention(model)  # Q·Kᵀ → softmax → P·V chains: one kernel each (tvm_integer_attention.py)
+    fuse_integer_norms(model)  # residual add → IntNorm → Requantize: one kernel each (tvm_integer_norm.py)
     return fused
 
 
@@ -207,6 +211,44 @@ def _int8_matmul_requantize():
     return Int8MatMulRequantize
 
 
+@_register("IntAttention")
+def _int_attention():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+    from tvm.target import Target
+
+    from lowbit.backends.tvm_integer_attention import int_attention_cpu
+    from lowbit.backends.tvm_kernels import has_vnni
+
+    class IntAttention(OnnxOpConverter):
+        _funcs: dict = {}
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            q, kt, v, keep, table, prm, rq = inputs[:7]
+            lead = [int(d) for d in list(q.ty.shape)[:-2]]
+            M, D, L = int(q.ty.shape[-2]), int(q.ty.shape[-1]), int(kt.ty.shape[-1])
+            bh = int(np.prod(lead))
+            ld, od = (a.decode() if isinstance(a, bytes) else str(a) for a in (attr["logit_dtype"], attr["out_dtype"]))
+            target = Target.current(allow_none=True)
+            vnni = target is not None and has_vnni(target) and L % 16 == 0 and D % 16 == 0
+            H = int(rq.ty.shape[1])
+            gv = _cached(cls, bb, ("int_attention", "vnni" if vnni else "plain", f"h{H}", f"m{M}", f"l{L}", f"d{D}", ld, od),
+                         lambda: int_attention_cpu(H, M, L, D, ld, od, vnni))
+            if len(keep.ty.shape) == len(lead) + 2:  # Range-built mask dims may be symbolic: pin them (checked at run time)
+                from tvm import tirx
+
+                dims = [k if isinstance(k, tirx.IntImm) else d for k, d in zip(keep.ty.shape, (*lead, M, L))]
+                keep = bb.match_cast(keep, relax.TensorType(dims, "bool"))
+            keep = bb.normalize(relax.op.broadcast_to(keep, (*lead, M, L)))
+            args = [bb.normalize(relax.op.reshape(x, (bh, *s))) for x, s in
+                    ((q, (M, D)), (kt, (D, L)), (v, (L, D)), (keep, (M, L)))]
+            y = bb.emit(relax.call_tir(gv, [*args, table, prm, rq], relax.TensorType((bh, M, D), od)))
+            return relax.op.reshape(y, (*lead, M, D))
+
+    return IntAttention
+
+
 @_register("Requantize")
 def _requantize():
     from tvm import relax
@@ -251,34 +293,54 @@ def _lookup():
     return Lookup
 
 
-@_register("IntNorm")
-def _int_norm():
+def _int_norm_converter(fused: bool):
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from lowbit.backends.tvm_integer_kernels import int_norm_cpu
+    from lowbit.backends.tvm_integer_norm import int_norm_cpu
 
     class IntNorm(OnnxOpConverter):
+        """lowbit.IntNorm, or lowbit.tvm.IntNormFused (x, x2, zx, g, bias, zp, rb, rc, rz) -> (y, y2)."""
         _funcs: dict = {}
 
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            x, zx, g, bias, zp = inputs[:5]
+            if fused:
+                x, x2, zx, g, bias, zp, rb, rc, rz = inputs[:9]
+            else:
+                (x, zx, g, bias, zp), x2, rb, rc, rz = inputs[:5], None, None, None, None
             a = {"rms": 0, "frac_bits": 20, "shift": 36, "n_min": 1, **{k: int(attr[k]) for k in
                                                                           ("rms", "frac_bits", "shift", "n_min") if k in attr}}
             C = int(x.ty.shape[-1])
-            xd = str(x.ty.dtype)
+            xd, x2d = str(x.ty.dtype), None if x2 is None else str(x2.ty.dtype)
             zpv = _np(zp, "IntNorm zero_point")
-            gv = _cached(cls, bb, ("int_norm", f"c{C}", xd, str(zpv.dtype), *(f"{k}{v}" for k, v in a.items())),
-                         lambda: int_norm_cpu(C, xd, str(zpv.dtype), **a))
-            zx1 = relax.const(_np(zx, "IntNorm x_zero_point").astype(xd).reshape(1), xd)
-            zpc = relax.const(np.ascontiguousarray(np.broadcast_to(zpv.reshape(-1) if zpv.size > 1 else zpv, (C,))), str(zpv.dtype))
+            od = str(zpv.dtype)
+            rqd = str(rz.ty.dtype) if fused and int(attr.get("requantize", 0)) else None
+            gv = _cached(cls, bb, ("int_norm", f"c{C}", xd, x2d or "", od, rqd or "", *(f"{k}{v}" for k, v in a.items())),
+                         lambda: int_norm_cpu(C, xd, od, **a, x2_dtype=x2d, rq_dtype=rqd))
+            zx1 = relax.const(_np(zx, "IntNorm x_zero_point").astype(np.int64).reshape(1), "int64")
+            zpc = relax.const(np.ascontiguousarray(np.broadcast_to(zpv.reshape(-1) if zpv.size > 1 else zpv, (C,))), od)
             lead = list(x.ty.shape)[:-1]
-            x2 = bb.normalize(relax.op.reshape(x, (-1, C)))
-            y = bb.emit(relax.call_tir(gv, [x2, zx1, g, bias, zpc], relax.TensorType((x2.ty.shape[0], C), str(zpv.dtype))))
-            return relax.op.reshape(y, (*lead, C))
+            x_ = bb.normalize(relax.op.reshape(x, (-1, C)))
+            rows = x_.ty.shape[0]
+            x2_ = relax.const(np.zeros((1, C), xd), xd) if x2 is None else bb.normalize(relax.op.reshape(x2, (-1, C)))
+            if rqd is None:
+                rb, rc, rz = (relax.const(np.zeros(C, d), d) for d in ("int64", "int64", od))
+            y2d = rqd or od
+            out = bb.emit(relax.call_tir(gv, [x_, x2_, zx1, g, bias, zpc, rb, rc, rz],
+                                         [relax.TensorType((rows, C), od), relax.TensorType((rows if rqd else 1, C), y2d)]))
+            y = relax.op.reshape(bb.emit(relax.TupleGetItem(out, 0)), (*lead, C))
+            if not fused:
+                return y
+            y2 = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(out, 1)), (*lead, C))) if rqd else bb.emit(
+                relax.TupleGetItem(out, 1))
+            return relax.Tuple([bb.emit(y), y2])
 
     return IntNorm
+
+
+INTEGER_CONVERTERS["IntNorm"] = lambda: _int_norm_converter(False)
+INTEGER_CONVERTERS["IntNormFused"] = lambda: _int_norm_converter(True)
 
 
 @_register("IntSoftmax")

@@ -1,5 +1,6 @@
 """TIR kernels of lowbit's integer ops: the int8 GEMM with the dyadic requantize in its epilogue,
-integer LayerNorm/RMSNorm and the exp-table softmax.
+the exp-table softmax and the run-time batched integer matmul (the integer norm is in
+``tvm_integer_norm``, the fused attention in ``tvm_integer_attention``).
 
 Each kernel computes exactly what the op's numpy reference computes (``lowbit.ops.integer_ops``,
 ``lowbit.ops.integer_nonlinear``), in integer arithmetic only:
@@ -9,8 +10,6 @@ Each kernel computes exactly what the op's numpy reference computes (``lowbit.op
   folded: int32 addition wraps the same in either order).  The accumulator never leaves the
   registers: four int32x16 lanes per 64-column tile (``vpdpbusd`` where the target has AVX-512
   VNNI), widened to int64 for b·acc (|acc·b| < 2^61) and shifted arithmetically (= floor).
-* ``int_norm_cpu``: the reference's formula row by row; the integer square root is the exact
-  digit-by-digit method (32 steps of "subtract the next odd square"), so no table and no float.
 * ``int_softmax_cpu``: m = max over kept codes, e = table[m − x], y = ⌊(510·e + S) / 2S⌋.
 
 TVM is imported inside the functions only.
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["TILE", "int8_matmul_requantize_cpu", "int_norm_cpu", "int_softmax_cpu"]
+__all__ = ["TILE", "int8_matmul_requantize_cpu", "int_softmax_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +45,23 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
                               + T.shift_left(T.int64(1), Cs[nt * TILE + l] - T.int64(1)), Cs[nt * TILE + l])
                 + T.Cast("int64", Z[nt * TILE + l]), T.int64(hi)), T.int64(lo)))
 
+    def dot(acc, row, k4, nt, A, B):  # acc[0:64] += A[row, 4·k4 : 4·k4+4] · B[nt, k4] (u8 × s8, 4-way)
+        for j in T.unroll(4):
+            acc[T.ramp(j * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                acc.vload([j * 16], "int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([row, k4 * 4], "uint8x4"), dtype="int32"), 16),
+                              dtype="uint8x64"),
+                B.vload([nt, k4, j * 16, 0], "int8x64"),
+                dtype="int32x16")
+
+    dot = T.macro(dot)
+
+    @T.macro
+    def init(acc, C, nt):
+        for l in T.vectorized(TILE):
+            acc[l] = T.int32(0) - C[nt, l]
+
     @T.prim_func
     def int8_matmul_requantize_vnni(a: T.handle, c: T.handle, b: T.handle, mb: T.handle, sc: T.handle,
                                     zp: T.handle, o: T.handle):
@@ -59,36 +75,31 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
         Z = T.match_buffer(zp, (N,), out_dtype)
         O = T.match_buffer(o, (M, N), out_dtype)
         for nt in T.parallel(NT):
-            acc = T.decl_buffer((ROWS * TILE,), "int32", scope="local")
+            # one 256-byte "global" buffer per row: stack slots that LLVM keeps in zmm registers.  A "local"
+            # buffer (or one of 1 KB or more) is a heap workspace on CPU, and every vpdpbusd result was stored to it.
+            a0 = T.decl_buffer((TILE,), "int32")
+            a1 = T.decl_buffer((TILE,), "int32")
+            a2 = T.decl_buffer((TILE,), "int32")
+            a3 = T.decl_buffer((TILE,), "int32")
             for mo in range(M // ROWS):  # ROWS rows at once: each 64-byte slice of B feeds ROWS vpdpbusd
-                for r in T.unroll(ROWS):
-                    for l in T.vectorized(TILE):
-                        acc[r * TILE + l] = T.int32(0) - C[nt, l]
+                init(a0, C, nt)
+                init(a1, C, nt)
+                init(a2, C, nt)
+                init(a3, C, nt)
                 for k4 in range(K4):
-                    for j in T.unroll(4):
-                        for r in T.unroll(ROWS):
-                            acc[T.ramp(r * TILE + j * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                acc.vload([r * TILE + j * 16], "int32x16"),
-                                T.reinterpret(T.broadcast(T.reinterpret(A.vload([mo * ROWS + r, k4 * 4], "uint8x4"),
-                                                                        dtype="int32"), 16), dtype="uint8x64"),
-                                B.vload([nt, k4, j * 16, 0], "int8x64"),
-                                dtype="int32x16")
-                for r in T.unroll(ROWS):
-                    epilogue(acc, r * TILE, Bm, Cs, Z, O, mo * ROWS + r, nt)
+                    dot(a0, mo * ROWS, k4, nt, A, B)
+                    dot(a1, mo * ROWS + 1, k4, nt, A, B)
+                    dot(a2, mo * ROWS + 2, k4, nt, A, B)
+                    dot(a3, mo * ROWS + 3, k4, nt, A, B)
+                epilogue(a0, 0, Bm, Cs, Z, O, mo * ROWS, nt)
+                epilogue(a1, 0, Bm, Cs, Z, O, mo * ROWS + 1, nt)
+                epilogue(a2, 0, Bm, Cs, Z, O, mo * ROWS + 2, nt)
+                epilogue(a3, 0, Bm, Cs, Z, O, mo * ROWS + 3, nt)
             for m in range(M // ROWS * ROWS, M):  # the remaining rows one at a time
-                for l in T.vectorized(TILE):
-                    acc[l] = T.int32(0) - C[nt, l]
+                init(a0, C, nt)
                 for k4 in range(K4):
-                    for j in T.unroll(4):
-                        acc[T.ramp(j * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                            acc.vload([j * 16], "int32x16"),
-                            T.reinterpret(T.broadcast(T.reinterpret(A.vload([m, k4 * 4], "uint8x4"), dtype="int32"),
-                                                      16), dtype="uint8x64"),
-                            B.vload([nt, k4, j * 16, 0], "int8x64"),
-                            dtype="int32x16")
-                epilogue(acc, 0, Bm, Cs, Z, O, m, nt)
+                    dot(a0, m, k4, nt, A, B)
+                epilogue(a0, 0, Bm, Cs, Z, O, m, nt)
 
     @T.prim_func
     def int8_matmul_requantize(a: T.handle, c: T.handle, b: T.handle, mb: T.handle, sc: T.handle,
@@ -103,7 +114,7 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
         Z = T.match_buffer(zp, (N,), out_dtype)
         O = T.match_buffer(o, (M, N), out_dtype)
         for nt in T.parallel(NT):
-            acc = T.decl_buffer((TILE,), "int32", scope="local")
+            acc = T.decl_buffer((TILE,), "int32")  # "global": a stack slot
             for m in range(M):
                 for l in T.vectorized(TILE):
                     acc[l] = T.int32(0) - C[nt, l]
@@ -114,60 +125,6 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
                 epilogue(acc, 0, Bm, Cs, Z, O, m, nt)
 
     return int8_matmul_requantize_vnni if vnni else int8_matmul_requantize
-
-
-def int_norm_cpu(C: int, x_dtype: str, out_dtype: str, *, rms: int, frac_bits: int, shift: int, n_min: int):
-    """PrimFunc (X[R, C] x_dtype, zx[] x_dtype, g[C] i64, bias[C] i64, zp[C] T) -> Y[R, C] T: lowbit.IntNorm."""
-    from tvm.script import tirx as T
-
-    lo, hi = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}[out_dtype]
-    F = frac_bits
-    mult, centre = (1, 0) if rms else (C, 1)  # RMSNorm: d = x − zx; LayerNorm: d = C·(x − zx) − Σ(x − zx)
-
-    @T.prim_func
-    def int_norm(x: T.handle, zx: T.handle, g: T.handle, bias: T.handle, zp: T.handle, y: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        R = T.int64()
-        X = T.match_buffer(x, (R, C), x_dtype)
-        ZX = T.match_buffer(zx, (1,), x_dtype)
-        G = T.match_buffer(g, (C,), "int64")
-        Bi = T.match_buffer(bias, (C,), "int64")
-        Z = T.match_buffer(zp, (C,), out_dtype)
-        Y = T.match_buffer(y, (R, C), out_dtype)
-        for r in T.parallel(R):
-            d = T.decl_buffer((C,), "int64", scope="local")
-            s = T.decl_buffer((8,), "int64", scope="local")  # 0 Σx, 1 Σd², 2 n, 3 bit length, 4 rem, 5 root, 6 bit
-            s[0] = T.int64(0)
-            s[1] = T.int64(0)
-            for j in range(C):
-                s[0] = s[0] + (T.Cast("int64", X[r, j]) - T.Cast("int64", ZX[0]))
-            for j in range(C):
-                d[j] = T.int64(mult) * (T.Cast("int64", X[r, j]) - T.Cast("int64", ZX[0])) - T.int64(centre) * s[0]
-                s[1] = s[1] + d[j] * d[j]
-            s[2] = T.max(T.floordiv(s[1], T.int64(C)), T.int64(n_min))
-            s[3] = T.int64(0)
-            for k in range(63):
-                s[3] = s[3] + T.Cast("int64", s[2] >= T.shift_left(T.int64(1), T.int64(k)))
-            s[4] = T.shift_left(s[2], T.int64(2) * T.max(T.floordiv(T.int64(60) - s[3], T.int64(2)), T.int64(0)))
-            s[5] = T.int64(0)
-            for k in range(32):  # digit by digit: s[5] = ⌊√n'⌋ exactly
-                s[6] = T.shift_left(T.int64(1), T.int64(62 - 2 * k))
-                if s[4] >= s[5] + s[6]:
-                    s[4] = s[4] - (s[5] + s[6])
-                    s[5] = T.shift_right(s[5], T.int64(1)) + s[6]
-                else:
-                    s[5] = T.shift_right(s[5], T.int64(1))
-            s[6] = T.floordiv(T.shift_left(T.int64(1), T.int64(60)), s[5])  # f
-            s[7] = T.int64(60 - F) - T.max(T.floordiv(T.int64(60) - s[3], T.int64(2)), T.int64(0))  # 60 − e − F
-            for j in range(C):
-                Y[r, j] = T.Cast(out_dtype, T.max(T.min(T.shift_right(
-                    T.if_then_else(d[j] * s[6] < T.int64(0),
-                                   T.int64(0) - T.shift_right(T.int64(0) - d[j] * s[6], s[7]),
-                                   T.shift_right(d[j] * s[6], s[7])) * G[j] + Bi[j]
-                    + T.shift_left(T.int64(1), T.int64(shift - 1)), T.int64(shift))
-                    + T.Cast("int64", Z[j]), T.int64(hi)), T.int64(lo)))
-
-    return int_norm
 
 
 def int_softmax_cpu(L: int, x_dtype: str):
@@ -188,8 +145,8 @@ def int_softmax_cpu(L: int, x_dtype: str):
         Kp = T.match_buffer(keep, (R, L), "bool")
         Y = T.match_buffer(y, (R, L), "uint8")
         for r in T.parallel(R):
-            e = T.decl_buffer((L,), "int32", scope="local")
-            s = T.decl_buffer((4,), "int64", scope="local")  # 0 max, 1 Σe, 2 ⌈log2 2S⌉, 3 multiplier
+            e = T.decl_buffer((L,), "int32")
+            s = T.decl_buffer((4,), "int64")  # 0 max, 1 Σe, 2 ⌈log2 2S⌉, 3 multiplier
             s[0] = T.int64(-256)
             for j in range(L):
                 s[0] = T.max(s[0], T.if_then_else(Kp[r, j], T.Cast("int64", X[r, j]), T.int64(-256)))
@@ -225,7 +182,7 @@ def int_batch_matmul_cpu(batch: int, M: int, K: int, N: int, a_dtype: str, b_dty
         ZB = T.match_buffer(zb, (1,), b_dtype)
         Y = T.match_buffer(y, (batch, M, N), "int32")
         for bm in T.parallel(batch * M):
-            acc = T.decl_buffer((N,), "int32", scope="local")
+            acc = T.decl_buffer((N,), "int32")
             for n in T.vectorized(N):
                 acc[n] = T.int32(0)
             for k in range(K):

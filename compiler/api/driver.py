@@ -79,6 +79,26 @@ def _check_args(backend, calibration_samples, seed, encoding) -> None:
     check_encoding(encoding)
 
 
+def tvm_pipeline(pipeline: str) -> str:
+    """The pipeline for ``--backend tvm``: no ORT lowering (``lower-ort`` dropped; ``lower-lowbit`` keeps the
+    integer ops, which ``lower-tvm`` compiles to its own kernels), ending in ``lower-tvm``."""
+    from lowbit.backends.tvm_integer import INTEGER_OPS
+    from lowbit.passmanager.pipeline import Pipeline, PipelineItem, parse_pipeline
+
+    items = []
+    for item in parse_pipeline(pipeline):
+        if item.name == "lower-ort":
+            continue
+        if item.name == "lower-lowbit":
+            kept = [v for k, v in item.options if k == "keep"]
+            ops = dict.fromkeys([*(o for v in kept for o in str(v).split("+") if o), *INTEGER_OPS])
+            item = PipelineItem(item.name, tuple((k, v) for k, v in item.options if k != "keep") + (("keep", "+".join(ops)),))
+        items.append(item)
+    if not any(i.name == "lower-tvm" for i in items):
+        items.append(PipelineItem("lower-tvm"))
+    return str(Pipeline(tuple(items)))
+
+
 def _calibration_tokens(feeds) -> int:
     return sum(max((np.asarray(v).size for v in f.values()), default=0) for f in feeds if isinstance(f, dict))
 
@@ -120,8 +140,8 @@ def _compile(model, recipe, *, calibration, output, tokenizer, backend, calibrat
     if reproducer:
         preflight.check_instrument_dir(reproducer, "--reproducer")
     pipeline = resolve_recipe(recipe)
-    if backend == "tvm" and "lower-tvm" not in pipeline:
-        pipeline = pipeline + ",lower-tvm"
+    if backend == "tvm":
+        pipeline = tvm_pipeline(pipeline)
     preflight.check_pipeline_paths(pipeline)
     preflight.check_model_source(model)
     if tokenizer is not None:
