@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 
 from lowbit.ir.analysis import find_linears
-from lowbit.mixed.bitplan import (FORM_BYTES, LayerPlan, Option, Plan, Unit, function_bytes, graph_overhead,
+from lowbit.mixed.bitplan import (FORM_BYTES, MOD_FORM_BYTES, LayerPlan, Option, Plan, Unit, function_bytes, graph_overhead,
                                   nominal_width, solve, split_bytes)
 from lowbit.mixed.latency import LatencyTable
 from lowbit.passmanager.manager import BITS_ASSIGNED, HESSIAN, Pass, PassResult, register_pass
@@ -117,9 +117,9 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: quantizer must be rtn, gptq or gptq-mod, got '{self.quantizer}'")
             if self.scale_dtype not in ("float32", "float16", "uint8"):
                 raise ValueError(f"assign-bits: scale_dtype must be float32, float16 or uint8, got '{self.scale_dtype}'")
-            if self.quantizer == "gptq-mod" and (self.split or self.budget in ("bytes", "latency")):
-                raise ValueError("assign-bits: quantizer=gptq-mod plans whole layers under budget=avg_bits or "
-                                 "nominal_bits (split, bytes and latency budgets count the integer forms)")
+            if self.quantizer == "gptq-mod" and (self.split or self.budget == "latency"):
+                raise ValueError("assign-bits: quantizer=gptq-mod plans whole layers under budget=avg_bits, "
+                                 "nominal_bits or bytes (split and the latency tables are integer forms)")
             if self.refine and self.split:
                 raise ValueError("assign-bits: refine works on whole layers; use split=0 with refine")
 
@@ -141,10 +141,13 @@ class AssignBits(Pass):
             plan = self._replay(linears, fixed)
         else:
             plan = self._solve(model, linears, fixed)
-        plan.graph_bytes = self._graph + FORM_BYTES * sum((lp.bits < FLOAT_BITS) + 2 * bool(lp.split)
-                                                          for lp in plan.layers)
-        if any(3 in (lp.bits, (lp.split or {}).get("bits")) for lp in plan.layers):  # lowbit.MatMul3Bit's body
+        plan.graph_bytes = self._graph + sum(self._form(lp.bits) * (lp.bits < FLOAT_BITS) + 2 * FORM_BYTES * bool(lp.split)
+                                             for lp in plan.layers)
+        if any(3 in (lp.bits, (lp.split or {}).get("bits")) and not self._grid_form(lp.bits)
+               for lp in plan.layers):  # lowbit.MatMul3Bit's body
             plan.graph_bytes += function_bytes("MatMul3Bit", max(model.opset_imports.get("", 21), 21))
+        if any(self._grid_form(lp.bits) for lp in plan.layers):
+            plan.graph_bytes += self._grid_extra({lp.bits for lp in plan.layers})
         before = [dict(lin.node.metadata_props) for lin in linears]
         annotate(linears, plan)
         changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
@@ -211,7 +214,9 @@ class AssignBits(Pass):
         for lin in linears:
             k, n = lin.shape
             ns = int(round(o.split * n)) if o.split > 0 else 0
-            opts = [Option(b, g, self._bytes(k, n, b, g), layer_cost[(lin.name, b, g)],
+            extra = o.budget == "bytes"
+            opts = [Option(b, g, self._bytes(k, n, b, g) + extra * (self._form(b) - FORM_BYTES) * (b < FLOAT_BITS),
+                           layer_cost[(lin.name, b, g)],
                            table.us(k, n, b) if table else 0.0, k * n * nominal_width(b))
                     for b, g in choices[lin.name]]
             salient = None
@@ -234,7 +239,8 @@ class AssignBits(Pass):
         capacity, resource = {"avg_bits": (o.target * weights_total / 8.0, "bytes"),
                               "nominal_bits": (o.target * weights_total, "nominal"),
                               "bytes": (o.target - fixed - self._graph - FORM_BYTES * len(linears)
-                                        - (function_bytes("MatMul3Bit") if 3 in bits else 0), "bytes"),
+                                        - (function_bytes("MatMul3Bit") if 3 in bits and not self._grid_form(3) else 0)
+                                        - (self._grid_extra(set(bits)) if self._grid_form(2) else 0), "bytes"),
                               "latency": (o.target, "latency")}[o.budget]
         chosen = solve(units, capacity, resource)
         plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
@@ -244,6 +250,8 @@ class AssignBits(Pass):
             chosen = self._refine(model, linears, units, chosen, choices, capacity, resource, plan)
         for lin, u, opt in zip(linears, units, chosen):
             plan.layers.append(_layer_plan(lin, u, opt, cols, measured))
+            if not opt.split:  # the stored bytes (the solver's bytes may hold the form's graph bytes too)
+                plan.layers[-1].bytes = self._bytes(*lin.shape, opt.bits, opt.group)
         if table is not None:
             plan.extra["latency_us"] = round(sum(opt.latency for opt in chosen), 2)
         return plan
@@ -253,6 +261,20 @@ class AssignBits(Pass):
         """The probes' quantizer (:func:`lowbit.mixed.sensitivity.simulated_array`)."""
         o = self.options
         return f"gptq-mod:{o.scale_dtype}" if o.quantizer == "gptq-mod" else o.quantizer
+
+    def _grid_form(self, bits: int) -> bool:
+        """Layers at these bits are written as lowbit.MatMulGrid (gptq-mod at 2/3 bits)."""
+        return self.options.quantizer == "gptq-mod" and bits in (2, 3)
+
+    def _form(self, bits: int) -> int:
+        """Graph bytes one quantized linear of this width adds over its float MatMul."""
+        return MOD_FORM_BYTES[self.options.scale_dtype] if self._grid_form(bits) else FORM_BYTES
+
+    def _grid_extra(self, bits: set) -> int:
+        """What a file with grid-form layers carries once: MatMulGrid's body and the grid table per width."""
+        from lowbit.quant.mod import GRIDS
+
+        return function_bytes("MatMulGrid", 25) + sum(GRIDS[b].size * 4 + 40 for b in (2, 3) if b in bits)
 
     def _bytes(self, k: int, n: int, bits: int, group: int) -> int:
         """Stored bytes of one option: the grid form at 2/3 bits with gptq-mod, else the integer forms."""
