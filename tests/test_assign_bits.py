@@ -359,6 +359,9 @@ def test_gptq_mod_plans_count_the_grid_form_and_probe_the_weights_that_get_writt
     written = sum(v.const_value.nbytes for n, v in model.graph.initializers.items()
                   if n not in before and not n.startswith("lowbit.mod_grid"))
     assert written == plan.linear_bytes
+    replayed = Plan.from_dict(plan.to_dict())
+    replayed.refresh_bytes()  # a replayed plan counts its grid-form layers the same way
+    assert replayed.linear_bytes == plan.linear_bytes
     feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
     got = make_session(model).run(None, feed)[0]
     np.testing.assert_allclose(got, make_session(ref).run(None, feed)[0], rtol=1e-4, atol=1e-4)

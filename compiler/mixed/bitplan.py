@@ -168,10 +168,18 @@ class Plan:
                               hint="plans are JSON written by assign-bits{save=PATH} or 'lowbit report'") from exc
 
     def refresh_bytes(self) -> None:
-        """Recompute every byte count from bits/group/shape (after a hand edit)."""
+        """Recompute every byte count from bits/group/shape (after a hand edit); a plan made with
+        ``quantizer=gptq-mod:SCALES`` counts its 2/3-bit layers in the grid form."""
+        from lowbit.quant.mod import mod_storage_bytes
+
+        quantizer = str(self.extra.get("quantizer", ""))
+        grid = quantizer.startswith("gptq-mod")
         for lp in self.layers:
             k, n = lp.shape
             ns = len(lp.split["columns"]) if lp.split else 0
+            if grid and lp.bits in (2, 3) and not ns:
+                lp.bytes = mod_storage_bytes(k, n, lp.bits, lp.group, scale_dtype=quantizer.partition(":")[2] or "float32")
+                continue
             lp.bytes = storage_bytes(k, n - ns, lp.bits, lp.group)
             if lp.split:
                 lp.split["bytes"] = split_bytes(k, n, ns, lp.split["bits"], lp.split["group"])
