@@ -33,7 +33,7 @@ from lowbit.passmanager.manager import CompileContext, PassManager
 from lowbit.passmanager.recipes import RECIPES
 from lowbit.runtime.llm import perplexity, token_stream
 
-DEFAULT_RECIPES = "w8a8,w4a16-gptq,w3a16,w2a16,w4a4"
+DEFAULT_RECIPES = "w8a8,w4a16-gptq,mixed-w4a16,w3a16,mixed-w3a16,w2a16,w4a4"
 TARGETS = {"w8a8": 0.5, "w4a16-gptq": 10.0, "w3a16": 35.0, "w2a16": 150.0, "w4a4": 20.0}
 
 

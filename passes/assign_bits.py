@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 
 from lowbit.ir.analysis import find_linears
-from lowbit.mixed.bitplan import (FORM_BYTES, LayerPlan, Option, Plan, Unit, function_bytes, graph_overhead,
+from lowbit.mixed.bitplan import (FORM_BYTES, MOD_FORM_BYTES, LayerPlan, Option, Plan, Unit, function_bytes, graph_overhead,
                                   nominal_width, solve, split_bytes)
 from lowbit.mixed.latency import LatencyTable
 from lowbit.passmanager.manager import BITS_ASSIGNED, HESSIAN, Pass, PassResult, register_pass
@@ -92,15 +92,19 @@ class AssignBits(Pass):
         samples: int = 0  # calibration samples for the measured estimator (0: all)
         cache: str = ""  # sensitivity cache folder (default $LOWBIT_CACHE or ~/.cache/lowbit)
         refine: int = 0  # rounds of re-measuring around the plan and re-solving (lowbit.mixed.refine; 0: off)
-        quantizer: Literal["rtn", "gptq"] = "rtn"  # how measured probes simulate the weights: match quantize-weights
+        quantizer: Literal["rtn", "gptq", "gptq-mod"] = "rtn"  # how measured probes simulate the weights: match
+        # quantize-weights (gptq-mod: 2/3-bit layers as its dtype=mod,hessian_fit=true,clip_search=true grids)
+        scale_dtype: Literal["float32", "float16", "uint8"] = "float32"  # gptq-mod: the 2/3-bit layers' scale storage
         ray: str = ""  # run the measured sweep on Ray workers: 'auto' or a cluster address ('' = here)
 
         def __post_init__(self):
             bits, groups = _ints(self.bits, "bits"), _ints(self.groups, "groups")
             if not bits or any(b not in (2, 3, 4, 8, 16) for b in bits):
                 raise ValueError(f"assign-bits: bits must be among 2:3:4:8:16, got '{self.bits}'")
-            if not groups or any(g < 0 or (g and g & (g - 1)) or 0 < g < 16 for g in groups):
-                raise ValueError(f"assign-bits: groups must be 0 or powers of two >= 16, got '{self.groups}'")
+            low = 8 if self.quantizer == "gptq-mod" else 16
+            if not groups or any(g < 0 or (g and g & (g - 1)) or 0 < g < low for g in groups):
+                raise ValueError(f"assign-bits: groups must be 0 or powers of two >= 16 (>= 8 with quantizer=gptq-mod), "
+                                 f"got '{self.groups}'")
             if not 0 <= self.split < 1:
                 raise ValueError(f"assign-bits: split must be in [0, 1), got {self.split}")
             if self.target <= 0:
@@ -109,8 +113,13 @@ class AssignBits(Pass):
                 raise ValueError(f"assign-bits: refine must be in [0, 100] rounds, got {self.refine}")
             if self.samples < 0:
                 raise ValueError(f"assign-bits: samples must be >= 0 (0: all), got {self.samples}")
-            if self.quantizer not in ("rtn", "gptq"):
-                raise ValueError(f"assign-bits: quantizer must be rtn or gptq, got '{self.quantizer}'")
+            if self.quantizer not in ("rtn", "gptq", "gptq-mod"):
+                raise ValueError(f"assign-bits: quantizer must be rtn, gptq or gptq-mod, got '{self.quantizer}'")
+            if self.scale_dtype not in ("float32", "float16", "uint8"):
+                raise ValueError(f"assign-bits: scale_dtype must be float32, float16 or uint8, got '{self.scale_dtype}'")
+            if self.quantizer == "gptq-mod" and (self.split or self.budget == "latency"):
+                raise ValueError("assign-bits: quantizer=gptq-mod plans whole layers under budget=avg_bits, "
+                                 "nominal_bits or bytes (split and the latency tables are integer forms)")
             if self.refine and self.split:
                 raise ValueError("assign-bits: refine works on whole layers; use split=0 with refine")
 
@@ -132,10 +141,13 @@ class AssignBits(Pass):
             plan = self._replay(linears, fixed)
         else:
             plan = self._solve(model, linears, fixed)
-        plan.graph_bytes = self._graph + FORM_BYTES * sum((lp.bits < FLOAT_BITS) + 2 * bool(lp.split)
-                                                          for lp in plan.layers)
-        if any(3 in (lp.bits, (lp.split or {}).get("bits")) for lp in plan.layers):  # lowbit.MatMul3Bit's body
+        plan.graph_bytes = self._graph + sum(self._form(lp.bits) * (lp.bits < FLOAT_BITS) + 2 * FORM_BYTES * bool(lp.split)
+                                             for lp in plan.layers)
+        if any(3 in (lp.bits, (lp.split or {}).get("bits")) and not self._grid_form(lp.bits)
+               for lp in plan.layers):  # lowbit.MatMul3Bit's body
             plan.graph_bytes += function_bytes("MatMul3Bit", max(model.opset_imports.get("", 21), 21))
+        if any(self._grid_form(lp.bits) for lp in plan.layers):
+            plan.graph_bytes += self._grid_extra({lp.bits for lp in plan.layers})
         before = [dict(lin.node.metadata_props) for lin in linears]
         annotate(linears, plan)
         changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
@@ -181,7 +193,8 @@ class AssignBits(Pass):
         for lin in linears:  # distinct (bits, effective group) per layer
             k = lin.shape[0]
             eff = sorted({(b, 0 if (g == 0 or g >= k) else g)
-                          for b in bits for g in (groups if b < FLOAT_BITS else (0,))})
+                          for b in bits for g in (groups if b < FLOAT_BITS else (0,))
+                          if g == 0 or g >= 16 or (b in (2, 3) and o.quantizer == "gptq-mod")})
             choices[lin.name] = eff
             hdiags[lin.name] = hessian_diag(lin)
         cols = {(lin.name, b, g): cheap_per_column(lin, b, g, hdiags[lin.name])
@@ -195,13 +208,15 @@ class AssignBits(Pass):
             measured = measured_sensitivity(
                 model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
                 metric="kl" if o.estimator == "measured-kl" else "nll", cache_dir=o.cache or None,
-                quantizer=o.quantizer, progress=self.ctx.show_progress, ray=o.ray)
+                quantizer=self._quantizer, progress=self.ctx.show_progress, ray=o.ray)
             layer_cost = _monotone(measured, choices)
         units = []
         for lin in linears:
             k, n = lin.shape
             ns = int(round(o.split * n)) if o.split > 0 else 0
-            opts = [Option(b, g, storage_bytes(k, n, b, g), layer_cost[(lin.name, b, g)],
+            extra = o.budget == "bytes"
+            opts = [Option(b, g, self._bytes(k, n, b, g) + extra * (self._form(b) - FORM_BYTES) * (b < FLOAT_BITS),
+                           layer_cost[(lin.name, b, g)],
                            table.us(k, n, b) if table else 0.0, k * n * nominal_width(b))
                     for b, g in choices[lin.name]]
             salient = None
@@ -224,19 +239,50 @@ class AssignBits(Pass):
         capacity, resource = {"avg_bits": (o.target * weights_total / 8.0, "bytes"),
                               "nominal_bits": (o.target * weights_total, "nominal"),
                               "bytes": (o.target - fixed - self._graph - FORM_BYTES * len(linears)
-                                        - (function_bytes("MatMul3Bit") if 3 in bits else 0), "bytes"),
+                                        - (function_bytes("MatMul3Bit") if 3 in bits and not self._grid_form(3) else 0)
+                                        - (self._grid_extra(set(bits)) if self._grid_form(2) else 0), "bytes"),
                               "latency": (o.target, "latency")}[o.budget]
         chosen = solve(units, capacity, resource)
         plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
                     model=model_fingerprint(model),
-                    extra={"split": o.split, "groups": o.groups, "bits": o.bits, "quantizer": o.quantizer})
+                    extra={"split": o.split, "groups": o.groups, "bits": o.bits, "quantizer": self._quantizer})
         if o.refine:
             chosen = self._refine(model, linears, units, chosen, choices, capacity, resource, plan)
         for lin, u, opt in zip(linears, units, chosen):
             plan.layers.append(_layer_plan(lin, u, opt, cols, measured))
+            if not opt.split:  # the stored bytes (the solver's bytes may hold the form's graph bytes too)
+                plan.layers[-1].bytes = self._bytes(*lin.shape, opt.bits, opt.group)
         if table is not None:
             plan.extra["latency_us"] = round(sum(opt.latency for opt in chosen), 2)
         return plan
+
+    @property
+    def _quantizer(self) -> str:
+        """The probes' quantizer (:func:`lowbit.mixed.sensitivity.simulated_array`)."""
+        o = self.options
+        return f"gptq-mod:{o.scale_dtype}" if o.quantizer == "gptq-mod" else o.quantizer
+
+    def _grid_form(self, bits: int) -> bool:
+        """Layers at these bits are written as lowbit.MatMulGrid (gptq-mod at 2/3 bits)."""
+        return self.options.quantizer == "gptq-mod" and bits in (2, 3)
+
+    def _form(self, bits: int) -> int:
+        """Graph bytes one quantized linear of this width adds over its float MatMul."""
+        return MOD_FORM_BYTES[self.options.scale_dtype] if self._grid_form(bits) else FORM_BYTES
+
+    def _grid_extra(self, bits: set) -> int:
+        """What a file with grid-form layers carries once: MatMulGrid's body and the grid table per width."""
+        from lowbit.quant.mod import GRIDS
+
+        return function_bytes("MatMulGrid", 25) + sum(GRIDS[b].size * 4 + 40 for b in (2, 3) if b in bits)
+
+    def _bytes(self, k: int, n: int, bits: int, group: int) -> int:
+        """Stored bytes of one option: the grid form at 2/3 bits with gptq-mod, else the integer forms."""
+        if self.options.quantizer == "gptq-mod" and bits in (2, 3):
+            from lowbit.quant.mod import mod_storage_bytes
+
+            return mod_storage_bytes(k, n, bits, group, scale_dtype=self.options.scale_dtype)
+        return storage_bytes(k, n, bits, group)
 
     def _refine(self, model, linears, units, chosen, choices, capacity, resource, plan) -> list[Option]:
         """Re-measure around the plan and re-solve (:mod:`lowbit.mixed.refine`); returns one option per layer."""
@@ -264,7 +310,7 @@ class AssignBits(Pass):
         result = refine(probe, linears, options, starts, capacity, resource, metric, o.refine, cache=cache,
                         progress=self.ctx.show_progress,
                         same_metric={"measured": "nll", "measured-kl": "kl"}.get(o.estimator) == metric,
-                        quantizer=o.quantizer)
+                        quantizer=self._quantizer)
         plan.extra["refine"] = {"metric": metric, **result.to_dict()}
         self.stats["refine-steps"] = sum(1 for h in result.history if h.get("accepted"))
         return [next(c for c in u.options if (c.bits, c.group) == result.assignment[u.layer]) for u in units]

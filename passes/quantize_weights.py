@@ -12,7 +12,8 @@
   3 bits per weight (see ``lowbit.ops.float_ops``); its function body lets any runtime run it.
 * ``dtype=mod`` (2 and 3 bits): a mixture of data types per group (``lowbit.quant.mod``, after BitMoD):
   each (group, column) picks one of four grids, ``Ŵ = s·L_t[q]``; the MatMul becomes
-  ``lowbit.MatMulGrid`` over packed codes (8 per `bits` bytes), UINT2 grid indices and float scales.
+  ``lowbit.MatMulGrid`` over packed codes (8 per `bits` bytes), UINT2 grid indices and float scales
+  (``scale_dtype``: stored as float32, float16, or uint8 codes times a float32 step per column).
 
 Per-layer overrides (the mixed-precision contract): ``metadata_props['lowbit.bits']`` on a
 linear's MatMul node ("2", "3", "4", "8", or "16" = keep float) and optionally
@@ -54,12 +55,12 @@ _UNSIGNED = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}
 
 
 def _quantize_array(w, xtx, bits, group, method, symmetric, clip_search, act_order, damp, hqq, dtype="int",
-                    hessian_fit=False):
+                    hessian_fit=False, scale_dtype="float32"):
     """(codes, scales, zero points) of one weight: a pure function, run here or as a Ray task."""
     if method == "gptq":
         return gptq_quantize(w, xtx, bits, group, symmetric, clip_search, act_order, damp, hqq=hqq, dtype=dtype,
-                             hessian_fit=hessian_fit)
-    return rtn_quantize(w, bits, group, symmetric, clip_search, hqq, dtype)
+                             hessian_fit=hessian_fit, scale_dtype=scale_dtype)
+    return rtn_quantize(w, bits, group, symmetric, clip_search, hqq, dtype, scale_dtype)
 
 
 @register_pass("quantize-weights")
@@ -79,6 +80,7 @@ class QuantizeWeights(Pass):
         ray: str = ""  # quantize layers as Ray tasks: 'auto' or a cluster address ('' = in this process)
         dtype: Literal["int", "mod"] = "int"  # mod: per-group mixture of data types at 2/3 bits (lowbit.quant.mod)
         hessian_fit: bool = False  # gptq + dtype=mod: grid/scale per group by diag(XᵀX)-weighted error
+        scale_dtype: Literal["float32", "float16", "uint8"] = "float32"  # dtype=mod: how group scales are stored
 
         def __post_init__(self):
             if self.bits not in (2, 3, 4, 8):
@@ -99,6 +101,10 @@ class QuantizeWeights(Pass):
                 raise ValueError("quantize-weights: dtype=mod picks a grid per group; it does not combine with hqq")
             if self.hessian_fit and (self.dtype != "mod" or self.method != "gptq"):
                 raise ValueError("quantize-weights: hessian_fit=true needs method=gptq and dtype=mod")
+            if self.scale_dtype not in ("float32", "float16", "uint8"):
+                raise ValueError(f"quantize-weights: scale_dtype must be float32, float16 or uint8, got {self.scale_dtype}")
+            if self.scale_dtype != "float32" and self.dtype != "mod":
+                raise ValueError("quantize-weights: scale_dtype=float16|uint8 is a storage form of dtype=mod")
             if self.sequential and self.method != "gptq":
                 raise ValueError("quantize-weights: sequential=true is a GPTQ option (method=gptq)")
 
@@ -150,7 +156,7 @@ class QuantizeWeights(Pass):
             else:
                 w, group, (q, s, z) = self._quantize(lin, bits, group, None)
             if self._dtype(bits) == "mod":
-                self._mod(graph, lin, q, s, z, bits, group)
+                self._mod(graph, lin, q, s, z, bits, group, w)
             elif bits == 3:
                 self._matmul3bit(graph, lin, q, s, z, group)
             else:
@@ -182,7 +188,7 @@ class QuantizeWeights(Pass):
             xtx = act_stats(lin.input).xtx
         dtype = self._dtype(bits)
         return (w, xtx, bits, group, o.method, o.symmetric, o.clip_search, o.act_order, o.damp, o.hqq, dtype,
-                o.hessian_fit and dtype == "mod")
+                o.hessian_fit and dtype == "mod", o.scale_dtype if dtype == "mod" else "float32")
 
     def _dtype(self, bits: int) -> str:
         """The mixture of data types covers 2 and 3 bits; wider layers of a mixed plan stay integer."""
@@ -290,8 +296,9 @@ class QuantizeWeights(Pass):
         self._tag(lin.node, bits, group)
         lin.node.replace_input_with(1, dq.outputs[0])
 
-    def _mod(self, graph, lin: Linear, q, s, z, bits: int, group: int) -> None:
-        node = write_mod_matmul(graph, lin.node, lin.name, q, s, z, bits, group, origin=self.name)
+    def _mod(self, graph, lin: Linear, q, s, z, bits: int, group: int, w) -> None:
+        node = write_mod_matmul(graph, lin.node, lin.name, q, s, z, bits, group, origin=self.name,
+                                scale_dtype=self.options.scale_dtype, weight=w)
         self._tag(node, bits, group)
         node.metadata_props["lowbit.dtype"] = "mod"
         node.metadata_props["lowbit.k"] = str(q.shape[0])

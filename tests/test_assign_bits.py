@@ -331,3 +331,70 @@ def test_bytes_budget_predicts_the_written_file(bits, tmp_path):
     size = os.path.getsize(out)
     assert abs(size - plan.file_bytes) <= 0.01 * size  # graph: measured + FORM_BYTES per quantized linear
     assert plan.file_bytes <= target and size <= 1.01 * target
+
+
+MOD_QW = "quantize-weights{method=gptq,symmetric=false,clip_search=true,dtype=mod,hessian_fit=true,scale_dtype=uint8}"
+
+
+def test_gptq_mod_plans_count_the_grid_form_and_probe_the_weights_that_get_written():
+    """quantizer=gptq-mod: 2/3-bit options are BitMoD grids (groups of 8 allowed only there) stored with uint8
+    scales; each option's bytes are what quantize-weights writes, and the probes' weights are the written ones."""
+    import onnx_ir as ir
+
+    from lowbit.ir.sessions import make_session
+    from lowbit.mixed.sensitivity import simulated_weight
+
+    model, ctx = _calibrated()
+    plan = run(model, ctx, "assign-bits{target=3.3,estimator=measured,bits=2:3:4,groups=8:32,quantizer=gptq-mod,"
+                           "scale_dtype=uint8,samples=2}")
+    assert 8 * plan.linear_bytes <= 3.3 * plan.weights
+    assert all(lp.group != 8 or lp.bits in (2, 3) for lp in plan.layers) and {lp.bits for lp in plan.layers} > {2}
+    lins = {lin.name: lin for lin in find_linears(model.graph)}
+    fake = {lp.name: simulated_weight(lins[lp.name], lp.bits, lp.group, "gptq-mod:uint8") for lp in plan.layers}
+    ref = _calibrated()[0]
+    for lin in find_linears(ref.graph):
+        lin.weight.const_value = ir.tensor(fake[lin.name])
+    before = set(model.graph.initializers)
+    PassManager.from_pipeline(MOD_QW, ctx).run(model)
+    written = sum(v.const_value.nbytes for n, v in model.graph.initializers.items()
+                  if n not in before and not n.startswith("lowbit.mod_grid"))
+    assert written == plan.linear_bytes
+    replayed = Plan.from_dict(plan.to_dict())
+    replayed.refresh_bytes()  # a replayed plan counts its grid-form layers the same way
+    assert replayed.linear_bytes == plan.linear_bytes
+    feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
+    got = make_session(model).run(None, feed)[0]
+    np.testing.assert_allclose(got, make_session(ref).run(None, feed)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(PipelineError, match="groups must be"):
+        PassManager.from_pipeline("assign-bits{groups=8}", ctx)
+
+
+def test_gptq_mod_bytes_budget_predicts_the_written_file(tmp_path):
+    """budget=bytes with grid-form options: initializers exactly, the serialized graph within 1 %."""
+    import os
+
+    import onnx
+
+    import lowbit
+
+    model, ctx = calibrated_small_llama()
+    lins = find_linears(model.graph)
+    names = {lin.weight.name for lin in lins}
+    fixed = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if n not in names)
+    from lowbit.mixed.bitplan import graph_overhead
+    from lowbit.quant.mod import mod_storage_bytes
+
+    target = (fixed + graph_overhead(model) + 960 * len(lins) + 3_000
+              + sum(mod_storage_bytes(*lin.shape, 3, 16, scale_dtype="uint8") for lin in lins))
+    out = tmp_path / "mixed.onnx"
+    pipe = (f"calibrate{{hessian=true}},assign-bits{{budget=bytes,target={target},bits=2:3:4,groups=8:16:32,"
+            f"quantizer=gptq-mod,scale_dtype=uint8}},{MOD_QW},lower-nbits")
+    result = lowbit.compile(model, pipe, calibration=ctx.calibration, output=out, progress=False)
+    plan = Plan.from_dict(result.report["assign-bits"]["plan"])
+    written = onnx.load(str(out))
+    assert {lp.bits for lp in plan.layers} & {2, 3} and any(n.op_type == "MatMulGrid" for n in written.graph.node)
+    data = sum(len(t.raw_data) for t in written.graph.initializer if not t.name.startswith("lowbit.mod_grid"))
+    assert data == plan.total_bytes  # data: exact
+    size = os.path.getsize(out)
+    assert abs(size - plan.file_bytes) <= 0.01 * size
+    assert plan.file_bytes <= target and size <= 1.01 * target

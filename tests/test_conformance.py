@@ -11,7 +11,7 @@ random weights are incompressible, so 4- and 3-bit errors are large; the bounds 
 graphs (errors of order 1), not quality, which benchmarks measure on real models.
 
 Refused by design (each with the reason in the message):
-* rotation recipes (``w4a8``, ``w3a16``) on post-norm encoders (BERT: the LayerNorm's output is the
+* the rotation recipe (``w4a8``; ``w3a16`` no longer rotates) on post-norm encoders (BERT: the LayerNorm's output is the
   residual stream itself; ModernBERT: the embedding norm feeds the stream) — pre-LayerNorm decoders
   (GPT-2, OPT, GPT-NeoX, Phi-2, StableLM, Falcon) are rotated with a Q that fixes the ones vector; on
   Gemma-2/3: sandwich norms put a norm between the attention output and the residual add.
@@ -44,7 +44,7 @@ from known_failures import mark_known  # noqa: E402
 RECIPES = ("w8a8", "w8a8-dynamic", "w4a16-gptq", "w4a8", "w3a16", "int8-integer-only")
 BOUNDS = {"w8a8": 0.08, "w8a8-dynamic": 0.04, "w4a16-gptq": 0.3, "w4a8": 0.3, "w3a16": 0.5,
           "int8-integer-only": 0.2}
-ROTATING = {"w4a8", "w3a16"}
+ROTATING = {"w4a8"}
 SANDWICH = {"gemma2", "gemma3"}
 
 

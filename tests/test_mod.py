@@ -21,10 +21,12 @@ def _bitmod_fp3() -> list[list[float]]:
     return [sorted(basic + [v]) for v in (3, -3, 6, -6)]
 
 
-def _ref_group(w: np.ndarray, grids, h=None, factors=np.linspace(1.0, 0.5, 11)) -> tuple[float, int, float]:
+def _ref_group(w: np.ndarray, grids, h=None, factors=np.linspace(1.0, 0.5, 11),
+               snap=lambda s: s) -> tuple[float, int, float]:
     """(scale, grid, error) of one group by the definition: per grid, the covering scale shrunk by
     1, 0.95, …, 0.5, nearest level, and the least-squares rescale for those levels; smallest error wins.
-    ``h``: per-row weights of the squared error (and of the least-squares rescale)."""
+    ``h``: per-row weights of the squared error (and of the least-squares rescale); ``snap``: the storable
+    scale nearest to a candidate (each candidate is judged as it will be stored)."""
     h = np.ones_like(w) if h is None else h
     best = (None, None, np.inf)
     for t, lv in enumerate(grids):
@@ -38,6 +40,7 @@ def _ref_group(w: np.ndarray, grids, h=None, factors=np.linspace(1.0, 0.5, 11)) 
             for c in cands:
                 if c <= 0:
                     continue
+                c = snap(c)
                 vc = lv[[int(np.argmin(np.abs(x / c - lv))) for x in w]]
                 err = float((h * (c * vc - w) ** 2).sum())
                 if err < best[2]:
@@ -166,3 +169,73 @@ def test_group_of_eight_only_with_the_grid_form():
     with pytest.raises(ValueError, match="group=8 needs dtype=mod"):
         QuantizeWeights.Options(bits=2, group=8)
     assert QuantizeWeights.Options(bits=2, group=8, symmetric=False, dtype="mod").group == 8
+
+
+def _ref_uint8_snap(col: np.ndarray, bits: int):
+    """Double quantization of the scales (QLoRA §3; k-quants' 8-bit block scales): a float step per column,
+    ``S = max|w| / (255 · m)`` with m the smallest outermost level magnitude of the grids (BitMoD 2-bit: the
+    integer grids {-2..1}/{-1..2} reach only 1 on their short side; 3-bit: 4), scales ``S · clip(round(s/S), 1, 255)``."""
+    m = {2: 1.0, 3: 4.0}[bits]
+    step = np.abs(col).max() / (255 * m)
+    return lambda s: float(np.clip(np.rint(s / step), 1, 255) * step)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("scale_dtype", ["float16", "uint8"])
+def test_stored_scales_match_the_reference(bits, scale_dtype):
+    rng = np.random.default_rng(11 + bits)
+    w = rng.standard_normal((32, 5)) * np.exp(rng.standard_normal(5))
+    w[:8, 1] *= 0.02  # a group far below its column's largest: coarse uint8 steps matter there
+    q, s, t = rtn_quantize(w, bits, 8, symmetric=False, clip_search=True, dtype="mod", scale_dtype=scale_dtype)
+    grids = np.asarray(_bitmod_fp3()) if bits == 3 else GRIDS[2]
+    for c in range(w.shape[1]):
+        snap = (_ref_uint8_snap(w[:, c], bits) if scale_dtype == "uint8"
+                else lambda v: float(np.float16(v)))
+        for gi in range(4):
+            scale, grid, _ = _ref_group(w[gi * 8:(gi + 1) * 8, c], grids, snap=snap)
+            assert t[gi, c] == grid and s[gi, c] == pytest.approx(scale, rel=1e-6)
+    if scale_dtype == "float16":
+        assert np.array_equal(s.astype(np.float16).astype(np.float32), s)
+
+
+def test_gptq_keeps_its_scales_storable_and_refuses_them_without_the_grid_form():
+    from lowbit.passes.quantize_weights import QuantizeWeights
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, 32))
+    w = rng.standard_normal((32, 6))
+    q, s, t = gptq_quantize(w, x.T @ x, 2, 8, False, True, dtype="mod", hessian_fit=True, scale_dtype="uint8")
+    step = np.abs(w).max(axis=0) / 255
+    codes = s / step
+    assert np.allclose(codes, np.rint(codes), atol=1e-3) and codes.min() >= 1 - 1e-3 and codes.max() <= 255 + 1e-3
+    with pytest.raises(ValueError, match="scale_dtype"):
+        gptq_quantize(w, x.T @ x, 4, 8, False, True, scale_dtype="uint8")
+    with pytest.raises(ValueError, match="storage form of dtype=mod"):
+        QuantizeWeights.Options(bits=4, group=32, scale_dtype="float16")
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "uint8"])
+def test_graph_with_small_scales_computes_the_numpy_weights_and_stores_what_it_counts(scale_dtype):
+    model = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
+    feed = tokens(128, seq=12)
+    weights = {lin.name: lin.weight.const_value.numpy().copy() for lin in find_linears(model.graph)}
+    qmodel = PassManager.from_pipeline(f"quantize-weights{{bits=2,group=8,symmetric=false,dtype=mod,"
+                                       f"scale_dtype={scale_dtype}}}", CompileContext(show_progress=False)).run(model)
+    ref = random_llama(dim=64, hidden=172, layers=1, heads=4, kv=2, vocab=128)
+    counted = written = 0
+    for lin in find_linears(ref.graph):
+        w = weights[lin.name]
+        q, s, t = rtn_quantize(w, 2, 8, symmetric=False, dtype="mod", scale_dtype=scale_dtype)
+        lin.weight.const_value = ir.tensor(_ref_decode(q, s, t, 2, 8))
+        counted += mod_storage_bytes(*w.shape, 2, 8, scale_dtype=scale_dtype)
+        inits = qmodel.graph.initializers
+        written += sum(inits[f"{lin.name}.{k}"].const_value.nbytes
+                       for k in ("weight_q", "weight_dtype", "weight_scale", "weight_scale_step")
+                       if f"{lin.name}.{k}" in inits)
+        assert inits[f"{lin.name}.weight_scale"].const_value.dtype == {"float16": ir.DataType.FLOAT16,
+                                                                       "uint8": ir.DataType.UINT8}[scale_dtype]
+    assert written == counted
+    for optimize in (False, True):  # the scale subgraph folds to the same weights
+        got = make_session(qmodel, optimize=optimize).run(None, feed)[0]
+        want = make_session(ref, optimize=False).run(None, feed)[0]
+        assert rel_err(got, want) < 1e-5

@@ -76,8 +76,9 @@ def check_plan_dict(d, source: str = "plan") -> None:
             raise _fail(f"{where}.bits", f"must be one of {list(_BITS)}, got {lp['bits']}", source)
         _int(lp, "group", where, source, lo=0)
         g = lp["group"]
-        if g and (g & (g - 1) or g < 16):
-            raise _fail(f"{where}.group", f"must be 0 (per channel) or a power of two >= 16, got {g}", source)
+        if g and (g & (g - 1) or g < (8 if lp["bits"] in (2, 3) else 16)):  # 8: the 2/3-bit grid form only
+            raise _fail(f"{where}.group", f"must be 0 (per channel) or a power of two >= 16 (>= 8 at 2 and 3 bits), "
+                        f"got {g}", source)
         _int(lp, "bytes", where, source, lo=0)
         _num(lp, "est_error", where, source)
         _num(lp, "measured_error", where, source)

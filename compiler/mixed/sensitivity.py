@@ -11,6 +11,11 @@ Two estimators, per linear ``W[K, N]`` and candidate ``(bits, group)``, both add
   is quantized (RTN, see :mod:`lowbit.quant.rtn`), everything else in float: next-token NLL for a causal
   LM (``measured``), or the KL divergence from the float model's next-token distribution
   (``measured-kl``); for an encoder, the mean ``1 - cos`` between quantized and float outputs.
+  ``quantizer`` names how the probe simulates the weight, as ``quantize-weights`` will write it:
+  ``rtn``; ``gptq`` (asymmetric GPTQ); ``gptq-mod[:SCALES]`` — asymmetric GPTQ with clip search, and at 2
+  and 3 bits the mixture of data types with the Hessian-weighted fit and SCALES (float32, float16, uint8)
+  scale storage: ``quantize-weights{method=gptq,symmetric=false,clip_search=true,dtype=mod,hessian_fit=true,
+  scale_dtype=SCALES}``.
   One ORT session serves all layers: linear weights are declared as graph inputs with their
   initializer as default, so one layer's weight is overridden per run.
 
@@ -226,6 +231,13 @@ def simulated_array(w: np.ndarray, xtx: np.ndarray | None, bits: int, group: int
     from lowbit.quant.gptq import dequantize, gptq_quantize
 
     g = 0 if group >= w.shape[0] else group
+    if quantizer.startswith("gptq-mod"):
+        mod = bits in (2, 3)
+        scales = quantizer.partition(":")[2] or "float32"
+        dtype = "mod" if mod else "int"
+        q, sc, z = gptq_quantize(w, xtx, bits, g, symmetric=False, clip_search=True, dtype=dtype, hessian_fit=mod,
+                                 scale_dtype=scales if mod else "float32")
+        return dequantize(q, sc, z, g, bits, dtype).astype(np.float32)
     q, sc, z = gptq_quantize(w, xtx, bits, g, symmetric=False)
     return dequantize(q, sc, z, g).astype(np.float32)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.quant.hqq import hqq_refine
-from lowbit.quant.mod import mod_decode, mod_encode, mod_params
+from lowbit.quant.mod import SCALE_DTYPES, mod_decode, mod_encode, mod_params, scale_snapper
 from lowbit.quant.rtn import blocks, decode, encode, grouped, rtn_params
 
 __all__ = ["rtn_quantize", "gptq_quantize", "dequantize", "group_params"]
@@ -34,14 +34,15 @@ _CLIP_GRID = np.linspace(1.0, 0.5, 11)
 
 
 def group_params(w: np.ndarray, bits: int, group: int, symmetric: bool, clip_search: bool, hqq: bool = False,
-                 dtype: str = "int", row_weights: np.ndarray | None = None):
+                 dtype: str = "int", row_weights: np.ndarray | None = None, snap=None):
     """Per-(group, column) float64 scale and zero point ``[G, N]`` for ``w[K, N]`` (``dtype='mod'``: the
-    zero point is the index of the group's grid, ``lowbit.quant.mod``)."""
+    zero point is the index of the group's grid, ``lowbit.quant.mod``; ``snap`` maps its scales to storable
+    ones, :func:`lowbit.quant.mod.scale_snapper`)."""
     wg = grouped(w, group, np.float64)
     if dtype == "mod":
         rw = None if row_weights is None else grouped(np.asarray(row_weights, np.float64)[:, None], group,
                                                       np.float64)[..., 0]
-        return mod_params(wg, bits, clip_search, rw)
+        return mod_params(wg, bits, clip_search, rw, snap)
     best_s, best_z = rtn_params(wg, bits, symmetric)
     if clip_search:
         best_s, best_z = _clip_search(wg, bits, symmetric, best_s, best_z)
@@ -72,7 +73,7 @@ def _dec(q, s, z, bits, dtype):
     return mod_decode(q, s, z, bits) if dtype == "mod" else decode(q, s, z)
 
 
-def _check(bits: int, group: int, dtype: str = "int", hqq: bool = False) -> None:
+def _check(bits: int, group: int, dtype: str = "int", hqq: bool = False, scale_dtype: str = "float32") -> None:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
     if dtype not in ("int", "mod"):
@@ -81,14 +82,18 @@ def _check(bits: int, group: int, dtype: str = "int", hqq: bool = False) -> None
         raise ValueError("dtype=mod (mixture of data types) is defined for 2 and 3 bits, without hqq")
     if group < 0:
         raise ValueError(f"group must be >= 0, got {group}")
+    if scale_dtype not in SCALE_DTYPES or (scale_dtype != "float32" and dtype != "mod"):
+        raise ValueError(f"scale_dtype {scale_dtype}: float16/uint8 scales are a dtype=mod storage form")
 
 
 def rtn_quantize(w: np.ndarray, bits: int, group: int = 0, symmetric: bool = True, clip_search: bool = False,
-                 hqq: bool = False, dtype: str = "int"):
-    """Round to nearest: (codes uint8 [K, N], scales float32 [G, N], zero points (or grid indices) uint8 [G, N])."""
-    _check(bits, group, dtype, hqq)
+                 hqq: bool = False, dtype: str = "int", scale_dtype: str = "float32"):
+    """Round to nearest: (codes uint8 [K, N], scales float32 [G, N], zero points (or grid indices) uint8 [G, N]);
+    ``scale_dtype`` (dtype=mod): the scales are storable as float16 or uint8 (``lowbit.quant.mod``)."""
+    _check(bits, group, dtype, hqq, scale_dtype)
     w = np.asarray(w, np.float64)
-    s, z = group_params(w, bits, group, symmetric, clip_search, hqq, dtype)
+    s, z = group_params(w, bits, group, symmetric, clip_search, hqq, dtype, snap=scale_snapper(w, bits, scale_dtype)
+                        if dtype == "mod" else None)
     rows = np.arange(w.shape[0]) // blocks(w.shape[0], group)[0]
     q = _enc(w, s[rows], z[rows], bits, dtype)
     return q.astype(np.uint8), s.astype(np.float32), z.astype(np.uint8)
@@ -104,10 +109,12 @@ def dequantize(q: np.ndarray, scales: np.ndarray, zps: np.ndarray, group: int, b
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0, symmetric: bool = True,
                   clip_search: bool = False, act_order: bool = False, damp: float = 0.01, block: int = 128,
-                  hqq: bool = False, dtype: str = "int", hessian_fit: bool = False):
+                  hqq: bool = False, dtype: str = "int", hessian_fit: bool = False, scale_dtype: str = "float32"):
     """GPTQ with Hessian ``XᵀX`` [K, K]; returns what ``rtn_quantize`` returns.  ``hessian_fit`` (dtype=mod):
-    each group's grid and scale minimise the diag(XᵀX)-weighted squared error."""
-    _check(bits, group, dtype, hqq)
+    each group's grid and scale minimise the diag(XᵀX)-weighted squared error; ``scale_dtype`` as in
+    :func:`rtn_quantize` (the step of uint8 scales comes from the unmodified ``w``)."""
+    _check(bits, group, dtype, hqq, scale_dtype)
+    snap = scale_snapper(np.asarray(w, np.float64), bits, scale_dtype) if dtype == "mod" else None
     wt = np.array(np.asarray(w, np.float64).T)  # [N, K]: rows = output channels
     n, k = wt.shape
     h = np.array(hessian, np.float64)
@@ -120,7 +127,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
     hd = np.diag(h).copy() if hessian_fit else None
     static = None
     if group <= 0 or act_order:  # parameters fixed up front (per channel, or static groups)
-        static = group_params(wt.T, bits, group, symmetric, clip_search, hqq, dtype, hd)
+        static = group_params(wt.T, bits, group, symmetric, clip_search, hqq, dtype, hd, snap)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     wt, h = wt[:, perm], h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
@@ -146,7 +153,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group: int = 0,
                     ahead = wt[:, i2:stop] - err1[:, :i] @ hinv[i1:col, i2:stop]
                     cur = np.concatenate([cur, ahead], axis=1)
                 s, z = group_params(cur.T, bits, 0, symmetric, clip_search, hqq, dtype,
-                                    None if hd is None else hd[perm][col:stop])
+                                    None if hd is None else hd[perm][col:stop], snap)
                 s_all[col // g], z_all[col // g] = s[0], z[0]
             gi = gidx[col]
             wcol = w1[:, i]

@@ -25,19 +25,50 @@ the error.  The (grid, scale) with the smallest squared error wins; with ``row_w
 ``Σ_k h_k (w_k − s·L_q(k))²``, the output error of the group when its inputs are uncorrelated.
 ``lowbit.quant.gptq`` uses the same per-group fit with ``dtype='mod'`` (the grid index is stored where an
 integer zero point would be).
+
+Scale storage (``scale_dtype``): ``float32``; ``float16``; or ``uint8`` — a second-level quantization of
+the scales (QLoRA's double quantization, k-quants' quantized block scales): per output column a float32
+step ``S_n = max_k |w_kn| / (255 · m_b)``, with ``m_b`` the smallest outermost level magnitude of the
+``b``-bit grids (so the covering scale of any group of the column is at most ``255·S_n``), and each group
+stores ``c = clip(round(s / S_n), 1, 255)``, ``s = c·S_n``.  The candidate scales of the fit are snapped to
+what will be stored before their error is compared, so the chosen (grid, scale) is the best storable one.
+A group's storage is then ``g·b`` code bits, 2 grid-index bits and 32, 16 or 8 scale bits.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["GRIDS", "mod_params", "mod_encode", "mod_decode", "mod_storage_bytes", "mod_layout"]
+__all__ = ["GRIDS", "SCALE_DTYPES", "mod_params", "mod_encode", "mod_decode", "mod_storage_bytes", "mod_layout",
+           "scale_step", "scale_snapper"]
 
 GRIDS: dict[int, np.ndarray] = {
     2: np.array([[-2, -1, 0, 1], [-1, 0, 1, 2], [-3, -1, 1, 3], [-1.5104, -0.4528, 0.4528, 1.5104]], np.float64),
     3: np.array([sorted([0, 1, -1, 2, -2, 4, -4, v]) for v in (3, -3, 6, -6)], np.float64),
 }
 _SHRINK = np.linspace(1.0, 0.5, 11)
+SCALE_DTYPES = {"float32": 4, "float16": 2, "uint8": 1}  # bytes per stored scale
+
+
+def scale_step(w: np.ndarray, bits: int) -> np.ndarray:
+    """Per-column step ``S[N]`` of ``uint8`` scales for ``w[K, N]`` (see the module doc); 1 for all-zero columns."""
+    m = float(np.min(np.abs(_grid(bits)[:, [0, -1]])))
+    top = np.abs(np.asarray(w, np.float64)).max(axis=0) / (255.0 * m)
+    return np.where(top > 0, top, 1.0)
+
+
+def scale_snapper(w: np.ndarray, bits: int, scale_dtype: str):
+    """The function that maps float64 scales ``[..., N]`` of ``w``'s columns to the nearest storable ones
+    (``None`` for float32)."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype}")
+    if scale_dtype == "float32":
+        return None
+    if scale_dtype == "float16":
+        tiny = float(np.finfo(np.float16).smallest_normal)
+        return lambda s: np.maximum(np.asarray(s, np.float64), tiny).astype(np.float16).astype(np.float64)
+    step = scale_step(w, bits)
+    return lambda s: np.clip(np.rint(np.asarray(s, np.float64) / step), 1, 255) * step
 
 
 def _grid(bits: int) -> np.ndarray:
@@ -61,7 +92,7 @@ def mod_decode(q: np.ndarray, scale: np.ndarray, types: np.ndarray, bits: int) -
     return (grid[t, np.asarray(q, np.int64)].astype(scale.dtype)) * scale
 
 
-def _fit(wg: np.ndarray, levels: np.ndarray, clip: bool, rw) -> tuple[np.ndarray, np.ndarray]:
+def _fit(wg: np.ndarray, levels: np.ndarray, clip: bool, rw, snap=None) -> tuple[np.ndarray, np.ndarray]:
     """Best scale and its (row-weighted) squared error ``[G, N]`` for one grid over ``wg[G, g, N]``."""
     hi = np.maximum(wg.max(axis=1), 0) / levels[-1]
     lo = np.minimum(wg.min(axis=1), 0) / levels[0]
@@ -75,6 +106,8 @@ def _fit(wg: np.ndarray, levels: np.ndarray, clip: bool, rw) -> tuple[np.ndarray
         den = (rw * v * v).sum(axis=1)
         for cand in (s, np.where(den > 0, (rw * wg * v).sum(axis=1) / np.maximum(den, 1e-300), s)):
             cand = np.where(cand > 0, cand, s)
+            if snap is not None:
+                cand = snap(cand)
             xc = wg / cand[:, None, :]
             vc = levels[np.abs(xc[..., None] - levels).argmin(axis=-1)]
             err = (rw * (vc * cand[:, None, :] - wg) ** 2).sum(axis=1)
@@ -83,16 +116,17 @@ def _fit(wg: np.ndarray, levels: np.ndarray, clip: bool, rw) -> tuple[np.ndarray
     return best_s, best_e
 
 
-def mod_params(wg: np.ndarray, bits: int, clip: bool = True, row_weights: np.ndarray | None = None
+def mod_params(wg: np.ndarray, bits: int, clip: bool = True, row_weights: np.ndarray | None = None, snap=None
                ) -> tuple[np.ndarray, np.ndarray]:
     """Per-(group, column) float64 scale and grid index ``[G, N]`` of ``wg[G, g, N]``; ``row_weights``
-    ``[G, g]`` (e.g. the Hessian diagonal, the input's mean square per channel) weight each row's squared error."""
+    ``[G, g]`` (e.g. the Hessian diagonal, the input's mean square per channel) weight each row's squared error;
+    ``snap`` (:func:`scale_snapper`) maps candidate scales to storable ones."""
     wg = np.asarray(wg, np.float64)
     rw = 1.0 if row_weights is None else np.asarray(row_weights, np.float64)[:, :, None]
     grid = _grid(bits)
     best_s = best_t = best_e = None
     for t, levels in enumerate(grid):
-        s, e = _fit(wg, levels, clip, rw)
+        s, e = _fit(wg, levels, clip, rw, snap)
         if best_e is None:
             best_s, best_t, best_e = s, np.zeros(s.shape), e
             continue
@@ -101,11 +135,13 @@ def mod_params(wg: np.ndarray, bits: int, clip: bool = True, row_weights: np.nda
     return best_s, best_t
 
 
-def mod_storage_bytes(k: int, n: int, bits: int, group: int, float_bytes: int = 4) -> int:
+def mod_storage_bytes(k: int, n: int, bits: int, group: int, float_bytes: int = 4, scale_dtype: str = "") -> int:
     """Bytes ``quantize-weights{dtype=mod}`` writes for ``W[K, N]``: codes (``bits`` each, 8 per ``bits`` bytes
-    over the whole K-padded tensor), grid indices (2 bits per group, packed), scales (float32 per group)."""
+    over the whole K-padded tensor), grid indices (2 bits per group, packed), scales (``scale_dtype``, default
+    ``float_bytes`` per group; uint8 adds the float32 step per column)."""
     g, nb = mod_layout(k, group)
-    return -(-nb * g * n // 8) * bits + -(-nb * n * 2 // 8) + nb * n * float_bytes
+    per = SCALE_DTYPES[scale_dtype] if scale_dtype else float_bytes
+    return -(-nb * g * n // 8) * bits + -(-nb * n * 2 // 8) + nb * n * per + (4 * n if scale_dtype == "uint8" else 0)
 
 
 def mod_layout(k: int, group: int) -> tuple[int, int]:
