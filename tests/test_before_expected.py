@@ -86,8 +86,26 @@ def test_smooth_must_refuse():
 
 
 # rotate -----------------------------------------------------------------------------------------
-def test_rotate_must_refuse_layernorm_and_non_unit_scales():
-    expect(LAYERNORM_STREAM, "rotate", PassFailure, match="LayerNormalization")
+POST_NORM_STREAM = f"""
+g (int64[b, t] ids) => (float[b, t, 4] y)
+<float[6, 4] e = {{{", ".join(str(float(i % 5) - 2) for i in range(24))}}}, float[4] gamma = {{1.0, 1.0, 1.0, 1.0}},
+ float[4] beta = {{0.0, 0.0, 0.0, 0.0}}, float[4, 4] wo = {{{", ".join(str(0.1 * i) for i in range(16))}}},
+ float[4, 4] wf = {{{", ".join(str(0.05 * i - 0.3) for i in range(16))}}}>
+{{
+    x = Gather (e, ids)
+    h = LayerNormalization <axis = -1> (x, gamma, beta)
+    a = MatMul (h, wo)
+    s = Add (h, a)
+    n = LayerNormalization <axis = -1> (s, gamma, beta)
+    y = MatMul (n, wf)
+}}"""
+
+
+def test_rotate_must_refuse_post_norm_layernorm_and_non_unit_scales():
+    """Pre-LN LayerNorm streams are rotated (Q fixes the ones vector); a post-norm one, where the norm's
+    output is itself the residual stream, cannot take the inverse rotation."""
+    expect(POST_NORM_STREAM, "rotate", PassFailure, match=r"node 'LayerNormalization'.*feeds something other than linears")
+    expect(LAYERNORM_STREAM, "rotate", PassFailure, match="graph output")
     expect(NORM_LINEAR, "rotate", PassFailure, match="no token embedding")
 
 
