@@ -75,7 +75,7 @@ COVER: dict[str, list[str]] = {
     "passes/awq.py": ["test_verify.py", "test_edge_forms.py", "test_awq.py", "test_bias_models.py", "test_before_expected.py"],
     "passes/integer_swiglu.py": ["test_integer_swiglu.py", "test_integer_tiny.py", "test_integer_check.py",
                                  "test_before_expected.py"],
-    "passes/integer_norms.py": ["test_integer_tiny.py", "test_integer_check.py"],
+    "passes/integer_norms.py": ["test_integer_tiny.py", "test_integer_check.py", "test_edge_forms.py"],
     "passes/integer_attention.py": ["test_integer_tiny.py", "test_integer_check.py"],
     "compiler/quant/channel_scales.py": ["test_smooth_reference.py", "test_bias_models.py", "test_awq.py",
                                          "test_smooth.py", "test_migrate_steps_reference.py"],
