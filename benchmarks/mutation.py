@@ -84,7 +84,7 @@ COVER: dict[str, list[str]] = {
     "compiler/quant/parallel.py": ["test_quantize_weights.py", "test_ray.py"],  # test_ray: slow, needs Ray
     "compiler/quant/mod.py": ["test_mod.py"],
     "compiler/quant/mod_graph.py": ["test_mod.py", "test_lowbit_registry.py"],
-    "compiler/quant/stats.py": ["test_calibration.py", "test_stats_padding.py", "test_smooth_reference.py",
+    "compiler/quant/stats.py": ["test_edge_forms.py", "test_calibration.py", "test_stats_padding.py", "test_smooth_reference.py",
                                 "test_migrate_steps_reference.py", "test_quantize.py"],
 }
 

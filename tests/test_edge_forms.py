@@ -68,3 +68,32 @@ def test_an_integer_norm_whose_output_leaves_the_integer_region():
     want = make_session(qdq, optimize=False).run(None, probe)
     h1 = [o.name for o in integer.graph.outputs].index("h1")
     assert rel_err(got[h1], want[h1]) < 0.05 and rel_err(got[0], want[0]) < 0.12  # measured 0.029, 0.064
+
+
+def test_statistics_rescaled_by_smoothing_equal_a_fresh_calibration():
+    """smooth folds 1/s into the producer and rescales the stored statistics instead of re-running the
+    model (w8a8: quantize reads them right after): per channel min, max and XᵀX must be what a fresh
+    calibration of the smoothed model measures (x → x/s with s > 0 maps min to min/s)."""
+    import onnx_ir as ir
+
+    from lowbit.ir.analysis import find_groups
+    from lowbit.quant.stats import act_stats
+
+    feeds = [tokens(128, batch=1, seq=16, seed=i) for i in range(3)]
+    ctx = CompileContext(calibration=feeds, show_progress=False)
+    smoothed = PassManager.from_pipeline("calibrate{hessian=true},smooth{alpha=0.5}", ctx).run(
+        random_llama(dim=64, hidden=96, layers=1, heads=4, kv=2, vocab=128))
+    fresh = PassManager.from_pipeline("calibrate{hessian=true}", CompileContext(calibration=feeds, show_progress=False)
+                                      ).run(ir.serde.deserialize_model(ir.serde.serialize_model(smoothed)))
+    by_name = {g.activation.name: g.activation for g in find_groups(fresh.graph)}
+    checked = 0
+    for g in find_groups(smoothed.graph):
+        kept, new = act_stats(g.activation), act_stats(by_name[g.activation.name])
+        if kept is None or g.kind == "none":
+            continue
+        assert np.any(kept.cmin < 0) and np.any(kept.cmax > 0)
+        np.testing.assert_allclose(kept.cmin, new.cmin, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(kept.cmax, new.cmax, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(kept.xtx, new.xtx, rtol=1e-3, atol=1e-6 * np.abs(new.xtx).max())
+        checked += 1
+    assert checked >= 3
