@@ -75,7 +75,7 @@ COVER: dict[str, list[str]] = {
     "passes/awq.py": ["test_verify.py", "test_edge_forms.py", "test_awq.py", "test_bias_models.py", "test_before_expected.py"],
     "passes/integer_swiglu.py": ["test_integer_swiglu.py", "test_integer_tiny.py", "test_integer_check.py",
                                  "test_before_expected.py"],
-    "passes/integer_norms.py": ["test_integer_tiny.py", "test_integer_check.py"],
+    "passes/integer_norms.py": ["test_integer_tiny.py", "test_integer_check.py", "test_edge_forms.py"],
     "passes/integer_attention.py": ["test_integer_tiny.py", "test_integer_check.py"],
     "compiler/quant/channel_scales.py": ["test_smooth_reference.py", "test_bias_models.py", "test_awq.py",
                                          "test_smooth.py", "test_migrate_steps_reference.py"],
@@ -84,7 +84,7 @@ COVER: dict[str, list[str]] = {
     "compiler/quant/parallel.py": ["test_quantize_weights.py", "test_ray.py"],  # test_ray: slow, needs Ray
     "compiler/quant/mod.py": ["test_mod.py"],
     "compiler/quant/mod_graph.py": ["test_mod.py", "test_lowbit_registry.py"],
-    "compiler/quant/stats.py": ["test_calibration.py", "test_stats_padding.py", "test_smooth_reference.py",
+    "compiler/quant/stats.py": ["test_edge_forms.py", "test_calibration.py", "test_stats_padding.py", "test_smooth_reference.py",
                                 "test_migrate_steps_reference.py", "test_quantize.py"],
 }
 
