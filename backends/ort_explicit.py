@@ -73,8 +73,12 @@ def explicit_integer_linear(graph: ir.Graph, node: ir.Node, origin: str) -> bool
     replace_value(graph, out, mul.outputs[0])
     dq_nodes = [v.producer() for v in node.inputs]
     graph.remove(node, safe=True)
-    for dq in dq_nodes:  # the DequantizeLinears feed nothing else now
+    for dq in dq_nodes:  # the DequantizeLinears feed nothing else now, nor do their scales
         if dq is not None and not any(list(o.uses()) for o in dq.outputs) and dq.outputs[0] not in graph.outputs:
+            consts = [v for v in dq.inputs[1:] if v is not None and v.is_initializer()]
             graph.remove(dq, safe=True)
+            for v in consts:
+                if not list(v.uses()) and v not in graph.outputs and v.name in graph.initializers:
+                    del graph.initializers[v.name]
     logger.debug("%s: static QDQ MatMul written as MatMulInteger", node.name)
     return True
