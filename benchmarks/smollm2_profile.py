@@ -16,6 +16,7 @@ import cProfile
 import dataclasses
 import io
 import pstats
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,9 +53,12 @@ def main() -> None:
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
-    res = lowbit.compile(src, args.recipe, calibration=str(calib), tokenizer=str(gguf), output=tmp / "out.onnx",
-                         calibration_samples=None, progress=False)
-    prof.disable()
+    try:
+        res = lowbit.compile(src, args.recipe, calibration=str(calib), tokenizer=str(gguf), output=tmp / "out.onnx",
+                             calibration_samples=None, progress=False)
+    finally:
+        prof.disable()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{args.recipe}, SmolLM2 first {args.layers} layers: compile {time.perf_counter() - t:.1f} s wall")
     for name, sec, _ in (res.timing.rows if res.timing else []):
         print(f"  pass {name:60s} {sec:8.1f} s")

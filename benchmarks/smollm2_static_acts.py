@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -131,6 +132,7 @@ def main() -> None:
         return [s.run(["logits"], {s.get_inputs()[0].name: w[None, :-1]})[0][0] for w in wins]
 
     ref = logits(ort.InferenceSession(str(fp32), so, providers=["CPUExecutionProvider"]))
+    shutil.rmtree(fp32.parent, ignore_errors=True)  # the graph lives on in ``proto``
 
     def score(out):
         nll = -np.mean([np.take_along_axis(log_softmax(o), w[1:, None], axis=-1).mean() for o, w in zip(out, wins)])
