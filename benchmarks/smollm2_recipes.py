@@ -41,9 +41,18 @@ VARIANTS = {
     "w4a16-gptq-g128": ("w4a16-gptq", "bits=4,group=32,", "bits=4,group=128,"),
 }
 
+# rows that are a pipeline of their own: static w8a8 with the down-projections' inputs per token (their
+# attention-sink activations break a per-tensor step; see SMOLLM2_RESULTS.md and smollm2_static_acts.py)
+PIPELINES = {
+    "w8a8-split": "calibrate{rows=512},smooth{search=true},quantize{weights=8,acts=8,mode=static,exclude=down_proj},"
+                  "quantize{weights=8,acts=8,mode=dynamic},lower-ort",
+}
+
 
 def pipeline_of(row: str) -> str:
     """The recipe name or pipeline string lowbit.compile gets for a lowbit row."""
+    if row in PIPELINES:
+        return PIPELINES[row]
     if row not in VARIANTS:
         return row
     from lowbit.passmanager.recipes import RECIPES

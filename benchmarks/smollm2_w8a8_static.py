@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -205,6 +206,7 @@ def main() -> None:
         return [sess.run(["logits"], {sess.get_inputs()[0].name: w[None, :-1]})[0][0] for w in wins]
 
     ref = run_logits(session(fp32), tune)
+    shutil.rmtree(tmp, ignore_errors=True)  # the FP32 file is only needed for the reference logits
 
     def score(sess, out=None) -> dict:
         out = run_logits(sess, tune) if out is None else out
