@@ -347,6 +347,8 @@ def main(argv=None) -> int:
                     help="lowbit rows as BITS:GROUP (group 0: per channel); default %(default)s")
     ap.add_argument("--tokens", type=int, default=32, help="timed tokens per row, split over the rounds")
     ap.add_argument("--rounds", type=int, default=4, help="rows take turns this many times (median reported)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="run each row's rounds before building the next (one model in memory: < 2 GB)")
     ap.add_argument("--llama-bin", type=Path, default=None, help="folder with llama-bench and llama-quantize")
     ap.add_argument("--gguf-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-gguf")
     ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES)
@@ -365,35 +367,50 @@ def main(argv=None) -> int:
     for th in args.threads:
         cpu.set_threads(th)
         bw = cpu.stream_read(1 << 30, 5, th)
-        runners = [(f"lowbit {b}-bit g{g or 'K'}", LowbitRow(b, g)) for b, g in
-                   (map(int, fmt.split(":")) for fmt in args.formats)]
+        makers = [(f"lowbit {b}-bit g{g or 'K'}", lambda b=b, g=g: LowbitRow(b, g)) for b, g in
+                  (map(int, fmt.split(":")) for fmt in args.formats)]
         if args.llama_bin is not None:
-            runners += [(f"llama.cpp {qt}", LlamaRow(args.llama_bin, args.gguf_dir, qt, th)) for qt in args.llama_types]
+            makers += [(f"llama.cpp {qt}", lambda qt=qt: LlamaRow(args.llama_bin, args.gguf_dir, qt, th))
+                       for qt in args.llama_types]
         if not args.no_ort:
-            runners += [(f"ORT MatMulNBits 4b acc{acc} (lin.)", OrtRow(th, acc)) for acc in args.ort_levels]
-        # rounds: every row runs tokens/rounds tokens in turn, so slow phases of a shared machine hit all rows alike
+            makers += [(f"ORT MatMulNBits 4b acc{acc} (lin.)", lambda acc=acc: OrtRow(th, acc)) for acc in args.ort_levels]
         per = max(args.tokens // args.rounds, 1)
-        times: dict[str, list[float]] = {name: [] for name, _ in runners}
+        times: dict[str, list[float]] = {name: [] for name, _ in makers}
+        extras: dict[str, dict] = {}
         failed: dict[str, str] = {}
-        for _ in range(args.rounds):
+
+        def rounds(runners, n):
+            for _ in range(n):
+                for name, row in runners:
+                    if name in failed:
+                        continue
+                    try:
+                        times[name].append(row.run(per))
+                    except (subprocess.CalledProcessError, KeyError, ValueError) as exc:
+                        failed[name] = str(exc)
             for name, row in runners:
-                if name in failed:
-                    continue
-                try:
-                    times[name].append(row.run(per))
-                except (subprocess.CalledProcessError, KeyError, ValueError) as exc:
-                    failed[name] = str(exc)
+                if name not in failed:
+                    extras[name] = {**row.extra(args.tokens), "ort": isinstance(row, OrtRow)}
+
+        if args.sequential:  # one row's weights in memory at a time
+            for name, make in makers:
+                rounds([(name, make())], args.rounds)
+                _DECODERS.clear()
+        else:  # rounds: every row runs tokens/rounds tokens in turn, so a shared machine's slow phases hit all alike
+            rounds([(name, make()) for name, make in makers], args.rounds)
+            _DECODERS.clear()
         bw = max(bw, cpu.stream_read(1 << 30, 5, th))  # best of the probes before and after the rounds
         print(f"\n## {th} threads: read bandwidth {bw / 1e9:.1f} GB/s (C sum over 1 GiB on the kernels' threads, "
-              f"best of before/after); ms/token = median of {args.rounds} rounds of {per} tokens (min-max)")
+              f"best of before/after); ms/token = median of {args.rounds} rounds of {per} tokens (min-max), "
+              + ("rows one after another" if args.sequential else "rows taking turns each round"))
         print(f"| {'row':34} | bits/w | ms/token | min-max | % floor | linears ms | % floor |")
         print("|---|---|---|---|---|---|---|")
-        for name, row in runners:
+        for name, _ in makers:
             if name in failed:
                 print(f"| {name}: failed ({failed[name]}) |")
                 continue
-            r = {"ms": float(np.median(times[name])), "rounds_ms": times[name], **row.extra(args.tokens)}
-            if isinstance(row, OrtRow):
+            r = {"ms": float(np.median(times[name])), "rounds_ms": times[name], **extras[name]}
+            if r.pop("ort"):
                 r["linears_ms"] = r["ms"]
             floor = r["bytes"] / bw * 1e3
             bpw = r["bytes"] * 8 / _linear_params()
@@ -406,8 +423,6 @@ def main(argv=None) -> int:
                          "floor_ms": floor})
         for line in bars([r for r in rows if r["threads"] == th]):
             print(line)
-        runners.clear()
-        _DECODERS.clear()  # free this thread count's weights
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
