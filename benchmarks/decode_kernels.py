@@ -8,12 +8,15 @@ Shape: dim 2048, FFN 5632, 22 layers, 32/4 heads, vocab 32000; batch 1, a KV cac
   runs lowbit's C kernel (``backends/kernels``, weights repacked at compile time, activations int8 per
   group); RMSNorm, RoPE + attention over the cache and SwiGLU run in ``lowbit_decode.c`` (one thread),
   called through ctypes.  ``linears`` is the time of the kernel calls alone (the same calls, no glue).
-* ``llama.cpp <type>``: ``llama-bench -p 0 -n <tokens> -d 16`` on a random-weight GGUF written with
+* ``llama.cpp <type>``: ``llama-bench -p 0 -n <tokens/rounds> -d 16 -r 1`` on a random-weight GGUF written with
   the ``gguf`` package and quantized with ``llama-quantize`` (``--llama-bin``; skipped without it).
 * ``ORT MatMulNBits 4-bit``: the same chain of linears as one ONNX graph of MatMulNBits nodes
   (linears only; accuracy levels 0 and 4).
 
-Floor = weight bytes read per token ÷ read bandwidth of a C/OpenMP sum over 1 GiB (same threads).
+Rows take turns: each of ``--rounds`` rounds runs every row for tokens/rounds tokens, and a row's
+ms/token is the median over rounds (min-max printed), so the slow phases of a shared machine fall on
+every row alike.  Floor = weight bytes read per token ÷ read bandwidth of a C sum over 1 GiB on the
+kernels' threads and work pool (same threads; best of a probe before and one after the rounds).
 Random weights: for speed only, never quality.  Example::
 
     python benchmarks/decode_kernels.py --threads 2 --llama-bin /path/to/llama.cpp/build/bin
@@ -139,22 +142,32 @@ def _embedding() -> np.ndarray:
     return _EMBED[0]
 
 
-def time_lowbit(bits: int, group: int, tokens: int) -> dict:
-    dec = _DECODERS.get((bits, group)) or _DECODERS.setdefault((bits, group), Decoder(bits, group))
-    tok = 1
-    for pos in range(CTX):  # fill the cache (again: random keys/values past it), warm up
-        tok = dec.step(tok, pos)
-    t = time.perf_counter()
-    for pos in range(CTX, CTX + tokens):
-        tok = dec.step(tok, pos)
-    step = (time.perf_counter() - t) / tokens
-    best = float("inf")
-    for _ in range(3):
+class LowbitRow:
+    """Decode steps of one lowbit format; the cache is filled (and the code warmed) once."""
+
+    def __init__(self, bits: int, group: int):
+        self.dec = _DECODERS.get((bits, group)) or _DECODERS.setdefault((bits, group), Decoder(bits, group))
+        self.tok, self.pos = 1, 0
+        for self.pos in range(CTX):  # fill the cache (again: random keys/values past it), warm up
+            self.tok = self.dec.step(self.tok, self.pos)
+        self.pos = CTX
+
+    def run(self, tokens: int) -> float:
+        """ms per token over the next ``tokens`` decode steps (positions keep growing)."""
         t = time.perf_counter()
-        for _ in range(max(tokens // 4, 4)):
-            dec.linears_only()
-        best = min(best, (time.perf_counter() - t) / max(tokens // 4, 4))
-    return {"ms": step * 1e3, "linears_ms": best * 1e3, "bytes": dec.weight_bytes, "params": _linear_params()}
+        for _ in range(tokens):
+            self.tok = self.dec.step(self.tok, self.pos)
+            self.pos += 1
+        return (time.perf_counter() - t) / tokens * 1e3
+
+    def extra(self, tokens: int) -> dict:
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(max(tokens // 4, 4)):
+                self.dec.linears_only()
+            best = min(best, (time.perf_counter() - t) / max(tokens // 4, 4))
+        return {"linears_ms": best * 1e3, "bytes": self.dec.weight_bytes}
 
 
 def _linear_params() -> int:
@@ -162,7 +175,26 @@ def _linear_params() -> int:
 
 
 # ---------------------------------------------------------------- ORT MatMulNBits (linears only)
-def time_ort(threads: int, tokens: int, accuracy_level: int, block: int = 128) -> dict:
+class OrtRow:
+    """The chain of MatMulNBits linears as one ORT session (built once)."""
+
+    def __init__(self, threads: int, accuracy_level: int, block: int = 128):
+        self.sess, self.nbytes = _ort_session(threads, accuracy_level, block)
+        self.feed = {"x": np.random.default_rng(1).standard_normal((1, DIM)).astype(np.float32)}
+        for _ in range(3):
+            self.sess.run(None, self.feed)
+
+    def run(self, tokens: int) -> float:
+        t = time.perf_counter()
+        for _ in range(tokens):
+            self.sess.run(None, self.feed)
+        return (time.perf_counter() - t) / tokens * 1e3
+
+    def extra(self, tokens: int) -> dict:
+        return {"bytes": self.nbytes}
+
+
+def _ort_session(threads: int, accuracy_level: int, block: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -205,13 +237,7 @@ def time_ort(threads: int, tokens: int, accuracy_level: int, block: int = 128) -
 
         save_model(model, path, save_as_external_data=True, location="m.data")
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feed = {"x": np.random.default_rng(1).standard_normal((1, DIM)).astype(np.float32)}
-    for _ in range(3):
-        sess.run(None, feed)
-    t = time.perf_counter()
-    for _ in range(tokens):
-        sess.run(None, feed)
-    return {"ms": (time.perf_counter() - t) / tokens * 1e3, "bytes": nbytes}
+    return sess, nbytes
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -274,12 +300,20 @@ def prepare_gguf(bin_dir: Path, gguf_dir: Path, qtype: str) -> Path:
     return q
 
 
-def time_llama(bin_dir: Path, gguf_dir: Path, qtype: str, threads: int, tokens: int) -> dict:
-    q = prepare_gguf(bin_dir, gguf_dir, qtype)
-    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(q), "-p", "0", "-n", str(tokens), "-d", str(CTX),
-                          "-t", str(threads), "-r", "3", "-o", "json"], check=True, capture_output=True, text=True)
-    res = json.loads(out.stdout)[0]
-    return {"ms": 1e3 / float(res["avg_ts"]), "bytes": gguf_weight_bytes(q)}
+class LlamaRow:
+    """``llama-bench -p 0 -n TOKENS -d 16 -r 1`` on the quantized random-weight GGUF, once per round."""
+
+    def __init__(self, bin_dir: Path, gguf_dir: Path, qtype: str, threads: int):
+        self.bin, self.q, self.threads = bin_dir, prepare_gguf(bin_dir, gguf_dir, qtype), threads
+
+    def run(self, tokens: int) -> float:
+        out = subprocess.run([str(self.bin / "llama-bench"), "-m", str(self.q), "-p", "0", "-n", str(tokens), "-d",
+                              str(CTX), "-t", str(self.threads), "-r", "1", "-o", "json"], check=True,
+                             capture_output=True, text=True)
+        return 1e3 / float(json.loads(out.stdout)[0]["avg_ts"])
+
+    def extra(self, tokens: int) -> dict:
+        return {"bytes": gguf_weight_bytes(self.q)}
 
 
 def bars(rows: list[dict]) -> list[str]:
@@ -311,7 +345,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--formats", nargs="*", default=[f"{b}:{g}" for b, g in FORMATS],
                     help="lowbit rows as BITS:GROUP (group 0: per channel); default %(default)s")
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32, help="timed tokens per row, split over the rounds")
+    ap.add_argument("--rounds", type=int, default=4, help="rows take turns this many times (median reported)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="run each row's rounds before building the next (one model in memory: < 2 GB)")
     ap.add_argument("--llama-bin", type=Path, default=None, help="folder with llama-bench and llama-quantize")
     ap.add_argument("--gguf-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-gguf")
     ap.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES)
@@ -330,34 +367,60 @@ def main(argv=None) -> int:
     for th in args.threads:
         cpu.set_threads(th)
         bw = cpu.stream_read(1 << 30, 5, th)
-        print(f"\n## {th} threads: read bandwidth {bw / 1e9:.1f} GB/s (C/OpenMP sum over 1 GiB)")
-        print(f"| {'row':26} | bits/w | ms/token | % floor | linears ms | % floor |")
-        print("|---|---|---|---|---|---|")
+        makers = [(f"lowbit {b}-bit g{g or 'K'}", lambda b=b, g=g: LowbitRow(b, g)) for b, g in
+                  (map(int, fmt.split(":")) for fmt in args.formats)]
+        if args.llama_bin is not None:
+            makers += [(f"llama.cpp {qt}", lambda qt=qt: LlamaRow(args.llama_bin, args.gguf_dir, qt, th))
+                       for qt in args.llama_types]
+        if not args.no_ort:
+            makers += [(f"ORT MatMulNBits 4b acc{acc} (lin.)", lambda acc=acc: OrtRow(th, acc)) for acc in args.ort_levels]
+        per = max(args.tokens // args.rounds, 1)
+        times: dict[str, list[float]] = {name: [] for name, _ in makers}
+        extras: dict[str, dict] = {}
+        failed: dict[str, str] = {}
 
-        def emit(name, r):
+        def rounds(runners, n):
+            for _ in range(n):
+                for name, row in runners:
+                    if name in failed:
+                        continue
+                    try:
+                        times[name].append(row.run(per))
+                    except (subprocess.CalledProcessError, KeyError, ValueError) as exc:
+                        failed[name] = str(exc)
+            for name, row in runners:
+                if name not in failed:
+                    extras[name] = {**row.extra(args.tokens), "ort": isinstance(row, OrtRow)}
+
+        if args.sequential:  # one row's weights in memory at a time
+            for name, make in makers:
+                rounds([(name, make())], args.rounds)
+                _DECODERS.clear()
+        else:  # rounds: every row runs tokens/rounds tokens in turn, so a shared machine's slow phases hit all alike
+            rounds([(name, make()) for name, make in makers], args.rounds)
+            _DECODERS.clear()
+        bw = max(bw, cpu.stream_read(1 << 30, 5, th))  # best of the probes before and after the rounds
+        print(f"\n## {th} threads: read bandwidth {bw / 1e9:.1f} GB/s (C sum over 1 GiB on the kernels' threads, "
+              f"best of before/after); ms/token = median of {args.rounds} rounds of {per} tokens (min-max), "
+              + ("rows one after another" if args.sequential else "rows taking turns each round"))
+        print(f"| {'row':34} | bits/w | ms/token | min-max | % floor | linears ms | % floor |")
+        print("|---|---|---|---|---|---|---|")
+        for name, _ in makers:
+            if name in failed:
+                print(f"| {name}: failed ({failed[name]}) |")
+                continue
+            r = {"ms": float(np.median(times[name])), "rounds_ms": times[name], **extras[name]}
+            if r.pop("ort"):
+                r["linears_ms"] = r["ms"]
             floor = r["bytes"] / bw * 1e3
             bpw = r["bytes"] * 8 / _linear_params()
             lin = r.get("linears_ms")
             extra = f"{lin:10.2f} | {floor / lin * 100:6.0f} %" if lin else f"{'—':>10} | {'—':>8}"
-            print(f"| {name:26} | {bpw:6.2f} | {r['ms']:8.2f} | {floor / r['ms'] * 100:6.0f} % | {extra} |",
+            spread = f"{min(times[name]):.0f}-{max(times[name]):.0f}"
+            print(f"| {name:34} | {bpw:6.2f} | {r['ms']:8.2f} | {spread:>9} | {floor / r['ms'] * 100:6.0f} % | {extra} |",
                   flush=True)
             rows.append({"threads": th, "row": name, "bandwidth_GBps": bw / 1e9, **r, "bits_per_weight": bpw,
                          "floor_ms": floor})
-
-        for fmt in args.formats:
-            bits, group = map(int, fmt.split(":"))
-            emit(f"lowbit {bits}-bit g{group or 'K'}", time_lowbit(bits, group, args.tokens))
-        if args.llama_bin is not None:
-            for qt in args.llama_types:
-                try:
-                    emit(f"llama.cpp {qt}", time_llama(args.llama_bin, args.gguf_dir, qt, th, args.tokens))
-                except (subprocess.CalledProcessError, KeyError, ValueError) as exc:
-                    print(f"| llama.cpp {qt}: failed ({exc}) |")
-        if not args.no_ort:
-            for acc in args.ort_levels:
-                r = time_ort(th, args.tokens, acc)
-                r["linears_ms"] = r["ms"]
-                emit(f"ORT MatMulNBits 4b acc{acc} (lin.)", r)
         for line in bars([r for r in rows if r["threads"] == th]):
             print(line)
     if args.json:

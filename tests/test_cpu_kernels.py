@@ -213,3 +213,10 @@ def test_work_pool_threads_and_concurrent_callers():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_stream_read_sums_every_word_once():
+    """The bandwidth probe's chunks (work pool) cover the buffer exactly: its sum is the numpy sum."""
+    a = np.random.default_rng(0).integers(0, 1 << 40, 3 * (1 << 14) + 5, dtype=np.uint64)  # a partial chunk
+    cpu.set_threads(2)
+    assert cpu.library().lowbit_stream_read(a.ctypes.data, a.size, 3) == 3 * int(a.sum(dtype=np.uint64))

@@ -104,7 +104,8 @@ def set_isa(name: str) -> str:
 
 
 def set_threads(n: int) -> None:
-    """OpenMP threads per kernel call (0: OpenMP's default)."""
+    """Threads per kernel call, the caller included (work pool, ``lowbit_pool.c``; 0: OpenMP's default count,
+    i.e. OMP_NUM_THREADS or the cores)."""
     library().lowbit_set_threads(int(n))
 
 
@@ -167,7 +168,7 @@ class CpuLinear:
 
 
 def stream_read(nbytes: int = 1 << 30, reps: int = 5, threads: int = 0) -> float:
-    """Read bandwidth in bytes/s (best of ``reps`` passes summing ``nbytes`` of uint64 with OpenMP)."""
+    """Read bandwidth in bytes/s (best of ``reps`` passes summing ``nbytes`` of uint64 on the kernels' work pool)."""
     import time
 
     lib = library()

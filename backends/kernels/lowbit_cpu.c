@@ -20,6 +20,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -494,8 +495,6 @@ int lowbit_linear(int bits, int M, int K, int Kp, int N, int G, const float *x, 
     return rc;
 }
 
-/* Read bandwidth probe: sum of n uint64 words over `reps` passes, each thread summing one contiguous
- * chunk with vector loads (the memory floor's denominator). */
 __attribute__((target("avx512f"))) static uint64_t sum512(const uint64_t *p, size_t n) {
     __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
     size_t i = 0;
@@ -532,26 +531,27 @@ static uint64_t sum_generic(const uint64_t *p, size_t n) {
     return s;
 }
 
+struct sum_args {
+    const uint64_t *p;
+    size_t n, chunk;
+    int isa;
+    _Atomic uint64_t total;
+};
+
+static void sum_chunk(void *arg, int c) {
+    struct sum_args *a = (struct sum_args *)arg;
+    size_t lo = a->chunk * (size_t)c, hi = lo + a->chunk < a->n ? lo + a->chunk : a->n;
+    uint64_t s = a->isa == ISA_AVX512VNNI ? sum512(a->p + lo, hi - lo)
+                 : a->isa == ISA_AVX2     ? sum256(a->p + lo, hi - lo)
+                                          : sum_generic(a->p + lo, hi - lo);
+    atomic_fetch_add(&a->total, s);
+}
+
+/* Read bandwidth probe: sum of n uint64 words over `reps` passes, on the kernels' threads and work pool
+ * (chunks of 128 KiB claimed dynamically, as the linears' tiles are): the memory floor's denominator. */
 uint64_t lowbit_stream_read(const uint64_t *p, size_t n, int reps) {
-    uint64_t total = 0;
-    int isa = lowbit_isa();
-    for (int r = 0; r < reps; r++) {
-#pragma omp parallel num_threads(nthreads())
-        {
-            int t = 0, T = 1;
-#ifdef _OPENMP
-            t = omp_get_thread_num();
-            T = omp_get_num_threads();
-#endif
-            size_t chunk = (n + T - 1) / T, lo = chunk * t, hi = lo + chunk < n ? lo + chunk : n;
-            uint64_t s = 0;
-            if (lo < hi)
-                s = isa == ISA_AVX512VNNI ? sum512(p + lo, hi - lo)
-                    : isa == ISA_AVX2     ? sum256(p + lo, hi - lo)
-                                          : sum_generic(p + lo, hi - lo);
-#pragma omp atomic
-            total += s;
-        }
-    }
-    return total;
+    struct sum_args a = {p, n, (CHUNK_BYTES) / 8, lowbit_isa(), 0};
+    int chunks = (int)((n + a.chunk - 1) / a.chunk);
+    for (int r = 0; r < reps; r++) lowbit_pool_run(sum_chunk, &a, chunks, nthreads());
+    return atomic_load(&a.total);
 }
