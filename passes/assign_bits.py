@@ -42,7 +42,8 @@ from typing import Literal
 import numpy as np
 
 from lowbit.ir.analysis import find_linears
-from lowbit.mixed.bitplan import (FORM_BYTES, MOD_FORM_BYTES, LayerPlan, Option, Plan, Unit, function_bytes, graph_overhead,
+from lowbit.mixed.forms import WriteForm
+from lowbit.mixed.bitplan import (FORM_BYTES, LayerPlan, Option, Plan, Unit, function_bytes, graph_overhead,
                                   nominal_width, solve, split_bytes)
 from lowbit.mixed.latency import LatencyTable
 from lowbit.passmanager.manager import BITS_ASSIGNED, HESSIAN, Pass, PassResult, register_pass
@@ -141,13 +142,12 @@ class AssignBits(Pass):
             plan = self._replay(linears, fixed)
         else:
             plan = self._solve(model, linears, fixed)
-        plan.graph_bytes = self._graph + sum(self._form(lp.bits) * (lp.bits < FLOAT_BITS) + 2 * FORM_BYTES * bool(lp.split)
-                                             for lp in plan.layers)
-        if any(3 in (lp.bits, (lp.split or {}).get("bits")) and not self._grid_form(lp.bits)
+        plan.graph_bytes = self._graph + sum(self._write.graph_bytes(lp.bits) * (lp.bits < FLOAT_BITS)
+                                             + 2 * FORM_BYTES * bool(lp.split) for lp in plan.layers)
+        if any(3 in (lp.bits, (lp.split or {}).get("bits")) and not self._write.grid(lp.bits)
                for lp in plan.layers):  # lowbit.MatMul3Bit's body
             plan.graph_bytes += function_bytes("MatMul3Bit", max(model.opset_imports.get("", 21), 21))
-        if any(self._grid_form(lp.bits) for lp in plan.layers):
-            plan.graph_bytes += self._grid_extra({lp.bits for lp in plan.layers})
+        plan.graph_bytes += self._write.once_bytes({lp.bits for lp in plan.layers})
         before = [dict(lin.node.metadata_props) for lin in linears]
         annotate(linears, plan)
         changed = before != [dict(lin.node.metadata_props) for lin in linears]  # a replayed plan may change nothing
@@ -208,14 +208,16 @@ class AssignBits(Pass):
             measured = measured_sensitivity(
                 model, [(lin, b, g) for lin in linears for b, g in choices[lin.name]], feeds, kind=model_kind(model),
                 metric="kl" if o.estimator == "measured-kl" else "nll", cache_dir=o.cache or None,
-                quantizer=self._quantizer, progress=self.ctx.show_progress, ray=o.ray)
+                quantizer=self._write.probe, progress=self.ctx.show_progress, ray=o.ray)
             layer_cost = _monotone(measured, choices)
         units = []
         for lin in linears:
             k, n = lin.shape
             ns = int(round(o.split * n)) if o.split > 0 else 0
             extra = o.budget == "bytes"
-            opts = [Option(b, g, self._bytes(k, n, b, g) + extra * (self._form(b) - FORM_BYTES) * (b < FLOAT_BITS),
+            form = self._write
+            opts = [Option(b, g, form.stored_bytes(k, n, b, g)
+                           + extra * (form.graph_bytes(b) - FORM_BYTES) * (b < FLOAT_BITS),
                            layer_cost[(lin.name, b, g)],
                            table.us(k, n, b) if table else 0.0, k * n * nominal_width(b))
                     for b, g in choices[lin.name]]
@@ -239,50 +241,26 @@ class AssignBits(Pass):
         capacity, resource = {"avg_bits": (o.target * weights_total / 8.0, "bytes"),
                               "nominal_bits": (o.target * weights_total, "nominal"),
                               "bytes": (o.target - fixed - self._graph - FORM_BYTES * len(linears)
-                                        - (function_bytes("MatMul3Bit") if 3 in bits and not self._grid_form(3) else 0)
-                                        - (self._grid_extra(set(bits)) if self._grid_form(2) else 0), "bytes"),
+                                        - (function_bytes("MatMul3Bit") if 3 in bits and not self._write.grid(3) else 0)
+                                        - self._write.once_bytes(bits), "bytes"),
                               "latency": (o.target, "latency")}[o.budget]
         chosen = solve(units, capacity, resource)
         plan = Plan([], budget=o.budget, target=o.target, estimator=o.estimator, fixed_bytes=fixed,
                     model=model_fingerprint(model),
-                    extra={"split": o.split, "groups": o.groups, "bits": o.bits, "quantizer": self._quantizer})
+                    extra={"split": o.split, "groups": o.groups, "bits": o.bits, "quantizer": self._write.probe})
         if o.refine:
             chosen = self._refine(model, linears, units, chosen, choices, capacity, resource, plan)
         for lin, u, opt in zip(linears, units, chosen):
             plan.layers.append(_layer_plan(lin, u, opt, cols, measured))
             if not opt.split:  # the stored bytes (the solver's bytes may hold the form's graph bytes too)
-                plan.layers[-1].bytes = self._bytes(*lin.shape, opt.bits, opt.group)
+                plan.layers[-1].bytes = self._write.stored_bytes(*lin.shape, opt.bits, opt.group)
         if table is not None:
             plan.extra["latency_us"] = round(sum(opt.latency for opt in chosen), 2)
         return plan
 
     @property
-    def _quantizer(self) -> str:
-        """The probes' quantizer (:func:`lowbit.mixed.sensitivity.simulated_array`)."""
-        o = self.options
-        return f"gptq-mod:{o.scale_dtype}" if o.quantizer == "gptq-mod" else o.quantizer
-
-    def _grid_form(self, bits: int) -> bool:
-        """Layers at these bits are written as lowbit.MatMulGrid (gptq-mod at 2/3 bits)."""
-        return self.options.quantizer == "gptq-mod" and bits in (2, 3)
-
-    def _form(self, bits: int) -> int:
-        """Graph bytes one quantized linear of this width adds over its float MatMul."""
-        return MOD_FORM_BYTES[self.options.scale_dtype] if self._grid_form(bits) else FORM_BYTES
-
-    def _grid_extra(self, bits: set) -> int:
-        """What a file with grid-form layers carries once: MatMulGrid's body and the grid table per width."""
-        from lowbit.quant.mod import GRIDS
-
-        return function_bytes("MatMulGrid", 25) + sum(GRIDS[b].size * 4 + 40 for b in (2, 3) if b in bits)
-
-    def _bytes(self, k: int, n: int, bits: int, group: int) -> int:
-        """Stored bytes of one option: the grid form at 2/3 bits with gptq-mod, else the integer forms."""
-        if self.options.quantizer == "gptq-mod" and bits in (2, 3):
-            from lowbit.quant.mod import mod_storage_bytes
-
-            return mod_storage_bytes(k, n, bits, group, scale_dtype=self.options.scale_dtype)
-        return storage_bytes(k, n, bits, group)
+    def _write(self) -> WriteForm:
+        return WriteForm(self.options.quantizer, self.options.scale_dtype)
 
     def _refine(self, model, linears, units, chosen, choices, capacity, resource, plan) -> list[Option]:
         """Re-measure around the plan and re-solve (:mod:`lowbit.mixed.refine`); returns one option per layer."""
@@ -310,7 +288,7 @@ class AssignBits(Pass):
         result = refine(probe, linears, options, starts, capacity, resource, metric, o.refine, cache=cache,
                         progress=self.ctx.show_progress,
                         same_metric={"measured": "nll", "measured-kl": "kl"}.get(o.estimator) == metric,
-                        quantizer=self._quantizer)
+                        quantizer=self._write.probe)
         plan.extra["refine"] = {"metric": metric, **result.to_dict()}
         self.stats["refine-steps"] = sum(1 for h in result.history if h.get("accepted"))
         return [next(c for c in u.options if (c.bits, c.group) == result.assignment[u.layer]) for u in units]

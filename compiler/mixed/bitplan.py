@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.mixed.forms import FORM_BYTES  # re-exported: the MatMulNBits form's graph bytes
 from lowbit.quant.rtn import FLOAT_BITS, fake_quant, storage_bytes
 
 __all__ = ["Option", "Unit", "LayerPlan", "Plan", "solve", "nominal_width", "apply_fake_quant", "fake_quant_proto", "plan_bytes",
-           "split_bytes", "graph_overhead", "function_bytes", "FORM_BYTES", "MOD_FORM_BYTES",
+           "split_bytes", "graph_overhead", "function_bytes", "FORM_BYTES",
            "PLAN_VERSION", "ORDER_BYTES"]
 
 PLAN_VERSION = 1
@@ -185,10 +186,6 @@ class Plan:
                 lp.split["bytes"] = split_bytes(k, n, ns, lp.split["bits"], lp.split["group"])
 
 
-FORM_BYTES = 480  # serialized node + tensor headers a quantized linear adds over its float MatMul (MatMulNBits form)
-# the same for the grid form (lowbit.MatMulGrid, quantize-weights{dtype=mod}) by scale storage: float16 and uint8
-# scales add a Cast (and a Mul by the step) node; measured on the test Llama (495, 657 and 954 bytes)
-MOD_FORM_BYTES = {"float32": 500, "float16": 660, "uint8": 960}
 
 
 def graph_overhead(model) -> int:
