@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--eval", default="600-784")
     ap.add_argument("--l2-windows", type=int, default=4)
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--calib-form", choices=("stories", "stream"), default="stories",
+                    help="calibration sequences: each story from its start with BOS (lowbit's default), or the "
+                         "calibration stories' token stream cut into 256-token windows, as the evaluation is")
     args = ap.parse_args()
 
     import lowbit
@@ -84,7 +87,11 @@ def main() -> None:
         ppl_seq, batch = 512, 8
     fm = src if args.smollm2_layers else lowbit.load_model(src)
     name = fm.graph.inputs[0].name
-    calib = causal_lm_feeds(tok, stories[_slice(args.calib)], 256, name)
+    if args.calib_form == "stories":
+        calib = causal_lm_feeds(tok, stories[_slice(args.calib)], 256, name)
+    else:
+        cs = token_stream(tok, stories[_slice(args.calib)])
+        calib = [{name: cs[None, i:i + 256].astype(np.int64)} for i in range(0, len(cs) - 255, 256)]
     stream = token_stream(tok, stories[_slice(args.eval)])
     wins = [stream[i * 256:(i + 1) * 256][None].astype(np.int64) for i in range(args.l2_windows)]
     from lowbit.ir.sessions import to_proto

@@ -25,6 +25,11 @@ per-tensor quantizer, so the search never does worse than it on those rows).  St
 of two: scaling by 2^k is exact in float, so γ/s, β/s, W/s and X/s are computed without
 rounding and the migrated graph's integer tensors equal the unmigrated graph's bit for bit
 (``migrate=false`` builds the latter: same steps, kept in the quantizers).
+
+Headroom (``margin`` m ≥ 1).  Static ranges saturate on text unlike the calibration's: SmolLM2's
+calibration sequences each start with BOS, the evaluation windows start anywhere, and the first
+position's large activations then exceed the calibrated ranges (benchmarks/INTEGER_RESULTS.md).
+``margin`` widens every calibrated range [lo, hi] to [m·lo, m·hi] before the steps are chosen.
 """
 
 from __future__ import annotations
@@ -76,10 +81,13 @@ class MigrateSteps(Pass):
         migrate: bool = True  # false: keep the steps in the quantizers (the unmigrated reference graph)
         ratio: int = 0  # max step ratio ρ (a power of two); 0 = search per group on calibration rows
         clone_norms: bool = True  # clone a norm whose output also feeds non-linears
+        margin: float = 1.0  # calibrated ranges widened by this factor (headroom for text unlike the calibration's)
 
         def __post_init__(self):
             if self.ratio < 0 or (self.ratio and self.ratio & (self.ratio - 1)):
                 raise ValueError(f"migrate-steps: ratio must be 0 (search) or a power of two, got {self.ratio}")
+            if not 1.0 <= self.margin <= 16.0:
+                raise ValueError(f"migrate-steps: margin must be in [1, 16], got {self.margin}")
 
     requires_properties = (CALIBRATED,)
     ensures_properties = (QUANTIZED,)
@@ -91,6 +99,7 @@ class MigrateSteps(Pass):
             self.fail(f"no calibration statistics for '{group.activation.name}'", node=group.consumers[0].node,
                       hint="run 'calibrate' right before 'migrate-steps'")
         lo, hi = np.minimum(st.cmin, 0).astype(np.float64), np.maximum(st.cmax, 0).astype(np.float64)
+        lo, hi = lo * self.options.margin, hi * self.options.margin
         a = np.maximum((hi - lo) / 255.0, 1e-30)
         if group.kind == "linear":  # GQA: channels of one V channel share a step
             n = group.producer_linear.shape[1]

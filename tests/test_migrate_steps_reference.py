@@ -171,3 +171,22 @@ def test_v_to_o_steps_do_not_saturate_and_are_shared_per_kv_channel():
     per_head = s.reshape(CFG.n_kv_heads, CFG.n_heads // CFG.n_kv_heads, hd)
     np.testing.assert_array_equal(per_head, np.broadcast_to(per_head[:, :1], per_head.shape))
     assert np.unique(s).size > 1, "the case must have per-channel steps"
+
+
+@pytest.mark.parametrize("margin", [1.5, 3.0])
+def test_margin_leaves_headroom_beyond_the_calibrated_range(case, margin):
+    """``margin=m``: the quantizer covers the calibrated data scaled by m without saturating (text that
+    exceeds the calibration's range by up to m), and its steps follow the balancing rule on m·range."""
+    _, _, h, _ = case
+    model, _ = _compile(case, f"calibrate{{rows=4096}},migrate-steps{{migrate=false,ratio=4,margin={margin}}}")
+    ql = next(n for n in model.graph if n.op_type == "QuantizeLinear")
+    s, z = const_array(ql.inputs[1]).astype(np.float64), const_array(ql.inputs[2]).astype(np.float64)
+    _assert_no_saturation(margin * h, s, z)
+    lo, hi = np.minimum(h.min(0), 0), np.maximum(h.max(0), 0)
+    a = margin * (hi - lo) / 255
+    assert np.all(s >= a * (1 - 1e-9)) and np.all(s < 2 * np.maximum(a, a.max() / 4) * (1 + 1e-9))
+    plain, _ = _compile(case, "calibrate{rows=4096},migrate-steps{migrate=false,ratio=4}")
+    ql1 = next(n for n in plain.graph if n.op_type == "QuantizeLinear")
+    with pytest.raises(AssertionError, match="saturates"):  # without the margin the scaled data clips
+        _assert_no_saturation(margin * h, const_array(ql1.inputs[1]).astype(np.float64),
+                              const_array(ql1.inputs[2]).astype(np.float64))
