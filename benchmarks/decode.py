@@ -80,7 +80,7 @@ def bigmem(lock: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _session(path: Path, threads: int, no_spin: bool, profile: str | None = None):
+def _session(path: Path, threads: int, no_spin: bool, profile: str | None = None, no_prepack: bool = False):
     import onnxruntime as ort
 
     from lowbit.ir.sessions import session_options
@@ -88,6 +88,8 @@ def _session(path: Path, threads: int, no_spin: bool, profile: str | None = None
     so = session_options(threads=threads)
     if no_spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if no_prepack:  # weights stay in the memory-mapped data file (page cache), no packed copy
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = profile
@@ -99,10 +101,11 @@ class LowbitRunner:
 
     fresh_extend = False
 
-    def __init__(self, path: Path, threads: int, no_spin: bool = False, profile: str | None = None):
+    def __init__(self, path: Path, threads: int, no_spin: bool = False, profile: str | None = None,
+                 no_prepack: bool = False):
         from lowbit.runtime import KVSession
 
-        self.kv = KVSession(_session(path, threads, no_spin, profile))
+        self.kv = KVSession(_session(path, threads, no_spin, profile, no_prepack))
 
     def reset(self) -> None:
         self.kv.reset()
@@ -144,9 +147,11 @@ def time_runner(r, ids, contexts, prefill: int, steps: int, reps: int = 2) -> di
     return out
 
 
-def profile_split(path: Path, ids, contexts, threads: int, steps: int = 4) -> dict:
-    """Per context: ms per decode step in linear-layer nodes / attention+cache nodes / the rest (ORT's profiler),
-    and the cache's bytes per cached token."""
+def profile_split(path: Path, ids, contexts, threads: int, steps: int = 6) -> dict:
+    """Per context: ms per decode step in linear-layer nodes / attention+cache nodes / the rest (ORT's profiler;
+    each node's fastest of ``steps`` steps, so that a thread descheduled on a shared machine does not count)."""
+    import bisect
+
     prefix = str(path.parent / "prof")
     r = LowbitRunner(path, threads, profile=prefix)
     kinds, n = [], 0
@@ -159,7 +164,6 @@ def profile_split(path: Path, ids, contexts, threads: int, steps: int = 4) -> di
             r.decode(ids[n])
             kinds.append(c)
             n += 1
-    bytes_per_token = r.kv.cache_bytes() / r.kv.length
     trace_path = Path(r.kv.session.end_profiling())
     trace = json.loads(trace_path.read_text())
     trace_path.unlink()
@@ -169,9 +173,7 @@ def profile_split(path: Path, ids, contexts, threads: int, steps: int = 4) -> di
     if len(runs) != len(kinds):
         raise RuntimeError(f"profiler: {len(runs)} runs for {len(kinds)} calls")
     starts = [e["ts"] for e in runs]
-    res = {c: [0.0, 0.0, 0.0] for c in contexts}
-    import bisect
-
+    per_node: dict = {}  # (context, node) -> (kind, [ms per step])
     for e in trace:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
@@ -186,11 +188,19 @@ def profile_split(path: Path, ids, contexts, threads: int, steps: int = 4) -> di
             k = 1
         else:
             k = 2
-        res[c][k] += e["dur"] / 1e3 / steps
-    return {"split": res, "bytes_per_token": bytes_per_token}
+        per_node.setdefault((c, name), (k, []))[1].append(e["dur"] / 1e3)
+    res = {c: [0.0, 0.0, 0.0] for c in contexts}
+    for (c, _), (k, ds) in per_node.items():
+        res[c][k] += min(ds) * len(ds) / steps  # a node run twice per step (none here) counts twice
+    return {"split": res}
 
 
 def lowbit_build(label: str, pipeline, start: Path, out: Path, ids) -> Path:
+    """``pipeline`` on the graph at ``start``, written to ``out``.  A ``quantize-kv`` pipeline adds only small
+    tensors: its graph goes beside ``start`` and shares its weight file (no second copy on disk)."""
+    import onnx
+    import onnx_ir as ir
+
     from lowbit.data.datasets import kv_prefill_feed
     from lowbit.ir.model_io import load_onnx, save_onnx
     from lowbit.passmanager.manager import CompileContext, PassManager
@@ -198,6 +208,11 @@ def lowbit_build(label: str, pipeline, start: Path, out: Path, ids) -> Path:
     model = load_onnx(start)
     calib = [kv_prefill_feed(model, ids[None, :64])]
     model = PassManager.from_pipeline(pipeline, CompileContext(calibration=calib, show_progress=False)).run(model)
+    if pipeline.startswith("quantize-kv"):
+        model.ir_version = 10
+        out = start.parent / f"{out.parent.name}.onnx"
+        onnx.save_model(ir.serde.serialize_model(model), str(out))
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     save_onnx(model, out, external_data=True)
     del model
@@ -242,15 +257,18 @@ def print_tables(rows: dict, profiles: dict, threads: int, contexts, prefill: in
         print(f"{label:34s}{cells}{r['prefill']:10.1f} ({base['prefill'] / r['prefill']:4.2f}x)")
     lo, hi = min(contexts), max(contexts)
     k = 1000 / (hi - lo)
-    print(f"\ngrowth of the decode step from ctx {lo} to {hi}, per 1,000 cached tokens (ms); profiler columns: "
-          "linear layers / attention+cache nodes / rest, and the cache bytes one step reads per 1,000 tokens")
+    print(f"\ngrowth of the decode step from ctx {lo} to {hi}, per 1,000 cached tokens (ms); the cache bytes a step "
+          f"reads per 1,000 tokens and their time at the rate the step reads its weights at ctx {lo} (model bytes "
+          "÷ ms); profiler (fastest of 6 steps per node): growth of linear layers / attention+cache nodes / rest")
     for label, r in rows.items():
         line = f"{label:34s} total {(r[hi] - r[lo]) * k:+8.2f}"
+        if "cache_bytes_per_token" in r:
+            cache = r["cache_bytes_per_token"] * 1000
+            line += f"   cache {cache / 2**20:5.1f} MiB ≈ {cache / (r['model_bytes'] / r[lo]):6.2f} ms"
         p = profiles.get(label)
         if p:
             s = p["split"]
-            line += "   " + " / ".join(f"{(s[hi][i] - s[lo][i]) * k:+7.2f}" for i in range(3))
-            line += f"   {p['bytes_per_token'] * 1000 / 2**20:6.1f} MiB"
+            line += "   profiler " + " / ".join(f"{(s[hi][i] - s[lo][i]) * k:+7.2f}" for i in range(3))
         print(line)
     if profiles:
         print("\nper step (ms): linears / attention+cache / rest, at each context (ORT profiler)")
@@ -282,6 +300,9 @@ def main() -> None:
     ap.add_argument("--llama-py", help="an unpacked llama-cpp-python sdist (where the package is not installed)")
     ap.add_argument("--llama-lib", help="llama.cpp's shared libraries built from that sdist (LLAMA_CPP_LIB_PATH)")
     ap.add_argument("--lock", help="flock this file while a model is built or timed (released between models)")
+    ap.add_argument("--mmap-big", action="store_true",
+                    help="lowbit models over 2 GB run with ORT's prepacking off: weights stay in the memory-mapped "
+                         "data file (page cache, no anonymous copy), so they need no --lock; fp32 MatMul is slower so")
     ap.add_argument("--keep", action="store_true", help="keep every model in --work (default: deleted once timed)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--cpu-time", action="store_true",
@@ -308,11 +329,14 @@ def main() -> None:
 
     def measure(label: str, open_runner, size: int, profile_path: Path | None = None) -> None:
         for threads, contexts in plan:  # the lock only for models over 2 GB (a session holds about 1.2x the file)
-            with bigmem(args.lock if size > 2 << 30 else None):
+            with bigmem(args.lock if size > 2 << 30 and not (args.mmap_big and "lowbit" in label) else None):
                 t0 = time.perf_counter()
                 r = open_runner(threads)
                 load_s = time.perf_counter() - t0
                 rows[threads][label] = time_runner(r, ids, contexts, args.prefill, args.steps, args.reps)
+                if isinstance(r, LowbitRunner):  # the cache's bytes per token and the weights' bytes (file)
+                    rows[threads][label]["cache_bytes_per_token"] = r.kv.cache_bytes() / r.kv.length
+                rows[threads][label]["model_bytes"] = size
                 if hasattr(r, "close"):
                     r.close()
                 del r
@@ -341,16 +365,20 @@ def main() -> None:
         for i, (label, pipeline, *start) in enumerate(variants):
             if pipeline:
                 src = paths[start[0]] if start else base_path
-                path = work / label.replace(" ", "_").replace("+", "") / "model.onnx"
+                slug = label.replace(" ", "_").replace("+", "")
+                path = (src.parent / f"{slug}.onnx" if pipeline.startswith("quantize-kv") else
+                        work / slug / "model.onnx")
                 if not path.exists():  # compiles of the cheap recipes stay under 3 GB: no lock
                     t0 = time.perf_counter()
-                    lowbit_build(label, pipeline, src, path, ids)
+                    path = lowbit_build(label, pipeline, src, work / slug / "model.onnx", ids)
                     print(f"  {label} compiled ({pipeline}) in {time.perf_counter() - t0:.0f} s ({_peak()})",
                           flush=True)
                 paths[label] = path
             idx = str(VARIANTS.index((label, pipeline, *start)))
             profiled = args.profile == "all" or idx in args.profile.split(",")
-            measure(label, lambda t, p=paths[label]: LowbitRunner(p, t, args.cpu_time), _size(paths[label].parent),
+            size = _size(paths[label].parent)
+            measure(label, lambda t, p=paths[label], big=size > 2 << 30: LowbitRunner(
+                p, t, args.cpu_time, no_prepack=big and args.mmap_big), size,
                     paths[label] if args.profile and profiled else None)
             later = order[order.index((label, pipeline, *start)) + 1:]
             for name, p in list(paths.items()):  # delete what no later variant is or starts from

@@ -1,0 +1,88 @@
+"""SmolLM2-135M-Instruct (the real GGUF) through the cache path: ``lowbit eval --ppl --cache`` (token by token)
+equals whole-window perplexity, and a lowbit-compiled ``--format genai`` folder generates text through
+onnxruntime-genai's ``Generator`` and optimum's ``ORTModelForCausalLM.generate()`` — the same greedy tokens as
+lowbit's own generation on the same graph.  Slow (a SmolLM2 compile): CI's ``-m slow`` step runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require_data
+
+from lowbit.api.cli import main as cli
+
+pytestmark = pytest.mark.slow
+GGUF = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "Once upon a time, there was a little girl named"
+OPTIMUM_PY = Path(__file__).resolve().parents[1] / ".venv-optimum" / "bin" / "python"
+
+
+def test_smollm2_cache_path_perplexity_equals_window(tinystories, capsys):
+    common = [str(require_data(GGUF)), "--ppl", str(tinystories), "--stories", "600:601", "--seq-len", "64",
+              "--json"]
+    assert cli(["eval", *common]) == 0
+    window = json.loads(capsys.readouterr().out)
+    assert cli(["eval", *common, "--cache"]) == 0
+    cached = json.loads(capsys.readouterr().out)
+    assert cached["path"] == "cache" and window["path"] == "window"
+    assert cached["tokens"] == window["tokens"] > 64
+    assert abs(cached["nll"] - window["nll"]) <= 1e-5 * window["nll"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_genai(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2-genai") / "model"
+    assert cli(["compile", str(require_data(GGUF)), "--kv-cache", "--recipe", "w8a8-dynamic-nosmooth",
+                "--format", "genai", "-o", str(out), "--json"]) == 0
+    return out
+
+
+def _lowbit_tokens(folder: Path, n: int):
+    from lowbit.runtime import generate
+
+    gen = generate(str(folder / "model.onnx"), PROMPT, tokenizer=str(folder), max_new_tokens=n)
+    list(gen)
+    return gen.prompt_ids, gen.ids, gen.text
+
+
+def test_onnxruntime_genai_generates_smollm2_text(smollm2_genai):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    prompt_ids, ours, our_text = _lowbit_tokens(smollm2_genai, 12)
+    model = og.Model(str(smollm2_genai))
+    tok = og.Tokenizer(model)
+    ids = list(tok.encode(PROMPT))
+    assert ids == prompt_ids
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, np.int32))
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert len(ours) >= 4 and theirs[: len(ours)] == ours
+    text = tok.decode(np.array(theirs, np.int32))
+    assert len(text.split()) >= 3 and text.strip().startswith(our_text.strip())
+
+
+def test_optimum_generates_smollm2_text(smollm2_genai):
+    if not OPTIMUM_PY.exists():
+        pytest.skip("no .venv-optimum (optimum-onnx needs transformers < 4.58; .ci/run creates it)")
+    _, ours, _ = _lowbit_tokens(smollm2_genai, 10)
+    code = ("import json,sys\nfrom optimum.onnxruntime import ORTModelForCausalLM\n"
+            "from transformers import AutoTokenizer\n"
+            "tok=AutoTokenizer.from_pretrained(sys.argv[1]); m=ORTModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "enc=tok(sys.argv[2], return_tensors='pt')\n"
+            "out=m.generate(**enc, max_new_tokens=10, do_sample=False)\n"
+            "new=out[0, enc['input_ids'].shape[1]:]\n"
+            "print(json.dumps({'ids': new.tolist(), 'text': tok.decode(new)}))\n")
+    res = subprocess.run([str(OPTIMUM_PY), "-c", code, str(smollm2_genai), PROMPT], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(ours) >= 4 and theirs["ids"][: len(ours)] == ours
+    assert len(theirs["text"].split()) >= 3
