@@ -157,6 +157,21 @@ def fuse_integer_gemms(model: ir.Model) -> int:
     return fused
 
 
+def _rows(bb, x, C: int):
+    """x as [rows, C] for a kernel: the 2-D tensor itself when x is a reshape of one (a kernel's output
+    reshaped back to the graph's shape), so that no reshape pair is left for TVM to copy."""
+    import tvm
+    from tvm import relax, tirx
+
+    inner = bb.lookup_binding(x) if isinstance(x, relax.Var) else x
+    if isinstance(inner, relax.Call) and inner.op.same_as(tvm.ir.Op.get("relax.reshape")):
+        src = inner.args[0]
+        dims = list(src.ty.shape) if getattr(src.ty, "shape", None) is not None else None
+        if dims is not None and len(dims) == 2 and isinstance(dims[1], tirx.IntImm) and int(dims[1]) == C:
+            return src
+    return bb.normalize(relax.op.reshape(x, (-1, C)))
+
+
 def _cached(cls, bb, key, make):
     if key not in cls._funcs or cls._funcs[key][0] is not bb:
         name = "lowbit_" + "_".join(str(k) for k in key)
@@ -202,7 +217,7 @@ def _int8_matmul_requantize():
             gv = _cached(cls, bb, ("int8_matmul_requantize", "vnni" if vnni else "plain", f"k{K}", f"t{nt}", dt),
                          lambda: int8_matmul_requantize_cpu(K, nt, dt, vnni))
             lead = list(a.ty.shape)[:-1]
-            a2 = bb.normalize(relax.op.reshape(a, (-1, K)))
+            a2 = _rows(bb, a, K)
             y = bb.emit(relax.call_tir(gv, [a2, corr, w, b, c, zp], relax.TensorType((a2.ty.shape[0], nt * TILE), dt)))
             if nt * TILE != N:
                 y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))
@@ -277,18 +292,23 @@ def _lookup():
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from lowbit.ops.integer_ops import QRANGE
+    from lowbit.backends.tvm_integer_kernels import lookup_cpu
 
     class Lookup(OnnxOpConverter):
+        _funcs: dict = {}
+
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             x, table = inputs[:2]
             shape = [int(d) for d in table.ty.shape]
             n = shape[0] if len(shape) == 2 else 1
-            lo = QRANGE[np.dtype(str(x.ty.dtype))][0]
-            base = (np.arange(n, dtype=np.int32) * 256 - lo) if n > 1 else np.asarray(-lo, np.int32)
-            idx = relax.op.add(relax.op.astype(x, "int32"), relax.const(base, "int32"))
-            return relax.op.take(relax.op.reshape(table, (-1,)), idx, axis=0)
+            N, xd, td = int(x.ty.shape[-1]), str(x.ty.dtype), str(table.ty.dtype)
+            gv = _cached(cls, bb, ("lookup", f"n{N}", f"t{n}", xd, td), lambda: lookup_cpu(N, n, xd, td))
+            lead = list(x.ty.shape)[:-1]
+            x2 = _rows(bb, x, N)
+            flat = bb.normalize(relax.op.reshape(table, (n * 256,)))
+            y = bb.emit(relax.call_tir(gv, [x2, flat], relax.TensorType((x2.ty.shape[0], N), td)))
+            return relax.op.reshape(y, (*lead, N))
 
     return Lookup
 
@@ -321,9 +341,9 @@ def _int_norm_converter(fused: bool):
             zx1 = relax.const(_np(zx, "IntNorm x_zero_point").astype(np.int64).reshape(1), "int64")
             zpc = relax.const(np.ascontiguousarray(np.broadcast_to(zpv.reshape(-1) if zpv.size > 1 else zpv, (C,))), od)
             lead = list(x.ty.shape)[:-1]
-            x_ = bb.normalize(relax.op.reshape(x, (-1, C)))
+            x_ = _rows(bb, x, C)
             rows = x_.ty.shape[0]
-            x2_ = relax.const(np.zeros((1, C), xd), xd) if x2 is None else bb.normalize(relax.op.reshape(x2, (-1, C)))
+            x2_ = relax.const(np.zeros((1, C), xd), xd) if x2 is None else _rows(bb, x2, C)
             if rqd is None:
                 rb, rc, rz = (relax.const(np.zeros(C, d), d) for d in ("int64", "int64", od))
             y2d = rqd or od

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["TILE", "int8_matmul_requantize_cpu", "int_softmax_cpu"]
+__all__ = ["TILE", "int8_matmul_requantize_cpu", "int_softmax_cpu", "lookup_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,31 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
                 epilogue(acc, 0, Bm, Cs, Z, O, m, nt)
 
     return int8_matmul_requantize_vnni if vnni else int8_matmul_requantize
+
+
+def lookup_cpu(N: int, n_tables: int, x_dtype: str, t_dtype: str):
+    """PrimFunc (X[R, N] x_dtype, table[n_tables·256] t_dtype) -> Y[R, N] t_dtype: lowbit.Lookup,
+    Y[r, n] = table[256·n + X[r, n] − min(x_dtype)] (one table for every channel when n_tables = 1).
+    Reads the codes directly: no int32 index tensor is formed."""
+    from tvm.script import tirx as T
+
+    lo = {"int8": -128, "uint8": 0}[x_dtype]
+    per_channel = n_tables > 1
+    if per_channel and n_tables != N:
+        raise ValueError(f"lookup_cpu: {n_tables} tables for {N} channels")
+
+    @T.prim_func
+    def lookup(x: T.handle, table: T.handle, y: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})  # opaque: not fused with reshapes
+        R = T.int64()
+        X = T.match_buffer(x, (R, N), x_dtype)
+        Tb = T.match_buffer(table, (n_tables * 256,), t_dtype)
+        Y = T.match_buffer(y, (R, N), t_dtype)
+        for r in T.parallel(R):
+            for n in range(N):
+                Y[r, n] = Tb[T.Cast("int32", X[r, n]) - lo + (T.Cast("int32", n) * 256 if per_channel else 0)]
+
+    return lookup
 
 
 def int_softmax_cpu(L: int, x_dtype: str):

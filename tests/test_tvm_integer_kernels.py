@@ -50,6 +50,22 @@ def test_int8_matmul_requantize_exact(M, K, nt, dt, vnni):
     assert len(np.unique(got)) > 20  # neither saturated nor constant
 
 
+@pytest.mark.parametrize("x_dtype,t_dtype,per_channel", [("uint8", "uint8", True), ("int8", "int16", True),
+                                                         ("int8", "int8", False)])
+def test_lookup_exact(x_dtype, t_dtype, per_channel):
+    """lowbit.Lookup: y[r, n] = table[n][x[r, n] − min(x)] per channel, or one table for all."""
+    from lowbit.backends.tvm_integer_kernels import lookup_cpu
+
+    rng = np.random.default_rng(3)
+    R, N = 5, 40
+    x = rng.integers(*RANGES[x_dtype], (R, N), endpoint=True).astype(x_dtype)
+    tables = rng.integers(*RANGES[t_dtype], (N if per_channel else 1, 256), endpoint=True).astype(t_dtype)
+    got = _run(lookup_cpu(N, tables.shape[0], x_dtype, t_dtype), make_target("llvm"), x, tables.reshape(-1),
+               out=np.zeros((R, N), t_dtype))
+    rows = np.arange(N)[None, :] if per_channel else np.zeros((1, N), int)
+    assert np.array_equal(got, tables[rows, x.astype(np.int64) - RANGES[x_dtype][0]])
+
+
 def _attention_graph(rng, H: int, S: int, D: int, per_channel: bool):
     """q·kᵀ → Requantize → IntSoftmax(mask) → p·v → Transpose → Reshape → Requantize: integer-attention's chain."""
     from onnx import TensorProto, helper, numpy_helper
