@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from generation_peers import genai_tokens, lowbit_tokens
 
 from lowbit.api.cli import main as cli
 
@@ -58,14 +59,6 @@ def genai_out(hf_folder, tmp_path_factory):
     return out
 
 
-def _lowbit_tokens(folder: Path, n: int) -> tuple[list[int], list[int]]:
-    from lowbit.runtime import generate
-
-    gen = generate(str(folder / "model.onnx"), PROMPT, tokenizer=str(folder), max_new_tokens=n)
-    list(gen)
-    return gen.prompt_ids, gen.ids
-
-
 def test_folder_layout_and_refusals(genai_out, hf_folder, tmp_path, capsys):
     names = {p.name for p in genai_out.iterdir()}
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json",
@@ -84,19 +77,9 @@ def test_folder_layout_and_refusals(genai_out, hf_folder, tmp_path, capsys):
 
 def test_onnxruntime_genai_generator_matches_lowbit(genai_out):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    prompt_ids, ours = _lowbit_tokens(genai_out, 12)
-    model = og.Model(str(genai_out))
-    tok = og.Tokenizer(model)
-    ids = list(tok.encode(PROMPT))
+    prompt_ids, ours, _ = lowbit_tokens(genai_out, PROMPT, 12)
+    ids, theirs, _ = genai_tokens(og, genai_out, PROMPT, 12)
     assert ids == prompt_ids
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(ids, np.int32))
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
     assert theirs[: len(ours)] == ours and len(ours) > 0
 
 
@@ -104,7 +87,7 @@ def test_onnxruntime_genai_generator_matches_lowbit(genai_out):
 def test_optimum_generate_matches_lowbit(genai_out):
     if not OPTIMUM_PY.exists():
         pytest.skip("no .venv-optimum (optimum-onnx needs transformers < 4.58; .ci/run creates it)")
-    _, ours = _lowbit_tokens(genai_out, 10)
+    _, ours, _ = lowbit_tokens(genai_out, PROMPT, 10)
     code = ("import json,sys\nfrom optimum.onnxruntime import ORTModelForCausalLM\n"
             "from transformers import AutoTokenizer\n"
             "tok=AutoTokenizer.from_pretrained(sys.argv[1]); m=ORTModelForCausalLM.from_pretrained(sys.argv[1])\n"

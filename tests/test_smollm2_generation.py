@@ -9,9 +9,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import require_data
+from generation_peers import genai_tokens, lowbit_tokens
 
 from lowbit.api.cli import main as cli
 
@@ -41,38 +41,19 @@ def smollm2_genai(tmp_path_factory):
     return out
 
 
-def _lowbit_tokens(folder: Path, n: int):
-    from lowbit.runtime import generate
-
-    gen = generate(str(folder / "model.onnx"), PROMPT, tokenizer=str(folder), max_new_tokens=n)
-    list(gen)
-    return gen.prompt_ids, gen.ids, gen.text
-
-
 def test_onnxruntime_genai_generates_smollm2_text(smollm2_genai):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    prompt_ids, ours, our_text = _lowbit_tokens(smollm2_genai, 12)
-    model = og.Model(str(smollm2_genai))
-    tok = og.Tokenizer(model)
-    ids = list(tok.encode(PROMPT))
+    prompt_ids, ours, our_text = lowbit_tokens(smollm2_genai, PROMPT, 12)
+    ids, theirs, text = genai_tokens(og, smollm2_genai, PROMPT, 12)
     assert ids == prompt_ids
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(ids, np.int32))
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
     assert len(ours) >= 4 and theirs[: len(ours)] == ours
-    text = tok.decode(np.array(theirs, np.int32))
     assert len(text.split()) >= 3 and text.strip().startswith(our_text.strip())
 
 
 def test_optimum_generates_smollm2_text(smollm2_genai):
     if not OPTIMUM_PY.exists():
         pytest.skip("no .venv-optimum (optimum-onnx needs transformers < 4.58; .ci/run creates it)")
-    _, ours, _ = _lowbit_tokens(smollm2_genai, 10)
+    _, ours, _ = lowbit_tokens(smollm2_genai, PROMPT, 10)
     code = ("import json,sys\nfrom optimum.onnxruntime import ORTModelForCausalLM\n"
             "from transformers import AutoTokenizer\n"
             "tok=AutoTokenizer.from_pretrained(sys.argv[1]); m=ORTModelForCausalLM.from_pretrained(sys.argv[1])\n"
