@@ -137,3 +137,20 @@ def test_registration_contract():
         lowbit_op("Lookup", doc="-", inputs=[("x", "T")], outputs=[("y", "T")], types={"T": ["tensor(float)"]},
                   lower=OPS["Lookup"].lower)(OPS["Lookup"].reference)
     assert set(OPS) == set(ALL_OPS)
+
+
+def test_registered_schema_accepts_an_optional_input_left_out_and_still_checks_the_rest():
+    """IntSoftmax's ``keep`` is optional (integer-attention leaves it out when there is no mask): the checker,
+    once it knows lowbit's schemas, must accept the two-input node and still refuse a one-input one."""
+    register_schemas()
+
+    def model(inputs):
+        node = helper.make_node("IntSoftmax", inputs, ["y"], domain=DOMAIN)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.INT8, [2, 4])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [2, 4])],
+                                  [numpy_helper.from_array(exp_table(0.1), "table")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, VERSION)])
+
+    onnx.checker.check_model(model(["x", "table"]))
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model(["x"]))

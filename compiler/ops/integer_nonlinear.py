@@ -193,7 +193,7 @@ def _shift_saturate(n_, k_, t, add: np.ndarray, c: int, zp: np.ndarray) -> ir.Va
 
 @lowbit_op("IntSoftmax", doc="Softmax of 8-bit codes over the last axis by an exp table: m = max over keep, "
            "e = keep ? table[m − x] : 0, y = ⌊(510·e + Σe) / (2·Σe)⌋ (uint8, step 1/255).",
-           inputs=[("x", "X"), ("table", "tensor(int32)"), ("keep", "tensor(bool)")],
+           inputs=[("x", "X"), ("table", "tensor(int32)"), ("keep", "tensor(bool)", "optional")],
            outputs=[("y", "tensor(uint8)")], types={"X": ["tensor(int8)", "tensor(uint8)"]},
            lower=lambda g, n, o: _lower_softmax(g, n, o))
 def int_softmax_reference(x, table, keep=None):

@@ -6,7 +6,8 @@ side by side:
 * ``name`` and ``version`` (the op's since-version in domain :data:`DOMAIN`; the domain's opset
   version is :data:`VERSION`);
 * the *schema*: ``doc``, ``inputs``/``outputs`` as ``(name, type)`` pairs, where a type is either
-  a constraint name of ``types`` or a concrete ``"tensor(...)"``, and integer ``attributes``;
+  a constraint name of ``types`` or a concrete ``"tensor(...)"`` (an input may carry a third element
+  ``"optional"``: the node may leave it out), and integer ``attributes``;
 * the *numpy reference* (the truth), with one calling convention for every op:
   ``reference(*inputs, **attributes) -> np.ndarray`` (inputs and attributes in schema order);
 * how it runs in plain ONNX, one or both of: ``function(opset) -> onnx.FunctionProto``, a body of
@@ -60,7 +61,7 @@ def lowbit_op(name: str, *, doc: str, inputs, outputs, types: dict[str, list[str
         raise ValueError(f"lowbit.{name}: needs a function body or a lowering to run in plain ONNX")
     if not 1 <= version <= VERSION:
         raise ValueError(f"lowbit.{name}: version {version} is outside the domain's opset 1..{VERSION}")
-    for io_name, ty in (*inputs, *outputs):
+    for io_name, ty, *_ in (*inputs, *outputs):
         if ty not in types and not ty.startswith("tensor("):
             raise ValueError(f"lowbit.{name}: '{io_name}' has type '{ty}', neither a constraint nor a tensor type")
 
@@ -106,9 +107,11 @@ def register_schemas() -> None:
     for op in OPS.values():
         if onnx.defs.has(op.name, DOMAIN):
             continue
-        used = {ty for _, ty in (*op.inputs, *op.outputs)}
+        used = {ty for _, ty, *_ in (*op.inputs, *op.outputs)}
+        option = OpSchema.FormalParameterOption
         schema = OpSchema(op.name, DOMAIN, op.version, doc=op.doc,
-                          inputs=[OpSchema.FormalParameter(n, ty) for n, ty in op.inputs],
+                          inputs=[OpSchema.FormalParameter(n, ty, param_option=option.Optional if flag == ["optional"]
+                                                           else option.Single) for n, ty, *flag in op.inputs],
                           outputs=[OpSchema.FormalParameter(n, ty) for n, ty in op.outputs],
                           type_constraints=[(k, list(v), k) for k, v in op.types if k in used],
                           attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, a) for a in op.attributes])
