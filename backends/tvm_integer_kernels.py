@@ -116,8 +116,7 @@ def int8_matmul_requantize_cpu(K: int, n_tiles: int, out_dtype: str, vnni: bool 
         for nt in T.parallel(NT):
             acc = T.decl_buffer((TILE,), "int32")  # "global": a stack slot
             for m in range(M):
-                for l in T.vectorized(TILE):
-                    acc[l] = T.int32(0) - C[nt, l]
+                init(acc, C, nt)
                 for k4 in range(K4):
                     for kk in T.unroll(4):
                         for l in T.vectorized(TILE):
