@@ -42,9 +42,10 @@ import numpy as np  # noqa: E402
 DIM, FFN, HEADS, KV_HEADS, VOCAB, CTX = 2048, 5632, 32, 4, 32000, 16
 LAYERS = 22  # --layers changes it (smoke runs)
 HD = DIM // HEADS
-# lowbit's recipes: w8a16 per channel (group 0), w4a16/w3a16 groups of 128, w2a16 asymmetric groups of 32;
-# 2-bit g128 is an extra row (the kernels run it); the w3a16/w2a16 recipes now use groups of 16
-FORMATS = [(8, 0), (4, 128), (3, 128), (2, 32), (2, 128), (3, 16), (2, 16)]  # g16: the current w3a16/w2a16
+# lowbit's recipes: w8a16 per channel (group 0), w4a16 groups of 128, w3a16 the grid form (lowbit.MatMulGrid,
+# uint8 scales) in groups of 16, w2a16 the grid form in groups of 8; the other rows are formats the passes can
+# write with fewer metadata bits (integer 3-bit g128 / 2-bit g32, g128; grid g32 / g64)
+FORMATS = ["8:0", "4:128", "grid3:16", "grid2:8", "3:128", "2:32", "2:128", "grid3:64", "grid2:32"]
 LLAMA_TYPES = ["Q8_0", "Q4_0", "Q3_K_S", "Q2_K", "TQ2_0"]
 
 
@@ -64,6 +65,30 @@ def _kernels():
 
 
 cpu, layout = _kernels()
+grid = importlib.import_module(layout.__name__.rsplit(".", 1)[0] + ".grid")
+
+
+def random_grid(k: int, n: int, bits: int, group: int, rng) -> "grid.GridPacked":
+    """A random grid-form linear (lowbit.MatMulGrid, uint8 scales) directly in the grid kernel's layout."""
+    gc = max(group, 32)
+    nt, nb = -(-n // layout.TILE), -(-k // gc)
+    ng = nb * gc // group
+    codes = rng.integers(0, 256, (nt, nb, bits, 2 * gc), dtype=np.uint8)
+    types = rng.integers(0, 1 << 32, (nt, ng), dtype=np.uint32)
+    scales = rng.integers(64, 256, (nt, ng, layout.TILE), dtype=np.uint8)
+    step = np.full(nt * layout.TILE, 0.02 / np.sqrt(k) / 128 / 4, np.float32)
+    return grid.GridPacked(bits, k, n, group, codes, types, scales, step)
+
+
+def parse_format(text: str) -> tuple[int, int, bool]:
+    """``BITS:GROUP`` (integer groups) or ``gridBITS:GROUP`` (the grid form, uint8 scales) → (bits, group, grid)."""
+    is_grid = text.startswith("grid")
+    b, g = text[4:].split(":") if is_grid else text.split(":")
+    return int(b), int(g), is_grid
+
+
+def format_name(bits: int, group: int, is_grid: bool) -> str:
+    return f"lowbit {bits}-bit {'grid ' if is_grid else ''}g{group or 'K'}"
 
 
 def random_packed(k: int, n: int, bits: int, group: int, rng) -> "layout.Packed":
@@ -79,14 +104,20 @@ def random_packed(k: int, n: int, bits: int, group: int, rng) -> "layout.Packed"
 class Decoder:
     """The decode step of the module docstring, on lowbit's kernels."""
 
-    def __init__(self, bits: int, group: int, seed: int = 0):
+    def __init__(self, bits: int, group: int, seed: int = 0, is_grid: bool = False):
         rng = np.random.default_rng(seed)
         g2 = lambda k: group if group else -(-k // 32) * 32  # noqa: E731  (0: per channel, one group along K)
+
+        def lin(k, n):
+            if is_grid:
+                return grid.GridLinear(random_grid(k, n, bits, group, rng))
+            return cpu.CpuLinear(random_packed(k, n, bits, g2(k), rng))
+
         self.layers = []
         for _ in range(LAYERS):
-            self.layers.append({name: cpu.CpuLinear(random_packed(k, n, bits, g2(k), rng)) for name, k, n in (
+            self.layers.append({name: lin(k, n) for name, k, n in (
                 ("qkv", DIM, DIM + 2 * KV_HEADS * HD), ("o", DIM, DIM), ("gu", DIM, 2 * FFN), ("down", FFN, DIM))})
-        self.head = cpu.CpuLinear(random_packed(DIM, VOCAB, bits, g2(DIM), rng))
+        self.head = lin(DIM, VOCAB)
         self.embed = _embedding()
         self.kc = rng.standard_normal((LAYERS, KV_HEADS, CTX + 512, HD), dtype=np.float32)
         self.vc = rng.standard_normal((LAYERS, KV_HEADS, CTX + 512, HD), dtype=np.float32)
@@ -131,7 +162,7 @@ class Decoder:
         self.head(xs[DIM])
 
 
-_DECODERS: dict[tuple[int, int], Decoder] = {}
+_DECODERS: dict[tuple[int, int, bool], Decoder] = {}
 _EMBED: list[np.ndarray] = []
 
 
@@ -145,8 +176,9 @@ def _embedding() -> np.ndarray:
 class LowbitRow:
     """Decode steps of one lowbit format; the cache is filled (and the code warmed) once."""
 
-    def __init__(self, bits: int, group: int):
-        self.dec = _DECODERS.get((bits, group)) or _DECODERS.setdefault((bits, group), Decoder(bits, group))
+    def __init__(self, bits: int, group: int, is_grid: bool = False):
+        key = (bits, group, is_grid)
+        self.dec = _DECODERS.get(key) or _DECODERS.setdefault(key, Decoder(bits, group, is_grid=is_grid))
         self.tok, self.pos = 1, 0
         for self.pos in range(CTX):  # fill the cache (again: random keys/values past it), warm up
             self.tok = self.dec.step(self.tok, self.pos)
@@ -325,10 +357,10 @@ def bars(rows: list[dict]) -> list[str]:
         out.append(f"- 4-bit vs llama.cpp Q4_0: {r4['ms'] / q4['ms']:.2f}x the time (<= 1.0)")
     if r4:
         out.append(f"- 4-bit: {r4['floor_ms'] / r4['ms'] * 100:.0f} % of the floor (>= 60 % at 2 threads)")
-    for name, target in (("lowbit 3-bit g128", 0.85), ("lowbit 2-bit g32", 0.70), ("lowbit 2-bit g128", 0.70)):
-        r = by.get(name)
-        if not (r and r4):
+    for name, r in by.items():
+        if not (r4 and name.startswith(("lowbit 3-bit", "lowbit 2-bit"))):
             continue
+        target = 0.85 if name.startswith("lowbit 3") else 0.70
         line = f"- {name[7:]}: {r['ms'] / r4['ms']:.2f}x the 4-bit time (<= {target})"
         slower = [k for k, v in by.items() if k.startswith("llama.cpp") and v["bits_per_weight"] >= r["bits_per_weight"]
                   and v["ms"] < r["ms"]]
@@ -343,8 +375,9 @@ def bars(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
-    ap.add_argument("--formats", nargs="*", default=[f"{b}:{g}" for b, g in FORMATS],
-                    help="lowbit rows as BITS:GROUP (group 0: per channel); default %(default)s")
+    ap.add_argument("--formats", nargs="*", default=FORMATS,
+                    help="lowbit rows as BITS:GROUP (group 0: per channel) or gridBITS:GROUP (lowbit.MatMulGrid, uint8 "
+                         "scales); default %(default)s")
     ap.add_argument("--tokens", type=int, default=32, help="timed tokens per row, split over the rounds")
     ap.add_argument("--rounds", type=int, default=4, help="rows take turns this many times (median reported)")
     ap.add_argument("--sequential", action="store_true",
@@ -367,8 +400,8 @@ def main(argv=None) -> int:
     for th in args.threads:
         cpu.set_threads(th)
         bw = cpu.stream_read(1 << 30, 5, th)
-        makers = [(f"lowbit {b}-bit g{g or 'K'}", lambda b=b, g=g: LowbitRow(b, g)) for b, g in
-                  (map(int, fmt.split(":")) for fmt in args.formats)]
+        makers = [(format_name(b, g, gr), lambda b=b, g=g, gr=gr: LowbitRow(b, g, gr)) for b, g, gr in
+                  map(parse_format, args.formats)]
         if args.llama_bin is not None:
             makers += [(f"llama.cpp {qt}", lambda qt=qt: LlamaRow(args.llama_bin, args.gguf_dir, qt, th))
                        for qt in args.llama_types]

@@ -2,7 +2,8 @@
 
 ``layout.repack`` turns codes/scales/zero points into the kernels' layout at compile time;
 ``cpu.linear`` runs y = x @ W (int8 activations per group, exact int32 dots); ``tvm_bridge`` makes
-them callable from a TVM-compiled model (``lower-tvm{kernels=lowbit-cpu}``).
+them callable from a TVM-compiled model (``lower-tvm{kernels=lowbit-cpu}``); ``grid`` runs the grid form
+(``lowbit.MatMulGrid``: a grid per group, uint8 or float scales) on ``lowbit_grid.c``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ __all__ = ["KernelBuildError", "build", "library", "ISA_NAMES", "isa", "set_isa"
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / name for name in ("lowbit_cpu.c", "lowbit_decode.c", "lowbit_pool.c")]
+SOURCES = [Path(__file__).resolve().parent / name
+           for name in ("lowbit_cpu.c", "lowbit_decode.c", "lowbit_pool.c", "lowbit_grid.c")]
 CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11", "-pthread"]
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512-vnni"}
 _LIB: ctypes.CDLL | None = None
@@ -86,6 +87,8 @@ def library() -> ctypes.CDLL:
         lib.lowbit_rope_attend.argtypes = [I, I, I, I, I, P, P, P, P, P, P, P]
         lib.lowbit_swiglu.argtypes = [I, P, P]
         lib.lowbit_add.argtypes = [I, P, P]
+        lib.lowbit_grid_linear.argtypes = [I, I, I, I, I, I, P, P, P, P, I, P, P, P, P, P]
+        lib.lowbit_grid_set_fast.argtypes = [I]
         for name in ("lowbit_rmsnorm", "lowbit_rope_attend", "lowbit_swiglu", "lowbit_add"):
             getattr(lib, name).restype = None
         _LIB = lib
