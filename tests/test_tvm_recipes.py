@@ -94,3 +94,23 @@ def test_tvm_matches_ort_on_lowbits_own_nbits_linear(symmetric, tmp_path):
     got, = TvmSession(art.lib).run(None, {"x": x})
     ref, = make_session(compiled).run(None, {"x": x})
     assert _rel(got, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("bits,group,scale_dtype", [(2, 8, "uint8"), (3, 16, "uint8"), (3, 32, "float16")])
+def test_tvm_matches_ort_on_a_grid_form_linear(bits, group, scale_dtype, tmp_path):
+    """lowbit.MatMulGrid (w2a16/w3a16's form; uint8 scales through Cast·step) folds to the weight ORT computes."""
+    from lowbit.passmanager.manager import CompileContext, PassManager
+    from onnx_text import parse
+
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((100, 24)) / 8).astype(np.float32)
+    vals = ", ".join(f"{v:.9g}" for v in w.reshape(-1))
+    model = parse(f"g (float[3, 100] x) => (float[3, 24] y) <float[100, 24] w = {{{vals}}}> {{ y = MatMul (x, w) }}")
+    pipeline = f"quantize-weights{{bits={bits},group={group},dtype=mod,scale_dtype={scale_dtype}}}"
+    compiled = PassManager.from_pipeline(pipeline, CompileContext(show_progress=False)).run(model)
+    assert [n.op_type for n in compiled.graph if n.op_type == "MatMulGrid"] == ["MatMulGrid"]
+    x = rng.standard_normal((3, 100)).astype(np.float32)
+    art = lower_tvm(compiled, "llvm", tmp_path, "m", shape_dict={"x": [3, 100]})
+    got, = TvmSession(art.lib).run(None, {"x": x})
+    ref, = make_session(compiled).run(None, {"x": x})
+    assert _rel(got, ref) <= 1e-5

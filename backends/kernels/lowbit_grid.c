@@ -5,7 +5,8 @@
  * with s = u8 code * step[n] (uint8 scales) or a float32 scale (step = 1).  With activation codes
  * xq = rint(x / sa) in groups of GA (GA = max(G, 32); sa = amax/127, lowbit_quantize_act),
  *     D[m, n, g] = sum_{k in g} lev[t][c] * xq[m, k]                        (int32, exact)
- *     y[m, n]    = step[n] * sum_g fma-chain( (float)D * ((s' * f[t]) * sa[m, g*G/GA]) )
+ *     acc_j[m, n] = fma-chain over the groups g = j (mod 4) of (float)D * ((s' * f[t]) * sa[m, g*G/GA])
+ *     y[m, n]    = ((acc_0 + acc_1) + (acc_2 + acc_3)) * step[n]
  * (s' = the u8 code as float, or the float32 scale), the same float operations in the same order on every
  * path (-ffp-contract=off plus explicit fma): the paths are bit-identical.
  *
@@ -67,7 +68,7 @@ static inline float grid_scale(const struct grid_args *a, size_t i) {
 static void tile_grid_generic(const struct grid_args *a, int t, int m) {
     int bits = a->bits, G = a->G, Gc = G < 32 ? 32 : G, Kp = a->Kp, ng = Kp / G, L = 1 << bits;
     const int8_t *xq = a->xq + (size_t)m * Kp;
-    float acc[TILE] = {0};
+    float acc[4][TILE] = {{0}};
     for (int g = 0; g < ng; g++) {
         int b = g * G / Gc;
         const uint8_t *blk = a->codes + ((size_t)t * (Kp / Gc) + b) * (size_t)(bits * 2 * Gc);
@@ -79,10 +80,11 @@ static void tile_grid_generic(const struct grid_args *a, int t, int m) {
             for (int kk = g * G - b * Gc; kk < g * G - b * Gc + G; kk++)
                 d += a->lev[ty * L + grid_code(bits, Gc, blk, r, kk)] * xq[b * Gc + kk];
             float p = (grid_scale(a, ((size_t)t * ng + g) * TILE + r) * a->fac[ty]) * sa;
-            acc[r] = fmaf((float)d, p, acc[r]);
+            acc[g & 3][r] = fmaf((float)d, p, acc[g & 3][r]);
         }
     }
-    for (int r = 0; r < TILE && t * TILE + r < a->N; r++) a->y[(size_t)m * a->N + t * TILE + r] = acc[r] * a->step[t * TILE + r];
+    for (int r = 0; r < TILE && t * TILE + r < a->N; r++)
+        a->y[(size_t)m * a->N + t * TILE + r] = ((acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r])) * a->step[t * TILE + r];
 }
 
 #define V512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni"), always_inline)) static inline
@@ -105,7 +107,7 @@ V512 void tile_grid512(const int bits, const int G, const struct grid_args *a, i
     const int32_t *xsum = a->xsum + (size_t)m * ng;
     const float *xs = a->xs + (size_t)m * (Kp / Gc); /* activation groups of GA = Gc */
     const uint8_t *codes = a->codes + (size_t)t * nb * bb;
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = codes + (size_t)b * bb;
         _mm_prefetch((const char *)(blk + 1024), _MM_HINT_T0);
@@ -115,7 +117,7 @@ V512 void tile_grid512(const int bits, const int G, const struct grid_args *a, i
             const int g = b * (Gc / G) + gi;
             __m512i tl = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)a->types[(size_t)t * ng + g]), shifts), three);
             __m512i tb = _mm512_slli_epi16(_mm512_shuffle_epi8(tl, bcast), bits);
-            __m512i di = _mm512_setzero_si512();
+            __m512i di[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
 #pragma GCC unroll 32
             for (int kk = gi * G; kk < gi * G + G; kk += 4) {
                 const int v = kk / 16, s = (kk % 16) / 4;
@@ -132,19 +134,21 @@ V512 void tile_grid512(const int bits, const int G, const struct grid_args *a, i
                 }
                 __m512i lv = _mm512_permutexvar_epi8(idx, table);
                 __m512i xb = _mm512_set1_epi32(*(const int32_t *)(xq + b * Gc + kk));
-                DPBUSD(di, lv, xb);
+                DPBUSD(di[(kk / 4) & 3], lv, xb); /* four independent chains (vpdpbusd latency) */
             }
-            __m512i d = _mm512_sub_epi32(di, _mm512_set1_epi32(GRID_OFF * xsum[g]));
+            __m512i d = _mm512_add_epi32(_mm512_add_epi32(di[0], di[1]), _mm512_add_epi32(di[2], di[3]));
+            d = _mm512_sub_epi32(d, _mm512_set1_epi32(GRID_OFF * xsum[g]));
             size_t si = ((size_t)t * ng + g) * TILE;
             __m512 cf = su8 ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)a->scales + si))))
                                : _mm512_loadu_ps((const float *)a->scales + si);
             if (bits == 2) cf = _mm512_mul_ps(cf, _mm512_permutexvar_ps(tl, ftab)); /* 3-bit factors are all 1 */
             __m512 p = _mm512_mul_ps(cf, _mm512_set1_ps(xs[b]));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), p, acc);
+            acc[g & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), p, acc[g & 3]); /* four float chains by group */
         }
     }
     int rows = a->N - t * TILE < TILE ? a->N - t * TILE : TILE;
-    __m512 y = _mm512_mul_ps(acc, _mm512_loadu_ps(a->step + t * TILE));
+    __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    __m512 y = _mm512_mul_ps(sum, _mm512_loadu_ps(a->step + t * TILE));
     _mm512_mask_storeu_ps(a->y + (size_t)m * a->N + t * TILE, (__mmask16)((1u << rows) - 1), y);
 }
 
