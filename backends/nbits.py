@@ -21,8 +21,11 @@ run a slow kernel is reported by name (``slow=warn``, default), refused (``slow=
 16..256 and a power of two; a per-channel layer is one block when K rounds up to ≤ 256, otherwise
 it stays in QDQ form.  ``lowbit.Hadamard`` becomes its Kronecker form with standard ops
 (``reshape → ·Q → H_p/√p· → reshape``; ``hadamard=function`` keeps the op and its function body).
-``lowbit.MatMul3Bit`` stays as it is: 3 bits per weight on disk; see
-``expand-3bit`` (:mod:`lowbit.backends.expand3`) for its fast load-time path.
+``lowbit.MatMul3Bit`` and ``lowbit.MatMulGrid`` stay as they are (3 bits per weight / the grid form on disk),
+but ORT runs their function bodies, which unpack the whole weight on every call: each such layer is reported
+by name like a slow level (``slow=warn``; ``error`` refuses); their fast load-time paths are ``expand-3bit``
+and ``expand-grid`` (:mod:`lowbit.backends.expand3`, :mod:`lowbit.backends.expand_grid`, both run by
+:func:`lowbit.runtime.fastpath.fast_session`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ __all__ = ["LowerNBits", "pack_nbits", "nbits_node_inputs", "BLOCK_SIZES"]
 logger = logging.getLogger(__name__)
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+# lowbit ops with no ORT kernel: ORT runs their function body (the weight unpacked on every call); the
+# load-time rewrite that makes them fast
+_UNPACKED_EACH_CALL = {"MatMul3Bit": "expand-3bit", "MatMulGrid": "expand-grid"}
 _KINDS = {ir.DataType.INT2: (2, True), ir.DataType.UINT2: (2, False), ir.DataType.INT4: (4, True),
           ir.DataType.UINT4: (4, False), ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
 
@@ -95,9 +101,12 @@ class LowerNBits(Pass):
     def call(self, model):
         graph = model.graph
         self._slow: list[str] = []
+        self._bodies: dict[str, int] = {}
         for node in list(graph):
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
                 self._matmul(graph, node)
+            elif node.op_type in _UNPACKED_EACH_CALL and node.domain == DOMAIN:
+                self._unpacked(node)
             elif node.op_type == "Hadamard" and node.domain == DOMAIN and self.options.hadamard == "kron":
                 self._hadamard(graph, node)
         graph.meta.pop("lowbit.names", None)
@@ -109,11 +118,26 @@ class LowerNBits(Pass):
         for key in [k for k in model.functions if k[0] == DOMAIN]:
             del model.functions[key]
         attach_functions(model)
-        self.ctx.report["lower-nbits"] = {"accuracy_level": self.options.accuracy_level, **dict(self.stats)}
+        self.ctx.report["lower-nbits"] = {"accuracy_level": self.options.accuracy_level, **dict(self.stats),
+                                          **{f"function_body_{k}": v for k, v in self._bodies.items()}}
         if self._slow:
-            logger.warning("lower-nbits: %d layer(s) run ORT's slow reference MatMulNBits kernel: %s", len(self._slow),
+            logger.warning("lower-nbits: %d layer(s) run a slow ORT path (reference kernel or function body): %s",
+                           len(self._slow),
                            ", ".join(self._slow[:8]) + (" ..." if len(self._slow) > 8 else ""))
         return PassResult(model, modified=bool(sum(self.stats.values())))
+
+    def _unpacked(self, node: ir.Node) -> None:
+        """lowbit ops ORT runs as their function body, which unpacks the whole weight on every call."""
+        self._bodies[node.op_type] = self._bodies.get(node.op_type, 0) + 1
+        if self.options.slow == "allow":
+            return
+        fix = _UNPACKED_EACH_CALL[node.op_type]
+        if self.options.slow == "error":
+            raise LowbitError(f"lower-nbits: node '{node.name}': {node.op_type} runs its ONNX function body in ORT "
+                              "(the weight is unpacked on every call, hundreds of times a float MatMul)",
+                              hint=f"run the model through lowbit.runtime.fastpath.fast_session ({fix}) or "
+                                   "--backend tvm, or pass slow=allow")
+        self._slow.append(f"{node.name} ({node.op_type}: function body; fast_session runs {fix})")
 
     def _matmul(self, graph: ir.Graph, node: ir.Node) -> None:
         dq = node.inputs[1].producer() if node.inputs[1] is not None else None

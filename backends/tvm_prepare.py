@@ -247,8 +247,8 @@ def prepare_for_tvm(model: ir.Model, layout: str = "tiled", kernels: str | None 
             graph.remove(node, safe=True)
             stats["matmul3bit"] = stats.get("matmul3bit", 0) + 1
             continue
-        elif (dom, node.op_type) == ("lowbit", "MatMulGrid"):  # grid form: folded to a float weight (tvm_grid.py)
-            from .tvm_grid import fold_matmul_grid
+        elif (dom, node.op_type) == ("lowbit", "MatMulGrid"):  # grid form: a float weight (expand_grid.py)
+            from .expand_grid import fold_matmul_grid
 
             fold_matmul_grid(graph, node)
             stats["matmul_grid"] = stats.get("matmul_grid", 0) + 1

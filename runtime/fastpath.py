@@ -1,7 +1,9 @@
-"""Load-time fast path for ``lowbit.MatMul3Bit``: a session whose 3-bit layers run on ORT's 4-bit kernels.
+"""Load-time fast path for ``lowbit.MatMul3Bit`` and ``lowbit.MatMulGrid``: a session whose 3-bit layers run on
+ORT's 4-bit kernels and whose grid-form layers run as float MatMuls (ORT runs either op's function body, which
+unpacks the weight on every call, otherwise).
 
-The rewrite is the ``expand-3bit`` pass (:mod:`lowbit.backends.expand3`), run by the pass manager
-on the in-memory model; the file on disk stays 3-bit.
+The rewrites are the ``expand-3bit`` and ``expand-grid`` passes (:mod:`lowbit.backends.expand3`,
+:mod:`lowbit.backends.expand_grid`), run by the pass manager on the in-memory model; the file stays as it is.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ __all__ = ["fast_session"]
 
 
 def fast_session(model: ir.Model | str | os.PathLike, accuracy_level: int = 0, **kwargs):
-    """An ORT session that runs 3-bit layers on 4-bit MatMulNBits kernels (see the module doc)."""
+    """An ORT session that runs 3-bit layers on 4-bit MatMulNBits kernels and grid-form layers as float MatMuls
+    (see the module doc)."""
     if not isinstance(model, ir.Model):
         model = ir.load(str(model))
-    pm = PassManager.from_pipeline(f"expand-3bit{{accuracy_level={accuracy_level}}}",
+    pm = PassManager.from_pipeline(f"expand-3bit{{accuracy_level={accuracy_level}}},expand-grid",
                                    CompileContext(show_progress=False))
     return make_session(pm.run(model), **kwargs)
