@@ -2,7 +2,7 @@
 
 On disk a grid-form layer (:mod:`lowbit.quant.mod_graph`) holds 2/3-bit codes, 2-bit grid indices and small
 scales.  ONNX Runtime has no kernel for it, and the op's function body unpacks the whole weight on every call
-(about 0.5 s a call for a 1024x1024 layer on a 2-core machine: hundreds of times a float MatMul).  Folding the
+(a 1024x1024 layer, one row: 27.8 ms a call against 0.06 ms folded, best of 10 on the 2-core machine).  Folding the
 constant operands gives the float32 weight ``W = reshape(grid[types·2^b + c]·scales, [G·g, N])[:K]`` — the
 function body's own float32 operations, so results equal it up to summation order — and ORT runs a float
 MatMul: 4 bytes a weight in memory; the file stays in grid form.  ``scales`` may be an initializer or the

@@ -26,9 +26,11 @@ from lowbit.runtime.tvm_runner import TvmSession  # noqa: E402
 CFG = LlamaConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, seq_len=32)
 # ORT's MatMulNBits at accuracy_level 4 quantizes activations to int8 inside the kernel; TVM's
 # lowering follows the same rule, but the int8 rounding can differ by one code at ties.
-# lower-nbits runs 2- and 8-bit layers at level 4 (ORT's only fast kernel for them): w2a16 and the
-# mixed recipe's 2/8-bit layers quantize activations in ORT, not in TVM's TIR kernels.
-TOLERANCE = {"w4a8": 2e-2, "w4a4": 2e-2, "w2a16": 2e-2, "mixed-w4a16": 2e-2}
+# lower-nbits runs 2- and 8-bit layers at level 4 (ORT's only fast kernel for them): the 8-bit heads of
+# w4a16-gptq/w2a16/w3a16/mixed-w3a16 (the 2/3-bit linears of the last three are lowbit.MatMulGrid, folded
+# exactly) and the mixed recipes' 2/8-bit layers quantize activations in ORT, not in TVM's TIR kernels.
+TOLERANCE = {"w4a8": 2e-2, "w4a4": 2e-2, "w2a16": 2e-2, "w3a16": 2e-2, "mixed-w3a16": 2e-2, "mixed-w4a16": 2e-2,
+             "w4a16-gptq": 2e-2}
 
 
 
@@ -49,11 +51,9 @@ def _rel(a, b):
     return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-# Failed after the session-4 merges (the quality branch's new defaults — 8-bit head, int8 embedding
-# rows, int4 activation clipping — and the KV recipes on a cache-less graph); see the closing note.
-KNOWN_FAILING = {"w4a16-gptq", "w3a16", "w4a4", "w8a8-kv8", "w4a8-kv4", "w4a4-kv4",
-                 "w2a16", "mixed-w3a16"}  # w2a16/w3a16/mixed-w3a16 write lowbit.MatMulGrid (mixture of data types),
-# no TVM lowering yet
+# Still failing (session 7): w4a4 (TVM differs from ORT by 0.3 relative: its int4 activation quantizers),
+# the KV recipes (quantize-kv refuses this cache-less graph: the test would need the KV-cache form).
+KNOWN_FAILING = {"w4a4", "w8a8-kv8", "w4a8-kv4", "w4a4-kv4"}
 
 
 @pytest.mark.slow
