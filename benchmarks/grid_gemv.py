@@ -13,9 +13,18 @@ import time
 
 import numpy as np
 
-from lowbit.backends.kernels import cpu
-from lowbit.backends.kernels.grid import GridLinear, repack_grid
-from lowbit.backends.kernels.layout import repack
+try:
+    from lowbit.backends.kernels import cpu
+    from lowbit.backends.kernels.grid import GridLinear, repack_grid
+    from lowbit.backends.kernels.layout import repack
+except ImportError:  # a bare machine: the kernel files loaded by path, as decode_kernels.py does
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_kernels import cpu, grid, layout
+
+    GridLinear, repack_grid, repack = grid.GridLinear, grid.repack_grid, layout.repack
 
 ROWS = [("int", 4, 128), ("int", 3, 128), ("int", 2, 32), ("int", 2, 128), ("grid", 2, 8), ("grid", 3, 16),
         ("grid", 2, 32), ("grid", 3, 32), ("grid", 3, 64), ("grid", 2, 64), ("grid", 2, 128)]
