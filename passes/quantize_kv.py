@@ -35,6 +35,14 @@ PrefixQuant); N·(float bytes per token) once, not per token.
 TinyStories stories 100–399 (``benchmarks/kv_quality.py``, stories260K and SmolLM2-135M; numbers in
 ``benchmarks/KV_RESULTS.md``), never on the reported ones.  Static per-channel K lost there at every width.
 
+**GroupQueryAttention graphs** (``attention_impl="gqa"``): the cache is the op's own quantized cache
+(``kv_cache_bit_width``, ``k_quant_type=v_quant_type=PER_CHANNEL``, inputs ``k_scale``/``v_scale``): static
+symmetric per-(head, channel) scales ``s = r/(2^(b−1)−1)`` from calibration (K: ``r`` = the RoPE pair's largest
+norm; V and rotated K: the channel's largest |x|), codes ``clip(round(x/s), −2^(b−1), 2^(b−1)−1)`` (int8, or
+int4 +8 two per byte); the op reads them without a float copy (faster than the float cache; numbers in
+``benchmarks/DECODE_RESULTS.md``).  ``hadamard=true`` rotates Q, K, V and the output per head around the op.
+Only ``k_mode=channel`` applies there (no per-token scales, no sink).
+
 Float semantics change only by the quantization error.  Bytes per cached token (all layers, K+V,
 stored scales included) are written to the report next to the float figure.
 """
@@ -197,8 +205,7 @@ class QuantizeKV(Pass):
             float_bytes += 2 * kv * hd * 4
             q_bytes += 2 * kv * hd * o.bits // 8
             self.stats["layers"] += 1
-        graph_meta = g.meta
-        graph_meta.pop("lowbit.names", None)
+        g.meta.pop("lowbit.names", None)
         attach_functions(model)
         self.ctx.report["quantize-kv"] = {"bits": o.bits, "k_mode": o.k_mode, "hadamard": o.hadamard, "group": 0,
                                           "kernel": "GroupQueryAttention", "layers": self.stats["layers"],
