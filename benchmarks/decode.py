@@ -51,8 +51,20 @@ VARIANTS = [
     ("lowbit w4a8", "quantize-weights{bits=4,group=128,method=rtn},lower-nbits{accuracy_level=4}"),
     ("lowbit w4a8 +kv4", "quantize-kv{bits=4,k_mode=token,group=16,hadamard=true}", "lowbit w4a8"),
 ]
+GQA_KV = {"quantize-kv{bits=8,k_mode=token}": "quantize-kv{bits=8,k_mode=channel}",
+          "quantize-kv{bits=4,k_mode=token,group=16,hadamard=true}": "quantize-kv{bits=4,k_mode=channel,hadamard=true}"}
 CLOCK = time.perf_counter  # --cpu-time: time.process_time (all threads' CPU time; ORT spinning off)
 _LINEAR_OPS = {"MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLinear"}
+
+
+def gqa_variants(variants: list) -> list:
+    """The rows on a GroupQueryAttention graph: labels say so, quantized caches are the op's own (static
+    per-channel scales: ``quantize-kv{k_mode=channel}``, the 4-bit one behind the per-head Hadamard)."""
+    out = []
+    for label, pipeline, *start in variants:
+        rename = lambda s: s.replace("lowbit ", "lowbit-gqa ", 1)  # noqa: E731
+        out.append((rename(label), GQA_KV.get(pipeline, pipeline), *[rename(x) for x in start]))
+    return out
 
 
 def tinyllama(layers: int):
@@ -303,12 +315,17 @@ def main() -> None:
     ap.add_argument("--mmap-big", action="store_true",
                     help="lowbit models over 2 GB run with ORT's prepacking off: weights stay in the memory-mapped "
                          "data file (page cache, no anonymous copy), so they need no --lock; fp32 MatMul is slower so")
+    ap.add_argument("--attention", default="plain", choices=["plain", "gqa", "both"],
+                    help="lowbit's attention core: standard ops (quantized cache: per-token scales, dequantized by "
+                         "plain ops) or GroupQueryAttention (its own quantized cache, static per-channel scales)")
     ap.add_argument("--keep", action="store_true", help="keep every model in --work (default: deleted once timed)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--cpu-time", action="store_true",
                     help="CPU ms of all threads (process time, ORT spinning off) instead of wall ms")
     args = ap.parse_args()
-    global CLOCK
+    global CLOCK, VARIANTS
+    if args.attention != "plain":
+        VARIANTS = (VARIANTS if args.attention == "both" else []) + gqa_variants(VARIANTS)
     if args.cpu_time:
         CLOCK = time.process_time
     plan = []  # (threads, contexts)
@@ -353,24 +370,33 @@ def main() -> None:
     order = [v for v in chosen if "fp32" not in v[0]] + [v for v in chosen if "fp32" in v[0]]  # fp32 (locked) last
     weights = LazyWeights(cfg, seed=0)
     paths: dict[str, Path] = {}
-    base_path = work / "lowbit_fp32" / "model.onnx"
-    if order:
-        t0 = time.perf_counter()
-        if not base_path.exists():
-            build_streaming(cfg, weights, base_path)
-        print(f"  lowbit fp32 written in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
-        paths["lowbit fp32"] = base_path
+
+    def base_of(label: str) -> str:  # "lowbit w4a8" -> "lowbit fp32", "lowbit-gqa w4a8" -> "lowbit-gqa fp32"
+        return label.split(" ", 1)[0] + " fp32"
+
+    def base_path(label: str) -> Path:
+        """The fp32 KV graph of the row's family (written once, streamed: no lock)."""
+        name = base_of(label)
+        if name not in paths:
+            path = work / name.replace(" ", "_") / "model.onnx"
+            t0 = time.perf_counter()
+            if not path.exists():
+                build_streaming(cfg, weights, path, "gqa" if name.startswith("lowbit-gqa") else "plain")
+            print(f"  {name} written in {time.perf_counter() - t0:.0f} s ({_peak()})", flush=True)
+            paths[name] = path
+        return paths[name]
 
     def lowbit_rows(variants) -> None:
         for i, (label, pipeline, *start) in enumerate(variants):
+            src = paths[start[0]] if start else base_path(label)
             if pipeline:
-                src = paths[start[0]] if start else base_path
                 slug = label.replace(" ", "_").replace("+", "")
                 path = (src.parent / f"{slug}.onnx" if pipeline.startswith("quantize-kv") else
                         work / slug / "model.onnx")
-                if not path.exists():  # compiles of the cheap recipes stay under 3 GB: no lock
+                if not path.exists():  # the w4a8 compile peaked at 3.8-4.1 GB at 22 layers: locked; the others < 3 GB
                     t0 = time.perf_counter()
-                    path = lowbit_build(label, pipeline, src, work / slug / "model.onnx", ids)
+                    with bigmem(args.lock if "quantize-weights" in pipeline and _size(src.parent) > 2 << 30 else None):
+                        path = lowbit_build(label, pipeline, src, work / slug / "model.onnx", ids)
                     print(f"  {label} compiled ({pipeline}) in {time.perf_counter() - t0:.0f} s ({_peak()})",
                           flush=True)
                 paths[label] = path
@@ -382,7 +408,7 @@ def main() -> None:
                     paths[label] if args.profile and profiled else None)
             later = order[order.index((label, pipeline, *start)) + 1:]
             for name, p in list(paths.items()):  # delete what no later variant is or starts from
-                if not any(lbl == name or ((s[0] if s else "lowbit fp32") == name and pl) for lbl, pl, *s in later):
+                if not any(lbl == name or ((s[0] if s else base_of(lbl)) == name and pl) for lbl, pl, *s in later):
                     _rm(p.parent, args.keep)
                     del paths[name]
 

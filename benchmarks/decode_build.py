@@ -87,8 +87,9 @@ def _streaming_inits(data_path: Path):
             GraphBuilder.init = orig
 
 
-def build_streaming(cfg, weights: dict, path: Path) -> Path:
-    """The KV-cache graph of ``build_llama(cfg, weights, kv_cache=True)`` at ``path`` + ``path.name``.data."""
+def build_streaming(cfg, weights: dict, path: Path, attention_impl: str = "plain") -> Path:
+    """The KV-cache graph of ``build_llama(cfg, weights, kv_cache=True, attention_impl=...)`` at ``path`` +
+    ``path.name``.data."""
     import onnx
     import onnx_ir as ir
 
@@ -96,7 +97,7 @@ def build_streaming(cfg, weights: dict, path: Path) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with _streaming_inits(path.parent / (path.name + ".data")):
-        model = build_llama(cfg, weights, kv_cache=True)
+        model = build_llama(cfg, weights, kv_cache=True, attention_impl=attention_impl)
     proto = ir.serde.serialize_model(model)
     onnx.save_model(proto, str(path))
     return path

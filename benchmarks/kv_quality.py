@@ -1,6 +1,7 @@
 """KV-cache quantization quality: perplexity and bytes per cached token, FP32 cache vs int8/int4 caches.
 
     python benchmarks/kv_quality.py [--model GGUF_OR_BIN] [--calib 0:100] [--eval 600:785] [--rows 0,1,3] [--group 32] [--seq-len 512]
+                                    [--attention gqa]
 
 The model is loaded once in its KV-cache form (weights float, as the frontend gives them); every row
 applies only ``quantize-kv`` with the options shown, so weights and activations are otherwise equal.
@@ -8,6 +9,8 @@ Calibration (static K ranges) and evaluation use disjoint TinyStories slices of
 ``tinystories_hf_validation_head.eot.txt``.  Perplexity is scored on whole windows of the KV graph
 (prefill from an empty cache): each token's K/V is quantized once, when it enters the cache, so this
 equals token-by-token cached decoding (tests/test_quantize_kv.py checks that identity).
+``--attention gqa`` builds the graph with com.microsoft ``GroupQueryAttention`` (GGUF models), whose own quantized
+cache ``quantize-kv{k_mode=channel}`` then uses (static per-channel scales: rows 0, 2, 7, 8).
 """
 
 from __future__ import annotations
@@ -41,6 +44,19 @@ def _slice(text: str) -> slice:
     return slice(int(a), int(b))
 
 
+def _load_kv(path: str, attention: str, load_model):
+    if attention == "plain":
+        return load_model(path, kv_cache=True)
+    if not path.endswith(".gguf"):
+        raise SystemExit(f"error: --attention {attention} is implemented here for GGUF models only")
+    from lowbit.frontends.decoder import build_decoder
+    from lowbit.frontends.gguf_file import read_gguf
+
+    spec, weights, _ = read_gguf(Path(path))
+    meta = {"lowbit.source": Path(path).name, "lowbit.tokenizer": str(Path(path).resolve())}
+    return build_decoder(spec, weights, kv_cache=True, attention_impl=attention, metadata=meta)
+
+
 def main() -> None:
     from lowbit.data.datasets import data_dir, kv_prefill_feed, read_stories
     from lowbit.frontends import load_model
@@ -59,15 +75,18 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="comma-separated row numbers to run (default all)")
     ap.add_argument("--group", type=int, default=32, help="channels per scale group in the grouped rows")
     ap.add_argument("--work", default="/tmp/lowbit-kv-quality")
+    ap.add_argument("--attention", default="plain", choices=["plain", "gqa"],
+                    help="attention core of the KV graph (gqa: GroupQueryAttention; GGUF models only)")
     args = ap.parse_args()
     text = d / "tinystories/tinystories_hf_validation_head.eot.txt"
     stories = read_stories(text)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cached = work / (Path(args.model).stem + ".kv.onnx")
+    suffix = "" if args.attention == "plain" else f".{args.attention}"
+    cached = work / (Path(args.model).stem + f".kv{suffix}.onnx")
     t0 = time.perf_counter()
     if not cached.exists():
-        save_onnx(load_model(args.model, kv_cache=True), cached)
+        save_onnx(_load_kv(args.model, args.attention, load_model), cached)
     model0 = load_onnx(cached)
     tok = load_tokenizer(model0.metadata_props.get("lowbit.tokenizer") or args.model)
     print(f"model {args.model} (KV form) loaded in {time.perf_counter() - t0:.0f} s", flush=True)

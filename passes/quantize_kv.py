@@ -35,6 +35,14 @@ PrefixQuant); N·(float bytes per token) once, not per token.
 TinyStories stories 100–399 (``benchmarks/kv_quality.py``, stories260K and SmolLM2-135M; numbers in
 ``benchmarks/KV_RESULTS.md``), never on the reported ones.  Static per-channel K lost there at every width.
 
+**GroupQueryAttention graphs** (``attention_impl="gqa"``): the cache is the op's own quantized cache
+(``kv_cache_bit_width``, ``k_quant_type=v_quant_type=PER_CHANNEL``, inputs ``k_scale``/``v_scale``): static
+symmetric per-(head, channel) scales ``s = r/(2^(b−1)−1)`` from calibration (K: ``r`` = the RoPE pair's largest
+norm; V and rotated K: the channel's largest |x|), codes ``clip(round(x/s), −2^(b−1), 2^(b−1)−1)`` (int8, or
+int4 +8 two per byte); the op reads them without a float copy (faster than the float cache; numbers in
+``benchmarks/DECODE_RESULTS.md``).  ``hadamard=true`` rotates Q, K, V and the output per head around the op.
+Only ``k_mode=channel`` applies there (no per-token scales, no sink).
+
 Float semantics change only by the quantization error.  Bytes per cached token (all layers, K+V,
 stored scales included) are written to the report next to the float figure.
 """
@@ -94,6 +102,9 @@ class QuantizeKV(Pass):
     def call(self, model):
         graph = model.graph
         self._graph, self._consts = graph, {}
+        gqa = self._gqa_layers(graph)
+        if gqa:
+            return self._call_gqa(model, gqa)
         layers = self._layers(graph)
         if not layers:
             self.fail("no KV cache: expected outputs present.{i}.key/value = Concat(past_key_values.{i}.*, new)",
@@ -132,6 +143,85 @@ class QuantizeKV(Pass):
         logger.info("KV cache: %d → %d bytes per cached token", float_bytes, q_bytes)
         return PassResult(model, modified=True)
 
+    # -- GroupQueryAttention's own quantized cache ---------------------------------------------------
+    def _gqa_layers(self, graph) -> list[ir.Node]:
+        """The ``GroupQueryAttention`` node reading ``past_key_values.{i}.key`` as its past key, per layer."""
+        ins, nodes, i = {v.name: v for v in graph.inputs}, [], 0
+        while f"past_key_values.{i}.key" in ins:
+            users = [u.node for u in ins[f"past_key_values.{i}.key"].uses()
+                     if u.node.op_type == "GroupQueryAttention" and u.idx == 3]
+            if len(users) != 1:
+                return []
+            nodes.append(users[0])
+            i += 1
+        return nodes
+
+    def _call_gqa(self, model, nodes: list[ir.Node]):
+        """Static symmetric per-(head, channel) scales handed to GroupQueryAttention (``kv_cache_bit_width``,
+        ``k_quant_type=v_quant_type=PER_CHANNEL``, inputs ``k_scale``/``v_scale``): the op quantizes the new
+        keys/values itself, ``q = clip(round(x/s), −2^(b−1), 2^(b−1)−1)`` (int8, or int4 packed two per uint8
+        byte with +8, low nibble = even channel), and reads the cache without a float copy of it."""
+        o, g = self.options, self._graph
+        if o.k_mode != "channel" or o.group or o.sink:
+            self.fail("GroupQueryAttention's quantized cache takes static per-channel scales only",
+                      node=nodes[0], hint="use quantize-kv{k_mode=channel} (no group, no sink), or build the graph "
+                                          "with attention_impl='plain' for per-token scales")
+        past = {v.name: v for v in g.inputs}
+        hd = past["past_key_values.0.key"].shape[-1]
+        if o.hadamard and (not isinstance(hd, int) or hd & (hd - 1)):
+            self.fail(f"hadamard=true needs a power-of-two head dim, got {hd}", hint="use hadamard=false")
+        if o.hadamard:
+            self._q1 = add_initializer(g, "kv_hadamard_q", np.ones((1, 1), np.float32))
+        ranges = [self._calibrate(model, nodes, kind) for kind in ("key", "value")]
+        qmax, dtype = 2 ** (o.bits - 1) - 1, ir.DataType.INT8 if o.bits == 8 else ir.DataType.UINT8
+        float_bytes = q_bytes = 0
+        for i, node in enumerate(nodes):
+            attrs = node.attributes
+            heads, kv = attrs["num_heads"].as_int(), attrs["kv_num_heads"].as_int()
+            if o.hadamard:  # (qH)(kH)ᵀ = qkᵀ; P·(VH)·H = P·V, per head
+                for j, n_heads in ((0, heads), (1, kv), (2, kv)):
+                    node.replace_input_with(j, self._per_head_hadamard(node.inputs[j], n_heads, hd, node, f"{i}.{j}"))
+                y = node.outputs[0]
+                uses = list(y.uses())
+                ry = self._per_head_hadamard(y, heads, hd, uses[0].node, f"{i}.out")
+                for u in uses:
+                    u.node.replace_input_with(u.idx, ry)
+            scales = []
+            for kind, (centre, half) in zip(("key", "value"), (r[i] for r in ranges)):
+                r = np.abs(centre) + half  # symmetric: the largest |x| of the channel
+                scales.append(self._const(np.maximum(r / qmax, 1e-8).astype(np.float32).reshape(-1),
+                                          f"{kind}_scale.{i}"))
+            node.resize_inputs(14)
+            node.replace_input_with(12, scales[0])
+            node.replace_input_with(13, scales[1])
+            node.attributes["kv_cache_bit_width"] = ir.AttrInt64("kv_cache_bit_width", o.bits)
+            for a in ("k_quant_type", "v_quant_type"):
+                node.attributes[a] = ir.AttrString(a, "PER_CHANNEL")
+            for j, kind in ((3, "key"), (4, "value")):
+                v_in, v_out = node.inputs[j], node.outputs[j - 2]
+                for v in (v_in, v_out):
+                    dims = list(v.shape or [None, kv, None, hd])
+                    v.type, v.shape = ir.TensorType(dtype), ir.Shape(dims[:3] + [hd * o.bits // 8])
+            float_bytes += 2 * kv * hd * 4
+            q_bytes += 2 * kv * hd * o.bits // 8
+            self.stats["layers"] += 1
+        g.meta.pop("lowbit.names", None)
+        attach_functions(model)
+        self.ctx.report["quantize-kv"] = {"bits": o.bits, "k_mode": o.k_mode, "hadamard": o.hadamard, "group": 0,
+                                          "kernel": "GroupQueryAttention", "layers": self.stats["layers"],
+                                          "float_bytes_per_token": float_bytes, "bytes_per_token": q_bytes,
+                                          "sink_tokens": 0, "sink_bytes": 0}
+        logger.info("KV cache (GroupQueryAttention): %d → %d bytes per cached token", float_bytes, q_bytes)
+        return PassResult(model, modified=True)
+
+    def _per_head_hadamard(self, x: ir.Value, heads: int, hd: int, before: ir.Node, tag: str) -> ir.Value:
+        """[b, s, heads·hd] → the normalised Hadamard of every head's hd channels, same shape."""
+        split = self._op("Reshape", [x, self._const(np.array([0, 0, heads, hd], np.int64), "heads")],
+                         f"kv.gqa.{tag}.split", before)
+        rot = self._op("Hadamard", [split, self._q1], f"kv.gqa.{tag}.hadamard", before)
+        return self._op("Reshape", [rot, self._const(np.array([0, 0, heads * hd], np.int64), "flat")],
+                        f"kv.gqa.{tag}.merge", before)
+
     # -- finding the cache ------------------------------------------------------------------------
     def _layers(self, graph) -> list[tuple[ir.Node, ir.Node]]:
         outs = {v.name: v for v in graph.outputs}
@@ -152,17 +242,19 @@ class QuantizeKV(Pass):
             i += 1
         return layers
 
-    def _calibrate(self, model, layers) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per-(head, channel) centre and half-range of the keys entering each layer's cache (module doc)."""
+    def _calibrate(self, model, layers, kind: str = "key") -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-(head, channel) centre and half-range of the keys (values) entering each layer's cache (module
+        doc); ``layers`` only counts the layers, the graph's ``present.{i}.key`` outputs give the head dim."""
         from lowbit.ir.sessions import make_session
 
         feeds = self.ctx.calibration
         if not feeds:
             self.fail("k_mode=channel needs calibration samples", hint="pass --calibration, or use k_mode=token")
-        names = [f"present.{i}.key" for i in range(len(layers))]
+        names = [f"present.{i}.{kind}" for i in range(len(layers))]
         sess = make_session(model)
         wanted = {i.name for i in sess.get_inputs()}
-        pairs = None if self.options.hadamard else _rope_pairs(model, layers[0][0].outputs[0].shape[-1])
+        hd = next(v for v in model.graph.outputs if v.name == names[0]).shape[-1]
+        pairs = None if self.options.hadamard or kind != "key" else _rope_pairs(model, hd)
         lo, hi, norm = [None] * len(names), [None] * len(names), [None] * len(names)
         for feed in feeds:
             res = sess.run(names, {k: v for k, v in feed.items() if k in wanted})

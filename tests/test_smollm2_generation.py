@@ -1,5 +1,5 @@
-"""SmolLM2-135M-Instruct (the real GGUF) through the cache path: ``lowbit eval --ppl --cache`` (token by token)
-equals whole-window perplexity, and a lowbit-compiled ``--format genai`` folder generates text through
+"""SmolLM2-135M-Instruct (the real GGUF) through the cache path: decoding token by token reproduces the
+full-sequence logits (≤ 1e-5 relative), ``lowbit eval --ppl --cache`` (token by token) equals whole-window perplexity, and a lowbit-compiled ``--format genai`` folder generates text through
 onnxruntime-genai's ``Generator`` and optimum's ``ORTModelForCausalLM.generate()`` — the same greedy tokens as
 lowbit's own generation on the same graph.  Slow (a SmolLM2 compile): CI's ``-m slow`` step runs it."""
 
@@ -19,6 +19,24 @@ pytestmark = pytest.mark.slow
 GGUF = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Once upon a time, there was a little girl named"
 OPTIMUM_PY = Path(__file__).resolve().parents[1] / ".venv-optimum" / "bin" / "python"
+
+
+def test_smollm2_token_by_token_decode_reproduces_full_sequence_logits():
+    import numpy as np
+
+    import lowbit
+    from lowbit.ir.sessions import make_session
+    from lowbit.runtime import KVSession
+
+    path = require_data(GGUF)
+    ids = np.array([1, 9906, 2188, 253, 655, 28, 665, 436, 253, 1345, 2767, 2462, 30265, 30, 1652, 3714, 288, 1801,
+                    15, 2140, 2591, 30])
+    full = make_session(lowbit.load_model(path)).run(["logits"], {"input_ids": ids[None]})[0][0]
+    s = KVSession(lowbit.load_model(path, kv_cache=True))
+    got = np.concatenate([s.step(ids[:4], last_only=False)[0]] +
+                         [s.step(ids[t : t + 1], last_only=False)[0] for t in range(4, len(ids))])
+    assert got.shape == full.shape
+    assert np.max(np.abs(got - full)) <= 1e-5 * np.max(np.abs(full))
 
 
 def test_smollm2_cache_path_perplexity_equals_window(tinystories, capsys):
