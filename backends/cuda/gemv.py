@@ -67,7 +67,8 @@ def build_module(src: str, arch: str = "sm_90", include=SOURCE.parent):
     """A ``cupy.RawModule`` of CUDA source ``src`` (nvcc → cubin, cached by hash in $LOWBIT_CUDA_CACHE)."""
     import cupy as cp
 
-    key = hashlib.sha256((SOURCE.read_text() + src + arch).encode()).hexdigest()[:16]
+    sources = "".join(p.read_text() for p in sorted(SOURCE.parent.glob("*.cu")))
+    key = hashlib.sha256((sources + src + arch).encode()).hexdigest()[:16]
     if key in _MODULES:
         return _MODULES[key]
     cache = Path(os.environ.get("LOWBIT_CUDA_CACHE", Path(tempfile.gettempdir()) / "lowbit-cuda"))
