@@ -92,10 +92,12 @@ def timing(cp, layout, q8, configs, k, n, block, read_bw, rng):
                 g.quantize(x)
                 g.launch(y)
             t = _graph_time(cp, [(lambda g=g: one(g)) for g in gems] * max(1, 24 // copies))
-            out.append(dict(bits=bits, k=k, n=n, block=block, cfg=cfg.__dict__, us=t * 1e6, bytes=nbytes,
+            t_gemv = _graph_time(cp, [(lambda g=g: g.launch(y)) for g in gems] * max(1, 24 // copies))
+            out.append(dict(bits=bits, k=k, n=n, block=block, cfg=cfg.__dict__, us=t * 1e6, gemv_only_us=t_gemv * 1e6,
+                            bytes=nbytes,
                             gbps=nbytes / t / 1e9, pct_read_bw=100 * nbytes / t / 1e9 / read_bw))
             print(f"  q8 {bits}-bit {cfg}: {t * 1e6:8.1f} us  {nbytes / t / 1e9:7.0f} GB/s  "
-                  f"{out[-1]['pct_read_bw']:5.1f} % of read bandwidth", flush=True)
+                  f"{out[-1]['pct_read_bw']:5.1f} % of read bandwidth (GEMV alone {t_gemv * 1e6:.1f} us)", flush=True)
         del ops, gems
         cp.get_default_memory_pool().free_all_blocks()
     return out

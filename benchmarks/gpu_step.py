@@ -7,10 +7,12 @@ codes in the q8 layout.  One step = zero the barrier counter + one kernel launch
 Floor = (weights with scales and zero points + the KV cache read) ÷ the read bandwidth measured in the
 same run (benchmarks/gpu_gemv.py's kernel).
 
-Parity first: a 2-layer small stack (dim 256, FFN 512, 4/2 heads, vocab 512, group 32) runs 6 tokens and
-its last logits are compared with a float64 numpy Llama decoder written from the equations (no int8
-rounding of activations: the kernel's int8-per-32 activations are part of the stated tolerance):
-max |Δ| ≤ 2e-2 · max |logit|.
+Parity first: a 2-layer small stack (dim 256, FFN 512, 4/2 heads, vocab 512, group 32) runs 6 and 40
+tokens and its last logits are compared with a float64 numpy Llama decoder written from the equations,
+twice: (1) with every linear's input rounded to int8 per 32 values (x ≈ d·rint(x/d), d = max|x|/127, the
+q8_1 scheme of llama.cpp) and past K/V rounded to fp16, as the kernel does: max |Δ| ≤ 5e-3 · max |logit|;
+(2) with no rounding at all, reported, and only checked for gross errors (≤ 0.1 · max |logit|): the int8
+rounding alone moves these random-weight logits by 0.5-3.2 % of the largest (numpy against numpy).
 """
 
 from __future__ import annotations
@@ -77,9 +79,24 @@ def build(cp, layout, step, shape, bits, rng, host: bool):
     return st, dict(W=ref, norms=norms, nf=nf, emb=emb)
 
 
-def reference_logits(shape, ref, tokens) -> np.ndarray:
-    """float64 numpy Llama decoder (RMSNorm, interleaved-pair RoPE θ=1e4, GQA softmax attention, SwiGLU)."""
+def int8_per32(v: np.ndarray) -> np.ndarray:
+    """v rounded as int8 per 32 values: d·rint(v/d), d = max|v|/127 over each 32 (0 where all are 0)."""
+    k = v.shape[0]
+    b = np.zeros(-(-k // 32) * 32)
+    b[:k] = v
+    b = b.reshape(-1, 32)
+    amax = np.abs(b).max(1, keepdims=True)
+    d = amax / 127.0
+    q = np.rint(b / np.where(amax > 0, d, 1.0))
+    return (q * d).reshape(-1)[:k]
+
+
+def reference_logits(shape, ref, tokens, int8_acts: bool = False) -> np.ndarray:
+    """float64 numpy Llama decoder (RMSNorm, interleaved-pair RoPE θ=1e4, GQA softmax attention, SwiGLU);
+    ``int8_acts``: linear inputs rounded by :func:`int8_per32`, past K/V rounded to fp16."""
     s, hd = shape, 64
+    qx = int8_per32 if int8_acts else (lambda v: v)
+    f16 = (lambda a: a.astype(np.float16).astype(np.float64)) if int8_acts else (lambda a: a)
     grp = s.heads // s.kv_heads
     W = ref["W"]
 
@@ -98,27 +115,31 @@ def reference_logits(shape, ref, tokens) -> np.ndarray:
         x = ref["emb"][tok].astype(np.float64)
         for layer in range(s.layers):
             n1, n2 = ref["norms"][layer]
-            qkv = W[(layer, "qkv")] @ norm(x, n1)
+            qkv = W[(layer, "qkv")] @ qx(norm(x, n1))
             q = rope(qkv[: s.heads * hd], pos)
-            kc[layer].append(rope(qkv[s.heads * hd:(s.heads + s.kv_heads) * hd], pos))
-            vc[layer].append(qkv[(s.heads + s.kv_heads) * hd:].reshape(-1, hd))
-            K, V = np.stack(kc[layer], 1), np.stack(vc[layer], 1)
+            k_new = rope(qkv[s.heads * hd:(s.heads + s.kv_heads) * hd], pos)
+            v_new = qkv[(s.heads + s.kv_heads) * hd:].reshape(-1, hd)
+            K = np.stack([f16(a) for a in kc[layer]] + [k_new], 1)  # the new token's k/v are not rounded
+            V = np.stack([f16(a) for a in vc[layer]] + [v_new], 1)
+            kc[layer].append(k_new)
+            vc[layer].append(v_new)
             att = np.zeros((s.heads, hd))
             for h in range(s.heads):
                 sc = K[h // grp] @ q[h] / np.sqrt(hd)
                 p = np.exp(sc - sc.max())
                 att[h] = (p / p.sum()) @ V[h // grp]
-            x = x + W[(layer, "o")] @ att.reshape(-1)
-            gu = W[(layer, "gu")] @ norm(x, n2)
+            x = x + W[(layer, "o")] @ qx(att.reshape(-1))
+            gu = W[(layer, "gu")] @ qx(norm(x, n2))
             g, u = gu[: s.hidden], gu[s.hidden:]
-            x = x + W[(layer, "down")] @ (g / (1 + np.exp(-g)) * u)
-    return W[(-1, "head")] @ norm(x, ref["nf"])
+            x = x + W[(layer, "down")] @ qx(g / (1 + np.exp(-g)) * u)
+    return W[(-1, "head")] @ qx(norm(x, ref["nf"]))
 
 
 SMALL = dict(dim=256, hidden=512, layers=2, heads=4, kv_heads=2, vocab=512, max_ctx=48, block=32)
 
 
-def parity(cp, layout, step, bits, rng, ntok=6) -> float:
+def parity(cp, layout, step, bits, rng, ntok=6) -> tuple[float, float]:
+    """(error vs the int8-rounding reference, error vs the unrounded reference), each / max |logit|."""
     shape = step.StepShape(**SMALL)
     st, ref = build(cp, layout, step, shape, bits, rng, host=True)
     tokens = [int(t) for t in rng.integers(0, shape.vocab, ntok)]
@@ -129,8 +150,11 @@ def parity(cp, layout, step, bits, rng, ntok=6) -> float:
     got = cp.asnumpy(st.logits).astype(np.float64)
     if st.timed_out():
         raise RuntimeError("a grid barrier timed out")
-    want = reference_logits(shape, ref, tokens)
-    return float(np.abs(got - want).max() / np.abs(want).max())
+    errs = []
+    for int8_acts in (True, False):
+        want = reference_logits(shape, ref, tokens, int8_acts)
+        errs.append(float(np.abs(got - want).max() / np.abs(want).max()))
+    return errs[0], errs[1]
 
 
 def main(argv=None):
@@ -154,9 +178,10 @@ def main(argv=None):
     for bits in args.bits:
         err = parity(cp, layout, step, bits, rng)
         long_err = parity(cp, layout, step, bits, rng, ntok=40)  # positions past one 32-lane chunk
-        ok = err <= 2e-2 and long_err <= 2e-2
-        print(f"{bits}-bit fused-step parity: max |Δlogit| / max |logit| = {err:.2e} (6 tokens), "
-              f"{long_err:.2e} (40 tokens) ({'ok' if ok else 'FAIL'})", flush=True)
+        ok = max(err[0], long_err[0]) <= 5e-3 and max(err[1], long_err[1]) <= 0.1
+        print(f"{bits}-bit fused-step parity, max |Δlogit| / max |logit| vs the int8-rounding / unrounded "
+              f"reference: {err[0]:.2e} / {err[1]:.2e} (6 tokens), {long_err[0]:.2e} / {long_err[1]:.2e} "
+              f"(40 tokens) ({'ok' if ok else 'FAIL'})", flush=True)
         r = dict(bits=bits, parity_6=err, parity_40=long_err, parity_ok=ok)
         if not args.parity_only:
             shape = step.StepShape(layers=args.layers)
@@ -164,14 +189,17 @@ def main(argv=None):
             st.pos[...] = args.context
             cp.cuda.Device().synchronize()
             t = _graph_time(cp, [st.step], reps=20)
+            st.flags = 0
+            t_nopf = _graph_time(cp, [st.step], reps=20)
+            st.flags = 1
             wb = st.weight_bytes()
             kv = 2 * shape.layers * shape.kv_heads * (args.context + 1) * 64 * 2
             floor = (wb + kv) / (bw * 1e9)
-            r.update(step_us=t * 1e6, weight_bytes=wb, kv_bytes=kv, floor_us=floor * 1e6, pct_floor=100 * floor / t,
+            r.update(step_us=t * 1e6, step_no_prefetch_us=t_nopf * 1e6, weight_bytes=wb, kv_bytes=kv, floor_us=floor * 1e6, pct_floor=100 * floor / t,
                      barrier_timeout=st.timed_out(), blocks=st.blocks)
             print(f"{bits}-bit fused decode step (context {args.context}, {shape.layers} layers): {t * 1e6:.1f} us "
                   f"(one CUDA graph: memset + 1 kernel, {st.blocks} blocks); floor {floor * 1e6:.1f} us "
-                  f"({(wb + kv) / 1e6:.1f} MB); {r['pct_floor']:.1f} % of floor"
+                  f"({(wb + kv) / 1e6:.1f} MB); {r['pct_floor']:.1f} % of floor; without L2 prefetch {t_nopf * 1e6:.1f} us"
                   f"{'  BARRIER TIMEOUT' if r['barrier_timeout'] else ''}", flush=True)
             del st
             cp.get_default_memory_pool().free_all_blocks()

@@ -10,6 +10,7 @@
 //   H [N, K/64] uint2    3-bit only: word i, byte b, bit p = high bit of code 32i+4p+b
 // So a 32-code block costs per 4 codes: one shift + one mask (+ shift/mask/or of the high bit) + dp4a,
 // instead of a shift, mask, half subtract and half FMA per 2 codes (gemv.cu).
+#pragma once
 #include <cuda_fp16.h>
 #include <stdint.h>
 

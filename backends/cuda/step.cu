@@ -33,6 +33,7 @@ struct Layer {
 #define STEP_MAXK 8192   // longest GEMV input (dim, hidden)
 #define STEP_MAXQ 4096   // heads * 64
 #define STEP_MAXKV 1024  // kv_heads * 64
+#include "step_attention.cu"
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   unsigned v;
@@ -66,7 +67,8 @@ __device__ __forceinline__ void prefetch_range(const void* base, size_t begin, s
 }
 
 template <int BITS>
-__device__ __forceinline__ void prefetch_rows(const Lin& L, int r0, int r1) {
+__device__ __forceinline__ void prefetch_rows(const Lin& L, int r0, int r1, int flags) {
+  if (!(flags & 1)) return;  // flags bit 0: prefetch the next phase's weights into L2
   const size_t steps = L.K / Q8Fmt<BITS>::CPS;
   prefetch_range(L.A, r0 * steps * 16, r1 * steps * 16);
   if (BITS == 3) prefetch_range(L.H, r0 * steps * 8, r1 * steps * 8);
@@ -175,103 +177,12 @@ __device__ void block_gemv(const Lin& L, const int8_t* xq, const float2* xd, flo
   }
 }
 
-// RoPE (interleaved pairs) + causal attention of the token at `pos` for every head, into att (shared,
-// [heads*64] fp32); block 0 appends the new k, v to the caches.  Warps own heads, lanes own positions.
-__device__ void block_attention(const float* qkv, __half* kc, __half* vc, int pos, int heads, int kvh,
-                                int max_ctx, float theta, float* att, float* sk, float* sv) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const float inv = powf(theta, -2.f * lane / 64.f);
-  float sn, cs;
-  sincosf(pos * inv, &sn, &cs);
-  for (int h = warp; h < heads + kvh; h += STEP_WARPS) {
-    const float a = __ldcg(qkv + h * 64 + 2 * lane), b = __ldcg(qkv + h * 64 + 2 * lane + 1);
-    const float r0 = a * cs - b * sn, r1 = a * sn + b * cs;
-    if (h < heads) {
-      att[h * 64 + 2 * lane] = r0;
-      att[h * 64 + 2 * lane + 1] = r1;
-    } else {
-      const int kk = h - heads;
-      const float* vp = qkv + (heads + kvh) * 64 + kk * 64;
-      const float va = __ldcg(vp + 2 * lane), vb = __ldcg(vp + 2 * lane + 1);
-      sk[kk * 64 + 2 * lane] = r0;
-      sk[kk * 64 + 2 * lane + 1] = r1;
-      sv[kk * 64 + 2 * lane] = va;
-      sv[kk * 64 + 2 * lane + 1] = vb;
-      if (blockIdx.x == 0) {
-        reinterpret_cast<__half2*>(kc + ((size_t)kk * max_ctx + pos) * 64)[lane] = __floats2half2_rn(r0, r1);
-        reinterpret_cast<__half2*>(vc + ((size_t)kk * max_ctx + pos) * 64)[lane] = __floats2half2_rn(va, vb);
-      }
-    }
-  }
-  __syncthreads();
-  const int grp = heads / kvh;
-  const float scale = rsqrtf(64.f);
-  for (int h = warp; h < heads; h += STEP_WARPS) {
-    const int kk = h / grp;
-    const float* q = att + h * 64;
-    float m = -INFINITY, l = 0.f, o0 = 0.f, o1 = 0.f;
-    for (int c0 = 0; c0 <= pos; c0 += 32) {
-      const int t = c0 + lane;
-      float s = -INFINITY;
-      if (t < pos) {
-        const uint4* kr = reinterpret_cast<const uint4*>(kc + ((size_t)kk * max_ctx + t) * 64);
-        float acc = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const uint4 kv = __ldcg(kr + j);
-          const __half2* k2 = reinterpret_cast<const __half2*>(&kv);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 f = __half22float2(k2[e]);
-            acc = fmaf(q[8 * j + 2 * e], f.x, fmaf(q[8 * j + 2 * e + 1], f.y, acc));
-          }
-        }
-        s = acc * scale;
-      } else if (t == pos) {
-        float acc = 0.f;
-        for (int d = 0; d < 64; ++d) acc = fmaf(q[d], sk[kk * 64 + d], acc);
-        s = acc * scale;
-      }
-      float cmax = s;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, o));
-      const float mn = fmaxf(m, cmax);
-      const float corr = __expf(m - mn);
-      const float p = (t <= pos) ? __expf(s - mn) : 0.f;
-      float ps = p;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-      l = l * corr + ps;
-      o0 *= corr;
-      o1 *= corr;
-      const int cnt = min(32, pos - c0 + 1);
-      for (int j = 0; j < cnt; ++j) {
-        const float pj = __shfl_sync(0xffffffffu, p, j);
-        const int tj = c0 + j;
-        float2 vv;
-        if (tj < pos) {
-          const unsigned raw = __ldcg(reinterpret_cast<const unsigned*>(vc + ((size_t)kk * max_ctx + tj) * 64) + lane);
-          vv = __half22float2(*reinterpret_cast<const __half2*>(&raw));
-        } else {
-          vv = make_float2(sv[kk * 64 + 2 * lane], sv[kk * 64 + 2 * lane + 1]);
-        }
-        o0 = fmaf(pj, vv.x, o0);
-        o1 = fmaf(pj, vv.y, o1);
-      }
-      m = mn;
-    }
-    __syncwarp();
-    att[h * 64 + 2 * lane] = o0 / l;
-    att[h * 64 + 2 * lane + 1] = o1 / l;
-  }
-  __syncthreads();
-}
-
 template <int BITS>
 __device__ void decode_step(const Layer* __restrict__ layers, const Lin* __restrict__ head,
                             const float* __restrict__ nf, const __half* __restrict__ emb, const int* token,
                             const int* pos_p, float* x, float* qkv, float* act, float* logits, unsigned* bar,
-                            int nlayers, int dim, int heads, int kvh, int max_ctx, float eps, float theta) {
+                            int nlayers, int dim, int heads, int kvh, int max_ctx, float eps, float theta,
+                            int flags) {
   __shared__ __align__(16) int8_t xq[STEP_MAXK];
   __shared__ float2 xd[STEP_MAXK / 32];
   __shared__ __align__(16) float att[STEP_MAXQ];
@@ -282,7 +193,7 @@ __device__ void decode_step(const Layer* __restrict__ layers, const Lin* __restr
   int r0, r1;
   {  // embed: x ← emb[token] (this block's slice)
     block_rows<false>(layers[0].qkv.N, r0, r1);
-    prefetch_rows<BITS>(layers[0].qkv, r0, r1);
+    prefetch_rows<BITS>(layers[0].qkv, r0, r1, flags);
     block_rows<false>(dim, r0, r1);
     for (int i = r0 + threadIdx.x; i < r1; i += STEP_THREADS) x[i] = __half2float(emb[(size_t)tok * dim + i]);
     grid_sync(bar, target);
@@ -290,24 +201,24 @@ __device__ void decode_step(const Layer* __restrict__ layers, const Lin* __restr
   for (int l = 0; l < nlayers; ++l) {
     const Layer& Ly = layers[l];
     block_rows<false>(Ly.o.N, r0, r1);  // A
-    prefetch_rows<BITS>(Ly.o, r0, r1);
+    prefetch_rows<BITS>(Ly.o, r0, r1, flags);
     stage_x<false>(x, dim, Ly.n1, eps, xq, xd, red);
     block_gemv<BITS, 0>(Ly.qkv, xq, xd, qkv);
     grid_sync(bar, target);
     block_rows<true>(Ly.gu.N, r0, r1);  // B
-    prefetch_rows<BITS>(Ly.gu, r0, r1);
+    prefetch_rows<BITS>(Ly.gu, r0, r1, flags);
     block_attention(qkv, Ly.kc, Ly.vc, pos, heads, kvh, max_ctx, theta, att, sk, sv);
     stage_x<true>(att, heads * 64, nullptr, eps, xq, xd, red);
     block_gemv<BITS, 1>(Ly.o, xq, xd, x);
     grid_sync(bar, target);
     block_rows<false>(Ly.down.N, r0, r1);  // C
-    prefetch_rows<BITS>(Ly.down, r0, r1);
+    prefetch_rows<BITS>(Ly.down, r0, r1, flags);
     stage_x<false>(x, dim, Ly.n2, eps, xq, xd, red);
     block_gemv<BITS, 2>(Ly.gu, xq, xd, act);
     grid_sync(bar, target);
     const Lin& nxt = (l + 1 < nlayers) ? layers[l + 1].qkv : *head;  // D
     block_rows<false>(nxt.N, r0, r1);
-    prefetch_rows<BITS>(nxt, r0, r1);
+    prefetch_rows<BITS>(nxt, r0, r1, flags);
     stage_x<false>(act, Ly.gu.N / 2, nullptr, eps, xq, xd, red);
     block_gemv<BITS, 1>(Ly.down, xq, xd, x);
     grid_sync(bar, target);
@@ -320,9 +231,9 @@ __device__ void decode_step(const Layer* __restrict__ layers, const Lin* __restr
   extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1)                                               \
       NAME(const Layer* layers, const Lin* head, const float* nf, const __half* emb, const int* token,         \
            const int* pos, float* x, float* qkv, float* act, float* logits, unsigned* bar, int nlayers, int dim, \
-           int heads, int kvh, int max_ctx, float eps, float theta) {                                          \
+           int heads, int kvh, int max_ctx, float eps, float theta, int flags) {                               \
     decode_step<BITS>(layers, head, nf, emb, token, pos, x, qkv, act, logits, bar, nlayers, dim, heads, kvh,  \
-                      max_ctx, eps, theta);                                                                   \
+                      max_ctx, eps, theta, flags);                                                            \
   }
 STEP_KERNEL(decode_step_b4, 4)
 STEP_KERNEL(decode_step_b3, 3)

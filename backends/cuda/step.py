@@ -67,11 +67,13 @@ class DecodeStep:
     """``layers``: per layer a dict of DeviceLinear ``qkv``, ``o``, ``gu`` (interleaved), ``down`` and
     float32 device norms ``n1``, ``n2``; ``head`` DeviceLinear; ``nf`` final norm; ``emb`` fp16 [vocab, dim]."""
 
-    def __init__(self, cp, shape: StepShape, bits: int, layers, head, nf, emb, eps=1e-5, theta=10000.0):
+    def __init__(self, cp, shape: StepShape, bits: int, layers, head, nf, emb, eps=1e-5, theta=10000.0,
+                 prefetch: bool = True):
         s = shape
         if s.dim % 64 or s.hidden % 64 or s.heads * 64 > 4096 or s.kv_heads * 64 > 1024 or max(s.dim, s.hidden) > 8192:
             raise ValueError(f"DecodeStep: shape {s} outside step.cu's limits")
         self.cp, self.shape, self.bits, self.eps, self.theta = cp, s, bits, eps, theta
+        self.flags = 1 if prefetch else 0  # step.cu: bit 0 = L2 prefetch of the next phase's weights
         self.layers, self.head, self.nf, self.emb = layers, head, nf, emb
         self.kernel = build_module('#include "step.cu"\n').get_function(f"decode_step_b{bits}")
         self.kc = [cp.zeros((s.kv_heads, s.max_ctx, 64), cp.float16) for _ in layers]
@@ -103,7 +105,7 @@ class DecodeStep:
         self.kernel((self.blocks,), (512,), (
             self.table, self.head_table, self.nf, self.emb, self.token, self.pos, self.x, self.qkv, self.act,
             self.logits, self.bar, cp.int32(len(self.layers)), cp.int32(s.dim), cp.int32(s.heads),
-            cp.int32(s.kv_heads), cp.int32(s.max_ctx), cp.float32(self.eps), cp.float32(self.theta)))
+            cp.int32(s.kv_heads), cp.int32(s.max_ctx), cp.float32(self.eps), cp.float32(self.theta), cp.int32(self.flags)))
 
     def timed_out(self) -> bool:
         """Whether a grid barrier gave up waiting (blocks not all resident) since the buffers were made."""
