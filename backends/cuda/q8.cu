@@ -17,6 +17,7 @@
 template <int BITS> struct Q8Fmt { static constexpr int CPS = 64; };  // codes per lane step (16 B of A)
 template <> struct Q8Fmt<4> { static constexpr int CPS = 32; };
 
+#ifndef LOWBIT_CPU_EMU  // tests/cuda_emu.h runs these sources on the CPU and supplies plain loads instead
 __device__ __forceinline__ uint4 q8_ld_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -28,6 +29,7 @@ __device__ __forceinline__ uint2 q8_ld_stream2(const uint2* p) {
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
+#endif
 
 // Integer dot of the 32-code block sb of one step (words w, high-bit words h) with 8 xq words.
 template <int BITS>

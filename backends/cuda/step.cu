@@ -28,18 +28,26 @@ struct Layer {
   __half* vc;
 };
 
+#ifndef STEP_THREADS
 #define STEP_THREADS 512
+#endif
 #define STEP_WARPS (STEP_THREADS / 32)
 #define STEP_MAXK 8192   // longest GEMV input (dim, hidden)
 #define STEP_MAXQ 4096   // heads * 64
 #define STEP_MAXKV 1024  // kv_heads * 64
 #include "step_attention.cu"
 
+#ifndef LOWBIT_CPU_EMU
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+__device__ __forceinline__ void prefetch_l2(const char* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+#endif
+#ifndef STEP_SPIN_LIMIT
+#define STEP_SPIN_LIMIT (1u << 20)
+#endif
 
 // Grid-wide barrier; bar[0] counts arrivals (zeroed before the launch), bar[1] flags a timeout.
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
@@ -50,7 +58,7 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
     atomicAdd(bar, 1u);
     unsigned spins = 0;  // a grid that is not all resident would wait forever: give up (and flag) after ~1 s
     while (ld_acquire(bar) < target) {
-      if ((++spins & 255u) == 0 && (spins > (1u << 20) || ld_acquire(bar + 1) != 0)) {
+      if ((++spins & 255u) == 0 && (spins > STEP_SPIN_LIMIT || ld_acquire(bar + 1) != 0)) {
         atomicExch(bar + 1, 1u);
         break;
       }
@@ -63,7 +71,7 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target) {
 __device__ __forceinline__ void prefetch_range(const void* base, size_t begin, size_t end) {
   const char* p = reinterpret_cast<const char*>(base);
   for (size_t off = begin + (size_t)threadIdx.x * 128; off < end; off += (size_t)STEP_THREADS * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+    prefetch_l2(p + off);
 }
 
 template <int BITS>

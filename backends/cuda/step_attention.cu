@@ -3,9 +3,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#ifndef STEP_WARPS
-#define STEP_WARPS 16
-#endif
 
 // RoPE (interleaved pairs) + causal attention of the token at `pos` for every head, into att (shared,
 // [heads*64] fp32); block 0 appends the new k, v to the caches.  Warps own heads, lanes own positions.
