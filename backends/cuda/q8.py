@@ -12,7 +12,7 @@ import logging
 from .gemv import GemvConfig, build_module
 from .layout import CODES_PER_STEP, GpuWeights
 
-__all__ = ["CudaGemvQ8", "Q8_CONFIGS", "load_q8_module", "q8_kernel_name"]
+__all__ = ["CudaGemvQ8", "Q8_CONFIGS", "load_q8_module", "q8_kernel_name", "q8_wrapper_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,11 @@ def q8_kernel_name(bits: int, cfg: GemvConfig, atomic: bool | None = None) -> st
 
 def load_q8_module(configs=Q8_CONFIGS, arch: str = "sm_90"):
     """The q8 GEMV kernels of ``configs`` and ``q8_quantize_x`` in one module."""
+    return build_module(q8_wrapper_source(configs), arch)
+
+
+def q8_wrapper_source(configs=Q8_CONFIGS) -> str:
+    """CUDA source instantiating the q8 GEMV kernels of ``configs`` (``Q8_GEMV_KERNEL`` lines)."""
     lines, seen = ['#include "q8.cu"'], set()
     for bits in CODES_PER_STEP:
         for cfg in configs:
@@ -37,7 +42,7 @@ def load_q8_module(configs=Q8_CONFIGS, arch: str = "sm_90"):
                     seen.add(name)
                     lines.append(f"Q8_GEMV_KERNEL({name}, {bits}, {cfg.rows}, {cfg.unroll}, "
                                  f"{'true' if atomic else 'false'}, {32 * cfg.warps})")
-    return build_module("\n".join(lines) + "\n", arch)
+    return "\n".join(lines) + "\n"
 
 
 class CudaGemvQ8:

@@ -78,7 +78,25 @@ inline float rsqrtf(float f) { return 1.f / std::sqrt(f); }
 using std::max;
 using std::min;
 
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {  // products of halves are exact in float
+  const float2 fa = __half22float2(a), fb = __half22float2(b), fc = __half22float2(c);
+  return __floats2half2_rn(std::fma(fa.x, fb.x, fc.x), std::fma(fa.y, fb.y, fc.y));
+}
 inline uint4 q8_ld_stream(const uint4* p) { return *p; }
+inline uint4 ld_stream(const uint4* p) { return *p; }
+inline uint2 ld_stream2(const uint2* p) { return *p; }
+inline float atomicAdd(float* p, float v) {  // a CAS loop on the float's bits
+  uint32_t old = __atomic_load_n(reinterpret_cast<uint32_t*>(p), __ATOMIC_SEQ_CST), nw;
+  float f;
+  do {
+    std::memcpy(&f, &old, 4);
+    f += v;
+    std::memcpy(&nw, &f, 4);
+  } while (!__atomic_compare_exchange_n(reinterpret_cast<uint32_t*>(p), &old, nw, false, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST));
+  std::memcpy(&f, &old, 4);
+  return f;
+}
 inline uint2 q8_ld_stream2(const uint2* p) { return *p; }
 inline unsigned ld_acquire(const unsigned* p) {
   sched_yield();
