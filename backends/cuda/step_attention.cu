@@ -74,18 +74,24 @@ __device__ void block_attention(const float* qkv, __half* kc, __half* vc, int po
       o0 *= corr;
       o1 *= corr;
       const int cnt = min(32, pos - c0 + 1);
-      for (int j = 0; j < cnt; ++j) {
-        const float pj = __shfl_sync(0xffffffffu, p, j);
-        const int tj = c0 + j;
-        float2 vv;
-        if (tj < pos) {
-          const unsigned raw = __ldcg(reinterpret_cast<const unsigned*>(vc + ((size_t)kk * max_ctx + tj) * 64) + lane);
-          vv = __half22float2(*reinterpret_cast<const __half2*>(&raw));
-        } else {
-          vv = make_float2(sv[kk * 64 + 2 * lane], sv[kk * 64 + 2 * lane + 1]);
+      for (int j0 = 0; j0 < cnt; j0 += 8) {  // 8 cached V loads in flight before their use
+        float2 vv[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int tj = c0 + j0 + j;
+          if (tj < pos) {
+            const unsigned raw = __ldcg(reinterpret_cast<const unsigned*>(vc + ((size_t)kk * max_ctx + tj) * 64) + lane);
+            vv[j] = __half22float2(*reinterpret_cast<const __half2*>(&raw));
+          } else {
+            vv[j] = make_float2(sv[kk * 64 + 2 * lane], sv[kk * 64 + 2 * lane + 1]);  // tj == pos (or unused)
+          }
         }
-        o0 = fmaf(pj, vv.x, o0);
-        o1 = fmaf(pj, vv.y, o1);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float pj = __shfl_sync(0xffffffffu, p, (j0 + j) & 31);  // p = 0 past pos
+          o0 = fmaf(pj, vv[j].x, o0);
+          o1 = fmaf(pj, vv[j].y, o1);
+        }
       }
       m = mn;
     }
