@@ -211,16 +211,43 @@ def best_configs(cp, gemv, layout, shape: Shape, bits, rng) -> dict:
     return out
 
 
+def check_configs(cp, gemv, layout, bits, rng) -> list:
+    """One plain-launched step of a 1-layer full-width stack for every (linear, configuration), synchronised
+    after each: which launch configuration of which linear faults (run under compute-sanitizer to see where)."""
+    bad = []
+    names = ("qkv", "o", "gu", "down", "head")
+    for cfg in gemv.DEFAULT_CONFIGS:
+        for name in names:
+            configs = {n: (cfg if n == name else gemv.GemvConfig()) for n in names}
+            st = Stack(cp, gemv, layout, Shape(layers=1), bits, rng, configs=configs)
+            st.pos[...] = 16
+            try:
+                st.step()
+                cp.cuda.Device().synchronize()
+            except Exception as exc:  # noqa: BLE001 - a fault ends the context; report it and stop
+                bad.append((name, cfg, repr(exc)[:200]))
+                print(f"  {bits}-bit {name} {cfg}: FAULT {exc!r}", flush=True)
+                return bad
+            del st
+        print(f"  {bits}-bit {cfg}: every linear ran", flush=True)
+    return bad
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--context", type=int, default=16)
+    ap.add_argument("--check-configs", action="store_true", help="only run check_configs (for compute-sanitizer)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import cupy as cp
 
     gemv, layout = _cuda_pkg()
     rng = np.random.default_rng(0)
+    if args.check_configs:
+        for bits in args.bits:
+            check_configs(cp, gemv, layout, bits, rng)
+        return
     bw, _, _ = read_bandwidth(cp, gemv)
     print(f"read bandwidth {bw:.0f} GB/s", flush=True)
     results = []

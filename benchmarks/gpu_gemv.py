@@ -46,6 +46,9 @@ def _cuda_pkg():
 
 def _graph_time(cp, launches, reps=5):
     """Median seconds per launch of ``launches`` (callables) captured in one CUDA graph."""
+    # the graph runs on a non-blocking stream, which does not wait for work queued on the legacy default
+    # stream (the random weights and buffers the callers just made): finish that first
+    cp.cuda.Device().synchronize()
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         for f in launches[:2]:

@@ -20,6 +20,7 @@ template <> struct Fmt<4> { static constexpr int CPS = 32; };  // codes per lane
 template <> struct Fmt<2> { static constexpr int CPS = 64; };
 template <> struct Fmt<3> { static constexpr int CPS = 64; };
 
+#ifndef LOWBIT_CPU_EMU  // tests/cuda_emu.h runs these sources on the CPU and supplies plain loads instead
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -31,6 +32,7 @@ __device__ __forceinline__ uint2 ld_stream2(const uint2* p) {
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
   return v;
 }
+#endif
 __device__ __forceinline__ __half2 as_h2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
 // dot of 16 codes (2-bit or 3-bit word w, high bits hb at bit 0 / 16 of (hb >> i)) with 8 x pairs

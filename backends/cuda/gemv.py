@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .layout import CODES_PER_STEP, GpuWeights
 
-__all__ = ["CudaGemv", "GemvConfig", "load_module", "build_module", "kernel_name", "DEFAULT_CONFIGS"]
+__all__ = ["CudaGemv", "GemvConfig", "load_module", "build_module", "kernel_name", "wrapper_source", "DEFAULT_CONFIGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def kernel_name(bits: int, cfg: GemvConfig, atomic: bool | None = None) -> str:
     return f"gemv_b{bits}_r{cfg.rows}_u{cfg.unroll}_s{int(atomic)}_t{32 * cfg.warps}"
 
 
-def _wrapper_source(configs) -> str:
+def wrapper_source(configs) -> str:
+    """CUDA source instantiating the GEMV kernels of ``configs`` and the read-bandwidth kernels."""
     lines = [f'#include "{SOURCE.name}"']
     seen = set()
     for bits in CODES_PER_STEP:
@@ -67,7 +68,8 @@ def build_module(src: str, arch: str = "sm_90", include=SOURCE.parent):
     """A ``cupy.RawModule`` of CUDA source ``src`` (nvcc → cubin, cached by hash in $LOWBIT_CUDA_CACHE)."""
     import cupy as cp
 
-    key = hashlib.sha256((SOURCE.read_text() + src + arch).encode()).hexdigest()[:16]
+    sources = "".join(p.read_text() for p in sorted(SOURCE.parent.glob("*.cu")))
+    key = hashlib.sha256((sources + src + arch).encode()).hexdigest()[:16]
     if key in _MODULES:
         return _MODULES[key]
     cache = Path(os.environ.get("LOWBIT_CUDA_CACHE", Path(tempfile.gettempdir()) / "lowbit-cuda"))
@@ -86,7 +88,7 @@ def build_module(src: str, arch: str = "sm_90", include=SOURCE.parent):
 
 def load_module(configs=DEFAULT_CONFIGS, arch: str = "sm_90"):
     """The GEMV kernels of ``configs`` (and the read-bandwidth kernels) in one module."""
-    return build_module(_wrapper_source(configs), arch)
+    return build_module(wrapper_source(configs), arch)
 
 
 class CudaGemv:

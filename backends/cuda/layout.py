@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["GpuWeights", "CODES_PER_STEP", "from_matmulnbits", "from_matmul3bit", "to_gpu_layout",
-           "codes_from_gpu_layout", "reference_gemv"]
+           "codes_from_gpu_layout", "reference_gemv", "to_q8_layout", "codes_from_q8_layout"]
 
 CODES_PER_STEP = {4: 32, 3: 64, 2: 64}
 
@@ -153,3 +153,52 @@ def reference_gemv(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: 
     g = np.arange(k) // block
     w = (codes.astype(np.float64) - zeros[:, g].astype(np.float64)) * scales[:, g].astype(np.float64)
     return w @ np.asarray(x, np.float64)
+
+
+def _byte_planes(codes: np.ndarray, width: int) -> np.ndarray:
+    """codes ``[N, M·4·p]`` (p = 8/width planes a byte) → uint32 ``[N, M]``: code ``4i + b`` of a word's
+    ``4p`` codes at bits ``8b + width·i`` (one mask of plane i gives 4 codes in the 4 bytes, in order)."""
+    n = codes.shape[0]
+    p = 8 // width
+    c = codes.astype(np.uint32).reshape(n, -1, p, 4)
+    sh = width * np.arange(p, dtype=np.uint32)[:, None] + 8 * np.arange(4, dtype=np.uint32)[None, :]
+    return (c << sh).sum(axis=(-2, -1), dtype=np.uint32)
+
+
+def to_q8_layout(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> GpuWeights:
+    """codes ``[N, K]`` → the layout of ``q8.cu`` / ``step.cu`` (int8-activation kernels): the same bits a
+    code; a 4-bit word holds codes 8j..8j+7 (low nibbles 8j+b, high nibbles 8j+4+b), a 2-bit word (and the
+    low bits of 3-bit codes) codes 16j..16j+15 at byte b bits 2p = code 16j+4p+b, the 3-bit high-bit word
+    codes 32i..32i+31 at byte b bit p = code 32i+4p+b."""
+    if bits not in CODES_PER_STEP:
+        raise ValueError(f"GPU GEMV: bits={bits} (2, 3 or 4 supported)")
+    if block % 32:
+        raise ValueError(f"GPU GEMV: block size {block} is not a multiple of 32")
+    n, k = codes.shape
+    cps = CODES_PER_STEP[bits]
+    kp = -(-k // cps) * cps
+    gp = -(-kp // block)
+    c = np.zeros((n, kp), np.uint8)
+    c[:, :k] = codes
+    s = np.zeros((n, gp), np.float32)
+    z = np.zeros((n, gp), np.uint8)
+    s[:, :scales.shape[1]], z[:, :zeros.shape[1]] = scales, zeros
+    if bits == 4:
+        a, h = _byte_planes(c, 4), None
+    else:
+        a = _byte_planes(c & 3, 2)
+        h = _byte_planes(c >> 2, 1).reshape(n, kp // 64, 2) if bits == 3 else None
+    return GpuWeights(bits, k, n, block, np.ascontiguousarray(a.reshape(n, kp // cps, 4)), h, s, z)
+
+
+def codes_from_q8_layout(w: GpuWeights) -> np.ndarray:
+    """The codes ``[N, K]`` that a :func:`to_q8_layout` result holds (its inverse, for checks)."""
+    def planes(words, width):
+        p = 8 // width
+        sh = width * np.arange(p, dtype=np.uint32)[:, None] + 8 * np.arange(4, dtype=np.uint32)[None, :]
+        return ((words.reshape(w.n, -1, 1, 1) >> sh) & np.uint32((1 << width) - 1)).reshape(w.n, -1)
+
+    codes = planes(w.a, 4 if w.bits == 4 else 2)
+    if w.bits == 3:
+        codes = codes | (planes(w.h, 1) << 2)
+    return codes[:, :w.k].astype(np.uint8)
