@@ -37,7 +37,7 @@ logger = logging.getLogger("smollm2_recipes")
 # blocks of 32); each is the named recipe's pipeline with one option replaced, run through lowbit.compile
 VARIANTS = {
     "w3a16-g128": ("w3a16", "bits=3,group=16,", "bits=3,group=128,"),
-    "w2a16-g64": ("w2a16", "bits=2,group=16,", "bits=2,group=64,"),
+    "w2a16-g64": ("w2a16", "bits=2,group=8,", "bits=2,group=64,"),
     "w4a16-gptq-g128": ("w4a16-gptq", "bits=4,group=32,", "bits=4,group=128,"),
 }
 
