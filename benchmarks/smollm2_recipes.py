@@ -9,7 +9,7 @@ and the peers ``ort-dynamic`` (``quantize_dynamic``, int8 weights) and ``ort-hqq
 / ``KQuantWeightOnlyQuantConfig``; every MatMul with a constant weight, the tied head included, at
 accuracy level 0, i.e. float activations).
 
-Calibration: stories ``--calib`` (default 0–31, inside the calibration slice 0–99); evaluation:
+Calibration: stories ``--calib`` (default 0–99, the calibration slice); evaluation:
 stories ``--eval`` (default 600–659, inside the reporting slice 600–784), windows of ``--seq`` tokens.
 Logits' relative L2 ‖y_q − y‖/‖y‖ is taken on the first ``--l2-windows`` evaluation windows against
 the FP32 graph's logits.  One row at a time; each is appended to ``--out`` (JSON lines) as soon as it is
@@ -37,7 +37,7 @@ logger = logging.getLogger("smollm2_recipes")
 # blocks of 32); each is the named recipe's pipeline with one option replaced, run through lowbit.compile
 VARIANTS = {
     "w3a16-g128": ("w3a16", "bits=3,group=16,", "bits=3,group=128,"),
-    "w2a16-g64": ("w2a16", "bits=2,group=16,", "bits=2,group=64,"),
+    "w2a16-g64": ("w2a16", "bits=2,group=8,", "bits=2,group=64,"),
     "w4a16-gptq-g128": ("w4a16-gptq", "bits=4,group=32,", "bits=4,group=128,"),
 }
 
@@ -141,7 +141,7 @@ def write_markdown(rows: list[dict], md: Path, command: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default=DEFAULT_ROWS, help="comma-separated rows; empty: only write --md")
-    ap.add_argument("--calib", default="0-31")
+    ap.add_argument("--calib", default="0-99")
     ap.add_argument("--eval", default="600-659")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--l2-windows", type=int, default=4)

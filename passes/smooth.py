@@ -52,32 +52,45 @@ def smoothing_scales(x_absmax: np.ndarray, w_rowmax: np.ndarray, alpha: float) -
 
 
 def _fake_quant_error(rows: np.ndarray, weights: list[np.ndarray], s: np.ndarray,
-                      range_rows: np.ndarray | None = None) -> float:
+                      range_rows: np.ndarray | None = None, refs: list[np.ndarray] | None = None) -> float:
     """Output error on ``rows`` of static per-tensor u8 activations (range from ``range_rows``, default
-    ``rows``) × per-channel int8 weights after smoothing."""
+    ``rows``) × per-channel int8 weights after smoothing, in the dtype of ``rows`` and ``weights``
+    (the search passes float32; the sum of squares is accumulated in float64).  ``refs``: the float
+    outputs ``rows @ w`` of every weight, which do not depend on ``s`` (the α search computes them once
+    per group instead of once per candidate); computed here when not given."""
+    dtype = np.result_type(rows, *weights)
+    s = np.asarray(s, dtype)
     x = rows / s
     ranged = x if range_rows is None else range_rows / s
     lo, hi = min(float(ranged.min()), 0.0), max(float(ranged.max()), 0.0)
     step = (hi - lo) / 255 or 1.0
-    zp = np.round(-lo / step)
-    xq = (np.clip(np.round(x / step) + zp, 0, 255) - zp) * step
+    zp = float(np.round(-lo / step))
+    xq = ((np.clip(np.round(x / step) + zp, 0, 255) - zp) * step).astype(dtype, copy=False)
     err = 0.0
-    for w in weights:
-        ws = w * s[:, None]
-        sw = np.abs(ws).max(axis=0) / 127
+    for i, w in enumerate(weights):
+        wq = w * s[:, None]  # diag(s)·W, fake-quantized in place (the head's is 28 M weights on SmolLM2)
+        sw = np.abs(wq).max(axis=0) / 127
         sw[sw == 0] = 1
-        wq = np.clip(np.round(ws / sw), -127, 127) * sw
-        err += float(np.sum((rows @ w - xq @ wq) ** 2))
+        wq /= sw
+        np.round(wq, out=wq)
+        np.clip(wq, -127, 127, out=wq)
+        wq *= sw
+        d = xq @ wq
+        d -= rows @ w if refs is None else refs[i]
+        err += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
     return err
 
 
-def held_out_error(rows: np.ndarray, weights: list[np.ndarray], scales: Callable[[np.ndarray], np.ndarray]) -> float:
+def held_out_error(rows: np.ndarray, weights: list[np.ndarray], scales: Callable[[np.ndarray], np.ndarray],
+                   refs: list[np.ndarray] | None = None) -> float:
     """Two-fold W8A8 error: smoothing scales (``scales(per-channel max|X|)``) and the activation range from the
-    even rows, the error on the odd ones, and back."""
+    even rows, the error on the odd ones, and back.  ``refs``: ``rows @ w`` per weight, as in
+    :func:`_fake_quant_error`."""
     err = 0.0
-    for fit, test in ((rows[0::2], rows[1::2]), (rows[1::2], rows[0::2])):
-        s = scales(np.abs(fit).max(axis=0))
-        err += _fake_quant_error(test, weights, s, fit)
+    for fit, test in ((slice(0, None, 2), slice(1, None, 2)), (slice(1, None, 2), slice(0, None, 2))):
+        s = scales(np.abs(rows[fit]).max(axis=0))
+        err += _fake_quant_error(rows[test], weights, s, rows[fit],
+                                 None if refs is None else [r[test] for r in refs])
     return err
 
 
@@ -118,16 +131,20 @@ class Smooth(Pass):
         if stats.rows.shape[0] < MIN_SEARCH_ROWS:
             self.stats["alpha_search_skipped"] += 1  # too few rows to choose α without overfitting them
             return self.options.alpha
-        rows = stats.rows.astype(np.float64)
-        weights = [c.weight.const_value.numpy().astype(np.float64) for c in group.consumers]
+        # float32 products, and the float outputs rows @ w once per group rather than once per candidate α:
+        # the search was half of a SmolLM2 w8a8 compile in float64 (benchmarks/SMOLLM2_RESULTS.md)
+        rows = stats.rows.astype(np.float32)
+        weights = [c.weight.const_value.numpy().astype(np.float32) for c in group.consumers]
+        refs = [rows @ w for w in weights]
         if 2 * rows.shape[0] <= stats.count:  # rows sampled from ≥ 2× as many tokens: scales from all of them
             error = lambda a: _fake_quant_error(  # noqa: E731
-                rows, weights, np.ones(rows.shape[1]) if a is None else consumer_scales(group, self._scales(group, a)))
+                rows, weights, np.ones(rows.shape[1]) if a is None else consumer_scales(group, self._scales(group, a)),
+                refs=refs)
         else:
             self.stats["alpha_search_held_out"] += 1
             error = lambda a: held_out_error(  # noqa: E731
                 rows, weights, np.ones_like if a is None else
-                (lambda xmax: consumer_scales(group, self._scales(group, a, xmax))))
+                (lambda xmax: consumer_scales(group, self._scales(group, a, xmax))), refs=refs)
         errs = {a: error(a) for a in (None, *_GRID)}  # None first: a tie keeps the model as is
         return min(errs, key=errs.get)
 

@@ -78,6 +78,26 @@ def test_smooth_alpha_objective_is_the_w8a8_error(name):
         assert got == pytest.approx(want, rel=1e-9), f"{name}: α-search objective {got} vs reference {want}"
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_smooth_objective_float32_with_shared_outputs(name):
+    """The search's fast form (float32 products, ``rows @ w`` computed once and passed as ``refs``) is the
+    same objective: equal to the float64 reference up to float32 rounding (a relative 1e-5 here, where a
+    wrong step, zero point or a ``refs`` that is not ``rows @ w`` moves it by more than 1e-3), and the
+    held-out form with sliced ``refs`` equals the one that recomputes them."""
+    rows, weights = CASES[name]
+    rng = np.random.default_rng(2)
+    r32, w32 = rows.astype(np.float32), [w.astype(np.float32) for w in weights]
+    refs = [r32 @ w for w in w32]
+    for s in (np.ones(C), 0.25 + rng.random(C) * 4):
+        want = smoothquant_w8a8_error(rows, weights, s)
+        got = smooth._fake_quant_error(r32, w32, s, refs=refs)
+        assert got == pytest.approx(want, rel=1e-5), f"{name}: float32 objective {got} vs reference {want}"
+    scales = lambda xmax: np.sqrt(np.maximum(xmax, 1e-3))  # noqa: E731
+    w64 = [w.astype(np.float64) for w in weights]
+    assert smooth.held_out_error(rows, w64, scales, refs=[rows @ w for w in w64]) == pytest.approx(
+        smooth.held_out_error(rows, w64, scales), rel=1e-12)
+
+
 def test_smooth_objective_cases_reach_every_branch():
     """The cases have power: keeping 0 in range and the clip both change the reference on them."""
     rows, weights = CASES["all positive"]
