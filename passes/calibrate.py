@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lowbit.data.datasets import model_kind
 from lowbit.errors import CalibrationError
 from lowbit.ir.analysis import find_linears
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
@@ -46,12 +47,13 @@ def stream_windows(model, feeds: list[dict], length: int) -> list[dict]:
     evaluation windows and prompts cut from longer text start anywhere, and a decoder's first-position
     activations (SmolLM2's massive ones) then leave ranges calibrated only on BOS.  The stream is every
     sample's unpadded tokens in order (mask 0 positions dropped); the last, shorter window is kept."""
-    from lowbit.data.lm_feeds import lm_feeds, token_input
+    from lowbit.data.lm_feeds import context_length, lm_feeds, token_input
 
     tok = token_input(model)
     if tok is None or any(tok.name not in f for f in feeds):
         raise CalibrationError("calibrate{stream}: the calibration samples carry no token-id input to re-cut",
                                hint="stream windows are for causal LMs; drop the stream option for this model")
+    length = min(length, context_length(model) or length)  # a window the graph takes whole
     ids: list[int] = []
     for f in feeds:
         x = np.asarray(f[tok.name])
@@ -61,6 +63,14 @@ def stream_windows(model, feeds: list[dict], length: int) -> list[dict]:
             ids.extend(int(t) for t in row[keep != 0])
     windows = [ids[i:i + length] for i in range(0, len(ids), length)]
     return lm_feeds(model, windows, max_len=length)
+
+
+def _has_token_stream(model, feeds: list[dict]) -> bool:
+    """A causal LM whose every sample feeds its token-id input (an encoder's sentences stay whole)."""
+    from lowbit.data.lm_feeds import token_input
+
+    tok = token_input(model)
+    return model_kind(model) == "causal-lm" and tok is not None and all(tok.name in f for f in feeds)
 
 
 @register_pass("calibrate")
@@ -95,8 +105,9 @@ class Calibrate(Pass):
                                    hint="pass --calibration FILE_OR_DIR (or calibration=... in lowbit.compile)")
         if self.options.samples:
             feeds = feeds[: self.options.samples]
-        if self.options.stream:
+        if self.options.stream and _has_token_stream(model, feeds):  # else (encoders, images): samples as given
             feeds = stream_windows(model, feeds, self.options.stream)
+            self.stats["stream_windows"] = len(feeds)
         values = list({lin.input: None for lin in find_linears(model.graph)})
         stats = collect_stats(model, values, feeds, hessian=self.options.hessian, sample=self.options.percentiles,
                               rows=self.options.rows, progress=self.ctx.show_progress)
