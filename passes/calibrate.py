@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lowbit.data.datasets import model_kind
 from lowbit.errors import CalibrationError
 from lowbit.ir.analysis import find_linears
 from lowbit.passmanager.manager import CALIBRATED, HESSIAN, Pass, PassResult, register_pass
 from lowbit.quant.stats import META_KEY, collect_stats
 
-__all__ = ["Calibrate", "calibration_extent"]
+__all__ = ["Calibrate", "calibration_extent", "stream_windows"]
 
 
 def calibration_extent(model, feeds: list[dict]) -> dict:
@@ -39,6 +40,39 @@ def calibration_extent(model, feeds: list[dict]) -> dict:
     return {"samples": len(feeds), "sequences": sequences, "tokens": tokens}
 
 
+def stream_windows(model, feeds: list[dict], length: int) -> list[dict]:
+    """Causal-LM feeds re-cut as ``length``-token windows of their concatenated token stream.
+
+    Each calibration sample of a text file starts a story with BOS, so position 0 always sees BOS;
+    evaluation windows and prompts cut from longer text start anywhere, and a decoder's first-position
+    activations (SmolLM2's massive ones) then leave ranges calibrated only on BOS.  The stream is every
+    sample's unpadded tokens in order (mask 0 positions dropped); the last, shorter window is kept."""
+    from lowbit.data.lm_feeds import context_length, lm_feeds, token_input
+
+    tok = token_input(model)
+    if tok is None or any(tok.name not in f for f in feeds):
+        raise CalibrationError("calibrate{stream}: the calibration samples carry no token-id input to re-cut",
+                               hint="stream windows are for causal LMs; drop the stream option for this model")
+    length = min(length, context_length(model) or length)  # a window the graph takes whole
+    ids: list[int] = []
+    for f in feeds:
+        x = np.asarray(f[tok.name])
+        mask = f.get("attention_mask")
+        mask = np.asarray(mask) if mask is not None and np.asarray(mask).shape == x.shape else np.ones_like(x)
+        for row, keep in zip(x.reshape(-1, x.shape[-1]), mask.reshape(-1, x.shape[-1])):
+            ids.extend(int(t) for t in row[keep != 0])
+    windows = [ids[i:i + length] for i in range(0, len(ids), length)]
+    return lm_feeds(model, windows, max_len=length)
+
+
+def _has_token_stream(model, feeds: list[dict]) -> bool:
+    """A causal LM whose every sample feeds its token-id input (an encoder's sentences stay whole)."""
+    from lowbit.data.lm_feeds import token_input
+
+    tok = token_input(model)
+    return model_kind(model) == "causal-lm" and tok is not None and all(tok.name in f for f in feeds)
+
+
 @register_pass("calibrate")
 class Calibrate(Pass):
     """Annotate every linear input with activation statistics from the calibration samples."""
@@ -49,10 +83,12 @@ class Calibrate(Pass):
         percentiles: bool = False  # keep a sample of |x| for percentile ranges
         samples: int = 0  # use at most this many samples (0: all)
         rows: int = 0  # keep this many token rows per activation (smooth search, sensitivity)
+        stream: int = 0  # causal LMs: calibrate on windows of this many tokens cut from the samples' stream (0: as given)
 
         def __post_init__(self):
-            if self.samples < 0 or self.rows < 0:
-                raise ValueError(f"calibrate: samples and rows must be >= 0, got {self.samples}, {self.rows}")
+            if self.samples < 0 or self.rows < 0 or self.stream < 0:
+                raise ValueError(f"calibrate: samples, rows and stream must be >= 0, got {self.samples}, {self.rows}, "
+                                 f"{self.stream}")
 
     @classmethod
     def may_ensure(cls):
@@ -69,6 +105,9 @@ class Calibrate(Pass):
                                    hint="pass --calibration FILE_OR_DIR (or calibration=... in lowbit.compile)")
         if self.options.samples:
             feeds = feeds[: self.options.samples]
+        if self.options.stream and _has_token_stream(model, feeds):  # else (encoders, images): samples as given
+            feeds = stream_windows(model, feeds, self.options.stream)
+            self.stats["stream_windows"] = len(feeds)
         values = list({lin.input: None for lin in find_linears(model.graph)})
         stats = collect_stats(model, values, feeds, hessian=self.options.hessian, sample=self.options.percentiles,
                               rows=self.options.rows, progress=self.ctx.show_progress)

@@ -74,8 +74,14 @@ def aarch64_env() -> Path:
     return home
 
 
-def qemu_run(lib: Path, feeds: list[dict[str, np.ndarray]], timeout: int = 900) -> list[dict[str, np.ndarray]]:
-    """Run ``runtime/tvm_device.py`` on ``lib`` under qemu-aarch64; one output dict per feed."""
+def qemu_run(lib: Path, feeds: list[dict[str, np.ndarray]], timeout: int = 900,
+             chunk: int = 0) -> list[dict[str, np.ndarray]]:
+    """Run ``runtime/tvm_device.py`` on ``lib`` under qemu-aarch64; one output dict per feed.
+
+    ``chunk`` > 0: one qemu process per ``chunk`` feeds (``timeout`` each), so that a long run of a
+    large model keeps its feed and output files small."""
+    if 0 < chunk < len(feeds):
+        return [out for i in range(0, len(feeds), chunk) for out in qemu_run(lib, feeds[i:i + chunk], timeout)]
     home = aarch64_env()
     lib = Path(lib)
     fin, fout = lib.parent / "feeds.npz", lib.parent / "outputs.npz"
