@@ -93,6 +93,10 @@ _CMP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.
 _BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
         ast.Pow: ast.Mult}
 _QUIET_CALLS = {"fail", "warning", "info", "debug", "error", "exception", "setdefault"}
+# calls whose first two arguments commute: swapping them is an equivalent mutant, never generated
+# (min/max of two numbers or arrays; np.maximum/minimum/add/multiply are elementwise and symmetric)
+_COMMUTATIVE = {"min", "max", "maximum", "minimum", "fmax", "fmin", "add", "multiply", "gcd", "lcm", "hypot",
+                "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor"}
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,27 @@ def _quiet(node: ast.AST, parents: dict) -> bool:
     return False
 
 
+def _call_name(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else (f.id if isinstance(f, ast.Name) else "")
+
+
+def _equivalent(node: ast.AST, kind: str, parents: dict) -> bool:
+    """Operator sites whose mutant no input can tell apart (listed as equivalent in every session's notes).
+
+    * swapped arguments of a commutative call (``min(a, b)`` → ``min(b, a)``: sessions 4–6 listed six);
+    * ``reshape(..., -1)`` → ``-2``: numpy infers any negative dimension like ``-1`` (three listed).
+    """
+    if kind == "swap-args":
+        return _call_name(node) in _COMMUTATIVE and len(node.args) == 2 and not node.keywords
+    if kind == "number" and node.value == 1:
+        neg = parents.get(node)
+        call = parents.get(neg)
+        return (isinstance(neg, ast.UnaryOp) and isinstance(neg.op, ast.USub) and isinstance(call, ast.Call)
+                and _call_name(call) == "reshape" and neg in call.args)
+    return False
+
+
 def _points(tree: ast.Module) -> list[tuple[ast.AST, str]]:
     parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
     out = []
@@ -148,7 +173,7 @@ def _points(tree: ast.Module) -> list[tuple[ast.AST, str]]:
                 isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
             if isinstance(parents.get(node), (ast.FunctionDef, ast.For, ast.If, ast.With, ast.While, ast.Try)):
                 out.append((node, "drop"))
-    return out
+    return [(n, k) for n, k in out if not _equivalent(n, k, parents)]
 
 
 class _Apply(ast.NodeTransformer):
