@@ -133,3 +133,13 @@ def test_awq_takes_the_top_of_its_grid_when_that_is_the_optimum(grid):
             np.testing.assert_allclose(ratio, s[:, None] * col_fix[None, :], rtol=1e-4, err_msg=lin.name)
             seen += 1
     assert seen == 6  # q, k, v, gate, up (α = 1 by construction) and lm_head (the reference's choice)
+
+
+def test_awq_searches_with_the_weight_quantizer_that_follows_by_default():
+    """``awq,quantize-weights`` with both at their defaults: the search's Q has the width and group the weights
+    are then quantized at (a search at another group optimises the wrong quantizer)."""
+    from lowbit.passes.awq import Awq
+    from lowbit.passes.quantize_weights import QuantizeWeights
+
+    a, q = Awq.Options(), QuantizeWeights.Options()
+    assert (a.bits, a.group) == (q.bits, q.group)

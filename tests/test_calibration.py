@@ -65,3 +65,16 @@ def test_an_empty_kv_past_is_a_prefill_only_on_a_symbolic_dim(past_dim, ok):
     else:
         with pytest.raises(CalibrationError, match="'past_key' is empty"):
             check_feeds(model, [feed])
+
+
+def test_calibration_extent_counts_sequences_and_unpadded_tokens_of_list_or_array_feeds(stories_model):
+    """Samples as given (arrays or nested lists, as a JSON calibration file holds them): sequences are the rows of
+    the token input, tokens the unpadded ones (the attention mask's sum) — counted here by hand."""
+    from lowbit.passes.calibrate import calibration_extent
+
+    ids = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    mask = [[1, 1, 1, 0], [1, 1, 0, 0]]
+    want = {"samples": 3, "sequences": 2 + 2 + 1, "tokens": 5 + 8 + 3}
+    for cast in (list, np.asarray):
+        feeds = [{"tokens": cast(ids), "attention_mask": cast(mask)}, {"tokens": cast(ids)}, {"tokens": cast([9, 9, 9])}]
+        assert calibration_extent(stories_model, feeds) == want
