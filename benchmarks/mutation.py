@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COVER: dict[str, list[str]] = {
     "passes/smooth.py": ["test_verify.py", "test_search_objectives.py", "test_smooth_reference.py",
                          "test_bias_models.py", "test_before_expected.py", "test_smooth.py"],
-    "passes/rotate.py": ["test_verify.py", "test_rotate_bias.py", "test_before_expected.py", "test_rotate.py"],
+    "passes/rotate.py": ["test_verify.py", "test_rotate_bias.py", "test_before_expected.py", "test_rotate.py",
+                         "test_rotate_layernorm.py"],
     "passes/fold_norms.py": ["test_verify.py", "test_fold_norms.py", "test_before_expected.py", "test_rotate_bias.py"],
     "passes/quantize_weights.py": ["test_verify.py", "test_gptq_reference.py", "test_before_expected.py",
                                    "test_quantize_weights.py", "test_assign_bits.py"],  # the latter: split plans
