@@ -432,3 +432,17 @@ def test_split_layers_under_a_latency_budget_are_priced_as_two_kernels(calibrate
         assert lp.measured_error is None, f"{lp.name}: the cheap estimator measured nothing"
     assert spent <= target + 1e-9
     assert plan.extra["latency_us"] == pytest.approx(spent, abs=0.01)
+
+
+def test_a_split_of_one_column_is_a_split(calibrated):
+    """``split=f`` gives every layer round(f·N) salient columns, one included (MixLLM's smallest split): with
+    f = 0.02 the layers of N ≤ 74 split off a single column; the nominal budget (no column-order bytes) holds."""
+    model, ctx = calibrated
+    plan = run(model, ctx, "assign-bits{budget=nominal_bits,target=3.02,split=0.02}")
+    split = [lp for lp in plan.layers if lp.split]
+    assert any(len(lp.split["columns"]) == 1 for lp in split), "single-column splits must be possible"
+    for lp in split:
+        assert len(lp.split["columns"]) == round(0.02 * lp.shape[1])
+    total = sum(lp.shape[0] * (lp.shape[1] - (len(lp.split["columns"]) if lp.split else 0)) * lp.bits
+                + (lp.shape[0] * len(lp.split["columns"]) * lp.split["bits"] if lp.split else 0) for lp in plan.layers)
+    assert total <= 3.02 * plan.weights
