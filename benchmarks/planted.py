@@ -140,8 +140,11 @@ BUGS = [
     Bug("kv-rope-pairs-half-as-interleaved", "passes/quantize_kv.py",
         'if style == "interleaved":\n        return np.arange(0, rd, 2), np.arange(1, rd, 2)',
         'if style == "half":\n        return np.arange(0, rd, 2), np.arange(1, rd, 2)'),
-    Bug("rope-half-join-swapped", FRONT, 'y = g.op("Concat", [ra, rb], name=f"{name}.join", axis=-1)',
-        'y = g.op("Concat", [rb, ra], name=f"{name}.join", axis=-1)'),
+    # (a first "rope-half-join-swapped", Concat [rb, ra], was dropped: it permutes Q's and K's channels alike, so
+    # every score q·k — and every logit — is unchanged; only the cached keys' layout differs)
+    Bug("rope-half-model-read-as-interleaved-pairs", FRONT,
+        'if spec.rope_style == "half":\n        a, b = g.op("Split", [x], name=f"{name}.halves"',
+        'if False:\n        a, b = g.op("Split", [x], name=f"{name}.halves"'),
     Bug("rope-interleaved-read-as-halves", FRONT,
         'pairs = g.op("Reshape", [x, g.const([0, 0, 0, rot // 2, 2])], name=f"{name}.pairs")',
         'pairs = g.op("Reshape", [x, g.const([0, 0, 0, 2, rot // 2])], name=f"{name}.pairs")\n'

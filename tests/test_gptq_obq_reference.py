@@ -129,3 +129,16 @@ def test_the_defaults_are_the_papers_gptq():
     np.testing.assert_allclose(dequantize(q, s, z, 0), textbook_gptq(w, h, 3, 0, True, False), rtol=1e-5, atol=1e-6)
     assert not np.allclose(textbook_gptq(w, h, 3, 0, True, True), textbook_gptq(w, h, 3, 0, True, False)), \
         "the case must tell act-order from the natural order"
+
+
+def test_rtn_defaults_are_per_channel_symmetric_rtn():
+    """``rtn_quantize(w, bits)``'s defaults: one group per column, symmetric (MLAS' rule), no clip search, no
+    HQQ — the loop-by-loop RTN of ``tests/rtn_reference.py`` with those settings, on weights whose asymmetric
+    and symmetric grids differ."""
+    from lowbit.quant.gptq import rtn_quantize
+    from rtn_reference import rtn_reference
+
+    w = np.random.default_rng(12).standard_normal((64, 6)) + 0.4  # shifted: asymmetric ≠ symmetric
+    got = dequantize(*rtn_quantize(w, 3), 0)
+    np.testing.assert_allclose(got, rtn_reference(w, 3, 0, symmetric=True, dtype=np.float64), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, rtn_reference(w, 3, 0, symmetric=False, dtype=np.float64), atol=1e-3)
