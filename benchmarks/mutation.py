@@ -172,7 +172,8 @@ def _points(tree: ast.Module) -> list[tuple[ast.AST, str]]:
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
             out.append((node, "unary"))
         elif isinstance(node, ast.Call) and len(node.args) >= 2 and not any(
-                isinstance(a, ast.Starred) for a in node.args[:2]):
+                isinstance(a, ast.Starred) for a in node.args[:2]) and not (
+                isinstance(node.func, ast.Attribute) and node.func.attr in _QUIET_CALLS):  # a logging call's own args
             out.append((node, "swap-args"))
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Expr)) and not (
                 isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
