@@ -269,7 +269,7 @@ def run_tests(stage_dir: Path, tests: list[str], timeout: float, why: list | Non
     base = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "not minilm"]
     fast, whole = [t for t in tests if t not in SLOW_OK], [t for t in tests if t in SLOW_OK]
     runs = [base + ["-m", "not slow", *[str(ROOT / "tests" / t) for t in fast]]] if fast else []
-    runs += [base + [str(ROOT / "tests" / t) for t in whole]] if whole else []
+    runs += [base + ["-m", "slow or not slow", *[str(ROOT / "tests" / t) for t in whole]]] if whole else []
     start, ran, failed = time.monotonic(), False, None
     for cmd in runs:
         try:
