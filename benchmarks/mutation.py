@@ -65,7 +65,8 @@ COVER: dict[str, list[str]] = {
     "passes/integer_lut.py": ["test_verify.py", "test_integer_lut.py", "test_before_expected.py",
                               "test_integer_check.py", "test_integer_tiny.py"],
     "passes/quantize_embeddings.py": ["test_verify.py", "test_quantize_embeddings.py", "test_before_expected.py"],
-    "compiler/quant/gptq.py": ["test_quant_refine.py", "test_mod.py", "test_rounding_ties.py", "test_gptq_obq_reference.py", "test_gptq_reference.py", "test_before_expected.py",
+    "compiler/quant/gptq.py": ["test_quant_refine.py", "test_mod.py",  # HQQ and MoD inside group_params
+                               "test_rounding_ties.py", "test_gptq_obq_reference.py", "test_gptq_reference.py", "test_before_expected.py",
                                "test_quantize_weights.py"],
     "compiler/quant/rtn.py": ["test_rounding_ties.py", "test_gptq_obq_reference.py", "test_gptq_reference.py", "test_split_columns.py",
                               "test_before_expected.py", "test_quantize_weights.py", "test_sensitivity.py"],
