@@ -170,3 +170,17 @@ def test_post_norm_encoder_shares_the_norm_and_stays_near_the_qdq_graph(scale):
     got = make_session(integer, optimize=False).run(None, probe)[0]
     want = make_session(qdq, optimize=False).run(None, probe)[0]
     assert rel_err(got, want) < 0.12  # measured 0.064 (3 integer norms, integer softmax, a Relu table)
+
+
+@pytest.mark.parametrize("last", ["integer-swiglu", "integer-lut", "integer-attention", "integer-norms"])
+def test_each_integer_pass_leaves_no_dead_nodes(last):
+    """Each integer pass removes the float nodes it replaced (no node whose outputs nothing reads), also when it is
+    the last pass run — not only because a later pass of the recipe happens to clean up."""
+    proto, calib, _ = _post_norm_encoder("Mul")
+    pipeline = INTEGER[: INTEGER.index(last) + len(last)]
+    model = PassManager.from_pipeline(pipeline, CompileContext(calibration=calib, show_progress=False)).run(
+        ir.serde.deserialize_model(proto))
+    outputs = set(model.graph.outputs)
+    dead = [n.name for n in model.graph
+            if all(not list(o.uses()) and o not in outputs for o in n.outputs)]
+    assert dead == [], dead
