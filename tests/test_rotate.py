@@ -115,14 +115,16 @@ def test_the_rotation_is_the_papers(kind):
                                        atol=1e-4)
 
 
-def _scaled_stream(op_inputs: str):
+def _scaled_stream(op_inputs: str, int32_ids: bool = False):
     """Embedding → ``Div`` by a scalar (the stream as dividend ``x / c``, or as divisor ``c / x``) → a pre-norm
     block (RMSNorm with γ = 1, a linear added back) → a final RMSNorm and head."""
     rng = np.random.default_rng(3)
     d = 16
     g = GraphBuilder(opset=23)
-    ids = g.input("input_ids", TensorProto.INT64, [1, 5])
+    ids = g.input("input_ids", TensorProto.INT32 if int32_ids else TensorProto.INT64, [1, 5])
     g.output("y", TensorProto.FLOAT, [1, 5, 8])
+    if int32_ids:  # token ids arrive as int32 and are cast (an index path from the graph input)
+        ids = g.op("Cast", [ids], to=TensorProto.INT64)
     x = g.op("Gather", [g.init("embed.weight", rng.standard_normal((32, d)).astype(np.float32)), ids])
     c = g.init("c", np.array(2.5, np.float32))
     x = g.op("Div", [x, c] if op_inputs == "x/c" else [c, x])
@@ -177,3 +179,14 @@ def test_learned_positions_added_to_the_embedding_are_rotated_alike():
     got = pos_after.inputs[0].const_value.numpy().astype(np.float64)
     assert not np.allclose(got, table)  # rotated: the same row norms, other coordinates
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(table, axis=1), rtol=1e-5)
+
+
+def test_token_ids_cast_before_the_embedding_still_start_the_stream():
+    """The embedding is found through an index path (Cast, Reshape, …) from the graph input: int32 ids cast to int64
+    are still the token input, and the rotated model equals the float one."""
+    feed = {"input_ids": np.array([[1, 7, 30, 2, 9]], np.int32)}
+    model = _scaled_stream("x/c", int32_ids=True)
+    ref = make_session(model, optimize=False).run(None, feed)[0]
+    rotated, stats = _run(model, "rotate{online=false}")
+    assert stats["rotate"]["r1_readers"] > 0
+    assert rel_err(make_session(rotated, optimize=False).run(None, feed)[0], ref) <= 1e-5
