@@ -24,7 +24,7 @@ from lowbit.ir.analysis import const_array
 from lowbit.ops.registry import DOMAIN, VERSION
 from lowbit.ops.integer_ops import QRANGE
 from lowbit.passmanager.manager import QUANTIZED, Pass, PassResult, register_pass
-from lowbit.ir.rewrite import add_initializer, make_node
+from lowbit.ir.rewrite import add_initializer, make_node, replace_value
 
 from lowbit.quant.int8 import match_round_and_clip
 
@@ -98,7 +98,7 @@ class IntegerLut(Pass):
                              name=f"{f.name}.lookup", domain=DOMAIN, before=q)
             look.outputs[0].dtype = q.outputs[0].dtype or ir.DataType.from_numpy(u.dtype)
             look.outputs[0].shape = q.outputs[0].shape
-            q.outputs[0].replace_all_uses_with(look.outputs[0])
+            replace_value(graph, q.outputs[0], look.outputs[0])  # a graph output keeps its name
             model.opset_imports[DOMAIN] = VERSION
             self.stats[f.op_type] += 1
         graph.meta.pop("lowbit.names", None)

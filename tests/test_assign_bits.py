@@ -256,6 +256,8 @@ def test_split_plan_is_materialised_as_two_kernels_with_the_planned_bytes_and_va
     save_onnx(model, path)
     written = onnx.load(str(path))
     assert sum(numpy_helper.to_array(t).nbytes for t in written.graph.initializer) == plan.total_bytes
+    size = path.stat().st_size  # a split layer's second kernel, Concat and column order are in the graph bytes
+    assert abs(size - plan.file_bytes) <= 0.01 * size, (size, plan.file_bytes)
     feed = {"tokens": np.arange(12, dtype=np.int64)[None] % CFG.vocab_size}
     real = make_session(path, matmulnbits_accuracy_level=0).run(None, feed)[0]
     np.testing.assert_allclose(real, make_session(fake).run(None, feed)[0], rtol=1e-4, atol=1e-4)
@@ -398,3 +400,49 @@ def test_gptq_mod_bytes_budget_predicts_the_written_file(tmp_path):
     size = os.path.getsize(out)
     assert abs(size - plan.file_bytes) <= 0.01 * size
     assert plan.file_bytes <= target and size <= 1.01 * target
+
+
+A_US, C_US = 0.5, {4: 1e-3, 8: 4e-3}  # a latency table us = a + c_b·K·N, written here
+
+
+def test_split_layers_under_a_latency_budget_are_priced_as_two_kernels(calibrated, tmp_path):
+    """A split layer runs two kernels: the rest at ``[K, N − n_s]`` and the salient columns at ``[K, n_s]``, each
+    with its fixed cost.  On a table made for it (the 8-bit kernel 4× the 4-bit one per weight, so that a quarter of
+    the columns at 8 bits fits where a whole 8-bit layer does not) the plan splits, its ``latency_us`` is the sum
+    priced from the table's formula, written here, and within the target; a split layer has no measured error
+    under the cheap estimator."""
+    model, ctx = calibrated
+    entries = [{"k": k, "n": n, "bits": b, "us": A_US + C_US[b] * k * n} for b in (4, 8)
+               for k, n in ((64, 64), (64, 96), (96, 64), (128, 256))]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"backend": "test", "m": 1, "entries": entries}))
+    lins = find_linears(model.graph)
+    price = lambda k, n, b: A_US + C_US[b] * k * n if n else 0.0  # noqa: E731
+    all4 = sum(price(*lin.shape, 4) for lin in lins)
+    extra = sum(A_US + (C_US[8] - C_US[4]) * lin.shape[0] * round(0.25 * lin.shape[1]) for lin in lins)
+    target = all4 + 0.5 * extra
+    plan = run(model, ctx, f"assign-bits{{budget=latency,table={path},target={target},split=0.25,bits=4:8,groups=32}}")
+    split = [lp for lp in plan.layers if lp.split]
+    assert split, "the table makes a split the cheapest upgrade: some layer must split"
+    spent = 0.0
+    for lp in plan.layers:
+        k, n = lp.shape
+        ns = len(lp.split["columns"]) if lp.split else 0
+        spent += price(k, n - ns, lp.bits) + (price(k, ns, lp.split["bits"]) if lp.split else 0.0)
+        assert lp.measured_error is None, f"{lp.name}: the cheap estimator measured nothing"
+    assert spent <= target + 1e-9
+    assert plan.extra["latency_us"] == pytest.approx(spent, abs=0.01)
+
+
+def test_a_split_of_one_column_is_a_split(calibrated):
+    """``split=f`` gives every layer round(f·N) salient columns, one included (MixLLM's smallest split): with
+    f = 0.02 the layers of N ≤ 74 split off a single column; the nominal budget (no column-order bytes) holds."""
+    model, ctx = calibrated
+    plan = run(model, ctx, "assign-bits{budget=nominal_bits,target=3.02,split=0.02}")
+    split = [lp for lp in plan.layers if lp.split]
+    assert any(len(lp.split["columns"]) == 1 for lp in split), "single-column splits must be possible"
+    for lp in split:
+        assert len(lp.split["columns"]) == round(0.02 * lp.shape[1])
+    total = sum(lp.shape[0] * (lp.shape[1] - (len(lp.split["columns"]) if lp.split else 0)) * lp.bits
+                + (lp.shape[0] * len(lp.split["columns"]) * lp.split["bits"] if lp.split else 0) for lp in plan.layers)
+    assert total <= 3.02 * plan.weights

@@ -288,3 +288,24 @@ def test_every_pass_has_frozen_options(name):
     if dataclasses.fields(options):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(options, dataclasses.fields(options)[0].name, None)
+
+
+# every pass: no stale name cache left in the model ------------------------------------------------
+@pytest.mark.parametrize("pipeline", ["quantize-acts", "fold-norms", "calibrate,quantize", "quantize-weights",
+                                      "canonicalize", "calibrate{rows=64},migrate-steps",
+                                      "calibrate{rows=64},migrate-steps,dyadic"])
+def test_a_pass_leaves_no_name_cache_behind(pipeline):
+    """Passes name new values through a cache of taken names; the model handed back must not keep it: a node added
+    afterwards by other code (a user's edit, a backend) is not in a stale cache, and the next pass's fresh name
+    would then collide with it."""
+    import onnx_ir as ir
+
+    from lowbit.ir.rewrite import unique_name
+
+    model, _ = run(parse(NORM_LINEAR), pipeline, _ctx())
+    graph = model.graph
+    out = graph.outputs[0]
+    node = ir.Node("", "Identity", [out], outputs=[ir.Value(name="added_later")], name="added_later_node")
+    graph.append(node)
+    assert unique_name(graph, "added_later") != "added_later"
+    assert unique_name(graph, "added_later_node") != "added_later_node"

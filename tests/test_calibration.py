@@ -46,3 +46,35 @@ def test_calibration_inputs_that_do_not_fit_are_refused(stories_model, feed, mes
         check_feeds(stories_model, [feed])
     with pytest.raises(CalibrationError, match="no calibration samples"):
         check_feeds(stories_model, [])
+
+
+@pytest.mark.parametrize("past_dim, ok", [("p", True), ("3", False)])
+def test_an_empty_kv_past_is_a_prefill_only_on_a_symbolic_dim(past_dim, ok):
+    """A decoder's prefill feeds its KV past with length 0 on the symbolic past axis: a valid sample.  A zero
+    length on a dimension the model fixes is an empty input and is refused (the past, or any float rank ≥ 3)."""
+    from onnx_text import parse
+
+    model = parse(f"""
+    g (int64[b, t] tokens, float[b, 2, {past_dim}, 4] past_key) => (float[b, 2, n, 4] y)
+    {{
+        y = Identity (past_key)
+    }}""")
+    feed = {"tokens": np.zeros((1, 4), np.int64), "past_key": np.zeros((1, 2, 0, 4), np.float32)}
+    if ok:
+        check_feeds(model, [feed])
+    else:
+        with pytest.raises(CalibrationError, match="'past_key' is empty"):
+            check_feeds(model, [feed])
+
+
+def test_calibration_extent_counts_sequences_and_unpadded_tokens_of_list_or_array_feeds(stories_model):
+    """Samples as given (arrays or nested lists, as a JSON calibration file holds them): sequences are the rows of
+    the token input, tokens the unpadded ones (the attention mask's sum) — counted here by hand."""
+    from lowbit.passes.calibrate import calibration_extent
+
+    ids = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    mask = [[1, 1, 1, 0], [1, 1, 0, 0]]
+    want = {"samples": 3, "sequences": 2 + 2 + 1, "tokens": 5 + 8 + 3}
+    for cast in (list, np.asarray):
+        feeds = [{"tokens": cast(ids), "attention_mask": cast(mask)}, {"tokens": cast(ids)}, {"tokens": cast([9, 9, 9])}]
+        assert calibration_extent(stories_model, feeds) == want

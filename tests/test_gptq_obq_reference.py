@@ -114,3 +114,31 @@ def test_default_damping_is_one_percent_of_the_mean_diagonal():
         np.testing.assert_array_equal(a, b)
     assert any(np.any(a != b) for a, b in zip(got, gptq_quantize(w, h, 3, 32, False, damp=0.011))), \
         "the case must tell 1 % from 1.1 %"
+
+
+def test_the_defaults_are_the_papers_gptq():
+    """``gptq_quantize(w, h, bits)``'s defaults: per-channel (group 0), symmetric, columns in their own order (no
+    act-order), no clip search, λ = 1 % — the textbook GPTQ above with those settings, on a Hessian whose diagonal
+    is far from sorted (act-order would reorder it and give other codes)."""
+    rng = np.random.default_rng(11)
+    k, n = 96, 8
+    x = rng.standard_normal((500, k)) * rng.uniform(0.2, 3.0, k)
+    h = x.T @ x
+    w = rng.standard_normal((k, n))
+    q, s, z = gptq_quantize(w, h, 3)
+    np.testing.assert_allclose(dequantize(q, s, z, 0), textbook_gptq(w, h, 3, 0, True, False), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(textbook_gptq(w, h, 3, 0, True, True), textbook_gptq(w, h, 3, 0, True, False)), \
+        "the case must tell act-order from the natural order"
+
+
+def test_rtn_defaults_are_per_channel_symmetric_rtn():
+    """``rtn_quantize(w, bits)``'s defaults: one group per column, symmetric (MLAS' rule), no clip search, no
+    HQQ — the loop-by-loop RTN of ``tests/rtn_reference.py`` with those settings, on weights whose asymmetric
+    and symmetric grids differ."""
+    from lowbit.quant.gptq import rtn_quantize
+    from rtn_reference import rtn_reference
+
+    w = np.random.default_rng(12).standard_normal((64, 6)) + 0.4  # shifted: asymmetric ≠ symmetric
+    got = dequantize(*rtn_quantize(w, 3), 0)
+    np.testing.assert_allclose(got, rtn_reference(w, 3, 0, symmetric=True, dtype=np.float64), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, rtn_reference(w, 3, 0, symmetric=False, dtype=np.float64), atol=1e-3)

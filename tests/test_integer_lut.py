@@ -97,3 +97,31 @@ def test_static_quantizer_of_an_all_zero_activation_has_a_finite_step():
     step = float(const_array(q.inputs[1]))
     assert np.isfinite(step) and step > 0
     np.testing.assert_array_equal(ort_outputs(model, feeds[0])[0], np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("out_type, u", [("uint8", 128), ("int8", -3)])
+def test_a_qdq_sigmoid_becomes_a_lookup_of_the_formula(out_type, u):
+    """The QDQ form (``DequantizeLinear → Sigmoid → QuantizeLinear``, as ``quantize`` writes it), not migrate-steps'
+    round-and-clip: the table is ``sat(round(σ((c − z)·s) / t) + u)`` over all 256 input codes, clipped to the
+    output type's range (uint8 0..255, int8 −128..127), and the lowered graph maps every code through it."""
+    s, z, t = 0.05, 120, 1.0 / 250
+    model = parse(f"""
+    g (uint8[n] x) => ({out_type}[n] y)
+    <float s = {{{s}}}, uint8 z = {{{z}}}, float t = {{{t:.9g}}}, {out_type} u = {{{u}}}>
+    {{
+        d = DequantizeLinear (x, s, z)
+        f = Sigmoid (d)
+        y = QuantizeLinear (f, t, u)
+    }}""")
+    pm = PassManager.from_pipeline("integer-lut", CompileContext(show_progress=False, properties={"quantized"}))
+    out = pm.run(model)
+    assert [n.op_type for n in out.graph] == ["Lookup"]
+    codes = np.arange(256)
+    x = ((codes - z) * np.float32(s)).astype(np.float32).astype(np.float64)
+    lo, hi = (0, 255) if out_type == "uint8" else (-128, 127)
+    want = np.clip(np.rint(1 / (1 + np.exp(-x)) / np.float32(t)) + u, lo, hi)
+    table = const_array(next(iter(out.graph)).inputs[1]).astype(np.int64).reshape(-1)
+    assert np.abs(table - want).max() <= 1 and np.mean(table == want) > 0.98
+    lowered = PassManager.from_pipeline("lower-lowbit", CompileContext(show_progress=False)).run(out)
+    got = ort_outputs(lowered, {"x": codes.astype(np.uint8)})[0]
+    assert got.dtype == np.dtype(out_type) and np.array_equal(got.astype(np.int64), table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from lowbit.ir.integer_check import check_integer_regions
 from lowbit.ir.rewrite import add_initializer, make_node
@@ -13,7 +14,7 @@ from lowbit.runtime.reference import ReferenceInterpreter, compare_graph_with_or
 S_G, Z_G, S_U, Z_U = 0.05, 120, 0.03, 131
 
 
-def _graph(steps: np.ndarray, zps: np.ndarray) -> ir.Model:
+def _graph(steps: np.ndarray, zps: np.ndarray, gate_op: str = "Sigmoid", gate_of: str = "gate") -> ir.Model:
     """gate/up codes → DQ → silu(G)·U → migrate-steps' round-and-clip (x/t, round, +z, clip, uint8)."""
     g_in = ir.Value(name="g", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(["m", 8]))
     u_in = ir.Value(name="u", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(["m", 8]))
@@ -27,7 +28,7 @@ def _graph(steps: np.ndarray, zps: np.ndarray) -> ir.Model:
 
     gate = node("DequantizeLinear", [g_in, const("sg", np.float32(S_G)), const("zg", np.uint8(Z_G))], "gate")
     up = node("DequantizeLinear", [u_in, const("su", np.float32(S_U)), const("zu", np.uint8(Z_U))], "up")
-    silu = node("Mul", [gate, node("Sigmoid", [gate], "sig")], "silu")
+    silu = node("Mul", [gate, node(gate_op, [gate if gate_of == "gate" else up], "sig")], "silu")
     x = node("Mul", [silu, up], "gated")
     x = node("Mul", [x, const("inv_t", (1 / steps).astype(np.float32))], "act_scale")
     r = node("Add", [node("Round", [x], "round"), const("zf", zps.astype(np.float32))], "offset")
@@ -108,3 +109,18 @@ def test_up_codes_from_an_accumulator_are_widened_to_int16():
         if wide:  # only the silu table and the final rounding remain
             assert errs[wide].max() <= 1
     assert errs[True].mean() < 0.5 * errs[False].mean(), (errs[True].mean(), errs[False].mean())
+
+
+@pytest.mark.parametrize("gate_op, gate_of", [("Tanh", "gate"), ("Sigmoid", "up")])
+def test_a_gate_that_is_not_silu_is_left_alone(gate_op, gate_of):
+    """Only ``G·σ(G)·U`` is SiLU-gated: ``G·tanh(G)·U`` or ``G·σ(U)·U`` (a sigmoid of the other operand) have the
+    same graph shape and must not become IntSwiGLU (must not fire: the model is unchanged)."""
+    from onnx_text import digest
+
+    rng = np.random.default_rng(0)
+    steps, zps = 2.0 ** rng.integers(-6, -3, 8), rng.integers(100, 140, 8).astype(np.uint8)
+    model = _graph(steps, zps, gate_op, gate_of)
+    want = digest(model)
+    ctx = CompileContext(show_progress=False, properties={QUANTIZED})
+    PassManager.from_pipeline("integer-swiglu", ctx).run(model)
+    assert ctx.report.get("integer-swiglu", {}).get("swiglu", 0) == 0 and digest(model) == want

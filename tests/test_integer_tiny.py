@@ -77,11 +77,12 @@ def test_logits_stay_near_the_qdq_graph(compiled):
     assert rel_err(got, want) < 0.15  # measured 0.085 (integer rsqrt, LUTs, int16 residual steps)
 
 
-def _post_norm_encoder(scale: str = "Mul"):
+def _post_norm_encoder(scale: str = "Mul", bert_mask: bool = False):
     """A post-norm encoder layer (BERT's form, 2 heads, scale on Q): each norm's output feeds the next
     block AND the residual add, so migrate-steps clones it and integer-norms must derive the clone from
     its IntNorm twin (the shared path); integer-attention turns Q·Kᵀ, softmax and P·V integer; the
-    FFN's Relu becomes an integer Lookup."""
+    FFN's Relu becomes an integer Lookup.  ``bert_mask``: a padding mask ``Where(keep, 0, −10000)`` added to the
+    scores (BERT's constant, the documented bound −1e4 itself) and a Softmax without ``axis`` (default −1)."""
     import onnx.parser
     import onnx.shape_inference
 
@@ -100,8 +101,8 @@ def _post_norm_encoder(scale: str = "Mul"):
         consts[f"g{i}"], consts[f"b{i}"] = 0.5 + rng.random(c), 0.3 * rng.standard_normal(c)
     decl = ", ".join(f"float[{', '.join(map(str, a.shape))}] {k} = {{{lit(a)}}}" for k, a in consts.items())
     text = f"""
-    g (float[1, {t}, {c}] x) => (float[1, {t}, {n}] y)
-    <{decl}, int64[4] split = {{1, {t}, {heads}, {c // heads}}}, int64[3] merge = {{1, {t}, {c}}},
+    g (float[1, {t}, {c}] x{", bool[1, 1, 1, %d] keep" % t if bert_mask else ""}) => (float[1, {t}, {n}] y)
+    <{decl}{", float zero = {0.0}, float big = {-10000.0}" if bert_mask else ""}, int64[4] split = {{1, {t}, {heads}, {c // heads}}}, int64[3] merge = {{1, {t}, {c}}},
      float alpha = {{{(1 / np.sqrt(c // heads)) if scale == "Mul" else np.sqrt(c // heads):.9g}}}>
     {{
         h0 = LayerNormalization <axis = -1> (x, g0, b0)
@@ -118,8 +119,10 @@ def _post_norm_encoder(scale: str = "Mul"):
         k3 = Transpose <perm = [0, 2, 3, 1]> (k2)
         v3 = Transpose <perm = [0, 2, 1, 3]> (v2)
         q4 = {scale} (q3, alpha)
-        s = MatMul (q4, k3)
-        p = Softmax <axis = -1> (s)
+        {"s0" if bert_mask else "s"} = MatMul (q4, k3)
+        {"m = Where (keep, zero, big)" if bert_mask else ""}
+        {"s = Add (s0, m)" if bert_mask else ""}
+        p = Softmax {"" if bert_mask else "<axis = -1>"} (s)
         ctx0 = MatMul (p, v3)
         ctx1 = Transpose <perm = [0, 2, 1, 3]> (ctx0)
         ctx2 = Reshape (ctx1, merge)
@@ -139,15 +142,18 @@ def _post_norm_encoder(scale: str = "Mul"):
     proto = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(HEADER + text), strict_mode=True)
     calib = [{"x": rng.standard_normal((1, t, c)).astype(np.float32)} for _ in range(8)]
     probe = {"x": rng.standard_normal((1, t, c)).astype(np.float32)}
+    if bert_mask:  # the last positions are padding
+        for i, f in enumerate([*calib, probe]):
+            f["keep"] = (np.arange(t) < t - 1 - i % 5).reshape(1, 1, 1, t)
     return proto, calib, probe
 
 
-@pytest.mark.parametrize("scale", ["Mul", "Div"])  # Q·(1/√d) or Q/√d: both forms occur in exports
+@pytest.mark.parametrize("scale", ["Mul", "Div", "Mul-bert-mask"])  # Q·(1/√d) or Q/√d: both forms occur in exports
 def test_post_norm_encoder_shares_the_norm_and_stays_near_the_qdq_graph(scale):
     from lowbit.backends.lower_lowbit import LowerLowbit
     from lowbit.runtime.reference import compare_graph_with_ort
 
-    proto, calib, probe = _post_norm_encoder(scale)
+    proto, calib, probe = _post_norm_encoder(scale.split("-")[0], bert_mask=scale.endswith("bert-mask"))
     qdq = PassManager.from_pipeline(QDQ, CompileContext(calibration=calib, show_progress=False)).run(
         ir.serde.deserialize_model(proto))
     ctx = CompileContext(calibration=calib, show_progress=False)
@@ -164,3 +170,17 @@ def test_post_norm_encoder_shares_the_norm_and_stays_near_the_qdq_graph(scale):
     got = make_session(integer, optimize=False).run(None, probe)[0]
     want = make_session(qdq, optimize=False).run(None, probe)[0]
     assert rel_err(got, want) < 0.12  # measured 0.064 (3 integer norms, integer softmax, a Relu table)
+
+
+@pytest.mark.parametrize("last", ["integer-swiglu", "integer-lut", "integer-attention", "integer-norms"])
+def test_each_integer_pass_leaves_no_dead_nodes(last):
+    """Each integer pass removes the float nodes it replaced (no node whose outputs nothing reads), also when it is
+    the last pass run — not only because a later pass of the recipe happens to clean up."""
+    proto, calib, _ = _post_norm_encoder("Mul")
+    pipeline = INTEGER[: INTEGER.index(last) + len(last)]
+    model = PassManager.from_pipeline(pipeline, CompileContext(calibration=calib, show_progress=False)).run(
+        ir.serde.deserialize_model(proto))
+    outputs = set(model.graph.outputs)
+    dead = [n.name for n in model.graph
+            if all(not list(o.uses()) and o not in outputs for o in n.outputs)]
+    assert dead == [], dead

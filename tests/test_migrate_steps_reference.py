@@ -22,14 +22,7 @@ def _lit(a):
     return ", ".join(f"{v:.9g}" for v in np.asarray(a).reshape(-1))
 
 
-@pytest.fixture(scope="module")
-def case():
-    rng = np.random.default_rng(7)
-    gamma = (0.5 + rng.random(C)).astype(np.float32)
-    gamma[3] = 12.0  # one loud channel: balancing must clamp the others' steps
-    beta = (rng.standard_normal(C) * 0.5).astype(np.float32)  # shifted ranges: zero points matter
-    beta[5] = 4.0  # an all-positive channel
-    w = (rng.standard_normal((C, N)) * 0.3).astype(np.float32)
+def _build(gamma, beta, w, rng):
     text = f"""
     g (float[b, t, {C}] x) => (float[b, t, {N}] y)
     <float[{C}] gamma = {{{_lit(gamma)}}}, float[{C}] beta = {{{_lit(beta)}}}, float[{C}, {N}] w = {{{_lit(w)}}}>
@@ -42,6 +35,29 @@ def case():
     mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
     h = (x - mu) / np.sqrt(var + EPS) * gamma + beta  # LayerNorm, written out
     return text, feeds, h, w
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(7)
+    gamma = (0.5 + rng.random(C)).astype(np.float32)
+    gamma[3] = 12.0  # one loud channel: balancing must clamp the others' steps
+    beta = (rng.standard_normal(C) * 0.5).astype(np.float32)  # shifted ranges: zero points matter
+    beta[5] = 4.0  # an all-positive channel
+    w = (rng.standard_normal((C, N)) * 0.3).astype(np.float32)
+    return _build(gamma, beta, w, rng)
+
+
+@pytest.fixture(scope="module")
+def wide_case():
+    """Steps spanning ~8 000×: the quiet channels' weight rows are large, so their activations' precision matters
+    and the reference error keeps falling past ρ = 2^10 (its minimum over all powers of two is at 2^12)."""
+    rng = np.random.default_rng(7)
+    gamma = ((0.5 + rng.random(C)) * 12 / 8192).astype(np.float32)
+    gamma[3] = 12.0
+    w = rng.standard_normal((C, N)) * 0.3
+    w[np.arange(C) != 3] *= 8192 / 12
+    return _build(gamma, np.zeros(C, np.float32), w.astype(np.float32), rng)
 
 
 def _compile(case, pipeline):
@@ -122,13 +138,11 @@ def test_linear_producers_migrated_equal_kept_on_a_biased_decoder():
     assert rel_err(outs[True], outs[False]) <= 1e-5
 
 
-def test_ratio_search_picks_the_reference_minimum(case):
-    """ρ from {1, 2, …, 2^10} minimising the W8A8 output error on the calibration rows (numpy reference)."""
-    _, _, h, w = case
+def _reference_errors(h, w, ratios):
     lo, hi = np.minimum(h.min(0), 0), np.maximum(h.max(0), 0)
     a = (hi - lo) / 255
     errors = {}
-    for r in [2 ** k for k in range(11)]:
+    for r in ratios:
         s = np.exp2(np.ceil(np.log2(np.maximum(a, a.max() / r))))
         z = np.clip(np.round(-lo / s), 0, 255)
         xq = np.clip(np.round(h / s) + z, 0, 255) - z
@@ -136,11 +150,32 @@ def test_ratio_search_picks_the_reference_minimum(case):
         sw = np.abs(ws).max(0) / np.float32(127)
         wq = np.clip(np.round(ws / sw), -127, 127)
         errors[r] = float(((h @ w - (xq @ wq) * sw) ** 2).sum())
+    return errors
+
+
+GRID = [2 ** k for k in range(11)]  # the documented search grid {1, 2, …, 2^10}
+
+
+def test_ratio_search_picks_the_reference_minimum(case):
+    """ρ from {1, 2, …, 2^10} minimising the W8A8 output error on the calibration rows (numpy reference)."""
+    _, _, h, w = case
+    errors = _reference_errors(h, w, GRID)
     best = min(errors.values())
     _, ctx = _compile(case, "calibrate{rows=4096},migrate-steps")
     chosen = ctx.report["migrate-steps"]["ratio"]["min"]
     assert errors[chosen] <= best * 1.001, f"chose ρ={chosen}; reference errors {errors}"
     assert max(errors.values()) > 1.05 * best, "the case must make the choice matter"
+
+
+def test_ratio_search_stops_at_the_top_of_its_grid(wide_case):
+    """Where a larger ρ would still lower the error, the search takes the top of its documented grid, 2^10 —
+    not a ρ outside it (a grid one longer or shorter picks another ρ here)."""
+    _, _, h, w = wide_case
+    errors = _reference_errors(h, w, [2 ** k for k in range(15)])
+    assert min(errors, key=errors.get) > 2 ** 10 and errors[2 ** 10] > 1.5 * errors[2 ** 11] \
+        and errors[2 ** 9] > 1.5 * errors[2 ** 10], "the case must put the optimum beyond the grid"
+    _, ctx = _compile(wide_case, "calibrate{rows=4096},migrate-steps")
+    assert ctx.report["migrate-steps"]["ratio"]["min"] == 2 ** 10
 
 
 def test_v_to_o_steps_do_not_saturate_and_are_shared_per_kv_channel():

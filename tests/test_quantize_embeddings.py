@@ -33,3 +33,31 @@ def test_embedding_rows_match_numpy_and_shrink_the_model(stories_model):
 def test_small_tables_stay_float(stories_model):
     result = lowbit.compile(stories_model, "quantize-embeddings{min_rows=1000}", progress=False)
     assert result.report["passes"][0]["stats"] == {"small_tables": 1}
+
+
+def _gather(axis_attr: str, rows: int = 300, cols: int = 4) -> str:
+    table = np.random.default_rng(5).standard_normal((rows, cols)).astype(np.float32)
+    lit = ", ".join(f"{v:.9g}" for v in table.reshape(-1))
+    out = "[b, t, 4]" if "1" not in axis_attr else "[300, b, t]"
+    return table, f"""
+    g (int64[b, t] ids) => (float{out} y)
+    <float[{rows}, {cols}] e = {{{lit}}}>
+    {{ y = Gather {axis_attr} (e, ids) }}"""
+
+
+def test_an_explicit_axis_0_gather_is_quantized_and_axis_1_is_left_alone():
+    """Gather's axis: ``axis = 0`` spelled out is the same row lookup as no attribute (rewritten, values equal the
+    numpy per-row dequantization); ``axis = 1`` picks columns, which per-row scales cannot serve (left alone)."""
+    from onnx_text import digest, ort_outputs, parse, run
+
+    table, text = _gather("<axis = 0>")
+    out, pm = run(parse(text), "quantize-embeddings")
+    assert pm.passes[0].stats["tables"] == 1
+    ids = np.array([[0, 299, 17, 17]], np.int64)
+    eq, s = quantize_rows_int8(table)
+    np.testing.assert_allclose(ort_outputs(out, {"ids": ids})[0], eq[ids].astype(np.float32) * s[ids][..., None],
+                               rtol=1e-7)
+    _, text = _gather("<axis = 1>")
+    before = parse(text)
+    want = digest(before)
+    assert digest(run(before, "quantize-embeddings")[0]) == want

@@ -176,3 +176,36 @@ def test_sink_positions_are_read_in_float():
     _, whole, _ = _compile("quantize-kv{bits=4,k_mode=token,sink=64}", feeds)
     got = make_session(whole).run(["logits"], _prefill(whole, ids[None]))[0][0]
     assert np.max(np.abs(got - full_f)) <= 1e-5 * scale
+
+
+def _half_rope_llama():
+    """The test Llama with HF's RoPE (``rotate_half``: channel j pairs with j + d/2) instead of llama2.c's
+    interleaved pairs (2j, 2j+1); the frontend writes ``rope_style=half`` into ``lowbit.config``."""
+    import dataclasses
+
+    from lowbit.frontends.decoder import build_decoder
+    from lowbit.frontends.llama2c import decoder_weights, llama2c_spec
+
+    spec = dataclasses.replace(llama2c_spec(CFG), rope_style="half")
+    return build_decoder(spec, decoder_weights(CFG, random_llama_weights(CFG, seed=1)), kv_cache=True)
+
+
+def test_static_channel_keys_pair_the_half_split_rope_channels():
+    """``k_mode=channel`` with half-split RoPE: rotated channels j and j + d/2 share the range max‖(k_j, k_{j+d/2})‖
+    and centre 0 (a rotation keeps the pair's norm) — numpy from the float graph's cached keys, pairs written here."""
+    rng = np.random.default_rng(0)
+    model = _half_rope_llama()
+    assert "rope_style=half" in model.metadata_props.get("lowbit.config", "")
+    feeds = [_prefill(model, rng.integers(0, CFG.vocab_size, (1, 24))) for _ in range(4)]
+    ctx = CompileContext(calibration=feeds, show_progress=False)
+    qmodel = PassManager.from_pipeline("quantize-kv{bits=8,k_mode=channel}", ctx).run(_half_rope_llama())
+    hd, h = CFG.head_dim, CFG.head_dim // 2
+    allk = np.concatenate([make_session(model).run(["present.0.key"], fd)[0] for fd in feeds], 2)
+    pn = np.sqrt(allk[..., :h] ** 2 + allk[..., h:] ** 2).max((0, 2))  # [kv, d/2]
+    r = np.concatenate([pn, pn], -1)
+    k = make_session(model).run(["present.0.key"], feeds[0])[0]
+    step = np.maximum(r / 127, 1e-8)[None, :, None]
+    codes = np.clip(np.round(k / step) + 128, 0, 255)
+    got = make_session(qmodel).run(["present.0.key"], _prefill(qmodel, feeds[0]["input_ids"]))[0]
+    assert got.shape == k.shape
+    assert np.mean(got != codes) < 1e-3 and np.max(np.abs(got.astype(int) - codes)) <= 1

@@ -113,3 +113,80 @@ def test_the_rotation_is_the_papers(kind):
         for rows in o_rows:
             np.testing.assert_allclose(w1["layers.0.attn.o_proj"][rows], r2.T @ w0["layers.0.attn.o_proj"][rows] @ q,
                                        atol=1e-4)
+
+
+def _scaled_stream(op_inputs: str, int32_ids: bool = False):
+    """Embedding → ``Div`` by a scalar (the stream as dividend ``x / c``, or as divisor ``c / x``) → a pre-norm
+    block (RMSNorm with γ = 1, a linear added back) → a final RMSNorm and head."""
+    rng = np.random.default_rng(3)
+    d = 16
+    g = GraphBuilder(opset=23)
+    ids = g.input("input_ids", TensorProto.INT32 if int32_ids else TensorProto.INT64, [1, 5])
+    g.output("y", TensorProto.FLOAT, [1, 5, 8])
+    if int32_ids:  # token ids arrive as int32 and are cast (an index path from the graph input)
+        ids = g.op("Cast", [ids], to=TensorProto.INT64)
+    x = g.op("Gather", [g.init("embed.weight", rng.standard_normal((32, d)).astype(np.float32)), ids])
+    c = g.init("c", np.array(2.5, np.float32))
+    x = g.op("Div", [x, c] if op_inputs == "x/c" else [c, x])
+    one = lambda n: g.init(n, np.ones(d, np.float32))  # noqa: E731
+    n = g.op("RMSNormalization", [x, one("n1.weight")], axis=-1)
+    h = g.op("MatMul", [n, g.init("l1.weight", rng.standard_normal((d, d)).astype(np.float32))])
+    x = g.op("Add", [x, h])
+    n = g.op("RMSNormalization", [x, one("n2.weight")], axis=-1)
+    g.op("MatMul", [n, g.init("head.weight", rng.standard_normal((d, 8)).astype(np.float32))], out="y")
+    return g.build("scaled-stream")
+
+
+def test_a_stream_divided_by_a_scalar_is_rotated_and_a_scalar_divided_by_it_is_refused():
+    """``R·(x/c) = (R·x)/c``: a scalar divisor commutes with the rotation (as Gemma's ·√d does) and the rotated
+    model equals the float one; ``c/x`` is elementwise non-linear in x and does not commute, so rotate refuses."""
+    feed = {"input_ids": np.array([[1, 7, 30, 2, 9]], np.int64)}
+    model = _scaled_stream("x/c")
+    ref = make_session(model, optimize=False).run(None, feed)[0]
+    rotated, stats = _run(model, "rotate{online=false}")
+    assert stats["rotate"]["r1_readers"] > 0
+    assert rel_err(make_session(rotated, optimize=False).run(None, feed)[0], ref) <= 1e-5
+    with pytest.raises(PassFailure):
+        _run(_scaled_stream("c/x"), "rotate{online=false}")
+
+
+def test_learned_positions_added_to_the_embedding_are_rotated_alike():
+    """GPT-2/OPT form: ``x = E[ids] + P[positions]`` starts the stream.  R·x = R·E[ids] + R·P[positions], so both
+    tables take the rotation, and the walk goes on past the Add (the block after it must be rotated too)."""
+    rng = np.random.default_rng(4)
+    d = 16
+    g = GraphBuilder(opset=23)
+    ids = g.input("input_ids", TensorProto.INT64, [1, 5])
+    pos = g.input("position_ids", TensorProto.INT64, [1, 5])
+    g.output("y", TensorProto.FLOAT, [1, 5, 8])
+    x = g.op("Gather", [g.init("embed.weight", rng.standard_normal((32, d)).astype(np.float32)), ids])
+    p = g.op("Gather", [g.init("pos.weight", rng.standard_normal((8, d)).astype(np.float32)), pos])
+    x = g.op("Add", [x, p])
+    one = lambda n: g.init(n, np.ones(d, np.float32))  # noqa: E731
+    n = g.op("RMSNormalization", [x, one("n1.weight")], axis=-1)
+    h = g.op("MatMul", [n, g.init("l1.weight", rng.standard_normal((d, d)).astype(np.float32))])
+    x = g.op("Add", [x, h])
+    n = g.op("RMSNormalization", [x, one("n2.weight")], axis=-1)
+    g.op("MatMul", [n, g.init("head.weight", rng.standard_normal((d, 8)).astype(np.float32))], out="y")
+    model = g.build("learned-positions")
+    feed = {"input_ids": np.array([[1, 7, 30, 2, 9]], np.int64), "position_ids": np.arange(5, dtype=np.int64)[None]}
+    ref = make_session(model, optimize=False).run(None, feed)[0]
+    table = model.graph.initializers["pos.weight"].const_value.numpy().copy()
+    rotated, stats = _run(model, "rotate{online=false}")
+    assert stats["rotate"]["r1_readers"] == 2 and stats["rotate"]["r1_writers"] >= 1
+    assert rel_err(make_session(rotated, optimize=False).run(None, feed)[0], ref) <= 1e-5
+    pos_after = next(n for n in rotated.graph if n.op_type == "Gather" and n.inputs[1].name == "position_ids")
+    got = pos_after.inputs[0].const_value.numpy().astype(np.float64)
+    assert not np.allclose(got, table)  # rotated: the same row norms, other coordinates
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(table, axis=1), rtol=1e-5)
+
+
+def test_token_ids_cast_before_the_embedding_still_start_the_stream():
+    """The embedding is found through an index path (Cast, Reshape, …) from the graph input: int32 ids cast to int64
+    are still the token input, and the rotated model equals the float one."""
+    feed = {"input_ids": np.array([[1, 7, 30, 2, 9]], np.int32)}
+    model = _scaled_stream("x/c", int32_ids=True)
+    ref = make_session(model, optimize=False).run(None, feed)[0]
+    rotated, stats = _run(model, "rotate{online=false}")
+    assert stats["rotate"]["r1_readers"] > 0
+    assert rel_err(make_session(rotated, optimize=False).run(None, feed)[0], ref) <= 1e-5

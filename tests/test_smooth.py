@@ -133,3 +133,24 @@ def test_alpha_search_without_rows_is_refused(stories_model, stories_calibration
 
     with pytest.raises(PassFailure, match="calibrate\\{rows=512\\}"):
         _run(stories_model, "calibrate,smooth{search=true}", stories_calibration[:2])
+
+
+def test_a_group_without_statistics_is_reported_unsmoothed_not_a_crash():
+    """A linear whose input has no statistics (calibration never reached it) keeps its weights; the report names
+    it with the reason, and the other groups are still smoothed."""
+    from lowbit.quant.stats import META_KEY
+
+    model = _text_model(_BEFORE)
+    feeds = [{"x": (np.random.default_rng(0).standard_normal((32, 4)) * [1, 10, 0.1, 3]).astype(np.float32)}]
+    ctx = CompileContext(calibration=feeds, show_progress=False)
+    model = PassManager.from_pipeline("calibrate", ctx).run(model)
+    lin = next(n for n in model.graph if n.op_type == "MatMul")
+    lin.inputs[0].meta.pop(META_KEY)
+    w = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    pm = PassManager.from_pipeline("smooth{alpha=0.5}", ctx)
+    model = pm.run(model)
+    rows = ctx.report["smooth"]["unsmoothed"]
+    assert pm.passes[0].stats["skipped"] >= 1
+    assert any(r["reason"] == "no calibration statistics for its input" for r in rows), rows
+    np.testing.assert_array_equal(model.graph.initializers[lin.inputs[1].name].const_value.numpy(),
+                                  w[lin.inputs[1].name])

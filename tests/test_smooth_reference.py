@@ -168,3 +168,25 @@ def test_alpha_search_on_a_row_sample_of_many_tokens_scales_from_all_of_them(cas
     model, ctx = _smoothed((text, more), "calibrate{rows=64},smooth{search=true}")
     assert ctx.report["smooth"]["alpha"]["mean"] == best, f"reference errors {errors}"
     np.testing.assert_allclose(_applied_scales(model, w1), reference_scales(h, w1, w2, best), rtol=1e-4)
+
+
+def test_alpha_search_reaches_the_bottom_of_its_grid():
+    """Loud weight rows (three rows ×20) next to loud activation channels: shifting difficulty onto the weights
+    costs more than it saves, so the held-out reference's minimum is the grid's smallest α, 0.3 — and the search
+    must pick exactly that α (a grid whose bottom moved picks another)."""
+    rng = np.random.default_rng(4)
+    gamma = (0.5 + rng.random(C)).astype(np.float32)
+    gamma[[2, 9]] = [8.0, 5.0]
+    w1 = (rng.standard_normal((C, N1)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((C, N2)) * 0.3).astype(np.float32)
+    w1[[4, 7, 11]] *= 20
+    w2[[4, 7, 11]] *= 20
+    feeds = [{"x": rng.standard_normal((1, 24, C)).astype(np.float32)} for _ in range(4)]
+    x = np.concatenate([f["x"].reshape(-1, C) for f in feeds]).astype(np.float64)
+    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * gamma
+    errors = {a: held_out_reference(h, w1, w2, a) for a in (None, *GRID)}
+    ranked = sorted(errors, key=errors.get)
+    assert ranked[0] == GRID[0] and errors[ranked[1]] > 1.2 * errors[ranked[0]], errors
+    model, ctx = _smoothed((_text(gamma, w1, w2), feeds), "calibrate{rows=100000},smooth{search=true}")
+    assert ctx.report["smooth"]["alpha"]["mean"] == GRID[0]
+    np.testing.assert_allclose(_applied_scales(model, w1), reference_scales(h, w1, w2, GRID[0]), rtol=1e-4)

@@ -75,3 +75,16 @@ def test_padded_rows_of_a_flattened_activation_do_not_enter_statistics():
     rows = model.graph.initializers["emb"].const_value.numpy().astype(np.float64)[a + b]
     np.testing.assert_allclose(st.xtx, rows.T @ rows, rtol=1e-6)
     assert st.count == 9
+
+
+def test_token_keep_filters_per_token_activations_only():
+    """The mask [b, t] selects the rows of an activation laid out per token — [b, t, c] or flattened [b·t, c] —
+    and nothing else: a [b, t, h, d] tensor (heads split) has b·t·h rows, which no [b, t] mask can index."""
+    from lowbit.quant.stats import token_keep
+
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    want = np.array([True, True, False, True, False, False])
+    for shape in ((2, 3, 4), (6, 4)):
+        np.testing.assert_array_equal(token_keep({"attention_mask": mask}, np.zeros(shape, np.float32)), want)
+    assert token_keep({"attention_mask": mask}, np.zeros((2, 3, 2, 4), np.float32)) is None
+    assert token_keep({}, np.zeros((2, 3, 4), np.float32)) is None

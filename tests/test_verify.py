@@ -200,3 +200,16 @@ def test_passes_that_need_statistics_say_so(pipeline, needs):
                                       "calibrate{hessian=true},quantize-weights{method=gptq}"])
 def test_passes_that_do_not_need_statistics_run_without(pipeline):
     PassManager.from_pipeline(pipeline, CompileContext()).check_order()
+
+
+def test_passes_whose_identity_is_exact_declare_float_equivalence():
+    """fold-norms (γ/β into the linears), rotate (Q·Qᵀ = I), smooth and awq (diag(s)⁻¹·diag(s)) and canonicalize
+    (the same graph in canonical form) state an exact float identity in their docstrings, so each declares
+    ``float_equivalent`` and the verifier then re-checks ORT's outputs after it in every test pipeline; no
+    quantizing pass may declare it."""
+    from lowbit.passmanager.manager import get_pass
+
+    exact = ["fold-norms", "rotate", "smooth", "awq", "canonicalize"]
+    lossy = ["quantize", "quantize-weights", "quantize-acts", "quantize-kv", "migrate-steps", "quantize-embeddings"]
+    assert [n for n in exact if not get_pass(n).float_equivalent] == []
+    assert [n for n in lossy if get_pass(n).float_equivalent] == []
