@@ -40,6 +40,19 @@ CASES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_SLIDING, query_pre_attn_scalar=8, rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    # LayerNorm decoders, parallel residuals, fused q/k/v in three layouts, partial rotary (hf_families)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(use_parallel_residual=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "gpt_neox-seq": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(use_parallel_residual=False)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(num_key_value_heads=4, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(multi_query=True, parallel_attn=True, bias=True)),
+    "falcon-new": ("FalconConfig", "FalconForCausalLM", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon-seq": ("FalconConfig", "FalconForCausalLM", dict(multi_query=False, parallel_attn=False, bias=True)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(use_qkv_bias=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+    "stablelm-parallel": ("StableLmConfig", "StableLmForCausalLM", dict(use_parallel_residual=True)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(use_bias=True, sliding_window=4)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=96,
                                                   bos_token_id=1, eos_token_id=2)),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, num_hidden_layers=2, ffn_dim=48,
@@ -52,6 +65,8 @@ CASES = {
 def save_tiny(name: str, folder, seed: int = 0):
     cfg_cls, model_cls, extra = CASES[name]
     kwargs = extra if name in ("gpt2", "opt") else dict(_SMALL, **extra)
+    if name.startswith("falcon"):  # head_dim is a derived property there
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("head_dim", "num_key_value_heads")}
     config = getattr(transformers, cfg_cls)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
