@@ -1,0 +1,67 @@
+"""Control-flow subgraphs (If / Loop / Scan bodies) as the passes see them: from outside.
+
+lowbit's passes rewrite the main graph only.  A subgraph that reads a main-graph value (a weight, a
+norm's output) is opaque to them: a linear inside it stays float, and a rewrite that changes what
+the value means (rotation) would leave the subgraph computing with the old meaning.  These helpers
+name the owner node of such reads, so that a pass can refuse or report instead of guessing.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+__all__ = ["subgraph_owners", "subgraph_readers", "subgraph_linears"]
+
+
+def _walk(graph: ir.Graph, owner: ir.Node, out: dict[ir.Node, ir.Node]) -> None:
+    for node in graph:
+        out[node] = owner
+        for attr in node.attributes.values():
+            for sub in _graphs(attr):
+                _walk(sub, owner, out)
+
+
+def _graphs(attr) -> list[ir.Graph]:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.value]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.value)
+    return []
+
+
+def subgraph_owners(graph: ir.Graph) -> dict[ir.Node, ir.Node]:
+    """Every node inside a subgraph (at any depth) → the node of ``graph`` that owns the subgraph."""
+    out: dict[ir.Node, ir.Node] = {}
+    for node in graph:
+        for attr in node.attributes.values():
+            for sub in _graphs(attr):
+                _walk(sub, node, out)
+    return out
+
+
+def subgraph_readers(value: ir.Value, owners: dict[ir.Node, ir.Node]) -> list[ir.Node]:
+    """The main-graph nodes (If, Loop, Scan) whose subgraphs read ``value``."""
+    found = []
+    for use in value.uses():
+        owner = owners.get(use.node)
+        if owner is not None and owner not in found:
+            found.append(owner)
+    return found
+
+
+def subgraph_linears(graph: ir.Graph) -> list[dict[str, str]]:
+    """``{"layer", "reason"}`` for each MatMul inside a subgraph whose weight is a constant (an initializer
+    of any scope, possibly through a Transpose): linears the passes leave in float."""
+    out = []
+    for node, owner in subgraph_owners(graph).items():
+        if node.op_type != "MatMul" or len(node.inputs) != 2 or node.inputs[1] is None:
+            continue
+        w = node.inputs[1]
+        src = w.producer()
+        if src is not None and src.op_type == "Transpose":
+            w = src.inputs[0]
+        if w is not None and w.const_value is not None:
+            out.append({"layer": node.name or w.name or "?",
+                        "reason": f"inside the subgraph of {owner.op_type} '{owner.name}' (control flow is left "
+                                  "in float; lowbit rewrites the main graph only)"})
+    return out

@@ -1,0 +1,106 @@
+"""Odd export forms users bring, built from :mod:`conformance_models`' random-weight HF models.
+
+* ``torchscript17``: the legacy TorchScript exporter (``dynamo=False``) at opset 17, dynamic sequence axis;
+* ``opset18``: the dynamo exporter at opset 18;
+* ``batch``: dynamic batch and sequence axes (evaluated on batches of 2);
+* ``subfolder``: external data in a subfolder (``weights/model.data``), loaded from another directory;
+* ``cond``: the LM head inside both branches of an ``If`` (``torch.cond`` on the sequence length), the
+  head's weight read from the outer scope (decoders);
+* ``qdq``: an already-quantized model (ONNX Runtime's ``quantize_static``, QDQ format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import conformance_models as cm
+
+__all__ = ["ODD_FORMS", "export_odd", "batched"]
+
+ODD_FORMS = ("torchscript17", "opset18", "batch", "subfolder", "cond", "qdq")
+
+
+def _cond_module(arch: str):
+    import torch
+
+    full = cm.build_module(arch)
+
+    class Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.head = full.model, full.lm_head
+
+        def forward(self, input_ids):
+            h = self.base(input_ids=input_ids, use_cache=False).last_hidden_state
+            return torch.cond(input_ids.shape[1] > 8, lambda x: self.head(x), lambda x: self.head(x * 0.5) * 2.0,
+                              (h,))
+
+    return Cond().eval()
+
+
+def export_odd(arch: str, form: str, folder: Path) -> Path:
+    import onnx
+    import pytest
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if form == "qdq":
+        return _qdq(arch, folder)
+    if form == "cond" and arch in cm.ENCODERS:
+        pytest.skip("the cond form puts a decoder's LM head in an If")
+    module = _cond_module(arch) if form == "cond" else cm._wrap(cm.build_module(arch), arch)
+    ids = torch.randint(0, cm.VOCAB, (2 if form == "batch" else 1, cm.SEQ))
+    seq = torch.export.Dim("seq", min=2, max=cm.POSITIONS - 2)
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: seq} if form == "batch" else {1: seq}
+    path = folder / f"{arch}_{form}.onnx"
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if form == "torchscript17":
+                torch.onnx.export(module, (ids,), str(path), dynamo=False, opset_version=17,
+                                  input_names=["input_ids"], output_names=["output"],
+                                  dynamic_axes={"input_ids": {1: "seq"}, "output": {1: "seq"}})
+                return path
+            program = torch.onnx.export(module, (ids,), dynamo=True, opset_version=18 if form == "opset18" else None,
+                                        input_names=["input_ids"], output_names=["output"],
+                                        dynamic_shapes={"input_ids": dims})
+        except Exception as exc:
+            pytest.skip(f"{form} export of {arch} failed in torch's exporter: {type(exc).__name__}")
+    if form != "subfolder":
+        program.save(str(path), external_data=False)
+        return path
+    proto = program.model_proto
+    (folder / "weights").mkdir()
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights/model.data", size_threshold=0)
+    return path
+
+
+def _qdq(arch: str, folder: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    src = cm.export(arch, "dynamo", folder / "float")
+    feeds = cm.feeds(src, 4, seed=0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    path = folder / f"{arch}_qdq.onnx"
+    quantize_static(str(src), str(path), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"])
+    return path
+
+
+def batched(feeds: list[dict]) -> list[dict]:
+    """Pairs of single-sequence feeds stacked into batches of 2 (same length, so no padding)."""
+    return [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(feeds[::2], feeds[1::2])]
