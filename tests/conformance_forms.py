@@ -6,6 +6,8 @@
 * ``subfolder``: external data in a subfolder (``weights/model.data``), loaded from another directory;
 * ``cond``: the LM head inside both branches of an ``If`` (``torch.cond`` on the sequence length), the
   head's weight read from the outer scope (decoders);
+* ``loop``: the same head inside a ``Loop`` body (trip count 1, the logits its scan output), made from the
+  dynamo export by graph surgery (decoders);
 * ``qdq``: an already-quantized model (ONNX Runtime's ``quantize_static``, QDQ format).
 """
 
@@ -23,7 +25,7 @@ import conformance_models as cm
 
 __all__ = ["ODD_FORMS", "export_odd", "batched"]
 
-ODD_FORMS = ("torchscript17", "opset18", "batch", "subfolder", "cond", "qdq")
+ODD_FORMS = ("torchscript17", "opset18", "batch", "subfolder", "cond", "loop", "qdq")
 
 
 def _cond_module(arch: str):
@@ -52,8 +54,10 @@ def export_odd(arch: str, form: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if form == "qdq":
         return _qdq(arch, folder)
-    if form == "cond" and arch in cm.ENCODERS:
-        pytest.skip("the cond form puts a decoder's LM head in an If")
+    if form in ("cond", "loop") and arch in cm.ENCODERS:
+        pytest.skip(f"the {form} form puts a decoder's LM head in a control-flow subgraph")
+    if form == "loop":
+        return _loop(arch, folder)
     module = _cond_module(arch) if form == "cond" else cm._wrap(cm.build_module(arch), arch)
     ids = torch.randint(0, cm.VOCAB, (2 if form == "batch" else 1, cm.SEQ))
     seq = torch.export.Dim("seq", min=2, max=cm.POSITIONS - 2)
@@ -80,6 +84,37 @@ def export_odd(arch: str, form: str, folder: Path) -> Path:
     (folder / "weights").mkdir()
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights/model.data", size_threshold=0)
+    return path
+
+
+def _loop(arch: str, folder: Path) -> Path:
+    """The dynamo export with its last MatMul (the LM head) moved into a Loop body run once."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    src = cm.export(arch, "dynamo", folder / "float")
+    model = onnx.load(str(src))
+    nodes = list(model.graph.node)
+    head = [i for i, n in enumerate(nodes) if n.op_type == "MatMul"][-1]
+    mm = nodes[head]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", list(mm.input), ["y"], name="loop_body_lm_head")],
+        "loop_body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                      helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    trip = helper.make_tensor("loop_trips", TensorProto.INT64, [], [1])
+    go = helper.make_tensor("loop_go", TensorProto.BOOL, [], [True])
+    axis = helper.make_tensor("loop_axis", TensorProto.INT64, [1], [0])
+    model.graph.initializer.extend([trip, go, axis])
+    loop = helper.make_node("Loop", ["loop_trips", "loop_go"], ["loop_scan"], name="lm_head_loop", body=body)
+    squeeze = helper.make_node("Squeeze", ["loop_scan", "loop_axis"], [mm.output[0]], name="lm_head_squeeze")
+    del model.graph.node[head]
+    model.graph.node.insert(head, squeeze)
+    model.graph.node.insert(head, loop)
+    path = folder / f"{arch}_loop.onnx"
+    onnx.save(model, str(path))
     return path
 
 

@@ -40,7 +40,7 @@ ARCHS = ("llama", "qwen2", "mistral", "phi3", "gemma3", "gpt2", "opt", "bert")
 # Beyond the list: parallel residuals / partial rotary (GPT-NeoX, Phi-2, StableLM, Falcon), q/k norms
 # (Qwen3), soft-capping (Gemma-2), tied embeddings, mixture-of-experts, and more encoders.
 EXTRA = ("gpt_neox", "phi", "stablelm", "falcon", "qwen3", "gemma2", "llama_tied", "mixtral", "qwen2_moe",
-         "roberta", "distilbert", "xlm_roberta", "modernbert", "deberta_v2", "electra", "mpnet", "starcoder2")
+         "roberta", "distilbert", "xlm_roberta", "modernbert", "deberta_v2", "electra", "mpnet", "starcoder2", "olmo2", "granite", "gpt_bigcode", "bloom")
 ENCODERS = ("bert", "roberta", "distilbert", "xlm_roberta", "modernbert", "deberta_v2", "electra", "mpnet")
 DECODERS = tuple(a for a in ARCHS if a not in ENCODERS)
 FORMS = ("dynamo", "opset23", "fp16", "external", "fixed", "optimum", "genai", "hf")
@@ -116,6 +116,17 @@ def _extra_config(tf, arch: str, common: dict):
         return tf.MPNetConfig(**common), tf.MPNetModel
     if arch == "starcoder2":
         return tf.Starcoder2Config(use_bias=True, **kv, **common), tf.Starcoder2ForCausalLM
+    # not described by lowbit's decoder builder: the HF form goes through torch's exporter (hf_exported)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**kv, **common), tf.Olmo2ForCausalLM
+    if arch == "granite":
+        return tf.GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                                logits_scaling=8.0, **kv, **common), tf.GraniteForCausalLM
+    if arch == "gpt_bigcode":
+        return tf.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                   n_positions=POSITIONS, multi_query=True), tf.GPTBigCodeForCausalLM
+    if arch == "bloom":
+        return tf.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS), tf.BloomForCausalLM
     if arch == "modernbert":
         return tf.ModernBertConfig(global_attn_every_n_layers=2, local_attention=16, pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,

@@ -61,8 +61,8 @@ def expected_refusal(arch: str, form: str, recipe: str) -> str | None:
     """The pattern a by-design refusal of this cell must match, or None if the cell must compile."""
     if form == "qdq":
         return r"is already quantized: node '.+' \(ai\.onnx::(Dequantize|Quantize)Linear\)"
-    if form == "cond" and recipe in ROTATING:
-        return r"node '.+'.* is read inside the subgraph of If '.+'; rotate rewrites the main graph only"
+    if form in ("cond", "loop") and recipe in ROTATING:
+        return r"node '.+'.* is read inside the subgraph of (If|Loop) '.+'; rotate rewrites the main graph only"
     if form == "hf" and arch in MOE:
         return r"is a mixture-of-experts decoder \(\d+ experts\); lowbit does not build expert routing"
     if recipe in ROTATING and arch in cm.ENCODERS:
@@ -124,9 +124,9 @@ def check_cell(exports, tmp_path, monkeypatch, arch: str, form: str, recipe: str
             pytest.fail(f"{arch}/{form}/{recipe} refused unexpectedly: {exc}")
         return
     assert out.exists()
-    if form == "cond":  # the head inside the If branches stays float, and the report says so
+    if form in ("cond", "loop"):  # the head inside the If branches / Loop body stays float, and the report says so
         kept = [f["reason"] for f in result.report.get("float_layers", [])]
-        assert any(re.search(r"inside the subgraph of If '.+'", r) for r in kept), kept
+        assert any(re.search(r"inside the subgraph of (If|Loop) '.+'", r) for r in kept), kept
     float_sess, q_sess = _session(cm.reference(src)), _session(out)
     assert [o.name for o in q_sess.get_outputs()] == [o.name for o in float_sess.get_outputs()]
     want_type = float_sess.get_outputs()[0].type

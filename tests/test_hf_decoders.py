@@ -138,3 +138,34 @@ def test_bf16_checkpoint_builds_a_float32_graph(tmp_path):
     got = make_session(lb).run(None, {"input_ids": ids})[0]
     assert got.dtype == np.float32
     assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+@pytest.mark.slow  # torch's exporter: ~30 s on 2 cores
+@pytest.mark.parametrize("cfg_name,cls_name,extra", [
+    ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                 attention_multiplier=0.0625, logits_scaling=8.0))])
+def test_undescribed_decoder_is_exported_by_torch(tmp_path, cfg_name, cls_name, extra):
+    """A causal LM the builder does not describe: transformers' own graph through torch's exporter (hf_exported)."""
+    config = getattr(transformers, cfg_name)(**dict(_SMALL, **extra))
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    ids = np.random.default_rng(1).integers(3, 96, (2, 11))
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    lb = lowbit.load_model(tmp_path)
+    got = make_session(lb).run(None, {"input_ids": ids})[0]
+    assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+    with pytest.raises(LowbitError, match="KV-cache form is not built for model type"):
+        lowbit.load_model(tmp_path, kv_cache=True)
+
+
+def test_mixture_of_experts_folder_is_refused_naming_the_experts(tmp_path):
+    cfg = transformers.MixtralConfig(**dict(_SMALL, num_local_experts=4, num_experts_per_tok=2))
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(LowbitError, match=r"mixture-of-experts decoder \(4 experts\)"):
+        lowbit.load_model(tmp_path)

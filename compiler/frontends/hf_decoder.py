@@ -1,8 +1,9 @@
 """Hugging Face decoder folders (config.json + safetensors) → :mod:`.decoder`'s graphs.
 
 Supported ``model_type``: llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, gpt2, opt, and
-(through :mod:`.hf_families`) gpt_neox, phi, falcon, stablelm, starcoder2.  Mixture-of-experts configs are
-refused, naming the expert count.
+(through :mod:`.hf_families`) gpt_neox, phi, falcon, stablelm, starcoder2.  Any other causal LM is exported
+by torch (:mod:`.hf_exported`, cache-less form only).  Mixture-of-experts configs are refused, naming the
+expert count.
 The weights are read with ``safetensors`` (never a pickle), converted to float32 and renamed to the
 builder's canonical names; fused matrices are split at load (Phi-3 ``qkv_proj`` and ``gate_up_proj``,
 GPT-2 ``c_attn``), GPT-2's Conv1D ``[in, out]`` matrices are transposed, Gemma's RMSNorm multiplier
@@ -145,9 +146,12 @@ def load_hf_decoder(path: str | Path, *, kv_cache: bool = False) -> ir.Model:
         raise UnsupportedModelError(f"{path}: model type '{cfg_json.get('model_type')}' is a mixture-of-experts "
                                     f"decoder ({experts} experts); lowbit does not build expert routing",
                                     hint="quantize a dense model, or export this one to ONNX yourself")
-    if cfg_json.get("model_type") not in DECODER_TYPES:
-        raise UnsupportedModelError(f"{path}: model type '{cfg_json.get('model_type')}' is not a supported decoder",
-                                    hint=f"supported: {', '.join(sorted(DECODER_TYPES))}; or export it to ONNX")
+    if cfg_json.get("model_type") not in DECODER_TYPES:  # transformers' own graph, through torch's exporter
+        from lowbit.frontends.hf_exported import load_exported_decoder
+        from lowbit.passmanager.manager import CompileContext, PassManager
+
+        model = load_exported_decoder(path, str(cfg_json.get("model_type")), kv_cache=kv_cache)
+        return PassManager.from_pipeline("canonicalize", CompileContext(show_progress=False)).run(model)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
