@@ -36,7 +36,8 @@ def _cond_module(arch: str):
     class Cond(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.base, self.head = full.model, full.lm_head
+            self.base = getattr(full, "model", None) or full.transformer  # GPT-2 names its body transformer
+            self.head = full.lm_head
 
         def forward(self, input_ids):
             h = self.base(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -83,7 +84,7 @@ def export_odd(arch: str, form: str, folder: Path) -> Path:
     proto = program.model_proto
     (folder / "weights").mkdir()
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights/model.data", size_threshold=0)
+                    location="weights/model.data")
     return path
 
 
