@@ -20,8 +20,17 @@ Static ``w8a8`` where ORT would fuse a 2-D MatMul + bias into a float Gemm (GPT-
 fc2, fixed-shape exports) compiles: those linears are written as explicit ``MatMulInteger`` + rescale.
 
 Beyond the list (``test_conformance_beyond_the_list``): GPT-NeoX, Phi-2, StableLM, Falcon, Qwen3,
-Gemma-2, Llama with tied embeddings, Mixtral, Qwen2-MoE, RoBERTa, DistilBERT, XLM-R, ModernBERT in the
-dynamo and optimum forms; a cell whose exporting tool fails (torch's exporter on MoE routing) skips.
+Gemma-2, Llama with tied embeddings, Mixtral, Qwen2-MoE, StarCoder2, OLMo-2, Granite, GPTBigCode, BLOOM,
+RoBERTa, DistilBERT, XLM-R, ModernBERT, DeBERTa-v2, ELECTRA, MPNet (a sentence-transformers folder) in the
+dynamo, optimum and HF-folder forms; a cell whose exporting tool fails (torch's exporter on MoE routing)
+skips.  HF folders of mixture-of-experts models are refused by design (expert routing is not built);
+ELECTRA's projected embedding is refused by rotation like the other post-norm encoders.
+
+Odd forms (``test_conformance_odd_forms``, :mod:`conformance_forms`): the TorchScript exporter at opset
+17, dynamo at opset 18, dynamic batch (evaluated on batches of 2), external data in a subfolder, the LM
+head inside ``If`` branches or a ``Loop`` body (compiles with that head kept float and listed in the
+report; rotation is refused naming the If/Loop), and an ONNX Runtime QDQ model (refused: already
+quantized, naming a Q/DQ node).
 
 The default run checks a fast subset (one decoder at torch's default opset); the full product is
 ``@pytest.mark.slow``.  Exports are cached per session.
