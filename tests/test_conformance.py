@@ -198,9 +198,17 @@ def _odd():
                 yield arch, form, recipe
 
 
+# ONNX Runtime aborts the whole process (a std::vector bounds assertion while it optimizes the graph) when
+# GPT-2's final LayerNorm is integer (int16 → DequantizeLinear → Reshape) and an If/Loop body reads it: an abort
+# cannot be an xfail, so these cells are skipped with the reason (closing note of session 7).
+ABORTS = {("gpt2", "cond", "int8-integer-only"), ("gpt2", "loop", "int8-integer-only")}
+
+
 @pytest.mark.slow  # exports of these forms take 20-60 s each on 2 cores
 @pytest.mark.parametrize("arch,form,recipe", list(_odd()))
 def test_conformance_odd_forms(exports, tmp_path, monkeypatch, arch, form, recipe):
+    if (arch, form, recipe) in ABORTS:
+        pytest.skip("known: ONNX Runtime aborts the process on this graph (see ABORTS)")
     check_cell(exports, tmp_path, monkeypatch, arch, form, recipe)
 
 

@@ -48,7 +48,7 @@ def _static_dim(v: ir.Value, axis: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
-_MIN_POSITIONS = 32  # a constant table of fewer rows is not a position table (no model's context is that short)
+_MIN_POSITIONS = 8  # fewer rows: a token-type table (BERT 2, RoBERTa 1), not positions
 
 
 def context_length(model: ir.Model) -> int | None:

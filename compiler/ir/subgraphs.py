@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-__all__ = ["subgraph_owners", "subgraph_readers", "subgraph_linears"]
+__all__ = ["subgraph_owners", "subgraph_readers", "subgraph_linears", "fence_subgraph_reads"]
 
 
 def _walk(graph: ir.Graph, owner: ir.Node, out: dict[ir.Node, ir.Node]) -> None:
@@ -44,6 +44,8 @@ def subgraph_readers(value: ir.Value, owners: dict[ir.Node, ir.Node]) -> list[ir
     found = []
     for use in value.uses():
         owner = owners.get(use.node)
+        if owner is None and use.node.op_type == "Identity" and use.node.name.endswith(".fence"):
+            owner = next(iter(subgraph_readers(use.node.outputs[0], owners)), None)  # through the fence
         if owner is not None and owner not in found:
             found.append(owner)
     return found
@@ -65,3 +67,42 @@ def subgraph_linears(graph: ir.Graph) -> list[dict[str, str]]:
                         "reason": f"inside the subgraph of {owner.op_type} '{owner.name}' (control flow is left "
                                   "in float; lowbit rewrites the main graph only)"})
     return out
+
+
+def fence_subgraph_reads(graph: ir.Graph) -> int:
+    """Give every subgraph its own copy of each main-graph value it reads that the main graph reads too:
+    ``Identity(v)`` for computed values (a pass that retypes ``v`` — an integer norm output — then sees a float
+    consumer, not a silent subgraph read), a copied initializer for constants (a pass that scales or quantizes
+    the main graph's weight in place leaves the subgraph's copy alone).  Exact; returns the number of copies.
+    Idempotent: a fence's output and a weight read only by subgraphs are left as they are."""
+    owners = subgraph_owners(graph)
+    copies = 0
+    for owner in list(graph):
+        inner = [n for n, o in owners.items() if o is owner]
+        outer: list[ir.Value] = []
+        for node in inner:
+            for v in node.inputs:
+                if v is None or v in outer or owners.get(v.producer()) is not None:
+                    continue
+                if v.producer() is None and v not in graph.inputs and v.name not in graph.initializers:
+                    continue  # a subgraph's own input or initializer
+                if v.const_value is not None and v.producer() is None:
+                    if any(u.node not in owners for u in v.uses()):  # a weight the main graph reads too
+                        outer.append(v)
+                elif not (v.producer() is not None and v.producer().name.endswith(".fence")):
+                    outer.append(v)  # computed: a pass may retype its producer (an integer norm)
+        for v in outer:
+            if v.const_value is not None and v.producer() is None:
+                copy = ir.Value(name=f"{v.name}.{owner.name}", const_value=ir.Tensor(v.const_value.numpy().copy()),
+                                shape=v.shape, type=v.type)
+                graph.register_initializer(copy)
+            else:
+                fence = ir.Node("", "Identity", [v], name=f"{v.name}.{owner.name}.fence")
+                graph.insert_before(owner, fence)
+                copy = fence.outputs[0]
+                copy.name, copy.shape, copy.type = f"{v.name}.{owner.name}", v.shape, v.type
+            for use in list(v.uses()):
+                if owners.get(use.node) is owner:
+                    use.node.replace_input_with(use.idx, copy)
+            copies += 1
+    return copies
