@@ -191,7 +191,8 @@ class Rotate(Pass):
             seen.add(s)
             if s in graph.outputs:
                 self.fail(f"the residual stream value '{s.name}' is a graph output; rotating would change it")
-            for owner in subgraph_readers(s, self._owners):
+            owner = self._subgraph_reader(s)
+            if owner is not None:
                 self.fail(f"the residual stream value '{s.name}' is read inside the subgraph of {owner.op_type} "
                           f"'{owner.name}'; rotate rewrites the main graph only", node=owner, hint=_ALTERNATIVE)
             for use in list(s.uses()):
@@ -211,7 +212,8 @@ class Rotate(Pass):
                         self._skip_norm(node, use.idx, s, seen, by_output, writers, todo)
                     out = node.outputs[0]
                     lins = channel_readers(out, by_input, d_stream)
-                    for owner in subgraph_readers(out, self._owners):
+                    owner = self._subgraph_reader(out)
+                    if owner is not None:
                         self.fail(f"the output of {node.op_type} is read inside the subgraph of {owner.op_type} "
                                   f"'{owner.name}'; rotate rewrites the main graph only, so that subgraph would "
                                   "compute with unrotated values", node=node, hint=_ALTERNATIVE)
@@ -271,6 +273,18 @@ class Rotate(Pass):
         if not readers or not writers:
             self.fail("no linear reads or writes the residual stream")
         return readers, writers
+
+    def _subgraph_reader(self, v: ir.Value, depth: int = 0) -> ir.Node | None:
+        """The If/Loop/Scan whose body reads ``v`` (or a reshape of it), else None."""
+        found = subgraph_readers(v, self._owners)
+        if found:
+            return found[0]
+        for user in value_users(v):
+            if user.op_type in ("Reshape", "Flatten") and depth < 3:
+                owner = self._subgraph_reader(user.outputs[0], depth + 1)
+                if owner is not None:
+                    return owner
+        return None
 
     def _skip_norm(self, node, idx, s, seen, by_output, writers, todo) -> None:
         """SkipSimplifiedLayerNormalization(input, skip, γ, bias): the residual add and the norm in one op;
