@@ -14,6 +14,9 @@
   The model's opset is never raised behind its back: an opset-21 model stays opset 21.
 * A float16 / bfloat16 / float64 model gets a float32 interior with its interface type kept
   (:mod:`lowbit.ir.precision`), so every node later passes insert is type-consistent.
+* A main-graph value that an ``If``/``Loop``/``Scan`` body reads as well reaches the body through a copy of
+  its own (``Identity`` or a copied initializer, :func:`lowbit.ir.subgraphs.fence_subgraph_reads`), so the
+  passes, which rewrite the main graph only, never retype or rescale what the body reads.
 Float outputs are unchanged up to rounding.  The ONNX frontend runs this pass on every file.
 """
 
@@ -222,7 +225,10 @@ class Canonicalize(Pass):
             self.stats["float32_interior"] = int(to_float32_interior(model))
             if self.stats["float32_interior"]:  # the exporter's float16 ↔ float32 casts around norms are now identities
                 self._drop_identity_casts(graph)
+        from lowbit.ir.subgraphs import fence_subgraph_reads
+
+        self.stats["subgraph_reads_fenced"] = fence_subgraph_reads(graph)
         graph.meta.pop("lowbit.names", None)
-        edits = ("identities_folded", "transposes_folded", "gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
+        edits = ("subgraph_reads_fenced", "identities_folded", "transposes_folded", "gemm_to_matmul", "norms_fused", "float32_interior", "defaults_spelled_out",
                  "identity_casts_removed", "rms_as_simplified_layer_norm", "div_sqrt_as_reciprocal")
         return PassResult(model, modified=any(self.stats[k] for k in edits) or getattr(self, "_typed", False))

@@ -38,6 +38,7 @@ from lowbit.ops.registry import DOMAIN, attach_functions
 from lowbit.ops.float_ops import hadamard_matrix
 from lowbit.passmanager.manager import Pass, PassResult, register_pass
 from lowbit.ir.rewrite import add_initializer, make_node, set_input_const
+from lowbit.ir.subgraphs import subgraph_owners, subgraph_readers
 
 __all__ = ["Rotate", "orthogonal", "kron_factors", "fix_ones"]
 
@@ -130,6 +131,7 @@ class Rotate(Pass):
         by_output = {lin.output: lin for lin in linears}
         embed = self._embedding(graph)
         self._tables, self._consts, self._layernorms = [embed], [], 0
+        self._owners = subgraph_owners(graph)  # nodes of If/Loop/Scan bodies → their owner
         readers, writers = self._walk(graph, embed.outputs[0], by_input, by_output)
         d = const_array(embed.inputs[0]).shape[1]
         q, _ = orthogonal(d, self.options.kind, rng)
@@ -189,6 +191,10 @@ class Rotate(Pass):
             seen.add(s)
             if s in graph.outputs:
                 self.fail(f"the residual stream value '{s.name}' is a graph output; rotating would change it")
+            owner = self._subgraph_reader(s)
+            if owner is not None:
+                self.fail(f"the residual stream value '{s.name}' is read inside the subgraph of {owner.op_type} "
+                          f"'{owner.name}'; rotate rewrites the main graph only", node=owner, hint=_ALTERNATIVE)
             for use in list(s.uses()):
                 node = use.node
                 if node.op_type in _NO_CHANNEL_USE:
@@ -206,6 +212,11 @@ class Rotate(Pass):
                         self._skip_norm(node, use.idx, s, seen, by_output, writers, todo)
                     out = node.outputs[0]
                     lins = channel_readers(out, by_input, d_stream)
+                    owner = self._subgraph_reader(out)
+                    if owner is not None:
+                        self.fail(f"the output of {node.op_type} is read inside the subgraph of {owner.op_type} "
+                                  f"'{owner.name}'; rotate rewrites the main graph only, so that subgraph would "
+                                  "compute with unrotated values", node=node, hint=_ALTERNATIVE)
                     if not lins or out in graph.outputs:
                         others = sorted({u.op_type for u in value_users(out)} - {"MatMul", "Reshape", "Flatten"})
                         what = ", ".join(others) + (", " if others and out in graph.outputs else "") \
@@ -254,9 +265,26 @@ class Rotate(Pass):
                 else:
                     self.fail(f"the residual stream feeds {node.op_type}; rotation folds only into norms and "
                               "residual adds (is this a post-norm model?)", node=node, hint=_ALTERNATIVE)
+        if readers and not writers:  # ELECTRA: embedding → LayerNorm → embeddings_project, a post-norm stack after
+            names = ", ".join(sorted({r.name for r in readers}))
+            self.fail(f"the embedding's stream is read by {names} but no linear writes back into it: it feeds a "
+                      "projection or a post-norm stack, not a pre-norm residual stream", node=readers[0].node,
+                      hint=_ALTERNATIVE)
         if not readers or not writers:
             self.fail("no linear reads or writes the residual stream")
         return readers, writers
+
+    def _subgraph_reader(self, v: ir.Value, depth: int = 0) -> ir.Node | None:
+        """The If/Loop/Scan whose body reads ``v`` (or a reshape of it), else None."""
+        found = subgraph_readers(v, self._owners)
+        if found:
+            return found[0]
+        for user in value_users(v):
+            if user.op_type in ("Reshape", "Flatten") and depth < 3:
+                owner = self._subgraph_reader(user.outputs[0], depth + 1)
+                if owner is not None:
+                    return owner
+        return None
 
     def _skip_norm(self, node, idx, s, seen, by_output, writers, todo) -> None:
         """SkipSimplifiedLayerNormalization(input, skip, γ, bias): the residual add and the norm in one op;

@@ -12,6 +12,9 @@ offset, embedding scale, GeGLU, sandwich norms), GPT-2 (Conv1D → Gemm, learned
 * ``fixed``: the token input pinned to ``[1, 16]`` (no dynamic axes);
 * ``optimum``: ``optimum-onnx`` export with past key/values (run in ``.venv-optimum``, see
   :func:`optimum_python`: optimum needs transformers < 4.58), skipped when absent;
+* ``hf``: the Hugging Face folder itself (safetensors + tokenizer; ``mpnet`` as a sentence-transformers
+  folder with mean pooling and Normalize); the float reference is lowbit's own float graph of the
+  folder (:func:`reference`), which ``test_hf_decoders`` checks against transformers;
 * ``genai``: onnxruntime-genai's model builder (decoders; ``pip install --no-deps onnxruntime-genai``),
   skipped when absent.
 
@@ -31,16 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ARCHS", "DECODERS", "ENCODERS", "EXTRA", "FORMS", "build_module", "export", "feeds", "optimum_python", "save_hf", "SEQ"]
+__all__ = ["ARCHS", "DECODERS", "ENCODERS", "EXTRA", "FORMS", "build_module", "export", "feeds", "optimum_python", "reference", "save_hf", "SEQ"]
 
 ARCHS = ("llama", "qwen2", "mistral", "phi3", "gemma3", "gpt2", "opt", "bert")
 # Beyond the issue's list: parallel residuals / partial rotary (GPT-NeoX, Phi-2, StableLM, Falcon), q/k norms
 # (Qwen3), soft-capping (Gemma-2), tied embeddings, mixture-of-experts, and more encoders.
 EXTRA = ("gpt_neox", "phi", "stablelm", "falcon", "qwen3", "gemma2", "llama_tied", "mixtral", "qwen2_moe",
-         "roberta", "distilbert", "xlm_roberta", "modernbert")
-ENCODERS = ("bert", "roberta", "distilbert", "xlm_roberta", "modernbert")
+         "roberta", "distilbert", "xlm_roberta", "modernbert", "deberta_v2", "electra", "mpnet", "starcoder2", "olmo2", "granite", "gpt_bigcode", "bloom")
+ENCODERS = ("bert", "roberta", "distilbert", "xlm_roberta", "modernbert", "deberta_v2", "electra", "mpnet")
 DECODERS = tuple(a for a in ARCHS if a not in ENCODERS)
-FORMS = ("dynamo", "opset23", "fp16", "external", "fixed", "optimum", "genai")
+FORMS = ("dynamo", "opset23", "fp16", "external", "fixed", "optimum", "genai", "hf")
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, POSITIONS = 256, 64, 2, 4, 2, 128, 128
 SEQ = 16  # the fixed form's length
 
@@ -105,6 +108,25 @@ def _extra_config(tf, arch: str, common: dict):
     if arch == "distilbert":
         return tf.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN,
                                    max_position_embeddings=POSITIONS), tf.DistilBertModel
+    if arch == "deberta_v2":
+        return tf.DebertaV2Config(**common), tf.DebertaV2Model
+    if arch == "electra":
+        return tf.ElectraConfig(embedding_size=HIDDEN // 2, **common), tf.ElectraModel
+    if arch == "mpnet":
+        return tf.MPNetConfig(**common), tf.MPNetModel
+    if arch == "starcoder2":
+        return tf.Starcoder2Config(use_bias=True, **kv, **common), tf.Starcoder2ForCausalLM
+    # not described by lowbit's decoder builder: the HF form goes through torch's exporter (hf_exported)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**kv, **common), tf.Olmo2ForCausalLM
+    if arch == "granite":
+        return tf.GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                                logits_scaling=8.0, **kv, **common), tf.GraniteForCausalLM
+    if arch == "gpt_bigcode":
+        return tf.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                   n_positions=POSITIONS, multi_query=True), tf.GPTBigCodeForCausalLM
+    if arch == "bloom":
+        return tf.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS), tf.BloomForCausalLM
     if arch == "modernbert":
         return tf.ModernBertConfig(global_attn_every_n_layers=2, local_attention=16, pad_token_id=0,
                                    bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
@@ -147,6 +169,8 @@ def export(arch: str, form: str, folder: Path) -> Path:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
+    if form == "hf":
+        return _hf_form(arch, folder)
     if form in ("optimum", "genai"):
         return _export_external_tool(arch, form, folder)
     model = build_module(arch)
@@ -204,6 +228,38 @@ def save_hf(arch: str, folder: Path) -> Path:
     return folder
 
 
+def _hf_form(arch: str, folder: Path) -> Path:
+    """The HF folder, plus ``reference.onnx`` beside it: lowbit's float graph of the folder (a load the
+    frontend refuses skips nothing: the refusal is what the cell checks, so the reference is left out)."""
+    import onnx_ir as ir
+
+    import lowbit
+    from lowbit.errors import LowbitError
+
+    path = save_hf(arch, folder / "hf")
+    if arch == "mpnet":  # sentence-transformers' all-mpnet-base-v2 layout: mean pooling, then Normalize
+        import json
+
+        (path / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        (path / "1_Pooling").mkdir()
+        (path / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": HIDDEN, "pooling_mode_mean_tokens": True}))
+    try:
+        model = lowbit.load_model(path)
+    except LowbitError:
+        return path
+    ir.save(model, str(folder / "reference.onnx"))
+    return path
+
+
+def reference(src: Path) -> Path:
+    """The float ONNX model a cell's outputs are compared with (the HF form's lowbit float graph)."""
+    return src.parent / "reference.onnx" if src.is_dir() else src
+
+
 def _run_tool(cmd: list[str], form: str, arch: str) -> None:
     import pytest
 
@@ -247,11 +303,13 @@ def feeds(path: Path, n: int, seed: int, length: int = 12) -> list[dict]:
     from lowbit.data.lm_feeds import lm_feeds, token_input
     from lowbit.frontends.onnx_file import load_onnx_model
 
-    model = load_onnx_model(path)  # reads the exporter's config beside the file (KV head size)
+    rng = np.random.default_rng(seed)
+    if not reference(path).exists():  # a folder the frontend refuses: plain token feeds for the refused compile
+        return [{"input_ids": rng.integers(1, VOCAB, (1, length))} for _ in range(n)]
+    model = load_onnx_model(reference(path))  # reads the exporter's config beside the file (KV head size)
     tok = token_input(model)
     if tok is not None and tok.shape is not None and isinstance(tok.shape[1], int):
         length = tok.shape[1]  # a fixed-shape export takes exactly this many tokens
-    rng = np.random.default_rng(seed)
     return lm_feeds(model, [rng.integers(1, VOCAB, length).tolist() for _ in range(n)], max_len=length)
 
 

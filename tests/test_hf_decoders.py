@@ -40,6 +40,19 @@ CASES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_SLIDING, query_pre_attn_scalar=8, rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    # LayerNorm decoders, parallel residuals, fused q/k/v in three layouts, partial rotary (hf_families)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(use_parallel_residual=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "gpt_neox-seq": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(use_parallel_residual=False)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(num_key_value_heads=4, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(multi_query=True, parallel_attn=True, bias=True)),
+    "falcon-new": ("FalconConfig", "FalconForCausalLM", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon-seq": ("FalconConfig", "FalconForCausalLM", dict(multi_query=False, parallel_attn=False, bias=True)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(use_qkv_bias=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+    "stablelm-parallel": ("StableLmConfig", "StableLmForCausalLM", dict(use_parallel_residual=True)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(use_bias=True, sliding_window=4)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=96,
                                                   bos_token_id=1, eos_token_id=2)),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, num_hidden_layers=2, ffn_dim=48,
@@ -52,6 +65,8 @@ CASES = {
 def save_tiny(name: str, folder, seed: int = 0):
     cfg_cls, model_cls, extra = CASES[name]
     kwargs = extra if name in ("gpt2", "opt") else dict(_SMALL, **extra)
+    if name.startswith("falcon"):  # head_dim is a derived property there
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("head_dim", "num_key_value_heads")}
     config = getattr(transformers, cfg_cls)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -123,3 +138,34 @@ def test_bf16_checkpoint_builds_a_float32_graph(tmp_path):
     got = make_session(lb).run(None, {"input_ids": ids})[0]
     assert got.dtype == np.float32
     assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+@pytest.mark.slow  # torch's exporter: ~30 s on 2 cores
+@pytest.mark.parametrize("cfg_name,cls_name,extra", [
+    ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                 attention_multiplier=0.0625, logits_scaling=8.0))])
+def test_undescribed_decoder_is_exported_by_torch(tmp_path, cfg_name, cls_name, extra):
+    """A causal LM the builder does not describe: transformers' own graph through torch's exporter (hf_exported)."""
+    config = getattr(transformers, cfg_name)(**dict(_SMALL, **extra))
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    ids = np.random.default_rng(1).integers(3, 96, (2, 11))
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    lb = lowbit.load_model(tmp_path)
+    got = make_session(lb).run(None, {"input_ids": ids})[0]
+    assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+    with pytest.raises(LowbitError, match="KV-cache form is not built for model type"):
+        lowbit.load_model(tmp_path, kv_cache=True)
+
+
+def test_mixture_of_experts_folder_is_refused_naming_the_experts(tmp_path):
+    cfg = transformers.MixtralConfig(**dict(_SMALL, num_local_experts=4, num_experts_per_tok=2))
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(LowbitError, match=r"mixture-of-experts decoder \(4 experts\)"):
+        lowbit.load_model(tmp_path)

@@ -155,6 +155,9 @@ def _compile(model, recipe, *, calibration, output, tokenizer, backend, calibrat
     float_bytes = _weight_bytes(model)
     feeds = load_calibration(model, calibration, tokenizer=tokenizer, limit=calibration_samples, encoding=encoding)
     ctx = CompileContext(calibration=feeds or None, probes=feeds[:2] or None, seed=seed, show_progress=progress)
+    from lowbit.ir.subgraphs import subgraph_linears
+
+    ctx.report.setdefault("float_layers", []).extend(subgraph_linears(model.graph))  # If/Loop bodies stay float
     timing = TimingInstrument()
     instruments = [timing]
     if verify or os.environ.get("LOWBIT_VERIFY") == "1":  # tests turn it on for every compile

@@ -48,6 +48,9 @@ def _static_dim(v: ir.Value, axis: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
+_MIN_POSITIONS = 8  # fewer rows: a token-type table (BERT 2, RoBERTa 1), not positions
+
+
 def context_length(model: ir.Model) -> int | None:
     """The longest sequence the graph accepts, from metadata, a fixed token axis, or its position tables.
 
@@ -74,6 +77,8 @@ def context_length(model: ir.Model) -> int | None:
         if data is None or data.const_value is None or len(data.const_value.shape) != 2:
             continue
         rows = data.const_value.shape[0]
+        if rows < _MIN_POSITIONS:  # token-type tables (BERT's 2 rows, read by a folded zeros buffer)
+            continue
         if node.op_type == "Gather" and len(node.inputs) > 1 and _attr(node, "axis", 0) == 0 \
                 and not _reads(node.inputs[1], tok):
             bounds.append(rows - 2 if rows > 4 else rows)

@@ -35,10 +35,10 @@ def load_model(source, *, tokenizer: str | Path | None = None, example_inputs=No
         return _has_kv(load_hf_encoder(packaged_minilm_path()), kv_cache, "minilm")
     path = Path(source)
     if path.is_dir():
-        from lowbit.frontends.hf_decoder import DECODER_TYPES, load_hf_decoder
-        from lowbit.frontends.huggingface import hf_model_type, load_hf_encoder
+        from lowbit.frontends.hf_decoder import is_decoder_folder, load_hf_decoder
+        from lowbit.frontends.huggingface import load_hf_encoder
 
-        if hf_model_type(path) in DECODER_TYPES:
+        if is_decoder_folder(path):
             return load_hf_decoder(path, kv_cache=kv_cache)
         return _has_kv(load_hf_encoder(path), kv_cache, path)
     if not path.exists():

@@ -103,6 +103,8 @@ class DecoderSpec:
     final_softcap: float = 0.0
     qk_norm: bool = False                # Qwen3 / Gemma-3: RMSNorm on each q/k head before RoPE
     sandwich_norm: bool = False          # Gemma-2/3: norms after attention and MLP too
+    parallel: str = ""                   # "" sequential; x + attn(n1(x)) + mlp(n(x)) with n = n1 ("shared":
+                                         # Phi-2, Falcon) or its own ffn_norm ("separate": GPT-NeoX, Falcon-40B)
     tied: bool = True
     input_name: str = "input_ids"        # cache-less form's token input
     metadata: dict = field(default_factory=dict, compare=False)
@@ -123,6 +125,8 @@ class DecoderSpec:
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise UnsupportedModelError(f"{self.arch}: rotary dim {self.rotary_dim} does not fit head dim "
                                         f"{self.head_dim}")
+        if self.parallel not in ("", "shared", "separate"):
+            raise UnsupportedModelError(f"{self.arch}: parallel residual '{self.parallel}' is not supported")
         if self.layer_windows and len(self.layer_windows) != self.n_layers:
             raise UnsupportedModelError(f"{self.arch}: {len(self.layer_windows)} layer types for "
                                         f"{self.n_layers} layers")
@@ -280,6 +284,10 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], *, kv_cache
         present = (f"present.{i}.key", f"present.{i}.value") if kv_cache else None
         ctx = attention(e, q, k, v, biases[s.window(i)], past, present, p, attention_impl)
         o = e.linear(ctx, f"{p}.attn.o_proj")
+        if s.parallel:  # attention and MLP read the same stream; both outputs are added to it at once
+            m = e.mlp(h if s.parallel == "shared" else e.norm(x, f"{p}.ffn_norm"), p)
+            x = g.op("Add", [g.op("Add", [m, o], name=f"{p}.parallel.sum"), x], name=f"{p}.residual")
+            continue
         if s.sandwich_norm:
             o = e.norm(o, f"{p}.post_attn_norm")
         x = g.op("Add", [x, o], name=f"{p}.attn.residual")

@@ -1,6 +1,9 @@
 """Hugging Face decoder folders (config.json + safetensors) → :mod:`.decoder`'s graphs.
 
-Supported ``model_type``: llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, gpt2, opt.
+Supported ``model_type``: llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, gpt2, opt, and
+(through :mod:`.hf_families`) gpt_neox, phi, falcon, stablelm, starcoder2.  Any other causal LM is exported
+by torch (:mod:`.hf_exported`, cache-less form only).  Mixture-of-experts configs are refused, naming the
+expert count.
 The weights are read with ``safetensors`` (never a pickle), converted to float32 and renamed to the
 builder's canonical names; fused matrices are split at load (Phi-3 ``qkv_proj`` and ``gate_up_proj``,
 GPT-2 ``c_attn``), GPT-2's Conv1D ``[in, out]`` matrices are transposed, Gemma's RMSNorm multiplier
@@ -23,18 +26,17 @@ import onnx_ir as ir
 
 from lowbit.errors import ModelLoadError, UnsupportedModelError
 from lowbit.frontends.decoder import DecoderSpec, build_decoder
+from lowbit.frontends.hf_config import act_name as _act, rope_config as _rope
+from lowbit.frontends.hf_families import FAMILY_TYPES, family_spec, family_weights
 from lowbit.frontends.hf_names import canonical_weights
 
-__all__ = ["DECODER_TYPES", "load_hf_decoder", "hf_decoder_spec", "read_safetensors"]
+__all__ = ["DECODER_TYPES", "is_decoder_folder", "load_hf_decoder", "hf_decoder_spec", "read_safetensors"]
 
 logger = logging.getLogger(__name__)
 
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"}
-DECODER_TYPES = _LLAMA_LIKE | {"gpt2", "opt"}
-_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-         "gelu_fast": "gelu_tanh", "relu": "relu"}
-
-
+DECODER_TYPES = _LLAMA_LIKE | {"gpt2", "opt"} | FAMILY_TYPES
+_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of the folder's ``*.safetensors`` files as float32 numpy (bf16 through torch)."""
     files = sorted(path.glob("*.safetensors"))
@@ -51,34 +53,11 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _act(path: Path, name: str | None) -> str:
-    if name not in _ACTS:
-        raise UnsupportedModelError(f"{path}: activation '{name}' is not supported",
-                                    hint=f"supported: {', '.join(sorted(_ACTS))}")
-    return _ACTS[name]
-
-
-def _rope(path: Path, params: dict | None, default_theta: float = 10000.0) -> tuple[float, tuple, float]:
-    """(theta, scaling tuple, partial rotary factor) from a transformers ``rope_parameters`` dict."""
-    params = dict(params or {})
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    theta = float(params.get("rope_theta", default_theta))
-    if kind == "default":
-        scaling = ()
-    elif kind == "linear":
-        scaling = ("linear", float(params["factor"]))
-    elif kind == "llama3":
-        scaling = ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                   float(params["high_freq_factor"]), float(params["original_max_position_embeddings"]))
-    else:
-        raise UnsupportedModelError(f"{path}: RoPE scaling '{kind}' is not implemented",
-                                    hint="supported: default, linear, llama3")
-    return theta, scaling, float(params.get("partial_rotary_factor", 1.0) or 1.0)
-
-
 def hf_decoder_spec(path: Path, c) -> DecoderSpec:
     """Map a transformers config to a :class:`DecoderSpec` (refusing what the builder lacks)."""
     mt = c.model_type
+    if mt in FAMILY_TYPES:
+        return family_spec(path, c)
     if mt == "gpt2":
         if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "reorder_and_upcast_attn", False):
             raise UnsupportedModelError(f"{path}: GPT-2 with per-layer attention scaling is not supported")
@@ -144,6 +123,17 @@ def hf_decoder_spec(path: Path, c) -> DecoderSpec:
         tied=bool(getattr(c, "tie_word_embeddings", False)))
 
 
+def is_decoder_folder(path: Path) -> bool:
+    """config.json names a decoder type this frontend builds, or a causal-LM class (refused with a reason)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = cfg.get("architectures") or []
+    return cfg.get("model_type") in DECODER_TYPES or any(str(a).endswith(("ForCausalLM", "LMHeadModel"))
+                                                         for a in archs)
+
+
 def load_hf_decoder(path: str | Path, *, kv_cache: bool = False) -> ir.Model:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
@@ -151,14 +141,26 @@ def load_hf_decoder(path: str | Path, *, kv_cache: bool = False) -> ir.Model:
         cfg_json = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path / 'config.json'}: unreadable ({exc})") from exc
-    if cfg_json.get("model_type") not in DECODER_TYPES:
-        raise UnsupportedModelError(f"{path}: model type '{cfg_json.get('model_type')}' is not a supported decoder",
-                                    hint=f"supported: {', '.join(sorted(DECODER_TYPES))}; or export it to ONNX")
+    experts = max((int(cfg_json.get(k) or 0) for k in _EXPERTS), default=0)
+    if experts > 1:
+        raise UnsupportedModelError(f"{path}: model type '{cfg_json.get('model_type')}' is a mixture-of-experts "
+                                    f"decoder ({experts} experts); lowbit does not build expert routing",
+                                    hint="quantize a dense model, or export this one to ONNX yourself")
+    if cfg_json.get("model_type") not in DECODER_TYPES:  # transformers' own graph, through torch's exporter
+        from lowbit.frontends.hf_exported import load_exported_decoder
+        from lowbit.passmanager.manager import CompileContext, PassManager
+
+        model = load_exported_decoder(path, str(cfg_json.get("model_type")), kv_cache=kv_cache)
+        return PassManager.from_pipeline("canonicalize", CompileContext(show_progress=False)).run(model)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     spec = hf_decoder_spec(path, config)
-    weights = canonical_weights(spec, read_safetensors(path), config.model_type)
+    raw = read_safetensors(path)
+    if config.model_type in FAMILY_TYPES:
+        weights = family_weights(spec, raw, config.model_type)
+    else:
+        weights = canonical_weights(spec, raw, config.model_type)
     meta = {"lowbit.source": path.name, "lowbit.tokenizer": str(path.resolve())}
     logger.info("%s: %s decoder, %d layers", path, spec.arch, spec.n_layers)
     return build_decoder(spec, weights, kv_cache=kv_cache, metadata=meta)

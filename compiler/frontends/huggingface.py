@@ -1,4 +1,6 @@
-"""Local Hugging Face encoders (BERT family, e.g. all-MiniLM-L6-v2) → ``ir.Model``.
+"""Local Hugging Face encoders (BERT family, e.g. all-MiniLM-L6-v2; any encoder that transformers' ``AutoModel``
+loads and torch's dynamo exporter exports: RoBERTa, XLM-R, DistilBERT, ELECTRA, MPNet, DeBERTa-v2,
+ModernBERT, …) → ``ir.Model``; an exporter failure is a one-line refusal naming the model class.
 
 Loads offline (``HF_HUB_OFFLINE=1``) from a local folder, safetensors only — never a pickle:
 a folder holding only ``pytorch_model.bin`` is refused.  The graph takes ``input_ids``,
@@ -58,15 +60,23 @@ def load_hf_encoder(path: str | Path, max_length: int = 128) -> ir.Model:
 
     hf_logging.disable_progress_bar()
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if getattr(config, "is_decoder", False) or config.model_type not in {"bert", "roberta", "xlm-roberta",
-                                                                           "distilbert", "mpnet", "electra"}:
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModelError(f"{path}: transformers cannot read this config.json "
+                                    f"({(str(exc).splitlines() or ['?'])[0][:200]})",
+                                    hint="export the model to ONNX yourself and pass the .onnx file") from exc
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{path}: model type '{config.model_type}' is not a supported encoder or decoder",
-                                    hint="supported: BERT-family encoders; decoders llama, mistral, qwen2, qwen3, "
-                                         "phi3, gemma, gemma2, gemma3_text, gpt2, opt; export others to ONNX")
+                                    hint="supported: encoders transformers' AutoModel loads and torch exports "
+                                         "(BERT family, DeBERTa-v2, ModernBERT, …); decoders: see the README")
     model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
-    with_types = getattr(config, "type_vocab_size", 0) > 0 and config.model_type not in {"distilbert", "roberta",
-                                                                                          "xlm-roberta", "mpnet"}
+    import inspect
+
+    # RoBERTa-style models declare one token type that nobody feeds; others take types only if forward does
+    takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
+    with_types = takes_types and getattr(config, "type_vocab_size", 0) > 0 and \
+        config.model_type not in {"roberta", "xlm-roberta", "mpnet", "camembert"}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
 
     pooling = read_pooling(path)

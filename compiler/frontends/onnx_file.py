@@ -53,6 +53,8 @@ def refuse_quantized(model: ir.Model, what: str = "the model") -> None:
         if node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None \
                 and node.inputs[0].const_value is not None:
             quantized = True  # a constant integer tensor dequantized: a quantized weight
+        if node.op_type == "QuantizeLinear":
+            quantized = True  # fake-quantized activations (ORT's QDQ of activation×activation MatMuls)
         if quantized:
             raise UnsupportedModelError(
                 f"{what} is already quantized: node '{node.name or '?'}' ({node.domain or 'ai.onnx'}::{node.op_type})",

@@ -39,7 +39,8 @@ def export_module(module, args: tuple, *, input_names: list[str], output_names: 
                                         output_names=output_names, verbose=False)
     except Exception as exc:
         onnx_logger.setLevel(level)
-        raise UnsupportedModelError(f"torch.onnx.export (dynamo) failed on {type(module).__name__}: {exc}",
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UnsupportedModelError(f"torch.onnx.export (dynamo) failed on {type(module).__name__}: {first}",
                                     hint="export the model to ONNX yourself and pass the .onnx file") from exc
     onnx_logger.setLevel(level)
     model = program.model  # an onnx_ir Model already
