@@ -105,8 +105,10 @@ def _pair_words(codes: np.ndarray, width: int) -> np.ndarray:
     return lo | hi
 
 
-def to_gpu_layout(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> GpuWeights:
-    """codes ``[N, K]`` (uint, < 2^bits), scales/zeros ``[N, G]`` → :class:`GpuWeights`."""
+def _to_layout(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int,
+               pack) -> GpuWeights:
+    """Pads codes/scales/zeros to whole steps and groups and packs the codes with ``pack(codes, width)``
+    (4-bit codes whole; 2/3-bit codes as a 2-bit plane, plus a 1-bit plane for 3-bit)."""
     if bits not in CODES_PER_STEP:
         raise ValueError(f"GPU GEMV: bits={bits} (2, 3 or 4 supported)")
     if block % 32:
@@ -121,11 +123,16 @@ def to_gpu_layout(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits
     z = np.zeros((n, gp), np.uint8)
     s[:, :scales.shape[1]], z[:, :zeros.shape[1]] = scales, zeros
     if bits == 4:
-        a, h = _pair_words(c, 4), None
+        a, h = pack(c, 4), None
     else:
-        a = _pair_words(c & 3, 2)
-        h = _pair_words(c >> 2, 1).reshape(n, kp // 64, 2) if bits == 3 else None
+        a = pack(c & 3, 2)
+        h = pack(c >> 2, 1).reshape(n, kp // 64, 2) if bits == 3 else None
     return GpuWeights(bits, k, n, block, np.ascontiguousarray(a.reshape(n, kp // cps, 4)), h, s, z)
+
+
+def to_gpu_layout(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> GpuWeights:
+    """codes ``[N, K]`` (uint, < 2^bits), scales/zeros ``[N, G]`` → :class:`GpuWeights`."""
+    return _to_layout(codes, scales, zeros, bits, block, _pair_words)
 
 
 def codes_from_gpu_layout(w: GpuWeights) -> np.ndarray:
@@ -170,25 +177,7 @@ def to_q8_layout(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits:
     code; a 4-bit word holds codes 8j..8j+7 (low nibbles 8j+b, high nibbles 8j+4+b), a 2-bit word (and the
     low bits of 3-bit codes) codes 16j..16j+15 at byte b bits 2p = code 16j+4p+b, the 3-bit high-bit word
     codes 32i..32i+31 at byte b bit p = code 32i+4p+b."""
-    if bits not in CODES_PER_STEP:
-        raise ValueError(f"GPU GEMV: bits={bits} (2, 3 or 4 supported)")
-    if block % 32:
-        raise ValueError(f"GPU GEMV: block size {block} is not a multiple of 32")
-    n, k = codes.shape
-    cps = CODES_PER_STEP[bits]
-    kp = -(-k // cps) * cps
-    gp = -(-kp // block)
-    c = np.zeros((n, kp), np.uint8)
-    c[:, :k] = codes
-    s = np.zeros((n, gp), np.float32)
-    z = np.zeros((n, gp), np.uint8)
-    s[:, :scales.shape[1]], z[:, :zeros.shape[1]] = scales, zeros
-    if bits == 4:
-        a, h = _byte_planes(c, 4), None
-    else:
-        a = _byte_planes(c & 3, 2)
-        h = _byte_planes(c >> 2, 1).reshape(n, kp // 64, 2) if bits == 3 else None
-    return GpuWeights(bits, k, n, block, np.ascontiguousarray(a.reshape(n, kp // cps, 4)), h, s, z)
+    return _to_layout(codes, scales, zeros, bits, block, _byte_planes)
 
 
 def codes_from_q8_layout(w: GpuWeights) -> np.ndarray:
