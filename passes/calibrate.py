@@ -46,7 +46,8 @@ def stream_windows(model, feeds: list[dict], length: int) -> list[dict]:
     Each calibration sample of a text file starts a story with BOS, so position 0 always sees BOS;
     evaluation windows and prompts cut from longer text start anywhere, and a decoder's first-position
     activations (SmolLM2's massive ones) then leave ranges calibrated only on BOS.  The stream is every
-    sample's unpadded tokens in order (mask 0 positions dropped); the last, shorter window is kept."""
+    sample's unpadded tokens in order (mask 0 positions dropped); a window is at most ``length`` tokens, the
+    model's context and the longest sample given; the last, shorter window is kept."""
     from lowbit.data.lm_feeds import context_length, lm_feeds, token_input
 
     tok = token_input(model)
@@ -55,12 +56,17 @@ def stream_windows(model, feeds: list[dict], length: int) -> list[dict]:
                                hint="stream windows are for causal LMs; drop the stream option for this model")
     length = min(length, context_length(model) or length)  # a window the graph takes whole
     ids: list[int] = []
+    longest = 0
     for f in feeds:
         x = np.asarray(f[tok.name])
         mask = f.get("attention_mask")
         mask = np.asarray(mask) if mask is not None and np.asarray(mask).shape == x.shape else np.ones_like(x)
         for row, keep in zip(x.reshape(-1, x.shape[-1]), mask.reshape(-1, x.shape[-1])):
             ids.extend(int(t) for t in row[keep != 0])
+            longest = max(longest, int(np.count_nonzero(keep)))
+    # never longer than the longest sample given: short samples (prompts, short sentences) stay short windows,
+    # only their starting points move off BOS
+    length = max(1, min(length, longest))
     windows = [ids[i:i + length] for i in range(0, len(ids), length)]
     return lm_feeds(model, windows, max_len=length)
 

@@ -29,6 +29,15 @@ def test_windows_are_the_stream_cut_every_n_tokens(stories_model, stories_calibr
     assert any(g["tokens"][0, 0] != feeds[0]["tokens"][0, 0] for g in got[1:])  # windows start mid-story
 
 
+def test_windows_are_never_longer_than_the_longest_sample(stories_model, stories_calibration):
+    feeds = [{"tokens": f["tokens"][:, :12]} for f in stories_calibration[:6]]  # short prompts
+    got = stream_windows(stories_model, feeds, 256)
+    want = _numpy_windows(feeds, 12)  # cut at the longest sample (12), not at 256 nor the context
+    assert len(got) == len(want) == len(feeds)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g["tokens"], w[None])
+
+
 def test_calibrate_stream_ranges_are_those_of_the_windows(stories_model, stories_calibration):
     feeds = stories_calibration[:6]
     lin = find_linears(stories_model.graph)[3]
