@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_gemv import _cuda_pkg, _graph_time, read_bandwidth  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Shape:
-    dim: int = 2048
-    hidden: int = 5632
-    layers: int = 22
-    heads: int = 32
-    kv_heads: int = 4
-    vocab: int = 32000
-    max_ctx: int = 64
-    block: int = 128
+_GEMV, _LAYOUT = _cuda_pkg()  # backends/cuda by path (the device has no lowbit install)
+from lowbit_cuda.step import StepShape as Shape  # noqa: E402  the decode step's own shape
 
 
 class Stack:
@@ -242,7 +233,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import cupy as cp
 
-    gemv, layout = _cuda_pkg()
+    gemv, layout = _GEMV, _LAYOUT
     rng = np.random.default_rng(0)
     if args.check_configs:
         for bits in args.bits:
